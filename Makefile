@@ -1,0 +1,53 @@
+# hiervl: `make demo` and `make test` do all the set-up on a fresh machine.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+# The install stamp is keyed on the dependency files: a second `make install` with nothing new
+# to do finishes in well under a second.
+DEPS_HASH := $(shell cat requirements.txt requirements-dev.txt pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+STAMP   := $(VENV)/.installed-$(DEPS_HASH)
+PYTEST_ARGS ?=
+
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-all test-unit demo bench lint clean help
+
+help:
+	@echo "make demo      install, then run the whole pipeline on the embedded synthetic corpus"
+	@echo "make test      install, then run the tests (unit + integration, no slow ones)"
+	@echo "make test-all  also the slow end-to-end tests"
+	@echo "make install   create .venv with pinned dependencies (idempotent, stamped)"
+	@echo "make lint      ruff"
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0            # first: deepspeed's build imports it
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "hiervl installed in $(VENV) (stamp $(DEPS_HASH))"
+
+test: install
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not slow and not gpu and not integration" $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/hiervl demo
+
+lint: install
+	$(BIN)/ruff check pipeline dataprep launch tests bench
+
+clean:
+	rm -rf runs .pytest_cache

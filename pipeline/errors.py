@@ -1,0 +1,9 @@
+"""Errors a user can cause at run time (a missing file, an empty dataset, ...).
+
+The CLI prints them as one line naming the thing and the fix, and exits 1; a traceback is for
+bugs. Configuration mistakes are `pipeline.config.ConfigError` (exit 2).
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment, with a message that says how to fix it."""
