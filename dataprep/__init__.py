@@ -1,0 +1,12 @@
+"""Shard preparation: videos + captions in, verified WebDataset shards out (on Ray).
+
+- `synth`: the embedded synthetic corpus (`make_corpus`).
+- `sources`, `benchmarks`: manifests (CSV/JSONL/Parquet) and benchmark annotation files
+  (msrvtt, msvd, lsmdc, didemo, activitynet) into `Sample`s; input-stage checks, safe keys.
+  MSRVTT_data.json, MSVD captions and LSMDC are parsed from their published descriptions
+  (no copy of those files could be had); the others from the real public files.
+- `transcode`: probe, validate, decode, resample, resize, encode (PyAV), reproducibly.
+- `plan`: sample-to-shard assignment, a pure function of the input and the config.
+- `shard_writer`: reproducible tars and their DALI index (the `wds2idx` format), atomically.
+- `worker`: one shard's work (a Ray task); `driver`: `prepare(...)`; `verify`: `--verify`.
+"""

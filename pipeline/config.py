@@ -118,6 +118,11 @@ class ModelConfig:
     max_logit_scale: float = 100.0
     label_denoise: bool = False  # HCMI adaptive label denoising
     marginal_enhance: bool = False  # HCMI marginal sample enhancement
+    denoise_gamma: float = 1.0  # label denoising: pair weight = p(positive)^gamma / global mean
+    enhance_weight: float = 1.0  # marginal enhancement: negatives within `margin` of the positive count (1+w) times
+    learnable_temperature: bool | None = None  # None = preset default (learnable in hcmi, fixed otherwise)
+    dropout: float = 0.0  # vision, temporal and text dropout (0: deterministic, testable)
+    max_frames: int = 64  # size of the learned temporal position embedding (data.num_frames must fit)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -129,6 +134,13 @@ class ModelConfig:
         _check(self.num_clips >= 1 and self.num_phrases >= 1, "model.num_clips and model.num_phrases must be >= 1")
         _positive("model.temperature", self.temperature)
         _positive("model.margin", self.margin, allow_zero=True)
+        _positive("model.denoise_gamma", self.denoise_gamma, allow_zero=True)
+        _positive("model.enhance_weight", self.enhance_weight, allow_zero=True)
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        _check(self.max_frames >= 1, "model.max_frames must be >= 1")
+        _check(self.max_logit_scale > 0, "model.max_logit_scale must be > 0")
+        _check(all(isinstance(v, (int, float)) and v >= 0 for v in self.level_weights.values()),
+               "model.level_weights values must be numbers >= 0, e.g. {feature: 1.0, semantic: 1.0}")
 
 
 @dataclass
@@ -140,6 +152,7 @@ class QueueConfig:
     momentum: float = 0.99  # key encoder EMA: theta_k = m*theta_k + (1-m)*theta_q
     mask_same_video: bool = True  # queue entries of the query's own video are not negatives
     gather_batch_with_grad: bool = False  # add all-gathered in-batch negatives (open_clip style)
+    batch_negatives: bool = True  # the global batch's momentum keys are negatives too (ALBEF style)
 
     def __post_init__(self):
         _check(self.size >= 1, f"queue.size={self.size} must be >= 1 (disable the queue with queue.enabled=false)")
@@ -212,10 +225,14 @@ class EvalConfig:
     batch_size: int = 32
     block_size: int = 4096  # similarity computed in blocks of this many queries
     dsl: bool = True  # also report dual-softmax rows (marked, never in place of plain numbers)
+    dsl_scale: float = 100.0  # DSL softmax(dsl_scale * sim): cosines times CLIP's logit scale
+    block_mb: int = 512  # memory budget of one block of similarities (rows = min(block_size, fit))
 
     def __post_init__(self):
         _positive("eval.every_steps", self.every_steps, allow_zero=True)
         _check(self.batch_size >= 1 and self.block_size >= 1, "eval.batch_size and eval.block_size must be >= 1")
+        _positive("eval.dsl_scale", self.dsl_scale)
+        _check(self.block_mb >= 1, f"eval.block_mb={self.block_mb} must be >= 1 (MiB for one block of similarities)")
 
 
 @dataclass
@@ -434,4 +451,4 @@ def from_dict(data: dict) -> Config:
 
 
 def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,174 @@
+"""Model benchmark: training-step time and peak memory per preset; all-gather share at W=2.
+
+    python bench/model.py                                  # tiny config, CPU, all presets
+    python bench/model.py --config configs/base.yaml --device cuda --presets hit --world 1
+
+A step is what the trainer does: forward, backward, AdamW step, momentum_update, enqueue, on a
+synthetic batch of the configured shape (data.batch_size x data.num_frames x 3 x size x size,
+captions of data.max_words tokens). Each (preset, world size) runs in fresh processes, so the
+peak resident memory (CPU) or peak allocated memory (CUDA) is that preset's alone. At W=2
+(gloo, one thread per rank) every call into pipeline.distributed's collectives is timed: the
+all-gather share of the step is their total over the step time. On CUDA the model FLOPs of one
+step are counted with torch's FlopCounterMode (key-encoder forwards included) for MFU.
+Prints a table and writes bench/out/model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peak
+
+
+def _batch(cfg, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    b, t, s, n = cfg.data.batch_size, cfg.data.num_frames, cfg.data.size, cfg.data.max_words
+    mask = (torch.arange(n)[None, :] < torch.randint(4, n + 1, (b, 1), generator=g)).long()
+    batch = {"video": torch.randn(b, t, 3, s, s, generator=g), "attention_mask": mask,
+             "input_ids": torch.randint(1000, 20000, (b, n), generator=g) * mask,
+             "video_ids": torch.randint(0, 1 << 40, (b,), generator=g), "valid": torch.ones(b, dtype=torch.bool)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _measure(rank, world, port, args, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    from pipeline import distributed as D
+    from pipeline.config import load_config
+    from pipeline.model import build_model
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, args.threads // world))
+    D.init(backend="gloo" if device.type == "cpu" else "nccl")
+    comm = {"s": 0.0}
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            comm["s"] += time.perf_counter() - t0
+            return r
+        return wrapper
+
+    for name in ("all_gather", "all_gather_with_grad", "all_reduce_sum"):
+        setattr(D, name, timed(getattr(D, name)))
+    cfg = load_config(args.config, [f"model.preset={args.preset}"] + args.overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    flops = None
+    times, comms = [], []
+    for step in range(args.warmup + args.steps):
+        batch = _batch(cfg, device, seed=1000 * rank + step)
+        count = step == 0 and device.type == "cuda"
+        if count:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            counter.__enter__()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        comm["s"] = 0.0
+        t0 = time.perf_counter()
+        with autocast:
+            res = model(batch)
+        res["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.momentum_update()
+        model.enqueue(res)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if count:
+            counter.__exit__(None, None, None)
+            flops = counter.get_total_flops()
+        if step >= args.warmup:
+            times.append(dt)
+            comms.append(comm["s"])
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    step_s = statistics.median(times)
+    result = {"step_s": step_s, "comm_s": statistics.median(comms), "peak_bytes": peak, "flops_per_step": flops,
+              "samples_per_s": cfg.data.batch_size * world / step_s,
+              "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    out[rank] = result
+    D.destroy()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, world):
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_measure, args=(world, _free_port(), args, out), nprocs=world, join=True)
+    return [out[r] for r in range(world)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    ap.add_argument("--presets", nargs="+", default=["hit", "hcmi", "hanet", "flat"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--world", type=int, nargs="+", default=[1, 2], help="world sizes to run (CPU: gloo)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads shared by the ranks")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "model.json"))
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. queue.size=4096")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rows = []
+    for preset in args.presets:
+        args.preset = preset
+        for world in args.world:
+            res = run(args, world)
+            r0 = res[0]
+            row = {"preset": preset, "world": world, "device": args.device, "config": args.config,
+                   "overrides": args.overrides, "step_s": max(r["step_s"] for r in res),
+                   "samples_per_s": min(r["samples_per_s"] for r in res),
+                   "peak_mb": max(r["peak_bytes"] for r in res) / 2**20,
+                   "comm_share": (max(r["comm_s"] for r in res) / max(r["step_s"] for r in res)) if world > 1 else None,
+                   "params_trainable": r0["params_trainable"], "flops_per_step": r0["flops_per_step"]}
+            if r0.get("gpu") and r0["flops_per_step"]:
+                peak = next((v for k, v in PEAK_TFLOPS.items() if k in r0["gpu"]), None)
+                row["gpu"] = r0["gpu"]
+                row["tflops"] = r0["flops_per_step"] / row["step_s"] / 1e12
+                row["mfu"] = row["tflops"] / peak if peak else None
+            rows.append(row)
+            share = f"{100 * row['comm_share']:.1f}%" if row["comm_share"] is not None else "-"
+            extra = f"  {row['tflops']:.1f} TFLOP/s MFU {100 * (row['mfu'] or 0):.1f}%" if "tflops" in row else ""
+            print(f"{preset:6s} W={world}  step {1000 * row['step_s']:7.1f} ms  {row['samples_per_s']:7.1f} samples/s  "
+                  f"peak {row['peak_mb']:7.0f} MB  all-gather share {share}{extra}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "argv": sys.argv[1:]}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The embedded default corpus: real, tiny videos of coloured shapes doing two things in order.
+
+Each video shows two objects (a colour and a shape each) on a textured background. In the
+first half one object moves (slides left/right, rises, drops); in the second half the other
+one does. Its captions name both events in order, in several paraphrases, built from words
+(colour, shape, direction), phrases (one event: "a red circle slides left") and sentences
+("a red circle slides left, then a blue square drops").
+
+The corpus is made to need the hierarchy: videos come in groups of four that share the same
+two objects — (A then B), (B then A) with the same directions, and (A then B), (B then A) with
+other directions — so a model that ignores event order or direction confuses a video with its
+siblings. Groups are kept whole in one split, so the test gallery holds the hard negatives.
+
+Determinism: every video is drawn from `numpy.random.default_rng([seed, group, variant])` and
+encoded single-threaded with bitexact muxer/encoder flags, so the same seed gives the same
+bytes (checked by tests/test_synth.py). A corpus of N videos is a prefix of one of N+k.
+
+Output: `out_dir/videos/{key}.{webm|mp4}` and `out_dir/manifest.csv` with columns
+video (path relative to the manifest), caption (JSON list of strings), key, split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+# Colours chosen to be far apart in RGB and from the (muted) backgrounds.
+COLOURS = {
+    "red": (230, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 70, 240),
+    "yellow": (245, 225, 30),
+    "white": (250, 250, 250),
+    "purple": (170, 40, 220),
+}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+_DELTA = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy)
+_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+# Paraphrases of one event (a phrase), by direction.
+_VERBS = {
+    "left": ("slides left", "moves to the left", "goes left"),
+    "right": ("slides right", "moves to the right", "goes right"),
+    "up": ("rises", "moves up", "goes up"),
+    "down": ("drops", "falls down", "moves down"),
+}
+# Sentence templates over two phrases p1 (first event) and p2 (second event).
+_TEMPLATES = (
+    "{p1}, then {p2}",
+    "first {p1}, after that {p2}",
+    "{p1} and then {p2}",
+    "{p2} after {p1}",
+    "{p1} before {p2}",
+)
+CODECS = {"vp9": ("libvpx-vp9", "webm"), "h264": ("libx264", "mp4")}
+CAPTIONS_PER_VIDEO = 4
+GROUP = 4  # videos per group sharing the same two objects
+
+
+def _event_phrase(rng: np.random.Generator, colour: str, shape: str, direction: str, article: str) -> str:
+    verb = _VERBS[direction][int(rng.integers(len(_VERBS[direction])))]
+    return f"{article} {colour} {shape} {verb}"
+
+
+def make_captions(rng: np.random.Generator, events: list[tuple[str, str, str]], n: int = CAPTIONS_PER_VIDEO) -> list[str]:
+    """`n` distinct paraphrases naming the two events (colour, shape, direction) in order."""
+    order = rng.permutation(len(_TEMPLATES))[:n]
+    out = []
+    for t in order:
+        art = "the" if rng.random() < 0.5 else "a"
+        p1 = _event_phrase(rng, *events[0], art)
+        p2 = _event_phrase(rng, *events[1], art)
+        out.append(_TEMPLATES[int(t)].format(p1=p1, p2=p2))
+    return out
+
+
+def _group_spec(seed: int, group: int) -> dict:
+    """The two objects and the base/alternative directions shared by a group of four videos."""
+    rng = np.random.default_rng([seed, group, 0])
+    c = rng.choice(len(COLOURS), size=2, replace=False)
+    s = rng.integers(len(SHAPES), size=2)
+    names = list(COLOURS)
+    objs = [(names[int(c[i])], SHAPES[int(s[i])]) for i in range(2)]
+    dirs = [DIRECTIONS[int(d)] for d in rng.integers(len(DIRECTIONS), size=2)]
+    # the alternative changes one object's direction (to the opposite or a perpendicular one)
+    which = int(rng.integers(2))
+    alt = list(dirs)
+    alt[which] = _OPPOSITE[dirs[which]] if rng.random() < 0.5 else DIRECTIONS[(DIRECTIONS.index(dirs[which]) + 2 + int(rng.integers(2))) % 4]
+    if alt[which] == dirs[which]:
+        alt[which] = _OPPOSITE[dirs[which]]
+    return {"objs": objs, "dirs": dirs, "alt": alt}
+
+
+def video_events(seed: int, index: int) -> list[tuple[str, str, str]]:
+    """The two (colour, shape, direction) events of video `index`, in temporal order."""
+    spec = _group_spec(seed, index // GROUP)
+    variant = index % GROUP
+    dirs = spec["dirs"] if variant < 2 else spec["alt"]
+    ev = [(*spec["objs"][0], dirs[0]), (*spec["objs"][1], dirs[1])]
+    return ev if variant % 2 == 0 else ev[::-1]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A muted two-tone gradient with faint stripes: [H, W, 3] float32."""
+    a = rng.uniform(20, 120, size=3)
+    b = rng.uniform(20, 120, size=3)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    t = (np.cos(angle) * xx + np.sin(angle) * yy)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    img = a[None, None, :] * (1 - t[..., None]) + b[None, None, :] * t[..., None]
+    period = rng.uniform(6, 16)
+    stripes = 8.0 * np.sin(2 * math.pi * (xx * np.sin(angle) - yy * np.cos(angle)) * size / period)
+    return (img + stripes[..., None]).astype(np.float32)
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    """Boolean [H, W] mask of a shape of half-size r centred at (cx, cy)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85)
+    # triangle pointing up: below the two slanted edges and above the base
+    return (dy <= r * 0.8) & (dy >= -r + 2 * np.abs(dx))
+
+
+def render_frames(seed: int, index: int, size: int = 64, num_frames: int = 16) -> np.ndarray:
+    """The frames of video `index`: [T, H, W, 3] uint8. Object 1 moves in the first half, object 2 in the second."""
+    events = video_events(seed, index)
+    rng = np.random.default_rng([seed, index // GROUP, 1 + index % GROUP])
+    bg = _background(rng, size)
+    r = size * 0.16  # half-size: ~10 px at 64, ~6 px after resizing to a 36 px short side
+    travel = size * 0.42
+    margin = r + 1
+    half = num_frames / 2
+
+    def path(k, start, f):  # centre of object k at frame f
+        p = min(max((f + 0.5 - k * half) / half, 0.0), 1.0)
+        dx, dy = _DELTA[events[k][2]]
+        return start[0] + dx * travel * p, start[1] + dy * travel * p
+
+    best, best_gap = None, -1.0
+    for _ in range(12):  # keep the two objects apart: the candidate whose closest approach is largest
+        starts = []
+        for _, _, d in events:
+            dx, dy = _DELTA[d]
+            lo_x = margin + (travel if dx < 0 else 0)
+            hi_x = size - margin - (travel if dx > 0 else 0)
+            lo_y = margin + (travel if dy < 0 else 0)
+            hi_y = size - margin - (travel if dy > 0 else 0)
+            starts.append((rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)))
+        gap = min(math.dist(path(0, starts[0], f), path(1, starts[1], f)) for f in range(num_frames))
+        if gap > best_gap:
+            best, best_gap = starts, gap
+        if gap > 2.2 * r:
+            break
+    starts = best
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    for f in range(num_frames):
+        img = bg.copy()
+        for k, (colour, shape, _) in enumerate(events):
+            # event 0 moves over the first half, event 1 over the second
+            m = _shape_mask(shape, *path(k, starts[k], f), r, size)
+            img[m] = COLOURS[colour]
+        frames[f] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames
+
+
+def encode_video(frames: np.ndarray, path: str | Path, codec: str = "vp9", fps: int = 8, crf: int = 30) -> None:
+    """Encode [T, H, W, 3] uint8 frames to `path`, reproducibly (same frames, same bytes).
+
+    Single-threaded encoder and bitexact flags (no version strings or timestamps in the file);
+    a keyframe every `fps` frames (1 s) so decoders can seek.
+    """
+    enc, fmt = CODECS[codec]
+    with av.open(str(path), "w", format=fmt, options={"fflags": "+bitexact"}) as out:
+        st = out.add_stream(enc, rate=Fraction(fps).limit_denominator(1001))
+        st.width, st.height = frames.shape[2], frames.shape[1]
+        st.pix_fmt = "yuv420p"
+        st.codec_context.gop_size = max(1, int(fps))
+        opts = {"flags": "+bitexact", "threads": "1", "crf": str(crf), "g": str(max(1, int(fps)))}
+        if codec == "vp9":
+            opts.update({"b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "0",
+                         "lag-in-frames": "0", "auto-alt-ref": "0"})
+        else:
+            opts.update({"preset": "veryfast", "tune": "zerolatency", "x264-params": "keyint=%d:min-keyint=1:scenecut=0" % max(1, int(fps))})
+        st.options = opts
+        for frame in frames:
+            for pkt in st.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(pkt)
+        for pkt in st.encode():
+            out.mux(pkt)
+
+
+def split_of(seed: int, group: int, test_fraction: float) -> str:
+    """Low-discrepancy split per group (whole groups, so siblings share a split): ~test_fraction test."""
+    u = (group * 0.6180339887498949 + seed * 0.7548776662466927) % 1.0
+    return "test" if u < test_fraction else "train"
+
+
+def make_corpus(out_dir: str | Path, num_videos: int, seed: int = 0, codec: str = "vp9", size: int = 64,
+                fps: int = 8, seconds: float = 2.0, test_fraction: float = 0.2, progress: bool = False) -> Path:
+    """Write `num_videos` videos plus `manifest.csv` under `out_dir`; return the manifest path.
+
+    Deterministic: the same arguments give the same bytes. `codec`: vp9 (webm) or h264 (mp4).
+    """
+    if codec not in CODECS:
+        raise ValueError(f"codec={codec!r}: choose vp9 or h264")
+    if num_videos < 1 or size < 16 or size % 2 or fps < 1 or seconds <= 0:
+        raise ValueError("need num_videos >= 1, an even size >= 16, fps >= 1 and seconds > 0")
+    out_dir = Path(out_dir)
+    vids = out_dir / "videos"
+    vids.mkdir(parents=True, exist_ok=True)
+    ext = CODECS[codec][1]
+    num_frames = max(2, int(round(fps * seconds)))
+    rows = []
+    it = range(num_videos)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="synth videos", unit="video")
+    for i in it:
+        key = f"synth{i:06d}"
+        frames = render_frames(seed, i, size, num_frames)
+        tmp = vids / f".{key}.tmp.{ext}"
+        encode_video(frames, tmp, codec, fps)
+        os.replace(tmp, vids / f"{key}.{ext}")
+        rng = np.random.default_rng([seed, i // GROUP, 100 + i % GROUP])
+        captions = make_captions(rng, video_events(seed, i))
+        rows.append({"video": f"videos/{key}.{ext}", "caption": json.dumps(captions), "key": key,
+                     "split": split_of(seed, i // GROUP, test_fraction)})
+    manifest = out_dir / "manifest.csv"
+    tmp = out_dir / ".manifest.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["video", "caption", "key", "split"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, manifest)
+    return manifest

@@ -1,0 +1,99 @@
+"""One shard's work: process its samples, write tar + DALI index, then the stats record (done marker).
+
+`write_shard` is a plain, picklable function of (shard spec, output config, out dir): the Ray
+driver runs one task per shard, tests call it directly. Order of writes: tar, index, stats, each
+renamed into place; the stats record is last, so its presence means the shard is whole. It holds
+the shard's manifest rows and refusals, so the driver can build the manifest from the records
+without touching the tars again. Everything in it is deterministic (no timings), so a rerun
+gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from dataprep.shard_writer import ShardWriter, index_text, write_atomic
+from dataprep.transcode import SampleRefused, process_sample
+
+
+def stats_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.stats.json"
+
+
+def read_stats(out_dir: str | Path, name: str) -> dict | None:
+    p = stats_path(out_dir, name)
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def write_shard(spec: dict, out_cfg: dict, out_dir: str) -> dict:
+    """Process and write shard `spec`; return its stats record (also written as {name}.stats.json)."""
+    out = Path(out_dir)
+    tar_name = f"{spec['name']}.tar"
+    rows, refused, writer = [], [], None
+    source_seconds = 0.0
+    try:
+        for s in spec["samples"]:
+            try:
+                blob, ext, meta = process_sample(s, out_cfg)
+            except SampleRefused as exc:
+                refused.append({"source": s["video"], "key": s["orig_key"], "stage": exc.stage, "reason": exc.reason})
+                continue
+            except Exception as exc:  # a bug or an exotic file: keep going, say what happened
+                refused.append({"source": s["video"], "key": s["orig_key"], "stage": "internal",
+                                "reason": f"{type(exc).__name__}: {exc}"})
+                continue
+            if writer is None:
+                writer = ShardWriter(out / tar_name)
+            source_seconds += meta.pop("source_duration")
+            doc = {"key": s["key"], "orig_key": s["orig_key"], "video_id": s["video_id"], "split": s["split"],
+                   "captions": s["captions"], "source": s["video"], "start": s["start"], "end": s["end"], **meta}
+            if s.get("sentences"):
+                doc["sentences"] = s["sentences"]
+            if s.get("extra"):
+                doc["extra"] = s["extra"]
+            jbytes = _dumps(doc)
+            v_off, v_size = writer.add(f"{s['key']}.{ext}", blob)
+            j_off, j_size = writer.add(f"{s['key']}.json", jbytes)
+            rows.append({"key": s["key"], "orig_key": s["orig_key"], "video_id": s["video_id"], "split": s["split"],
+                         "shard": tar_name, "shard_index": spec["shard_index"], "index_in_shard": len(rows),
+                         "video_ext": ext, "video_offset": v_off, "video_size": v_size, "json_offset": j_off,
+                         "json_size": j_size, "captions": s["captions"], "num_frames": meta["num_frames"],
+                         "fps": meta["fps"], "width": meta["width"], "height": meta["height"],
+                         "duration": meta["duration"], "codec": meta["codec"], "source": s["video"],
+                         "start": s["start"], "end": s["end"],
+                         "content_hash": hashlib.sha256(blob).hexdigest()})
+        tar_bytes = 0
+        if writer is not None:
+            tar_bytes = writer.close()
+            write_atomic(out / f"{spec['name']}.idx", index_text(writer.members).encode())
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    stats = {"name": spec["name"], "tar": tar_name if rows else None, "fingerprint": spec["fingerprint"],
+             "samples_in": len(spec["samples"]), "samples_out": len(rows), "bytes": tar_bytes,
+             "source_seconds": round(source_seconds, 6), "rows": rows, "refused": refused}
+    write_atomic(stats_path(out, spec["name"]), _dumps(stats))
+    return stats
+
+
+def is_done(out_dir: str | Path, spec: dict) -> bool:
+    """A shard is done when its stats record exists, matches the plan and its files are there."""
+    st = read_stats(out_dir, spec["name"])
+    if st is None or st.get("fingerprint") != spec["fingerprint"]:
+        return False
+    if st["samples_out"] == 0:
+        return True
+    tar = Path(out_dir) / st["tar"]
+    return tar.is_file() and tar.stat().st_size == st["bytes"] and (Path(out_dir) / f"{spec['name']}.idx").is_file()

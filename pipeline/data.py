@@ -1,0 +1,391 @@
+"""The training and evaluation loader over a prepared dataset (manifest.parquet + tars).
+
+    loader = VideoTextLoader(cfg, split="train", train=True, rank=r, world_size=w)
+    loader.set_epoch(e)
+    for batch in loader: ...        # one dict per step, see `VideoTextLoader`
+    state = loader.state_dict()     # after a step; resume with loader.load_state_dict(state)
+
+How it works: the epoch's order is a pure function of (seed, epoch) (pipeline/sampler.py);
+each rank takes its slots of each global batch. Video bytes are read by random access at the
+manifest's offsets (`os.pread` on the tar, no sequential scan), decoded by DALI or PyAV
+(pipeline/decode.py) in a background thread that keeps `data.prefetch` batches ready.
+
+Position: the number of global samples consumed in the epoch. After this rank has yielded k
+batches of an epoch started at position p0, `position = min(p0 + k * B * W, N)`; every batch
+carries it (`batch["position"]`, the same on every rank) and `state_dict()` returns it (the
+position of the last batch *yielded*, not of batches merely prefetched). A loader restored
+from that state, with any world size, yields `order[position:]` and nothing else. When an
+epoch is exhausted, iterating yields nothing more: call `set_epoch(e + 1)`.
+
+Failures: a sample whose bytes cannot be read or decoded keeps its slot, flagged
+`valid=False` with a zero video (its key stays in `keys`), is logged with key and reason and
+counted in `loader.stats`. Padding slots (`data.remainder=pad`) are `valid=False` with key ""
+and video_id -1. So every rank yields the same number of batches of the same shape.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
+from pipeline.errors import UserError
+from pipeline.log import get_logger
+from pipeline.sampler import (
+    PAD,
+    choose_caption,
+    epoch_order,
+    frame_indices,
+    num_batches,
+    rank_plan,
+    sample_rng,
+    stable_hash,
+)
+
+log = get_logger(__name__)
+_LOGGED_PATHS: set[str] = set()  # decode paths already announced in this process
+STATE_VERSION = 1
+_COLUMNS = ["key", "video_id", "split", "shard", "index_in_shard", "video_offset", "video_size",
+            "captions", "num_frames", "codec"]
+
+
+class DatasetIndex:
+    """The manifest rows of one split, sorted by (shard, index_in_shard): the sample index space."""
+
+    def __init__(self, root: str | Path, split: str):
+        import pyarrow.parquet as pq
+
+        self.root = Path(root)
+        manifest = self.root / "manifest.parquet"
+        if not manifest.is_file():
+            raise UserError(f"{manifest} does not exist; set data.path to a directory made by "
+                            "`hiervl prep --out DIR` (it holds manifest.parquet and the tars)")
+        table = pq.read_table(manifest, columns=_COLUMNS).to_pandas()
+        table = table[table["split"] == split].sort_values(["shard", "index_in_shard"], kind="stable")
+        if len(table) == 0:
+            splits = sorted(set(pq.read_table(manifest, columns=["split"]).column(0).to_pylist()))
+            raise UserError(f"{manifest} has no samples of split '{split}' (it has: {', '.join(splits) or 'none'}); "
+                            "set data.split / eval.split to one of those")
+        self.split = split
+        self.keys = table["key"].tolist()
+        self.video_id_strings = table["video_id"].tolist()
+        self.video_ids = np.array([stable_hash(v) for v in self.video_id_strings], dtype=np.int64)
+        self.shards = table["shard"].tolist()
+        self.shard_ids = np.unique(np.array(self.shards), return_inverse=True)[1]
+        self.offsets = table["video_offset"].to_numpy(np.int64)
+        self.sizes = table["video_size"].to_numpy(np.int64)
+        self.captions = [list(c) if c is not None else [] for c in table["captions"]]
+        self.num_frames = table["num_frames"].fillna(1).to_numpy(np.int64)
+        self.codecs = [str(c).lower() for c in table["codec"]]
+        self.fingerprint = stable_hash("\n".join(self.keys))
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read_video(self, i: int) -> bytes:
+        """The encoded video bytes of sample i (random access: one pread at the manifest offset)."""
+        shard = self.shards[i]
+        with self._lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
+        data = os.pread(fd, int(self.sizes[i]), int(self.offsets[i]))
+        if len(data) != self.sizes[i]:
+            raise OSError(f"short read from {shard} ({len(data)} of {self.sizes[i]} bytes): truncated shard")
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise UserError("data.device=gpu but CUDA is not available; set data.device=auto or cpu")
+    return device
+
+
+class VideoTextLoader:
+    """Batches of (video, caption) for one rank of `world_size`; see the module docstring.
+
+    Each batch (B = data.batch_size, T = data.num_frames, L = data.max_words):
+      video [B, T, 3, size, size] float32 on CPU (bf16 on GPU), normalised
+      input_ids, attention_mask [B, L] int64 (one caption per sample; the first one in eval mode)
+      keys list[str], video_ids [B] int64, valid [B] bool, epoch int, position int
+    Eval mode (`train=False`, see `iter_eval`) adds every caption of each video:
+      captions list[list[str]], caption_input_ids / caption_attention_mask [Nc, L] int64,
+      caption_index [Nc] int64 (the batch slot each caption belongs to).
+    """
+
+    def __init__(self, cfg, split: str | None = None, train: bool = True, rank: int = 0, world_size: int = 1,
+                 batch_size: int | None = None):
+        from pipeline.text_model import load_tokenizer
+
+        self.cfg = cfg.data
+        self.train = train
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = batch_size or self.cfg.batch_size
+        self.split = split or self.cfg.split
+        self.index = DatasetIndex(self.cfg.path, self.split)
+        self.tokenizer = load_tokenizer(cfg.model.text.path)
+        self.seed = self.cfg.seed
+        self.order_mode = self.cfg.order if train else "sequential"
+        self.remainder = self.cfg.remainder if train else "pad"  # eval sees every video
+        self.device = resolve_device(self.cfg.device)
+        self.device_id = torch.cuda.current_device() if self.device == "gpu" else None
+        self.has_dali = dali_available()
+        self.epoch = 0
+        self.position = 0
+        self._dali: DaliVideoDecoder | None = None
+        self.stats = {"decoded": 0, "skipped": 0, "padded": 0, "skipped_keys": [], "skipped_reasons": {},
+                      "decode_path": Counter()}
+        if len(self) == 0:
+            raise UserError(f"split '{self.split}' has {len(self.index)} samples, fewer than one global batch "
+                            f"({self.batch_size} x {world_size} ranks); lower data.batch_size or set data.remainder=pad")
+
+    # ------------------------------------------------------------------ order and position
+
+    def __len__(self) -> int:
+        """Batches per full epoch for this rank (identical on all ranks)."""
+        return num_batches(len(self.index), self.batch_size, self.world_size, self.remainder)
+
+    @property
+    def batches_remaining(self) -> int:
+        """Batches left in the current epoch from the current position (after a resume: fewer)."""
+        return num_batches(len(self.index) - self.position, self.batch_size, self.world_size, self.remainder)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from position 0 (call before iterating each new epoch)."""
+        self.epoch, self.position = int(epoch), 0
+
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """The epoch's sample order (indices into `self.index`), int64 [N]."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.order_mode == "sequential":
+            return np.arange(len(self.index), dtype=np.int64)
+        return epoch_order(len(self.index), self.seed, epoch, self.order_mode, self.index.shard_ids, self.cfg.block_window)
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "position": self.position,
+                "world_size": self.world_size, "batch_size": self.batch_size, "order": self.order_mode,
+                "block_window": self.cfg.block_window, "split": self.split, "num_samples": len(self.index),
+                "fingerprint": self.index.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (written at any world size / batch size)."""
+        if state.get("version") != STATE_VERSION:
+            raise UserError(f"loader state version {state.get('version')!r} is not supported (expected {STATE_VERSION}); "
+                            "resume with the hiervl version that wrote the checkpoint")
+        if state["num_samples"] != len(self.index) or state.get("fingerprint") != self.index.fingerprint:
+            raise UserError(f"the checkpoint's loader state is for another dataset ({state['num_samples']} samples in "
+                            f"split '{state.get('split')}'; data.path has {len(self.index)} in '{self.split}'); "
+                            "point data.path at the dataset the run was started with")
+        for name, mine in (("seed", self.seed), ("order", self.order_mode)):
+            if state[name] != mine:
+                log.warning("loader state has %s=%r, config has %r: keeping the state's so the epoch stays exactly-once",
+                            name, state[name], mine)
+        self.seed, self.order_mode = state["seed"], state["order"]
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if state["world_size"] != self.world_size:
+            log.info("resuming epoch %d at position %d, written by %d ranks, now %d", self.epoch, self.position,
+                     state["world_size"], self.world_size)
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self):
+        plan = rank_plan(self.order(), self.position, self.batch_size, self.rank, self.world_size, self.remainder)
+        epoch = self.epoch
+        jobs = list(zip(plan.batches, plan.positions))
+        if self.cfg.prefetch == 0:
+            for idx, pos in jobs:
+                batch = self._make_batch(idx, pos, epoch)
+                self.position = pos
+                yield batch
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch)
+        stop = threading.Event()
+        end = object()
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def produce() -> None:
+            try:
+                for idx, pos in jobs:
+                    if stop.is_set():
+                        return
+                    put(self._make_batch(idx, pos, epoch))
+                put(end)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                put(exc)
+
+        worker = threading.Thread(target=produce, name=f"loader-rank{self.rank}", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = q.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                self.position = item["position"]
+                yield item
+        finally:
+            stop.set()
+            worker.join(timeout=60)
+
+    # ------------------------------------------------------------------ one batch
+
+    def _sample_plan(self, i: int, epoch: int) -> tuple[np.ndarray, tuple[float, float], bool]:
+        """Frame indices, crop position and flip of sample i: a pure function of (seed, epoch, key)."""
+        if not self.train:
+            return frame_indices(self.index.num_frames[i], self.cfg.num_frames, None), (0.5, 0.5), False
+        rng = sample_rng(self.seed, epoch, self.index.keys[i])
+        frames = frame_indices(self.index.num_frames[i], self.cfg.num_frames, rng)
+        crop = (float(rng.random()), float(rng.random()))
+        flip = bool(self.cfg.flip and rng.random() < 0.5)
+        return frames, crop, flip
+
+    def _log_path(self, backend: str, codec: str) -> None:
+        tag = f"{backend}:{codec}"
+        if tag not in _LOGGED_PATHS:
+            _LOGGED_PATHS.add(tag)
+            how = {"dali": f"DALI fn.decoders.video ({'mixed, GPU' if self.device == 'gpu' else 'cpu backend'})",
+                   "pyav": "PyAV" + ("" if self.has_dali else " (nvidia-dali not installed)")}[backend]
+            log.info("decoding %s videos with %s", codec, how)
+
+    def _decode(self, slots: list[int], epoch: int) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+        """Decode and transform the real samples `slots`; returns slot -> [T, 3, S, S], slot -> reason."""
+        out: dict[int, torch.Tensor] = {}
+        errors: dict[int, str] = {}
+        plans = {i: self._sample_plan(i, epoch) for i in slots}
+        blobs: dict[int, bytes] = {}
+        for i in slots:
+            try:
+                blobs[i] = self.index.read_video(i)
+            except OSError as exc:
+                errors[i] = f"read failed: {exc}"
+        backend = {i: choose_backend(self.cfg.decoder, self.index.codecs[i], self.device, self.has_dali) for i in blobs}
+        for i in blobs:
+            self._log_path(backend[i], self.index.codecs[i])
+        frames: dict[int, object] = {}
+        dali_slots = [i for i in blobs if backend[i] == "dali"]
+        if dali_slots:
+            if self._dali is None:
+                self._dali = DaliVideoDecoder(self.batch_size, self.cfg.num_threads, self.device, self.device_id)
+            for i, res in zip(dali_slots, self._dali.decode([blobs[i] for i in dali_slots],
+                                                            [plans[i][0] for i in dali_slots])):
+                if isinstance(res, Exception):
+                    errors[i] = f"DALI decode failed: {res}"
+                else:
+                    frames[i] = res
+        dtype = torch.bfloat16 if self.device == "gpu" else torch.float32
+
+        def work(i: int):
+            try:
+                clip = frames[i] if i in frames else decode_pyav(blobs[i], plans[i][0])
+                if len(clip) != self.cfg.num_frames:
+                    raise ValueError(f"decoder returned {len(clip)} frames, wanted {self.cfg.num_frames}")
+                return i, transform_clip(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2],
+                                         self.cfg.mean, self.cfg.std, dtype), None
+            except Exception as exc:  # noqa: BLE001 - a corrupt video must not stop the run
+                return i, None, f"{'PyAV' if i not in frames else 'transform'} failed: {type(exc).__name__}: {exc}"
+
+        todo = [i for i in blobs if i not in errors]
+        with ThreadPoolExecutor(max_workers=self.cfg.num_threads) as pool:
+            for i, clip, err in pool.map(work, todo):
+                if err is None:
+                    out[i] = clip
+                    self.stats["decode_path"][backend[i]] += 1
+                else:
+                    errors[i] = err
+        return out, errors
+
+    def _make_batch(self, idx: np.ndarray, position: int, epoch: int) -> dict:
+        cfg, b, t = self.cfg, len(idx), self.cfg.num_frames
+        real = [int(i) for i in idx if i != PAD]
+        clips, errors = self._decode(sorted(set(real)), epoch)
+        dev = f"cuda:{self.device_id}" if self.device == "gpu" else "cpu"
+        dtype = torch.bfloat16 if self.device == "gpu" else torch.float32
+        video = torch.zeros(b, t, 3, cfg.size, cfg.size, dtype=dtype, device=dev)  # [B, T, 3, S, S]
+        valid = torch.zeros(b, dtype=torch.bool)
+        keys, vids, texts, all_caps = [], [], [], []
+        for slot, i in enumerate(int(x) for x in idx):
+            if i == PAD:
+                keys.append("")
+                vids.append(-1)
+                texts.append("")
+                all_caps.append([])
+                self.stats["padded"] += 1
+                continue
+            key = self.index.keys[i]
+            keys.append(key)
+            vids.append(int(self.index.video_ids[i]))
+            caps = self.index.captions[i]
+            all_caps.append(list(caps))
+            texts.append(choose_caption(caps, self.seed, epoch, key) if self.train else (caps[0] if caps else ""))
+            if i in clips:
+                clip = clips[i]  # [T, 3, S, S]; PyAV clips are on the CPU: pinned for an async copy
+                video[slot] = clip.pin_memory().to(dev, non_blocking=True) if dev != "cpu" and not clip.is_cuda else clip
+                valid[slot] = True
+                self.stats["decoded"] += 1
+            else:
+                self._record_skip(key, errors.get(i, "unknown"))
+        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.max_words, return_tensors="pt")
+        batch = {"video": video, "input_ids": tok["input_ids"].long(), "attention_mask": tok["attention_mask"].long(),
+                 "keys": keys, "video_ids": torch.tensor(vids, dtype=torch.int64), "valid": valid,
+                 "epoch": epoch, "position": position}
+        if not self.train:
+            flat = [c for caps in all_caps for c in caps]
+            index = [slot for slot, caps in enumerate(all_caps) for _ in caps]
+            ctok = self.tokenizer(flat or [""], padding="max_length", truncation=True, max_length=cfg.max_words,
+                                  return_tensors="pt")
+            batch.update(captions=all_caps, caption_input_ids=ctok["input_ids"][:len(flat)].long(),
+                         caption_attention_mask=ctok["attention_mask"][:len(flat)].long(),
+                         caption_index=torch.tensor(index, dtype=torch.int64))
+        if self.device == "gpu":
+            for name in ("input_ids", "attention_mask", "video_ids", "valid"):
+                batch[name] = batch[name].pin_memory().to(dev, non_blocking=True)
+        return batch
+
+    def _record_skip(self, key: str, reason: str) -> None:
+        self.stats["skipped"] += 1
+        if len(self.stats["skipped_keys"]) < 1000:
+            self.stats["skipped_keys"].append(key)
+            self.stats["skipped_reasons"][key] = reason
+        log.warning("skipping sample %s (rank %d): %s", key, self.rank, reason)
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def iter_eval(cfg, split: str | None = None, rank: int = 0, world_size: int = 1, batch_size: int | None = None):
+    """Every sample of `split` (default cfg.eval.split) exactly once across ranks, in manifest order.
+
+    Centre frames and centre crop, no flip, all captions per video (see VideoTextLoader). The
+    last global batch is padded (valid=False), so every rank yields the same number of batches.
+    """
+    loader = VideoTextLoader(cfg, split=split or cfg.eval.split, train=False, rank=rank, world_size=world_size,
+                             batch_size=batch_size or cfg.eval.batch_size)
+    try:
+        yield from loader
+    finally:
+        loader.close()

@@ -1,0 +1,215 @@
+"""Levels of the hierarchy: which embeddings each preset makes, and how a level scores a pair.
+
+A level is either `global` (one L2-normalised vector per video / caption, cosine similarity) or
+`token` (a set of L2-normalised tokens per side, token-wise aggregation as in X-CLIP/DRL's WTI:
+for every word the best frame, averaged over the words, and for every frame the best word,
+averaged over the frames; the two halves are averaged; padded words never count).
+
+Presets (PAPERS.md):
+- `hit`:   feature (token: frames vs words of a lower layer, `model.feature_layer`, default the
+           middle one) and semantic (global: top layer, mean-pooled).
+- `hcmi`:  frame_word (token, top layer), clip_phrase (token: frames adaptively clustered into
+           `num_clips` clip tokens, words into `num_phrases` phrase tokens by learned cluster
+           centres), video_sentence (global).
+- `hanet`: individual (token: frame-word), local (token: `num_clips` contiguous temporal windows
+           against context tokens clustered from the words), global (video-text).
+- `flat`:  global only (mean-pooled frames against the mean-pooled caption): the baseline.
+
+Embedding dicts map a level name to [N, D] (global) or [N, n_tokens, D] (token); text token
+levels add `<level>_mask` [N, n_tokens] bool. Every entry has first dim N, so they slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    kind: str  # "token" | "global"
+    video_source: str  # frames | feature | clusters | windows | pooled
+    text_source: str  # words | feature | clusters | pooled
+
+
+PRESETS: dict[str, tuple[Level, ...]] = {
+    "hit": (Level("feature", "token", "feature", "feature"), Level("semantic", "global", "pooled", "pooled")),
+    "hcmi": (Level("frame_word", "token", "frames", "words"), Level("clip_phrase", "token", "clusters", "clusters"),
+             Level("video_sentence", "global", "pooled", "pooled")),
+    "hanet": (Level("individual", "token", "frames", "words"), Level("local", "token", "windows", "clusters"),
+              Level("global", "global", "pooled", "pooled")),
+    "flat": (Level("global", "global", "pooled", "pooled"),),
+}
+
+
+def preset_levels(preset: str) -> tuple[Level, ...]:
+    return PRESETS[preset]
+
+
+def feature_layers(cfg: Config, video_layers: int, text_layers: int) -> tuple[int, int]:
+    """HiT's feature level: hidden-state index per tower (None = each tower's middle layer)."""
+    f = cfg.model.feature_layer
+    if f is None:
+        return video_layers // 2, text_layers // 2
+    if f < 0 or f > min(video_layers, text_layers):
+        raise UserError(f"model.feature_layer={f} but the temporal transformer has {video_layers} layers and the "
+                        f"text encoder {text_layers}; use 0..{min(video_layers, text_layers)} or null (middle)")
+    return f, f
+
+
+def token_count(level: Level, modality: str, cfg: Config) -> int | None:
+    """Tokens per sample of a level's embedding (None for a global level): sizes the queues."""
+    if level.kind == "global":
+        return None
+    source = level.video_source if modality == "video" else level.text_source
+    if source in ("frames", "words", "feature"):
+        return cfg.data.num_frames if modality == "video" else cfg.data.max_words
+    if source == "windows":
+        return cfg.model.num_clips
+    return cfg.model.num_clips if modality == "video" else cfg.model.num_phrases
+
+
+# ------------------------------------------------------------------------------- pooling
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 1 of x [B, N, W], counting only mask [B, N] True entries."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.to(x.dtype).unsqueeze(-1)  # [B, N, 1]
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # [B, W]
+
+
+class ClusterPool(nn.Module):
+    """Adaptive clustering of tokens into `num` cluster tokens (learned centres, soft assignment).
+
+    Each centre attends over the (unmasked) tokens; a cluster token is the attention-weighted
+    mean of the tokens it gathers, so correlated frames (words) land in the same clip (phrase).
+    """
+
+    def __init__(self, width: int, num: int):
+        super().__init__()
+        self.centres = nn.Parameter(torch.randn(num, width) * width ** -0.5)  # [C, W]
+        self.norm = nn.LayerNorm(width)
+        self.scale = width ** -0.5
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        att = torch.einsum("cw,bnw->bcn", self.centres, self.norm(x)) * self.scale  # [B, C, N]
+        if mask is not None:
+            att = att.masked_fill(~mask.bool().unsqueeze(1), float("-inf"))
+        return att.softmax(dim=-1) @ x  # [B, C, W]
+
+
+def temporal_windows(x: torch.Tensor, num: int) -> torch.Tensor:
+    """Means over `num` contiguous windows of frames: x [B, T, W] -> [B, num, W]."""
+    return F.adaptive_avg_pool1d(x.transpose(1, 2), num).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------- heads
+
+
+class LevelHeads(nn.Module):
+    """One modality's level embeddings from its encoder's hidden states (projection per level)."""
+
+    def __init__(self, cfg: Config, modality: str, width: int, feature_layer: int):
+        super().__init__()
+        self.modality = modality
+        self.levels = preset_levels(cfg.model.preset)
+        self.feature_layer = feature_layer
+        self.proj = nn.ModuleDict({lv.name: nn.Linear(width, cfg.model.embed_dim) for lv in self.levels})
+        self.pools = nn.ModuleDict()
+        for lv in self.levels:
+            source = lv.video_source if modality == "video" else lv.text_source
+            if source == "clusters":
+                num = cfg.model.num_clips if modality == "video" else cfg.model.num_phrases
+                self.pools[lv.name] = ClusterPool(width, num)
+        self.num_windows = cfg.model.num_clips
+
+    def forward(self, states: list[torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """states: hidden states, each [B, N, W]; mask [B, N] (text) or None (video)."""
+        top = states[-1]  # [B, N, W]
+        out: dict[str, torch.Tensor] = {}
+        for lv in self.levels:
+            source = lv.video_source if self.modality == "video" else lv.text_source
+            tok_mask = mask
+            if source == "pooled":
+                x = masked_mean(top, mask)  # [B, W]
+            elif source in ("frames", "words"):
+                x = top  # [B, N, W]
+            elif source == "feature":
+                x = states[self.feature_layer]  # [B, N, W]
+            elif source == "clusters":
+                x = self.pools[lv.name](top, mask)  # [B, C, W]
+                tok_mask = None
+            elif source == "windows":
+                x = temporal_windows(top, self.num_windows)  # [B, C, W]
+                tok_mask = None
+            else:  # pragma: no cover - PRESETS is fixed
+                raise ValueError(source)
+            out[lv.name] = F.normalize(self.proj[lv.name](x), dim=-1)  # [B, D] or [B, n, D]
+            if lv.kind == "token" and self.modality == "text":
+                if tok_mask is None:
+                    tok_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+                out[f"{lv.name}_mask"] = tok_mask.bool()  # [B, n]
+        return out
+
+
+# ------------------------------------------------------------------------------- similarity
+
+
+def global_similarity(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of unit vectors: t [Nt, D], v [Nv, D] -> [Nt, Nv]."""
+    return t @ v.transpose(0, 1)
+
+
+def token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tensor,
+                     max_elements: int = 1 << 25) -> torch.Tensor:
+    """Token-wise aggregation (WTI): t [Nt, L, D] with t_mask [Nt, L], v [Nv, T, D] -> [Nt, Nv].
+
+    t2v half: every valid word takes its best frame, mean over valid words.
+    v2t half: every frame takes its best valid word, mean over frames. Result: the average.
+    Computed in blocks of videos so [Nt, block, L, T] stays under `max_elements`.
+    """
+    nt, nl = t.shape[:2]
+    if t_mask is None:
+        t_mask = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
+    t_mask = t_mask.bool()
+    words = t_mask.to(t.dtype).sum(dim=1).clamp(min=1.0)  # [Nt]
+    block = max(1, max_elements // max(1, nt * nl * v.shape[1]))
+    parts = []
+    for start in range(0, v.shape[0], block):
+        vb = v[start:start + block]
+        s = torch.einsum("ald,btd->ablt", t, vb)  # [Nt, Nb, L, T]
+        word_best = s.max(dim=3).values  # [Nt, Nb, L]
+        t2v = (word_best * t_mask[:, None, :].to(s.dtype)).sum(dim=2) / words[:, None]  # [Nt, Nb]
+        s = s.masked_fill(~t_mask[:, None, :, None], float("-inf"))
+        v2t = s.max(dim=2).values.mean(dim=2)  # [Nt, Nb]; -inf where a caption has no valid word
+        v2t = torch.where(t_mask.any(dim=1)[:, None], v2t, torch.zeros_like(v2t))  # e.g. empty queue slots
+        parts.append(0.5 * (t2v + v2t))
+    return torch.cat(parts, dim=1) if parts else t.new_zeros(nt, 0)
+
+
+def level_similarity(level: Level, t_emb: dict, v_emb: dict) -> torch.Tensor:
+    """[Nt, Nv] similarity of one level from text and video embedding dicts (see module doc)."""
+    if level.kind == "global":
+        return global_similarity(t_emb[level.name], v_emb[level.name])
+    return token_similarity(t_emb[level.name], t_emb.get(f"{level.name}_mask"), v_emb[level.name])
+
+
+def level_weights(cfg: Config) -> dict[str, float]:
+    """Inference fusion weights per level (model.level_weights; missing levels weigh 1)."""
+    names = [lv.name for lv in preset_levels(cfg.model.preset)]
+    unknown = sorted(set(cfg.model.level_weights) - set(names))
+    if unknown:
+        raise UserError(f"model.level_weights names {unknown} but preset '{cfg.model.preset}' has levels {names}")
+    weights = {n: float(cfg.model.level_weights.get(n, 1.0)) for n in names}
+    if sum(weights.values()) <= 0:
+        raise UserError(f"model.level_weights must not all be 0 (levels: {names})")
+    return weights

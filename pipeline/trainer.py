@@ -1,0 +1,351 @@
+"""The training loop, top to bottom in one `Trainer`.
+
+data -> forward -> losses -> backward/step -> momentum update -> enqueue -> log -> checkpoint
+
+Run one process per rank (DeepSpeed's launcher, SLURM or a single `python -m launch.train`).
+Resume is automatic: a run pointed at an out_dir with checkpoints continues from the newest
+complete one: the same step, LR, optimizer state, queues and data position, also at another
+world size (through DeepSpeed universal checkpoints). SIGTERM/SIGUSR1 finish the current step,
+write a checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline import distributed as dist
+from pipeline.config import Config, to_dict, to_yaml
+from pipeline.deepspeed_config import build_deepspeed_config, use_bf16, write_deepspeed_config
+from pipeline.log import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+EXIT_OK, EXIT_BAD_STEPS = 0, 3
+
+
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
+def queue_state(model) -> dict:
+    """Every MomentumQueue's buffers (keys, video ids, pointer), by module name.
+
+    They are also in the module's state_dict; the copy in the client state is what survives a
+    universal-checkpoint conversion (the queue is replicated, so rank 0's copy is the whole state).
+    """
+    from pipeline.queue import MomentumQueue
+
+    return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+            for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
+
+
+def load_queue_state(model, state: dict) -> None:
+    from pipeline.queue import MomentumQueue
+
+    queues = {name: m for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
+    if set(queues) != set(state):
+        raise RuntimeError(f"checkpoint queues {sorted(state)} do not match the model's {sorted(queues)}")
+    for name, module in queues.items():
+        ref = next(iter(module.state_dict().values()), None)
+        device = ref.device if ref is not None else "cpu"
+        module.load_state_dict({k: v.to(device) for k, v in state[name].items()})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        import deepspeed
+
+        from pipeline.data import VideoTextLoader
+        from pipeline.model import build_model
+
+        self.cfg = cfg
+        self.out = Path(cfg.train.out_dir)
+        info = dist.init(use_deepspeed=True)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        setup_logging(self.rank, self.out / "logs")
+        self.device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.bf16 = use_bf16(cfg)
+
+        plan = ckpt.plan_resume(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
+        plan = dist.broadcast_object(plan)
+        ckpt.ensure_universal(plan)
+
+        seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
+        model = build_model(cfg)
+        ds_config = build_deepspeed_config(cfg, self.world)
+        if plan and plan["universal"]:
+            ds_config["checkpoint"] = {"load_universal": True}
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_deepspeed_config(ds_config, self.out / "deepspeed_config.json")
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+        self.model = self.engine.module
+
+        self.loader = VideoTextLoader(cfg, split=cfg.data.split, train=True, rank=self.rank, world_size=self.world)
+        if len(self.loader) == 0:
+            from pipeline.errors import UserError
+
+            raise UserError(f"dataset {cfg.data.path} split '{cfg.data.split}' has fewer samples than one global "
+                            f"batch ({cfg.data.batch_size} x {self.world} ranks); lower data.batch_size")
+        self.step, self.epoch, self.bad_steps, self.bad_total = 0, 0, 0, 0
+        self.samples_seen = 0
+        self.best = None
+        self.stop_signal = None
+        if plan:
+            self._resume(plan)
+        else:
+            self.loader.set_epoch(0)
+        self._truncate_logs_after(self.step)
+
+    # ---------------------------------------------------------------- state
+
+    def _client_state(self) -> dict:
+        return {
+            "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
+            "loader": self.loader.state_dict(), "queue": queue_state(self.model),
+            "bad_total": self.bad_total, "best": self.best, "config": to_dict(self.cfg),
+            "world_size": self.world, "universal_checkpoint_info": {},
+        }
+
+    def _resume(self, plan: dict) -> None:
+        client, rank_state = ckpt.load(self.engine, plan)
+        self.step, self.epoch = client["step"], client["epoch"]
+        self.samples_seen, self.bad_total, self.best = client["samples_seen"], client["bad_total"], client["best"]
+        load_queue_state(self.model, client["queue"])
+        self.loader.load_state_dict(client["loader"])
+        if rank_state is not None:
+            ckpt.set_rng_state(rank_state["rng"])
+        else:  # another world size: per-rank RNG streams cannot carry over; derive fresh ones
+            seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
+        log.info("resumed from %s/%s at step %d (epoch %d, position %d, lr %.3g)%s", plan["dir"], plan["tag"],
+                 self.step, self.epoch, client["loader"].get("position", -1), self._lr(),
+                 f" via universal checkpoint ({plan['meta']['world_size']} -> {self.world} ranks)" if plan["universal"] else "")
+
+    def save(self) -> str:
+        meta = {"world_size": self.world, "zero_stage": self.cfg.train.zero_stage, "epoch": self.epoch,
+                "config": to_dict(self.cfg), "samples_seen": self.samples_seen}
+        protect = (self.best["tag"],) if self.best else ()
+        rank_state = {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
+        t0 = time.time()
+        tag = ckpt.save(self.engine, self.out, self.step, self._client_state(), rank_state, meta,
+                        keep=self.cfg.checkpoint.keep, protect=protect)
+        log.info("checkpoint %s written in %.1fs", tag, time.time() - t0)
+        return tag
+
+    def _lr(self) -> float:
+        return float(self.engine.get_lr()[0]) if self.engine.get_lr() else self.cfg.train.lr
+
+    # ---------------------------------------------------------------- logging
+
+    def _truncate_logs_after(self, step: int) -> None:
+        """After a resume, drop log lines a killed run wrote past the checkpoint (no duplicates)."""
+        files = [self.out / "metrics.jsonl"] if self.rank == 0 else []
+        files += [self.out / "samples" / f"rank{self.rank}.jsonl"]
+        for path in files:
+            if path.is_file():
+                kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in kept))
+        dist.barrier()
+
+    def _append_jsonl(self, path: Path, record: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------- signals
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _any_rank_stopping(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0])
+        return bool(dist.all_reduce_sum(flag).item() > 0)
+
+    # ---------------------------------------------------------------- the loop
+
+    def _to_device(self, batch: dict) -> dict:
+        out = {}
+        for key, value in batch.items():
+            if torch.is_tensor(value):
+                value = value.to(self.device, non_blocking=True)
+                if self.bf16 and value.is_floating_point():
+                    value = value.to(torch.bfloat16)
+            out[key] = value
+        return out
+
+    def _next_batch(self):
+        while True:
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self.epoch += 1
+                self.loader.set_epoch(self.epoch)
+                self._iter = iter(self.loader)
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        self._iter = iter(self.loader)
+        tb = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(self.out / "tensorboard"))
+        bar = None
+        if self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=2)
+        global_batch = cfg.data.batch_size * self.world
+        t_last, data_wait, compute = time.time(), 0.0, 0.0
+        exit_code, reason = EXIT_OK, "finished"
+        try:
+            while self.step < cfg.train.steps:
+                t0 = time.time()
+                batch = self._next_batch()
+                t1 = time.time()
+                out = self.engine(self._to_device(batch))
+                loss = out["loss"]
+                if os.environ.get("HIERVL_FAULT") == "nan-loss":  # fault injection for tests
+                    loss = loss * float("nan")
+                finite = bool(dist.all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss.detach().float()) else 1.0])).item() == 0)
+                self.samples_seen += global_batch
+                if not finite:
+                    self.bad_steps += 1
+                    self.bad_total += 1
+                    log.warning("non-finite loss at step %d (%d in a row); step skipped", self.step + 1, self.bad_steps)
+                    if self.bad_steps >= cfg.train.max_bad_steps:
+                        raise TooManyBadSteps()
+                    continue
+                self.bad_steps = 0
+                self.engine.backward(loss)
+                self.engine.step()
+                with torch.no_grad():
+                    self.model.momentum_update()
+                    self.model.enqueue(out)
+                self.step += 1
+                compute += time.time() - t1
+                data_wait += t1 - t0
+                losses = {k: dist.all_reduce_mean(v.detach().float().reshape(1)).item() for k, v in out["losses"].items()}
+                total = dist.all_reduce_mean(loss.detach().float().reshape(1)).item()
+                if cfg.train.log_samples:
+                    self._append_jsonl(self.out / "samples" / f"rank{self.rank}.jsonl",
+                                       {"step": self.step, "epoch": batch["epoch"], "keys": list(batch["keys"]),
+                                        "valid": [bool(v) for v in batch["valid"].tolist()]})
+                if self.rank == 0:
+                    self._log_step(tb, bar, total, losses, global_batch, t_last, data_wait, compute)
+                if self.step % cfg.train.log_every == 0:
+                    t_last, data_wait, compute = time.time(), 0.0, 0.0
+                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                    self._evaluate()
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.train.steps:
+                    self.save()
+                if self._any_rank_stopping():
+                    reason = f"stopped by {self.stop_signal or 'a signal on another rank'}"
+                    break
+        except TooManyBadSteps:
+            exit_code = EXIT_BAD_STEPS
+            reason = (f"{cfg.train.max_bad_steps} non-finite losses in a row at step {self.step}: lower train.lr, "
+                      "check the data, or raise train.max_bad_steps")
+        finally:
+            if bar is not None:
+                bar.close()
+        tag = self.save()
+        if tb is not None:
+            tb.close()
+        self._write_status(reason, tag, exit_code)
+        return exit_code
+
+    def _log_step(self, tb, bar, total, losses, global_batch, t_last, data_wait, compute) -> None:
+        cfg = self.cfg
+        lr = self._lr()
+        stats = self.loader.stats
+        elapsed = max(time.time() - t_last, 1e-9)
+        steps_in_window = (self.step - 1) % cfg.train.log_every + 1
+        record = {
+            "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen, "loss": total,
+            "losses": losses, "lr": lr, "samples_per_s": steps_in_window * global_batch / elapsed,
+            "data_wait_share": data_wait / max(data_wait + compute, 1e-9),
+            "skipped_samples": int(stats.get("skipped", 0)), "bad_steps": self.bad_total, "time": time.time(),
+        }
+        self._append_jsonl(self.out / "metrics.jsonl", record)
+        if tb is not None:
+            tb.add_scalar("loss/total", total, self.step)
+            for name, value in losses.items():
+                tb.add_scalar(f"loss/{name}", value, self.step)
+            tb.add_scalar("lr", lr, self.step)
+            tb.add_scalar("samples_per_s", record["samples_per_s"], self.step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.3f}", sps=f"{record['samples_per_s']:.0f}", lr=f"{lr:.2e}", refresh=False)
+
+    def _evaluate(self) -> None:
+        """Evaluation hook: R@1/5/10 on eval.split; the best checkpoint (by R@sum) is kept."""
+        from pipeline.evaluate import evaluate_model
+
+        self.model.eval()
+        result = evaluate_model(self.model, self.cfg, split=self.cfg.eval.split, device=self.device)
+        self.model.train()
+        t2v = result["t2v"]["fused"]
+        rsum = t2v["R1"] + t2v["R5"] + t2v["R10"]
+        if self.rank == 0:
+            self._append_jsonl(self.out / "eval.jsonl", {"step": self.step, "t2v": t2v, "rsum": rsum})
+            log.info("eval step %d: t2v R@1 %.1f R@5 %.1f R@10 %.1f", self.step, t2v["R1"], t2v["R5"], t2v["R10"])
+        if self.best is None or rsum > self.best["rsum"]:
+            self.best = {"step": self.step, "rsum": rsum, "tag": ckpt.tag_for(self.step)}
+            self.save()
+            if self.rank == 0:
+                (self.out / "best.json").write_text(json.dumps(self.best, indent=2) + "\n")
+
+    def _write_status(self, reason: str, tag: str, exit_code: int) -> None:
+        if self.rank == 0:
+            status = {"state": "preempted" if reason.startswith("stopped") else ("failed" if exit_code else "finished"),
+                      "reason": reason, "step": self.step, "checkpoint": tag, "exit_code": exit_code,
+                      "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total}
+            (self.out / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+            log.info("%s at step %d; checkpoint %s; skipped samples %d; non-finite steps %d", reason, self.step,
+                     tag, status["skipped_samples"], self.bad_total)
+
+
+def run(cfg: Config) -> int:
+    """Train with `cfg` in this process (one rank); the entry point of `python -m launch.train`."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)))
+    trainer = Trainer(cfg)
+    try:
+        code = trainer.fit()
+    finally:
+        dist.destroy()
+    return code
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """The LR schedule in closed form (warmup then cosine), used by tests to check a resumed LR."""
+    warm = min(cfg.optimizer.warmup_steps, max(cfg.train.steps - 1, 0))
+    if step < warm:
+        return cfg.train.lr * step / max(warm, 1)
+    progress = (step - warm) / max(cfg.train.steps - warm, 1)
+    ratio = cfg.optimizer.min_lr_ratio
+    return cfg.train.lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -1,0 +1,94 @@
+"""Typed config: loading, overrides, validation messages, exit codes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def test_tiny_and_base_load_with_their_values():
+    tiny = load_config(TINY)
+    base = load_config(ROOT / "configs" / "base.yaml")
+    assert tiny.train.ranks == 2 and tiny.model.text.num_layers == 2 and tiny.data.size == 32
+    assert base.train.zero_stage == 2 and base.train.precision == "bf16" and base.data.device == "gpu"
+
+
+def test_presets_include_tiny_and_override_preset():
+    cfg = load_config(ROOT / "configs" / "presets" / "hcmi.yaml")
+    assert cfg.model.preset == "hcmi"
+    assert cfg.data.size == 32  # inherited from tiny.yaml through `defaults`
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(TINY, ["train.lr=1e-3", "model.preset=hcmi", "data.flip=true", "model.vision.layers=3",
+                             "model.feature_layer=null", "data.mean=[0.5,0.5,0.5]"])
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
+    assert cfg.model.preset == "hcmi" and cfg.data.flip is True and cfg.model.vision.layers == 3
+    assert cfg.model.feature_layer is None and cfg.data.mean == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("trian.lr=1", ["'trian'", "'train'"]),
+    ("train.lrr=1", ["'train.lrr'", "'train.lr'"]),
+    ("queue.size=-5", ["queue.size", ">= 1"]),
+    ("train.zero_stage=4", ["train.zero_stage", "0, 1, 2, 3"]),
+    ("data.num_frames=0", ["data.num_frames", ">= 1"]),
+    ("train.steps=ten", ["train.steps", "integer"]),
+    ("model.preset=vit", ["model.preset", "hit", "hcmi", "hanet", "flat"]),
+    ("data.flip=maybe", ["data.flip", "true or false"]),
+    ("queue.momentum=1.5", ["queue.momentum", "[0, 1)"]),
+])
+def test_invalid_values_name_the_key_and_what_is_allowed(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_missing_config_file_and_malformed_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(TINY, ["train.lr"])
+
+
+def test_roundtrip_through_dict_and_yaml():
+    cfg = load_config(TINY, ["train.lr=0.002"])
+    again = from_dict(to_dict(cfg))
+    assert again == cfg
+    assert "lr: 0.002" in to_yaml(cfg)
+    assert isinstance(Config(), Config)
+
+
+def _hiervl(*args):
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_print_config_applies_override():
+    res = _hiervl("train", "--config", str(TINY), "--print-config", "train.lr=0.001")
+    assert res.returncode == 0, res.stderr
+    assert "  lr: 0.001\n" in res.stdout
+
+
+def test_cli_config_error_exits_2_with_one_line():
+    res = _hiervl("train", "--config", str(TINY), "trian.lr=1")
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "trian" in lines[0] and "'train'" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_help_lists_only_existing_subcommands():
+    from launch.cli import available_subcommands
+
+    res = _hiervl("--help")
+    assert res.returncode == 0
+    for name in available_subcommands():
+        assert name in res.stdout
+    assert "train" in available_subcommands()

@@ -1,0 +1,206 @@
+"""HierarchicalModel on the tiny config: every preset trains, overfits, encodes, and masks correctly."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+SMALL = ["data.num_frames=4", "data.max_words=12", "queue.size=64"]
+PRESETS = ["hit", "hcmi", "hanet", "flat"]
+
+
+def _cfg(preset, extra=()):
+    return load_config(TINY, [f"model.preset={preset}", *SMALL, *extra])
+
+
+def _batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n, 12, dtype=torch.long)
+    for i in range(n):
+        mask[i, : 4 + (i * 3) % 8] = 1
+    return {"video": torch.randn(n, 4, 3, 32, 32, generator=g),
+            "input_ids": torch.randint(1000, 3000, (n, 12), generator=g) * mask, "attention_mask": mask,
+            "video_ids": torch.arange(n), "valid": torch.ones(n, dtype=torch.bool)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_trains_every_parameter_and_overfits_a_small_batch(preset):
+    torch.manual_seed(0)
+    model = build_model(_cfg(preset))
+    batch = _batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    losses = []
+    for step in range(25):
+        out = model(batch)
+        assert set(out["losses"]) == set(model.levels)
+        out["loss"].backward()
+        if step == 0:  # every trainable parameter is reached (ZeRO needs no unused parameters)
+            missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            assert not missing, missing
+        opt.step()
+        opt.zero_grad()
+        model.momentum_update()
+        model.enqueue(out)
+        losses.append(out["loss"].item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_levels_per_preset_and_key_encoders_are_frozen():
+    expected = {"hit": ["feature", "semantic"], "hcmi": ["frame_word", "clip_phrase", "video_sentence"],
+                "hanet": ["individual", "local", "global"], "flat": ["global"]}
+    model = build_model(_cfg("hcmi"))
+    assert model.levels == expected["hcmi"]
+    assert not any(p.requires_grad for p in model.video_key.parameters())
+    assert not any(p.requires_grad for p in model.text_key.parameters())
+    assert model.logit_scale.requires_grad  # learnable temperature in hcmi
+    assert set(model.queues) == {f"{lv}_{m}" for lv in expected["hcmi"] for m in ("video", "text")}
+    assert "queues.frame_word_text.emb" in model.state_dict() and "queues.frame_word_text.ptr" in model.state_dict()
+    for preset in ("hit", "hanet", "flat"):
+        assert [lv.name for lv in __import__("pipeline.levels").levels.preset_levels(preset)] == expected[preset]
+
+
+def test_momentum_update_matches_hand_computation():
+    model = build_model(_cfg("flat", ["queue.momentum=0.9"]))
+    with torch.no_grad():
+        for p in model.video.parameters():
+            p.add_(torch.randn_like(p))
+    q = {n: p.detach().clone() for n, p in model.video.named_parameters()}
+    k = {n: p.detach().clone() for n, p in model.video_key.named_parameters()}
+    model.momentum_update()
+    for n, p in model.video_key.named_parameters():
+        torch.testing.assert_close(p, 0.9 * k[n] + 0.1 * q[n])
+    assert any(not torch.equal(k[n], q[n]) for n in q)
+
+
+def test_enqueue_drops_padded_samples_and_keeps_order():
+    model = build_model(_cfg("hit", ["queue.size=5"]))
+    batch = _batch(4)
+    batch["video_ids"] = torch.tensor([11, 12, 13, 14])
+    batch["valid"] = torch.tensor([True, False, True, True])
+    with torch.no_grad():
+        out = model(batch)
+    model.enqueue(out)
+    q = model.queues["semantic_video"]
+    assert q.video_ids.tolist()[:3] == [11, 13, 14] and q.valid.tolist() == [True] * 3 + [False] * 2
+    with torch.no_grad():
+        k = model.video_key(batch["video"])["semantic"]
+    torch.testing.assert_close(q.emb[:3], k[[0, 2, 3]])
+    model.enqueue(out)  # 3 more into 5 slots: wraps
+    assert q.video_ids.tolist() == [14, 13, 14, 11, 13] and int(q.ptr) == 1
+
+
+def test_same_video_and_empty_queue_entries_are_not_negatives():
+    model = build_model(_cfg("flat", ["queue.size=4", "queue.batch_negatives=false"]))
+    batch = _batch(2)
+    batch["video_ids"] = torch.tensor([5, 6])
+    batch["valid"] = torch.tensor([True, False])  # the loss is sample 0's alone
+    q = model.queues["global_text"]
+    emb = torch.nn.functional.normalize(torch.randn(2, q.emb.shape[1]), dim=-1)
+    q.push({"emb": emb}, torch.tensor([5, 99]))  # slot 0: sample 0's own video; slot 1: another video
+
+    def loss_of_sample0():
+        with torch.no_grad():
+            return model(batch)["losses"]["global"].item()
+
+    base = loss_of_sample0()
+    q.emb[0] = -q.emb[0]  # same video as query 0: masked
+    q.emb[2] = torch.ones_like(q.emb[2])  # a never-filled slot: never a negative
+    assert loss_of_sample0() == pytest.approx(base, abs=1e-6)
+    q.emb[1] = -q.emb[1]  # a real negative: the loss changes
+    assert loss_of_sample0() != pytest.approx(base, abs=1e-4)
+
+
+def test_frame_order_matters():
+    model = build_model(_cfg("flat"))
+    video = _batch(2)["video"]
+    with torch.no_grad():
+        a = model.encode_video(video)["global"]
+        b = model.encode_video(video.flip(1))["global"]
+    assert (a - b).abs().max() > 1e-5
+    with torch.no_grad():  # the learned temporal position embedding is what carries the order
+        model.video.encoder.temporal_pos.zero_()
+        a = model.encode_video(video)["global"]
+        b = model.encode_video(video.flip(1))["global"]
+    assert (a - b).abs().max() < 1e-6
+
+
+def test_similarity_levels_and_weighted_fusion():
+    model = build_model(_cfg("hit", ["model.level_weights={feature: 1.0, semantic: 3.0}"]))
+    batch = _batch(3)
+    with torch.no_grad():
+        v = model.encode_video(batch["video"])
+        t = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        sims = model.similarity(t, {k: x[:2] for k, x in v.items()})  # embeddings slice on dim 0
+    assert v["feature"].shape == (3, 4, 128) and t["feature"].shape == (3, 12, 128) and t["feature_mask"].shape == (3, 12)
+    assert sims["feature"].shape == (3, 2)
+    torch.testing.assert_close(sims["fused"], 0.25 * sims["feature"] + 0.75 * sims["semantic"])
+    torch.testing.assert_close(sims["semantic"], t["semantic"] @ v["semantic"][:2].T)
+    with pytest.raises(UserError, match="level_weights"):
+        build_model(_cfg("hit", ["model.level_weights={frame_word: 1.0}"]))
+
+
+def test_feature_layer_out_of_range_is_a_user_error():
+    with pytest.raises(UserError, match="feature_layer"):
+        build_model(_cfg("hit", ["model.feature_layer=5"]))
+
+
+def test_clip_vision_checkpoint_loads_from_a_local_directory(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    ref = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8))
+    ref.save_pretrained(tmp_path / "clip")
+    model = build_model(_cfg("flat", [f"model.vision.clip_path={tmp_path / 'clip'}"]))
+    loaded = model.video.encoder.vit.state_dict()
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(loaded[name], value)
+    with torch.no_grad():
+        assert model.encode_video(_batch(2)["video"])["global"].shape == (2, 128)
+    with pytest.raises(UserError, match="clip_path"):
+        build_model(_cfg("flat", [f"model.vision.clip_path={tmp_path / 'missing'}"]))
+
+
+OFFLINE_SCRIPT = r"""
+import socket
+def refuse(*a, **k):
+    raise OSError("network access attempted")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+import torch
+from safetensors.torch import load_file
+from pipeline.text_model import load_text_model, load_tokenizer, resolve_text_model_path
+model = load_text_model("default", pretrained=True, num_layers=2)
+tok = load_tokenizer("default")
+ref = load_file(str(resolve_text_model_path("default") / "model.safetensors"))
+key = next(k for k in ref if k.endswith("word_embeddings.weight"))
+assert torch.equal(model.embeddings.word_embeddings.weight, ref[key])
+assert model.config.num_hidden_layers == 2 and len(model.encoder.layer) == 2
+random = load_text_model("default", pretrained=False, num_layers=1)
+assert not torch.equal(random.embeddings.word_embeddings.weight, ref[key])
+ids = tok(["a man plays guitar"], return_tensors="pt")
+print("OK", model(**ids).last_hidden_state.shape[-1])
+"""
+
+
+def test_default_text_encoder_loads_without_network():
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK 384" in proc.stdout
