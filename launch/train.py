@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 
 def _signal_ranks(proc: subprocess.Popen, signum: int) -> None:
-    """Send `signum` to the rank processes (the launcher's children), not to the launcher."""
+    """Send `signum` to the rank processes only; DeepSpeed's launchers would kill the ranks and exit 1."""
     import psutil
 
     try:
@@ -63,6 +63,9 @@ def _signal_ranks(proc: subprocess.Popen, signum: int) -> None:
         return
     for child in children:
         try:
+            cmdline = " ".join(child.cmdline())
+            if "launch.train" not in cmdline or "deepspeed.launcher" in cmdline:
+                continue  # not a rank process (the launchers' own command lines name launch.train too)
             child.send_signal(signum)
         except psutil.NoSuchProcess:
             pass

@@ -333,6 +333,13 @@ def run(cfg: Config) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)))
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        # a single process without a launcher: DeepSpeed still makes a 1-rank group; avoid port clashes
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
     trainer = Trainer(cfg)
     try:
         code = trainer.fit()

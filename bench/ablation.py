@@ -1,0 +1,84 @@
+"""Ablation: the four model presets trained with the same budget on the same synthetic data.
+
+One corpus (`hiervl synth`) and one prepared dataset (`hiervl prep`) are made once; then each
+preset (flat, hit, hcmi, hanet) is trained with `hiervl train` (same steps, ranks, batch, LR,
+seed) and evaluated with `hiervl eval` on the held-out test split. The synthetic corpus is built
+to need the hierarchy (groups of four videos that differ only in event order or direction), so
+`flat` (one global embedding) should trail the hierarchical presets if the hierarchy helps.
+
+Prints a table of fused t2v/v2t R@1/5 and per-level t2v R@1, writes bench/out/ablation.json.
+
+Example (about 10-15 minutes on 2 shared cores with the defaults):
+  .venv/bin/python bench/ablation.py --steps 150 --ranks 1 --num-videos 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ("flat", "hit", "hcmi", "hanet")
+
+
+def _cli(argv: list[str]) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+    print(f"+ hiervl {' '.join(argv)}", flush=True)
+    subprocess.run([sys.executable, "-m", "launch.cli", *argv], env=env, check=True, cwd=ROOT)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/ablation", help="work folder (corpus, shards, one run per preset)")
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--num-videos", type=int, default=600)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated subset of " + ",".join(PRESETS))
+    p.add_argument("overrides", nargs="*", help="extra dotted overrides for every preset")
+    args = p.parse_args()
+    out = Path(args.out).resolve()
+    presets = [x for x in args.presets.split(",") if x]
+    if not (out / "shards" / "dataset.json").is_file():
+        _cli(["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos), "--seed", str(args.seed)])
+        _cli(["prep", "--config", args.config, "--input", str(out / "corpus" / "manifest.csv"),
+              "--out", str(out / "shards")])
+    rows = []
+    for preset in presets:
+        run = out / preset
+        common = ["--config", args.config, f"model.preset={preset}", f"data.path={out / 'shards'}",
+                  f"train.out_dir={run}", f"train.steps={args.steps}", f"train.ranks={args.ranks}",
+                  "checkpoint.every_steps=0", *args.overrides]
+        t0 = time.time()
+        _cli(["train", *common])
+        train_s = time.time() - t0
+        _cli(["eval", *common, "--checkpoint", str(run), "--data", str(out / "shards"), "--split", "test",
+              "--out", str(run / "eval-test"), "--no-export"])
+        res = json.loads((run / "eval-test" / "eval.json").read_text())
+        rows.append({"preset": preset, "train_s": round(train_s, 1), "num_videos": res["num_videos"],
+                     "t2v": {k: res["t2v"]["fused"][k] for k in ("R1", "R5", "R10", "MdR")},
+                     "v2t": {k: res["v2t"]["fused"][k] for k in ("R1", "R5", "R10", "MdR")},
+                     "t2v_R1_per_level": {lv: m["R1"] for lv, m in res["t2v"].items()}})
+    n = rows[0]["num_videos"] if rows else 0
+    print(f"\nablation: {args.steps} steps x {args.ranks} rank(s), {n} test videos (t2v R@1 chance {100 / max(n, 1):.2f}%)")
+    print("| preset | t2v R@1 | t2v R@5 | t2v MdR | v2t R@1 | v2t R@5 | t2v R@1 per level | train s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        levels = ", ".join(f"{k} {v:.1f}" for k, v in r["t2v_R1_per_level"].items() if k != "fused")
+        print(f"| {r['preset']} | {r['t2v']['R1']:.1f} | {r['t2v']['R5']:.1f} | {r['t2v']['MdR']:.0f} | "
+              f"{r['v2t']['R1']:.1f} | {r['v2t']['R5']:.1f} | {levels} | {r['train_s']:.0f} |")
+    bench_out = ROOT / "bench" / "out"
+    bench_out.mkdir(parents=True, exist_ok=True)
+    (bench_out / "ablation.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""DeepSpeed launcher commands rendered from the config: local, hostfile (pdsh) and `--no_ssh` per node.
+
+Every command is an argv list (never a shell string): the resolved config travels as a YAML file
+(`<out_dir>/config.yaml`), so override values never pass through a shell. `shell_join` renders an
+argv for printing (`--dry-run`) or for a script, quoting every word with `shlex.quote`.
+
+`python -m launch.deepspeed_launch node --hostfile H --master-addr A --config C` is the per-node
+task of a SLURM job: it takes the node rank from SLURM_NODEID, runs DeepSpeed's launcher with
+`--no_ssh`, and passes SIGTERM/SIGUSR1 straight to the rank processes (which finish the step,
+checkpoint and exit 0) instead of letting the launcher kill them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RANK_MODULE = "launch.train"
+# Variables the ranks need on every node; DeepSpeed's pdsh runner exports what .deepspeed_env lists.
+PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                  "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED", "TORCH_EXTENSIONS_DIR", "NCCL_SOCKET_IFNAME",
+                  "GLOO_SOCKET_IFNAME")
+
+
+def rank_log_dir(out_dir) -> Path:
+    """Where DeepSpeed's launcher writes each rank's full stdout/stderr (the trainer's own
+    logger writes <out_dir>/logs/rank{R}.log beside it)."""
+    return Path(out_dir) / "logs" / "stdout"
+
+
+def shell_join(argv) -> str:
+    """One shell-safe line for an argv (every word quoted as needed)."""
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def _base(python: str, port: int) -> list[str]:
+    return [python, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(port)]
+
+
+def _tail(config_path, log_dir=None) -> list[str]:
+    tail = []
+    if log_dir is not None:
+        tail += ["--enable_each_rank_log", str(log_dir)]
+    return tail + ["--module", RANK_MODULE, "--config", str(config_path)]
+
+
+def local_command(cfg, config_path, *, nranks: int, gpus: bool, log_dir=None, python: str = sys.executable) -> list[str]:
+    """DeepSpeed's launcher on this machine with `nranks` ranks (GPUs when `gpus`, else CPU ranks)."""
+    count = ["--num_gpus" if gpus else "--num_accelerators", str(nranks)]
+    return _base(python, cfg.launch.master_port) + count + _tail(config_path, log_dir)
+
+
+def hostfile_text(hosts, slots: int) -> str:
+    """DeepSpeed hostfile: one `host slots=N` line per node."""
+    return "".join(f"{h} slots={slots}\n" for h in hosts)
+
+
+def resolve_hosts(hostfile, hosts, default_path, slots: int):
+    """(hosts, hostfile path, hostfile text to write or None) from --hostfile FILE or --hosts a,b."""
+    from pipeline.errors import UserError
+
+    if hostfile:
+        path = Path(hostfile).resolve()
+        if not path.is_file():
+            raise UserError(f"hostfile {path} does not exist; give `host slots=N` lines, or use --hosts a,b")
+        names = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return names, path, None
+    if hosts:
+        names = [h.strip() for h in hosts.split(",") if h.strip()]
+        return names, Path(default_path), hostfile_text(names, slots)
+    raise UserError("submit deepspeed needs --hosts a,b or --hostfile FILE")
+
+
+def pdsh_command(cfg, config_path, hostfile, *, master_addr: str, log_dir=None, python: str = sys.executable) -> list[str]:
+    """One launcher that reaches every host of the hostfile over pdsh (passwordless ssh needed)."""
+    return (_base(python, cfg.launch.master_port) + ["--hostfile", str(hostfile), "--launcher", "pdsh",
+                                                     "--master_addr", master_addr] + _tail(config_path, log_dir))
+
+
+def node_command(cfg, config_path, hostfile, *, node_rank: int, master_addr: str, log_dir=None,
+                 python: str = sys.executable) -> list[str]:
+    """The launcher for one node with `--no_ssh`: run it on node `node_rank` (0 holds the master)."""
+    return (_base(python, cfg.launch.master_port) + ["--hostfile", str(hostfile), "--no_ssh",
+                                                     "--node_rank", str(node_rank), "--master_addr", master_addr]
+            + _tail(config_path, log_dir))
+
+
+def deepspeed_env_text(env: dict | None = None) -> str:
+    """`.deepspeed_env` lines (KEY=VALUE) for the variables the ranks need on the other nodes."""
+    env = os.environ if env is None else env
+    lines = [f"PYTHONPATH={REPO_ROOT}"] + [f"{k}={env[k]}" for k in PROPAGATED_ENV if k in env and k != "PYTHONPATH"]
+    return "\n".join(lines) + "\n"
+
+
+def rank_env(env: dict | None = None, gpus: bool = False) -> dict:
+    """The environment for the launcher: repo on PYTHONPATH, DS_ACCELERATOR set, offline HF."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("DS_ACCELERATOR", "cuda" if gpus else "cpu")
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        env.setdefault(k, v)
+    return env
+
+
+def signal_ranks(proc: subprocess.Popen, signum: int) -> int:
+    """Send `signum` to the rank processes under `proc` (those running launch.train); returns how many."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    sent = 0
+    for child in children:
+        try:
+            cmdline = child.cmdline()
+            if RANK_MODULE in cmdline and "deepspeed.launcher.launch" not in cmdline:
+                child.send_signal(signum)
+                sent += 1
+        except psutil.Error:
+            pass
+    return sent
+
+
+def run_forwarding_signals(cmd: list[str], env: dict | None = None) -> int:
+    """Run a launcher; SIGTERM/SIGUSR1 go to its ranks so they checkpoint and exit 0."""
+    proc = subprocess.Popen(cmd, env=env)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: signal_ranks(proc, signum))
+    return proc.wait()
+
+
+def node_main(argv: list[str] | None = None) -> int:
+    """SLURM per-node task: node rank from SLURM_NODEID, then DeepSpeed's launcher with --no_ssh."""
+    p = argparse.ArgumentParser(prog="python -m launch.deepspeed_launch node")
+    p.add_argument("--hostfile", required=True)
+    p.add_argument("--master-addr", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--log-dir", default=None)
+    p.add_argument("--echo", action="store_true", help="print the launcher command instead of running it")
+    args = p.parse_args(argv)
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config)
+    node_rank = int(os.environ.get("SLURM_NODEID", "0"))
+    cmd = node_command(cfg, args.config, args.hostfile, node_rank=node_rank, master_addr=args.master_addr,
+                       log_dir=args.log_dir)
+    if args.echo or os.environ.get("HIERVL_SUBMIT_ECHO") == "1":
+        print(f"node {os.environ.get('SLURMD_NODENAME', '?')} rank {node_rank}: {shell_join(cmd)}", flush=True)
+        return 0
+    return run_forwarding_signals(cmd, rank_env(gpus=cfg.launch.gpus_per_node > 0))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "node":
+        sys.exit(node_main(sys.argv[2:]))
+    print("usage: python -m launch.deepspeed_launch node --hostfile H --master-addr A --config C", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,92 @@
+"""Ray jobs: shard preparation (or training) submitted to a Ray cluster with `JobSubmissionClient`.
+
+The job's entrypoint is one shell line (Ray runs it with a shell), built with `shlex.quote` for
+every word, so paths and values with spaces or `$(...)` stay literal. The runtime environment
+ships this repository as the working dir (without .venv, .git, runs/ and other bulky folders);
+the config is passed as the resolved YAML path, which must be readable on the cluster (shared
+filesystem), like the input and output folders. Logs stream back; the exit code is the job's
+final status (0 only for SUCCEEDED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from launch.deepspeed_launch import REPO_ROOT, shell_join
+from pipeline.config import to_yaml
+from pipeline.errors import UserError
+
+WORKING_DIR_EXCLUDES = [".venv", ".git", "runs", "bench/out", "**/__pycache__", "*.tar", "*.idx", ".pytest_cache"]
+
+
+def prep_entrypoint(config_path, input, out_dir, python: str = "python") -> str:
+    """`python -m launch.cli prep ...` joining the job's own Ray cluster (--ray-address auto)."""
+    return shell_join([python, "-m", "launch.cli", "prep", "--config", str(config_path), "--input", str(input),
+                       "--out", str(out_dir), "--ray-address", "auto"])
+
+
+def train_entrypoint(config_path, python: str = "python") -> str:
+    """`python -m launch.cli train --config ...` (DeepSpeed's launcher on the job's driver node)."""
+    return shell_join([python, "-m", "launch.cli", "train", "--config", str(config_path)])
+
+
+def runtime_env(env_vars: dict | None = None) -> dict:
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.update(env_vars or {})
+    return {"working_dir": str(REPO_ROOT), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": env}
+
+
+def job_request(entrypoint: str, job_name: str, env_vars: dict | None = None) -> dict:
+    """The keyword arguments given to JobSubmissionClient.submit_job (printed by --dry-run)."""
+    return {"entrypoint": entrypoint, "runtime_env": runtime_env(env_vars), "metadata": {"job_name": job_name}}
+
+
+def submit_and_follow(address: str, request: dict, follow: bool = True, printer=print, timeout_s: float | None = None) -> int:
+    """Submit the job, stream its logs, return 0 if it SUCCEEDED (1 otherwise, 0 if not following)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(**request)
+    printer(f"ray job submitted: {job_id} at {address}")
+    if not follow:
+        return 0
+
+    async def _tail():
+        async for lines in client.tail_job_logs(job_id):
+            printer(lines, end="")
+
+    try:
+        asyncio.run(asyncio.wait_for(_tail(), timeout_s))
+    except Exception as exc:  # noqa: BLE001 - log streaming is best effort; the status decides
+        printer(f"(log streaming stopped: {exc})")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    final = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    status = client.get_job_status(job_id)
+    while status not in final and (deadline is None or time.monotonic() < deadline):
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    printer(f"ray job {job_id}: {status.value}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def submit_cli(args, cfg, write) -> int:
+    """`hiervl submit ray`: prep (--input, --out) or training (--train) as a Ray job."""
+    if args.train:
+        out = Path(cfg.train.out_dir).resolve()
+        config_path = out / "config.yaml"
+        entry = train_entrypoint(config_path, args.python)
+    else:
+        if not args.input or not args.out:
+            raise UserError("submit ray needs --input MANIFEST and --out DIR (or --train)")
+        out = Path(args.out).resolve()
+        config_path = out.parent / f"{out.name}.prep-config.yaml"
+        entry = prep_entrypoint(config_path, Path(args.input).resolve(), out, args.python)
+    request = job_request(entry, cfg.launch.job_name)
+    if args.dry_run:
+        print(f"ray job to {args.address}:\n  entrypoint: {entry}\n  runtime_env: {request['runtime_env']}")
+        return 0
+    write(config_path, to_yaml(cfg))
+    return submit_and_follow(args.address, request, follow=not args.no_follow)

@@ -1,0 +1,116 @@
+"""`hiervl submit {local,deepspeed,slurm,ray,status,cancel}`: one config, every backend.
+
+Rendering lives in launch/deepspeed_launch.py, launch/slurm.py and launch/ray_job.py; this module
+picks the backend, writes the resolved config (<train.out_dir>/config.yaml, so override values
+never pass through a shell) and prints (--dry-run) or runs what was rendered.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from launch import deepspeed_launch as ds
+from pipeline.config import load_config, to_yaml
+from pipeline.errors import UserError
+
+HELP = "submit training (local, DeepSpeed hostfile, SLURM) or shard prep (Ray job); status/cancel SLURM jobs"
+DESCRIPTION = """Render one config to a backend and run it (or print it with --dry-run):
+  local      DeepSpeed's launcher on this machine (GPUs per node, else train.ranks CPU ranks)
+  deepspeed  hostfile (--hosts a,b or --hostfile F) + DeepSpeed's launcher over pdsh; with --no-ssh
+             one launcher per node (run each with --node-rank R); .deepspeed_env, per-rank logs
+  slurm      sbatch script (preemption: SIGTERM -> checkpoint -> requeue -> auto resume); prints job id
+  ray        shard prep (--input, --out) or training (--train) as a Ray job; exit code = job status
+  status JOB / cancel JOB   squeue / scancel
+Example: hiervl submit slurm --config configs/base.yaml --nodes 2 --gpus-per-node 8 launch.partition=gpu --dry-run"""
+
+ACTIONS = ("local", "deepspeed", "slurm", "ray", "status", "cancel")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("action", choices=ACTIONS)
+    p.add_argument("job", nargs="?", help="status/cancel: the SLURM job id")
+    p.add_argument("--nodes", type=int, help="launch.nodes"), p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--dry-run", action="store_true", help="print the script/commands and exit")
+    p.add_argument("--hosts", help="deepspeed: comma-separated hosts (first = master)")
+    p.add_argument("--hostfile", help="deepspeed: an existing hostfile (`host slots=N` lines)")
+    p.add_argument("--no-ssh", action="store_true", help="deepspeed: one launcher per node, no pdsh")
+    p.add_argument("--node-rank", type=int, help="deepspeed --no-ssh: run this node's launcher")
+    p.add_argument("--master-addr", help="deepspeed: master address (default: the first host)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"), help="ray: dashboard address")
+    p.add_argument("--input", help="ray prep: manifest"), p.add_argument("--out", help="ray prep: output folder")
+    p.add_argument("--train", action="store_true", help="ray: submit training instead of prep")
+    p.add_argument("--python", default="python", help="ray: python on the cluster (default: python)")
+    p.add_argument("--no-follow", action="store_true", help="ray: submit and return without streaming logs")
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _run_or_print(args, cmds, env=None) -> int:
+    for cmd in cmds:
+        print(ds.shell_join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    return max(ds.run_forwarding_signals(cmd, env) for cmd in cmds)
+
+
+def main(args, cfg) -> int:
+    if args.action in ("status", "cancel"):
+        from launch import slurm
+        if not args.job:
+            raise UserError(f"submit {args.action} needs a job id: hiervl submit {args.action} 12345")
+        print(slurm.status(args.job) if args.action == "status" else slurm.cancel(args.job))
+        return 0
+    if args.job:  # argparse put the first KEY=VALUE override into `job`: apply it too
+        cfg = load_config(args.config, [args.job] + list(args.overrides))
+    cfg.launch.nodes = args.nodes or cfg.launch.nodes
+    cfg.launch.gpus_per_node = cfg.launch.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
+    gpus = cfg.launch.gpus_per_node > 0
+    if args.action == "ray":
+        from launch import ray_job
+        return ray_job.submit_cli(args, cfg, _write)
+    out = Path(cfg.train.out_dir).resolve()
+    config_path, log_dir = out / "config.yaml", ds.rank_log_dir(out)
+    if not args.dry_run:
+        _write(config_path, to_yaml(cfg))
+    env = ds.rank_env(gpus=gpus)
+    if args.action == "local":
+        nranks = cfg.launch.gpus_per_node if gpus else cfg.train.ranks
+        return _run_or_print(args, [ds.local_command(cfg, config_path, nranks=nranks, gpus=gpus, log_dir=log_dir)], env)
+    if args.action == "slurm":
+        from launch import slurm
+        script = slurm.render_sbatch(cfg, config_path, out)
+        if args.dry_run:
+            print(script, end="")
+            return 0
+        script_path = out / "submit.sbatch"
+        _write(script_path, script)
+        print(f"submitted batch job {slurm.submit(script_path)} ({script_path})")
+        return 0
+    # deepspeed: hostfile + pdsh, or one launcher per node
+    hosts, hostfile, text = ds.resolve_hosts(args.hostfile, args.hosts, out / "hostfile",
+                                             cfg.launch.gpus_per_node if gpus else cfg.train.ranks)
+    if text and not args.dry_run:
+        _write(hostfile, text)
+    if len(hosts) != cfg.launch.nodes and args.nodes:
+        raise UserError(f"--nodes {args.nodes} but the hostfile names {len(hosts)} hosts; make them agree")
+    master = args.master_addr or hosts[0]
+    if not args.dry_run:
+        _write(out / ".deepspeed_env", ds.deepspeed_env_text(env))
+    env["DS_ENV_FILE"] = str(out / ".deepspeed_env")
+    if not args.no_ssh:
+        return _run_or_print(args, [ds.pdsh_command(cfg, config_path, hostfile, master_addr=master, log_dir=log_dir)], env)
+    ranks = range(len(hosts)) if args.node_rank is None else [args.node_rank]
+    cmds = [ds.node_command(cfg, config_path, hostfile, node_rank=r, master_addr=master, log_dir=log_dir) for r in ranks]
+    if args.node_rank is None and not args.dry_run:
+        for r, cmd in zip(ranks, cmds):
+            print(f"# on {hosts[r]}: {ds.shell_join(cmd)}")
+        print("run each line on its node, or pass --node-rank R to run that node's launcher here")
+        return 0
+    return _run_or_print(args, cmds, env)
+

@@ -1,0 +1,67 @@
+"""`hiervl submit deepspeed --no-ssh`: two launchers on this machine (node ranks 0 and 1, master
+127.0.0.1, one CPU rank each) train the tiny config together and write one checkpoint."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from test_loader_fixture import prepared_dataset
+
+    path, _ = prepared_dataset(tmp_path_factory.mktemp("submit_ds_data"), 16)
+    return path
+
+
+def test_two_no_ssh_launchers_train_together(tmp_path, shards):
+    from pipeline.checkpoint import find_latest
+
+    out = tmp_path / "run 1"
+    args = ["--config", str(ROOT / "configs/tiny.yaml"), "--hosts", "127.0.0.1,localhost", "--nodes", "2",
+            "--no-ssh", "--master-addr", "127.0.0.1", f"data.path={shards}", f"train.out_dir={out}",
+            "train.ranks=1", "data.batch_size=4", "train.steps=2", "train.log_every=1", "checkpoint.every_steps=2",
+            "queue.size=16", "optimizer.warmup_steps=1", f"launch.master_port={_free_port()}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.cli", "submit", "deepspeed", *args, "--node-rank", str(r)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=420)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, text) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"node {r}:\n{text[-4000:]}"
+    assert (out / "hostfile").read_text() == "127.0.0.1 slots=1\nlocalhost slots=1\n"
+    assert "PYTHONPATH=" in (out / ".deepspeed_env").read_text()
+    stdio = sorted(p.name.rsplit("_", 1)[-1] for p in (out / "logs" / "stdout").glob("*.log"))  # DeepSpeed's
+    assert stdio == ["rank0.log", "rank1.log"], stdio  # per-rank stdout/stderr, one from each launcher
+    assert (out / "logs" / "rank0.log").exists() and (out / "logs" / "rank1.log").exists()  # the trainer's
+    latest = find_latest(out / "checkpoints")
+    assert latest is not None, list((out / "checkpoints").glob("*")) if (out / "checkpoints").exists() else "none"
+    ckpts = [p for p in (out / "checkpoints").iterdir() if p.is_dir()]
+    assert len(ckpts) == 1, ckpts
+    # one world of 2 ranks (one per launcher) trained 2 steps; each rank wrote its own state file
+    import json
+
+    meta = json.loads((ckpts[0] / "meta.json").read_text())
+    assert (meta["world_size"], meta["step"]) == (2, 2), meta
+    assert (ckpts[0] / "rank0.pt").exists() and (ckpts[0] / "rank1.pt").exists()

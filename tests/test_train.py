@@ -1,0 +1,163 @@
+"""DeepSpeed training with 2 CPU ranks under DeepSpeed's launcher, on real synth + prep shards.
+
+One straight 12-step run is the reference. Against it:
+- a run killed while writing its step-6 checkpoint, then resumed with the same command, gives
+  identical per-step losses, sample keys, final weights and queues (and the kill left `latest`
+  on the complete step-3 checkpoint);
+- SIGTERM mid-run writes a checkpoint and exits 0; that 2-rank checkpoint resumed on 1 rank
+  continues at the exact data position (every key of the epoch exactly once) with the same LR.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.checkpoint import find_latest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+BASE = ["model.preset=hit", "data.batch_size=4", "train.steps=12", "train.log_every=1", "train.log_samples=true",
+        "checkpoint.every_steps=3", "checkpoint.keep=5", "optimizer.warmup_steps=4", "queue.size=20"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from test_loader_fixture import prepared_dataset
+
+    path, _ = prepared_dataset(tmp_path_factory.mktemp("train_data"), 40)
+    return path
+
+
+def _env(**extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def _cmd(shards, out, ranks=2, extra=()):
+    return [sys.executable, "-m", "launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
+            f"data.path={shards}", f"train.out_dir={out}", f"train.ranks={ranks}", *extra]
+
+
+def _train(shards, out, ranks=2, env=None, extra=()):
+    return subprocess.run(_cmd(shards, out, ranks, extra), env=env or _env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _metrics(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+def _samples(out, rank):
+    rows = [json.loads(line) for line in (Path(out) / "samples" / f"rank{rank}.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+def _module_state(out, tag):
+    return torch.load(Path(out) / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    res = _train(shards, out)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return out
+
+
+def test_kill_during_checkpoint_then_resume_is_identical(shards, straight, tmp_path):
+    out = tmp_path / "resumed"
+    # Both ranks die after writing the step-6 files but before the commit (a kill mid-write).
+    res = _train(shards, out, env=_env(HIERVL_FAULT="kill-during-checkpoint", HIERVL_FAULT_AFTER="3"))
+    assert res.returncode != 0
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step00000003"
+    assert (ckpts / "step00000006").is_dir() and not (ckpts / "step00000006" / "meta.json").exists()
+    assert find_latest(ckpts) == "step00000003"
+
+    res = _train(shards, out)  # the same command again: resumes from step 3
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+    ref, got = _metrics(straight), _metrics(out)
+    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(ref)
+    for step in range(1, STEPS + 1):
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-6), step
+        assert got[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-9), step
+    for rank in (0, 1):
+        ref_keys, got_keys = _samples(straight, rank), _samples(out, rank)
+        assert [got_keys[s]["keys"] for s in range(1, STEPS + 1)] == [ref_keys[s]["keys"] for s in range(1, STEPS + 1)]
+    tag = f"step{STEPS:08d}"
+    a, b = _module_state(straight, tag), _module_state(out, tag)
+    assert a.keys() == b.keys()
+    assert any("queue" in k for k in a)
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=0), key
+
+
+def _train_keys(shards):
+    table = pq.read_table(shards / "manifest.parquet", columns=["key", "split"]).to_pylist()
+    return sorted(r["key"] for r in table if r["split"] == "train")
+
+
+def test_sigterm_checkpoints_and_resumes_on_one_rank_at_exact_position(shards, straight, tmp_path):
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(_cmd(shards, out, extra=["checkpoint.every_steps=0"]), env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-4000:]
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-4000:]
+    status = json.loads((out / "status.json").read_text())
+    stopped = status["step"]
+    assert status["state"] == "preempted" and 2 <= stopped < STEPS
+    assert find_latest(out / "checkpoints") == f"step{stopped:08d}"
+
+    res = _train(shards, out, ranks=1)  # same out_dir, 1 rank: universal/elastic resume
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    got, ref = _metrics(out), _metrics(straight)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    # the optimizer step and LR schedule continue: same LR as the uninterrupted run at each step
+    for step in range(stopped + 1, STEPS + 1):
+        assert got[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-9), step
+    # data position: epoch 0 keys, from 2 ranks then 1 rank, are every train key exactly once
+    two = [_samples(out, 0), _samples(out, 1)]
+    consumed = []
+    for step in range(1, STEPS + 1):
+        parts = [s[step] for s in two if step in s and step <= stopped] if step <= stopped else [_samples(out, 0)[step]]
+        for part in parts:
+            if part["epoch"] == 0:
+                consumed += [k for k, v in zip(part["keys"], part["valid"]) if v]
+    keys = _train_keys(shards)
+    usable = len(keys) - len(keys) % 8  # the 2-rank part drops the remainder of a global batch of 8
+    assert len(consumed) == len(set(consumed)), "a key was repeated within the epoch"
+    assert set(consumed) <= set(keys) and len(consumed) >= usable - 4
+
+
+def test_single_process_non_finite_losses_stop_with_checkpoint(shards, tmp_path):
+    """`python -m launch.train` runs one rank directly; N non-finite losses in a row stop the run."""
+    out = tmp_path / "nan"
+    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
+           f"data.path={shards}", f"train.out_dir={out}", "train.max_bad_steps=2"]
+    res = subprocess.run(cmd, env=_env(HIERVL_FAULT="nan-loss"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 3, res.stderr[-4000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["bad_steps"] == 2 and status["step"] == 0
+    assert "non-finite" in status["reason"] and "train.lr" in status["reason"]
+    assert find_latest(out / "checkpoints") == "step00000000"
