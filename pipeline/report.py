@@ -31,6 +31,7 @@ class SearchResult:
     query: str
     hits: list[dict] = field(default_factory=list)  # {"key", "score", "captions", "match"}
     sheet: str | None = None  # path to the contact sheet PNG
+    expected: str | None = None  # key of the video the query was taken from, if any
 
 
 # ---------------------------------------------------------------------------- chance levels
@@ -220,6 +221,10 @@ def _search_section(searches: list[SearchResult], rel) -> str:
     parts = []
     for s in searches:
         parts.append(f"### \"{s.query}\"\n")
+        if s.expected:
+            rank = next((i + 1 for i, h in enumerate(s.hits) if h["key"] == s.expected), None)
+            parts.append(f"A caption of `{s.expected}` (held out): " + (f"found at rank {rank}.\n" if rank else
+                         f"not in the top {len(s.hits)}.\n"))
         if s.hits:
             parts.append("| rank | score | key | match | captions |\n|---|---|---|---|---|")
             for i, h in enumerate(s.hits):
@@ -328,5 +333,5 @@ def run_searches(index_dir: str | Path, queries: list[tuple[str, str | None]], o
         imgs = load_frames(index.data, index.split, [h.key for h in hits], count=frames) if index.data else {}
         sheet = contact_sheet(hits, imgs, out / f"search-{i + 1}-{slug}.png", query=query)
         results.append(SearchResult(query, [{"key": h.key, "score": h.score, "captions": captions.get(h.key, []),
-                                             "match": h.key == expected} for h in hits], str(sheet)))
+                                             "match": h.key == expected} for h in hits], str(sheet), expected))
     return results

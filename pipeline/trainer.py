@@ -109,8 +109,11 @@ class Trainer:
         self.samples_seen = 0
         self.best = None
         self.stop_signal = None
+        self.resume_seconds, self.save_seconds = None, None  # for status.json (bench/train.py reads them)
         if plan:
+            t0 = time.time()
             self._resume(plan)
+            self.resume_seconds = round(time.time() - t0, 3)
         else:
             self.loader.set_epoch(0)
         self._truncate_logs_after(self.step)
@@ -147,7 +150,8 @@ class Trainer:
         t0 = time.time()
         tag = ckpt.save(self.engine, self.out, self.step, self._client_state(), rank_state, meta,
                         keep=self.cfg.checkpoint.keep, protect=protect)
-        log.info("checkpoint %s written in %.1fs", tag, time.time() - t0)
+        self.save_seconds = round(time.time() - t0, 3)
+        log.info("checkpoint %s written in %.1fs", tag, self.save_seconds)
         return tag
 
     def _lr(self) -> float:
@@ -322,7 +326,9 @@ class Trainer:
         if self.rank == 0:
             status = {"state": "preempted" if reason.startswith("stopped") else ("failed" if exit_code else "finished"),
                       "reason": reason, "step": self.step, "checkpoint": tag, "exit_code": exit_code,
-                      "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total}
+                      "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total,
+                      "world_size": self.world, "checkpoint_save_seconds": self.save_seconds,
+                      "resume_seconds": self.resume_seconds}
             (self.out / "status.json").write_text(json.dumps(status, indent=2) + "\n")
             log.info("%s at step %d; checkpoint %s; skipped samples %d; non-finite steps %d", reason, self.step,
                      tag, status["skipped_samples"], self.bad_total)

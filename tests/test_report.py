@@ -54,7 +54,8 @@ def test_report_has_figures_tables_and_plots(run_dir, tmp_path):
     sheet = run_dir / "sheet.png"
     sheet.write_bytes(b"\x89PNG\r\n\x1a\n")  # the report only links it
     searches = [SearchResult("a red circle rises", [{"key": "g0001v2", "score": 0.8123, "captions": ["x"],
-                                                     "match": True}], str(sheet))]
+                                                     "match": True}], str(sheet), "g0001v2"),
+                SearchResult("a blue square drops", [{"key": "g0002v1", "score": 0.5, "match": False}], None, "g9")]
     out = tmp_path / "report"
     path = write_report(out, eval_json=run_dir / "eval.json", dataset_json=run_dir / "dataset.json",
                         metrics_jsonl=run_dir / "metrics.jsonl", config_yaml=run_dir / "config.yaml",
@@ -80,6 +81,8 @@ def test_report_has_figures_tables_and_plots(run_dir, tmp_path):
         assert f"](figures/{name}.png)" in text
     # searches and config
     assert '### "a red circle rises"' in text and "| 1 | 0.812 | `g0001v2` | yes |" in text
+    assert "A caption of `g0001v2` (held out): found at rank 1." in text
+    assert "A caption of `g9` (held out): not in the top 1." in text
     assert str(sheet.resolve()) in text  # outside the report folder: an absolute link
     assert "preset: hit" in text
     assert "train 61s" in text

@@ -5,6 +5,7 @@ The head runs as `ray start --head --block` in its own session so teardown stops
 cluster (a plain `ray stop` would also stop other Ray clusters running on the machine)."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +74,7 @@ def ray_head():
         except ProcessLookupError:
             pass
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         if saved_auth is None:
             os.environ.pop("RAY_AUTH_MODE", None)
 

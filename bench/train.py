@@ -1,0 +1,107 @@
+"""Training throughput, checkpoint save/load time and data-wait share (issue #6).
+
+Makes one small dataset (`hiervl synth` + `hiervl prep`), then for each world size W runs
+`hiervl train` (DeepSpeed's launcher, W local ranks) for --steps steps and reads what the run
+itself recorded:
+- samples/s: the median of the per-step `samples_per_s` in metrics.jsonl, leaving out the first
+  --warmup steps (start-up, first batches);
+- data-wait share: the mean share of each step spent waiting for the loader (same steps);
+- checkpoint save seconds: the final checkpoint's write time (status.json);
+- checkpoint load seconds: a second command on the same out_dir with two more steps resumes from
+  that checkpoint; its status.json holds the time of the resume (DeepSpeed load + client state).
+A resume on another world size (W -> 1, through a universal checkpoint) is timed too.
+
+Prints a table, writes bench/out/train.json.
+
+Examples:
+  .venv/bin/python bench/train.py                         # CPU, tiny config, W=1 and W=2
+  .venv/bin/python bench/train.py --config configs/base.yaml --worlds 1 --steps 50   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(argv: list[str]) -> float:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+    print(f"+ hiervl {' '.join(argv)}", flush=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "launch.cli", *argv], env=env, check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL if "train" in argv[:1] else None)
+    return time.time() - t0
+
+
+def _read_run(run: Path, warmup: int) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    steady = [r for r in rows if r["step"] > warmup] or rows
+    status = json.loads((run / "status.json").read_text())
+    return {"samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
+            "data_wait_share": statistics.fmean(r["data_wait_share"] for r in steady),
+            "save_s": status.get("checkpoint_save_seconds"), "steps": status["step"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/bench-train", help="work folder (corpus, shards, one run per W)")
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--num-videos", type=int, default=160)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the averages")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
+    args = p.parse_args()
+    out = Path(args.out).resolve()
+    shards = out / "shards"
+    if not (shards / "dataset.json").is_file():
+        _cli(["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos), "--seed", "0"])
+        _cli(["prep", "--config", args.config, "--input", str(out / "corpus" / "manifest.csv"), "--out", str(shards)])
+
+    rows = []
+    for world in args.worlds:
+        run = out / f"w{world}"
+        if run.exists():
+            import shutil
+
+            shutil.rmtree(run)
+
+        def common(ranks: int, steps: int) -> list[str]:
+            return ["train", "--config", args.config, f"data.path={shards}", f"train.out_dir={run}",
+                    f"train.ranks={ranks}", f"train.steps={steps}", "train.log_every=1", "checkpoint.every_steps=0",
+                    "eval.every_steps=0", *args.overrides]
+
+        wall = _cli(common(world, args.steps))
+        row = {"world": world, "wall_s": round(wall, 1), **_read_run(run, args.warmup)}
+        _cli(common(world, args.steps + 2))  # resumes from the final checkpoint
+        row["load_s"] = json.loads((run / "status.json").read_text()).get("resume_seconds")
+        if world > 1:  # the same checkpoint on one rank: DeepSpeed universal checkpoint conversion + load
+            t0 = time.time()
+            _cli(common(1, args.steps + 4))
+            row["reshard_to_1_wall_s"] = round(time.time() - t0, 1)
+            row["reshard_to_1_load_s"] = json.loads((run / "status.json").read_text()).get("resume_seconds")
+        rows.append(row)
+
+    print(f"\ntraining: {args.config}, {args.steps} steps, median over steps > {args.warmup}")
+    print("| W | samples/s | data-wait share | checkpoint save s | checkpoint load s | W->1 load s | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['world']} | {r['samples_per_s']:.1f} | {100 * r['data_wait_share']:.1f}% | {r['save_s']} | "
+              f"{r['load_s']} | {r.get('reshard_to_1_load_s', '-')} | {r['wall_s']} |")
+    bench_out = ROOT / "bench" / "out"
+    bench_out.mkdir(parents=True, exist_ok=True)
+    (bench_out / "train.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
