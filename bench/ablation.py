@@ -33,6 +33,39 @@ def _cli(argv: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "launch.cli", *argv], env=env, check=True, cwd=ROOT)
 
 
+def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
+    """Where the fused text-to-video top-1 goes, against the corpus's groups of four siblings.
+
+    Siblings share their two objects and differ only in event order or direction
+    (dataprep/synth.py, group = index // 4). `group_R1`: the top video is the query's video or a
+    sibling (objects right); `sibling_R1`: among the query's own group, its video scores highest
+    (order and direction right; chance = 1 / siblings in the split, 25% for full groups).
+    """
+    import dataclasses
+
+    import torch
+
+    from dataprep.synth import GROUP
+    from pipeline.checkpoint import load_model_for_inference
+    from pipeline.data import iter_eval
+    from pipeline.evaluate import embed_batches
+
+    model, cfg = load_model_for_inference(run)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(shards)))
+    with torch.no_grad():
+        split = embed_batches(model, iter_eval(cfg, split=split_name, rank=0, world_size=1,
+                                               batch_size=cfg.eval.batch_size))
+        sim = model.similarity(split.texts, split.videos)["fused"]  # [captions, videos]
+    group = torch.tensor([int("".join(c for c in k if c.isdigit())) // GROUP for k in split.keys])  # [videos]
+    gt = split.caption_to_video  # [captions] -> video index
+    top = sim.argmax(dim=1)
+    same = group[None, :] == group[gt][:, None]  # [captions, videos] the query's group
+    in_group = sim.masked_fill(~same, float("-inf")).argmax(dim=1)
+    chance = (1.0 / same.sum(dim=1).float()).mean().item()
+    return {"group_R1": 100 * (group[top] == group[gt]).float().mean().item(),
+            "sibling_R1": 100 * (in_group == gt).float().mean().item(), "sibling_chance": 100 * chance}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/ablation", help="work folder (corpus, shards, one run per preset)")
@@ -56,24 +89,33 @@ def main() -> int:
         common = ["--config", args.config, f"model.preset={preset}", f"data.path={out / 'shards'}",
                   f"train.out_dir={run}", f"train.steps={args.steps}", f"train.ranks={args.ranks}",
                   "checkpoint.every_steps=0", *args.overrides]
-        t0 = time.time()
-        _cli(["train", *common])
-        train_s = time.time() - t0
+        timing = run / "ablation-train-seconds.json"  # a rerun reuses a finished preset's training
+        status = json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}
+        if timing.is_file() and status.get("state") == "finished" and status.get("step") == args.steps:
+            train_s = json.loads(timing.read_text())["seconds"]
+        else:
+            t0 = time.time()
+            _cli(["train", *common])
+            train_s = time.time() - t0
+            timing.write_text(json.dumps({"seconds": train_s}) + "\n")
         _cli(["eval", *common, "--checkpoint", str(run), "--data", str(out / "shards"), "--split", "test",
               "--out", str(run / "eval-test"), "--no-export"])
         res = json.loads((run / "eval-test" / "eval.json").read_text())
         rows.append({"preset": preset, "train_s": round(train_s, 1), "num_videos": res["num_videos"],
                      "t2v": {k: res["t2v"]["fused"][k] for k in ("R1", "R5", "R10", "MdR")},
                      "v2t": {k: res["v2t"]["fused"][k] for k in ("R1", "R5", "R10", "MdR")},
-                     "t2v_R1_per_level": {lv: m["R1"] for lv, m in res["t2v"].items()}})
+                     "t2v_R1_per_level": {lv: m["R1"] for lv, m in res["t2v"].items()},
+                     **sibling_analysis(run, out / "shards")})
     n = rows[0]["num_videos"] if rows else 0
     print(f"\nablation: {args.steps} steps x {args.ranks} rank(s), {n} test videos (t2v R@1 chance {100 / max(n, 1):.2f}%)")
-    print("| preset | t2v R@1 | t2v R@5 | t2v MdR | v2t R@1 | v2t R@5 | t2v R@1 per level | train s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| preset | t2v R@1 | t2v R@5 | t2v MdR | v2t R@1 | v2t R@5 | t2v R@1 per level | group R@1 | "
+          "sibling R@1 (chance) | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         levels = ", ".join(f"{k} {v:.1f}" for k, v in r["t2v_R1_per_level"].items() if k != "fused")
         print(f"| {r['preset']} | {r['t2v']['R1']:.1f} | {r['t2v']['R5']:.1f} | {r['t2v']['MdR']:.0f} | "
-              f"{r['v2t']['R1']:.1f} | {r['v2t']['R5']:.1f} | {levels} | {r['train_s']:.0f} |")
+              f"{r['v2t']['R1']:.1f} | {r['v2t']['R5']:.1f} | {levels} | {r['group_R1']:.1f} | "
+              f"{r['sibling_R1']:.1f} ({r['sibling_chance']:.1f}) | {r['train_s']:.0f} |")
     bench_out = ROOT / "bench" / "out"
     bench_out.mkdir(parents=True, exist_ok=True)
     (bench_out / "ablation.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")

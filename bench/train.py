@@ -9,7 +9,8 @@ itself recorded:
 - checkpoint save seconds: the final checkpoint's write time (status.json);
 - checkpoint load seconds: a second command on the same out_dir with two more steps resumes from
   that checkpoint; its status.json holds the time of the resume (DeepSpeed load + client state).
-A resume on another world size (W -> 1, through a universal checkpoint) is timed too.
+A resume on another world size (W -> 1) is timed too, at --reshard-stage (ZeRO-2 by default, so it
+goes through DeepSpeed's universal checkpoint conversion, timed apart from the load).
 
 Prints a table, writes bench/out/train.json.
 
@@ -59,6 +60,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the averages")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--reshard-stage", type=int, default=2,
+                   help="ZeRO stage of the W -> 1 resume (0 loads directly; 1-3 convert to a universal checkpoint)")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -75,28 +78,37 @@ def main() -> int:
 
             shutil.rmtree(run)
 
-        def common(ranks: int, steps: int) -> list[str]:
-            return ["train", "--config", args.config, f"data.path={shards}", f"train.out_dir={run}",
+        def common(ranks: int, steps: int, out: Path = run, extra: tuple = ()) -> list[str]:
+            return ["train", "--config", args.config, f"data.path={shards}", f"train.out_dir={out}",
                     f"train.ranks={ranks}", f"train.steps={steps}", "train.log_every=1", "checkpoint.every_steps=0",
-                    "eval.every_steps=0", *args.overrides]
+                    "eval.every_steps=0", *args.overrides, *extra]
 
         wall = _cli(common(world, args.steps))
         row = {"world": world, "wall_s": round(wall, 1), **_read_run(run, args.warmup)}
         _cli(common(world, args.steps + 2))  # resumes from the final checkpoint
         row["load_s"] = json.loads((run / "status.json").read_text()).get("resume_seconds")
-        if world > 1:  # the same checkpoint on one rank: DeepSpeed universal checkpoint conversion + load
+        if world > 1:  # a W-rank ZeRO checkpoint resumed on one rank (universal checkpoint conversion + load)
+            zrun, stage = out / f"w{world}-zero{args.reshard_stage}", (f"train.zero_stage={args.reshard_stage}",)
+            if zrun.exists():
+                import shutil
+
+                shutil.rmtree(zrun)
+            _cli(common(world, 4, zrun, stage))
             t0 = time.time()
-            _cli(common(1, args.steps + 4))
-            row["reshard_to_1_wall_s"] = round(time.time() - t0, 1)
-            row["reshard_to_1_load_s"] = json.loads((run / "status.json").read_text()).get("resume_seconds")
+            _cli(common(1, 6, zrun, stage))
+            status = json.loads((zrun / "status.json").read_text())
+            row.update(reshard_stage=args.reshard_stage, reshard_to_1_wall_s=round(time.time() - t0, 1),
+                       reshard_convert_s=status.get("universal_conversion_seconds"),
+                       reshard_load_s=status.get("resume_seconds"))
         rows.append(row)
 
     print(f"\ntraining: {args.config}, {args.steps} steps, median over steps > {args.warmup}")
-    print("| W | samples/s | data-wait share | checkpoint save s | checkpoint load s | W->1 load s | wall s |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| W | samples/s | data-wait share | checkpoint save s | checkpoint load s | W->1 (ZeRO-{args.reshard_stage}) "
+          "convert s | W->1 load s | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['world']} | {r['samples_per_s']:.1f} | {100 * r['data_wait_share']:.1f}% | {r['save_s']} | "
-              f"{r['load_s']} | {r.get('reshard_to_1_load_s', '-')} | {r['wall_s']} |")
+              f"{r['load_s']} | {r.get('reshard_convert_s', '-')} | {r.get('reshard_load_s', '-')} | {r['wall_s']} |")
     bench_out = ROOT / "bench" / "out"
     bench_out.mkdir(parents=True, exist_ok=True)
     (bench_out / "train.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")

@@ -98,6 +98,8 @@ class TextEncoder(nn.Module):
         self.model = load_text_model(text.path, text.pretrained, text.num_layers, dropout=cfg.model.dropout)
         self.width = int(self.model.config.hidden_size)
         self.num_layers = int(self.model.config.num_hidden_layers)
+        if text.freeze_embeddings:
+            self.model.get_input_embeddings().requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)

@@ -84,7 +84,9 @@ class Trainer:
 
         plan = ckpt.plan_resume(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
         plan = dist.broadcast_object(plan)
+        t0 = time.time()
         ckpt.ensure_universal(plan)
+        self.convert_seconds = round(time.time() - t0, 3) if plan and plan["universal"] else None
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
         model = build_model(cfg)
@@ -110,10 +112,12 @@ class Trainer:
         self.best = None
         self.stop_signal = None
         self.resume_seconds, self.save_seconds = None, None  # for status.json (bench/train.py reads them)
+        self.saved_step = None  # the step of the newest checkpoint on disk (so a finished run never rewrites it)
         if plan:
             t0 = time.time()
             self._resume(plan)
             self.resume_seconds = round(time.time() - t0, 3)
+            self.saved_step = self.step
         else:
             self.loader.set_epoch(0)
         self._truncate_logs_after(self.step)
@@ -150,7 +154,7 @@ class Trainer:
         t0 = time.time()
         tag = ckpt.save(self.engine, self.out, self.step, self._client_state(), rank_state, meta,
                         keep=self.cfg.checkpoint.keep, protect=protect)
-        self.save_seconds = round(time.time() - t0, 3)
+        self.save_seconds, self.saved_step = round(time.time() - t0, 3), self.step
         log.info("checkpoint %s written in %.1fs", tag, self.save_seconds)
         return tag
 
@@ -276,7 +280,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        tag = self.save()
+        # the final checkpoint, unless this step's is already on disk (a rerun of a finished run)
+        tag = self.save() if self.saved_step != self.step else ckpt.tag_for(self.step)
         if tb is not None:
             tb.close()
         self._write_status(reason, tag, exit_code)
@@ -328,7 +333,7 @@ class Trainer:
                       "reason": reason, "step": self.step, "checkpoint": tag, "exit_code": exit_code,
                       "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total,
                       "world_size": self.world, "checkpoint_save_seconds": self.save_seconds,
-                      "resume_seconds": self.resume_seconds}
+                      "resume_seconds": self.resume_seconds, "universal_conversion_seconds": self.convert_seconds}
             (self.out / "status.json").write_text(json.dumps(status, indent=2) + "\n")
             log.info("%s at step %d; checkpoint %s; skipped samples %d; non-finite steps %d", reason, self.step,
                      tag, status["skipped_samples"], self.bad_total)

@@ -204,3 +204,18 @@ def test_default_text_encoder_loads_without_network():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK 384" in proc.stdout
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_embeddings_keeps_the_word_table_fixed_and_trains_the_rest(freeze):
+    torch.manual_seed(0)
+    model = build_model(_cfg("flat", [f"model.text.freeze_embeddings={str(freeze).lower()}"]))
+    bert = model.text.encoder.model  # the transformers model inside the query text tower
+    table, query = bert.get_input_embeddings().weight, bert.encoder.layer[0].attention.self.query.weight
+    before, query_before = table.detach().clone(), query.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(_batch())["loss"].backward()
+    opt.step()
+    assert table.requires_grad is not freeze
+    assert torch.equal(table, before) is freeze  # AdamW moves every row it has a gradient for
+    assert not torch.equal(query, query_before)

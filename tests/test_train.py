@@ -161,3 +161,61 @@ def test_single_process_non_finite_losses_stop_with_checkpoint(shards, tmp_path)
     assert status["state"] == "failed" and status["bad_steps"] == 2 and status["step"] == 0
     assert "non-finite" in status["reason"] and "train.lr" in status["reason"]
     assert find_latest(out / "checkpoints") == "step00000000"
+
+
+def test_zero2_two_ranks_resume_on_one_rank_zero1_through_a_universal_checkpoint(shards, tmp_path):
+    """A ZeRO-2 checkpoint of 2 ranks goes on training on 1 rank at ZeRO-1: converted to DeepSpeed's
+    universal format by itself (the same fp32 weights, the optimizer step carried over). A rerun of
+    the finished run then leaves its checkpoint alone."""
+    out = tmp_path / "zero2"
+    res = _train(shards, out, ranks=2, extra=["train.zero_stage=2", "train.steps=4", "checkpoint.every_steps=0"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert len(list((out / "checkpoints/step00000004").glob("*optim_states.pt"))) == 2  # one partition per rank
+    saved = _module_state(out, "step00000004")
+
+    one_rank = ["train.zero_stage=1", "train.steps=6", "checkpoint.every_steps=0"]
+    res = _train(shards, out, ranks=1, extra=one_rank)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    log = res.stdout + res.stderr
+    assert "at step 4" in log and "via universal checkpoint (2 -> 1 ranks)" in log, log[-3000:]
+    universal = out / "checkpoints/step00000004_universal"
+    assert (universal / "done").is_file()
+    trainable = [k for k in saved if not k.startswith("queues.") and "_key." not in k and (universal / "zero" / k).is_dir()]
+    optimized = 0
+    for key in trainable:  # the converted fp32 master weights are the 2-rank run's weights, bit for bit
+        converted = torch.load(universal / "zero" / key / "fp32.pt", weights_only=False)["param"]
+        assert torch.equal(converted.reshape(saved[key].shape), saved[key].float()), key
+        if (universal / "zero" / key / "exp_avg.pt").is_file():  # optimized (not frozen): Adam's step carried over
+            optimized += 1
+            assert int(torch.load(universal / "zero" / key / "step.pt", weights_only=False)) == 4
+    assert optimized > 50
+    assert sorted(_metrics(out)) == [1, 2, 3, 4, 5, 6]
+    final = out / "checkpoints/step00000006"
+    assert torch.load(final / "mp_rank_00_model_states.pt", weights_only=False)["global_steps"] == 6
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["zero_stage"] == 1
+
+    # the same command again has nothing to train: it must not rewrite (and risk) its only checkpoint
+    before = {f.name: f.stat().st_mtime_ns for f in final.iterdir()}
+    res = _train(shards, out, ranks=1, extra=one_rank)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert {f.name: f.stat().st_mtime_ns for f in final.iterdir()} == before
+    assert json.loads((out / "status.json").read_text())["checkpoint"] == "step00000006"
+
+
+@pytest.mark.parametrize("saved,now,ok", [(2, 1, True), (0, 2, True), (3, 3, True), (2, 3, False), (3, 1, False)])
+def test_resume_plan_converts_within_zero_families_and_refuses_across(tmp_path, saved, now, ok):
+    from pipeline.checkpoint import plan_resume
+    from pipeline.config import ConfigError
+
+    tag = tmp_path / "checkpoints" / "step00000010"
+    tag.mkdir(parents=True)
+    (tag / "meta.json").write_text(json.dumps({"world_size": 2, "zero_stage": saved}))
+    (tmp_path / "checkpoints" / "latest").write_text("step00000010")
+    if ok:
+        plan = plan_resume("auto", tmp_path, world_size=1, zero_stage=now)
+        assert plan["tag"] == "step00000010" and plan["universal"] is True
+        assert plan["load_tag"] == "step00000010_universal"
+    else:
+        with pytest.raises(ConfigError, match=f"Resume with train.zero_stage={saved}"):
+            plan_resume("auto", tmp_path, world_size=1, zero_stage=now)
