@@ -92,7 +92,8 @@ def _decode_clip(data: bytes, start: float, end: float, fps: float, size: tuple[
     def small():  # resize the held frame once, only if it is used
         nonlocal prev_small
         if prev_small is None:
-            prev_small = prev.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
+            prev_small = prev.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA",
+                                        threads=1)  # swscale otherwise starts a thread per core
         return prev_small
 
     with av.open(io.BytesIO(data)) as container:
