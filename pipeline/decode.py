@@ -83,7 +83,7 @@ def decode_pyav(data: bytes, frames: np.ndarray) -> np.ndarray:
                 cursor += 1
                 for frame in ctx.decode(pkt):
                     if frame.pts in need and frame.pts not in got:
-                        got[frame.pts] = frame.to_ndarray(format="rgb24")
+                        got[frame.pts] = frame.to_ndarray(format="rgb24", threads=1)  # no swscale thread pool
             if target not in got:
                 break
     if not got:
