@@ -16,21 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from hiervl_cli import run_hiervl, write_results
+
 PRESETS = ("flat", "hit", "hcmi", "hanet")
-
-
-def _cli(argv: list[str]) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
-    print(f"+ hiervl {' '.join(argv)}", flush=True)
-    subprocess.run([sys.executable, "-m", "launch.cli", *argv], env=env, check=True, cwd=ROOT)
 
 
 def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
@@ -56,7 +47,7 @@ def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
         split = embed_batches(model, iter_eval(cfg, split=split_name, rank=0, world_size=1,
                                                batch_size=cfg.eval.batch_size))
         sim = model.similarity(split.texts, split.videos)["fused"]  # [captions, videos]
-    group = torch.tensor([int("".join(c for c in k if c.isdigit())) // GROUP for k in split.keys])  # [videos]
+    group = torch.tensor([int(k.removeprefix("synth")) // GROUP for k in split.keys])  # [videos]; keys synthNNNNNN
     gt = split.caption_to_video  # [captions] -> video index
     top = sim.argmax(dim=1)
     same = group[None, :] == group[gt][:, None]  # [captions, videos] the query's group
@@ -80,8 +71,8 @@ def main() -> int:
     out = Path(args.out).resolve()
     presets = [x for x in args.presets.split(",") if x]
     if not (out / "shards" / "dataset.json").is_file():
-        _cli(["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos), "--seed", str(args.seed)])
-        _cli(["prep", "--config", args.config, "--input", str(out / "corpus" / "manifest.csv"),
+        run_hiervl(["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos), "--seed", str(args.seed)])
+        run_hiervl(["prep", "--config", args.config, "--input", str(out / "corpus" / "manifest.csv"),
               "--out", str(out / "shards")])
     rows = []
     for preset in presets:
@@ -94,11 +85,9 @@ def main() -> int:
         if timing.is_file() and status.get("state") == "finished" and status.get("step") == args.steps:
             train_s = json.loads(timing.read_text())["seconds"]
         else:
-            t0 = time.time()
-            _cli(["train", *common])
-            train_s = time.time() - t0
+            train_s = run_hiervl(["train", *common])
             timing.write_text(json.dumps({"seconds": train_s}) + "\n")
-        _cli(["eval", *common, "--checkpoint", str(run), "--data", str(out / "shards"), "--split", "test",
+        run_hiervl(["eval", *common, "--checkpoint", str(run), "--data", str(out / "shards"), "--split", "test",
               "--out", str(run / "eval-test"), "--no-export"])
         res = json.loads((run / "eval-test" / "eval.json").read_text())
         rows.append({"preset": preset, "train_s": round(train_s, 1), "num_videos": res["num_videos"],
@@ -116,9 +105,7 @@ def main() -> int:
         print(f"| {r['preset']} | {r['t2v']['R1']:.1f} | {r['t2v']['R5']:.1f} | {r['t2v']['MdR']:.0f} | "
               f"{r['v2t']['R1']:.1f} | {r['v2t']['R5']:.1f} | {levels} | {r['group_R1']:.1f} | "
               f"{r['sibling_R1']:.1f} ({r['sibling_chance']:.1f}) | {r['train_s']:.0f} |")
-    bench_out = ROOT / "bench" / "out"
-    bench_out.mkdir(parents=True, exist_ok=True)
-    (bench_out / "ablation.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    write_results("ablation", args, rows)
     return 0
 
 

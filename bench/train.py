@@ -23,24 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(argv: list[str]) -> float:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
-    print(f"+ hiervl {' '.join(argv)}", flush=True)
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", "launch.cli", *argv], env=env, check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL if "train" in argv[:1] else None)
-    return time.time() - t0
+from hiervl_cli import run_hiervl, write_results
 
 
 def _read_run(run: Path, warmup: int) -> dict:
@@ -67,37 +55,30 @@ def main() -> int:
     out = Path(args.out).resolve()
     shards = out / "shards"
     if not (shards / "dataset.json").is_file():
-        _cli(["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos), "--seed", "0"])
-        _cli(["prep", "--config", args.config, "--input", str(out / "corpus" / "manifest.csv"), "--out", str(shards)])
+        run_hiervl(["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos), "--seed", "0"])
+        run_hiervl(["prep", "--config", args.config, "--input", str(out / "corpus" / "manifest.csv"), "--out", str(shards)])
 
     rows = []
     for world in args.worlds:
         run = out / f"w{world}"
-        if run.exists():
-            import shutil
+        shutil.rmtree(run, ignore_errors=True)
 
-            shutil.rmtree(run)
-
-        def common(ranks: int, steps: int, out: Path = run, extra: tuple = ()) -> list[str]:
-            return ["train", "--config", args.config, f"data.path={shards}", f"train.out_dir={out}",
+        def train(ranks: int, steps: int, out_dir: Path = run, extra: tuple = ()) -> float:
+            return run_hiervl(["train", "--config", args.config, f"data.path={shards}", f"train.out_dir={out_dir}",
                     f"train.ranks={ranks}", f"train.steps={steps}", "train.log_every=1", "checkpoint.every_steps=0",
-                    "eval.every_steps=0", *args.overrides, *extra]
+                    "eval.every_steps=0", *args.overrides, *extra], quiet=True)
 
-        wall = _cli(common(world, args.steps))
+        wall = train(world, args.steps)
         row = {"world": world, "wall_s": round(wall, 1), **_read_run(run, args.warmup)}
-        _cli(common(world, args.steps + 2))  # resumes from the final checkpoint
+        train(world, args.steps + 2)  # resumes from the final checkpoint
         row["load_s"] = json.loads((run / "status.json").read_text()).get("resume_seconds")
         if world > 1:  # a W-rank ZeRO checkpoint resumed on one rank (universal checkpoint conversion + load)
             zrun, stage = out / f"w{world}-zero{args.reshard_stage}", (f"train.zero_stage={args.reshard_stage}",)
-            if zrun.exists():
-                import shutil
-
-                shutil.rmtree(zrun)
-            _cli(common(world, 4, zrun, stage))
-            t0 = time.time()
-            _cli(common(1, 6, zrun, stage))
+            shutil.rmtree(zrun, ignore_errors=True)
+            train(world, 4, zrun, stage)
+            reshard_wall = train(1, 6, zrun, stage)
             status = json.loads((zrun / "status.json").read_text())
-            row.update(reshard_stage=args.reshard_stage, reshard_to_1_wall_s=round(time.time() - t0, 1),
+            row.update(reshard_stage=args.reshard_stage, reshard_to_1_wall_s=round(reshard_wall, 1),
                        reshard_convert_s=status.get("universal_conversion_seconds"),
                        reshard_load_s=status.get("resume_seconds"))
         rows.append(row)
@@ -109,9 +90,7 @@ def main() -> int:
     for r in rows:
         print(f"| {r['world']} | {r['samples_per_s']:.1f} | {100 * r['data_wait_share']:.1f}% | {r['save_s']} | "
               f"{r['load_s']} | {r.get('reshard_convert_s', '-')} | {r.get('reshard_load_s', '-')} | {r['wall_s']} |")
-    bench_out = ROOT / "bench" / "out"
-    bench_out.mkdir(parents=True, exist_ok=True)
-    (bench_out / "train.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    write_results("train", args, rows)
     return 0
 
 

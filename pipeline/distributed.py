@@ -60,13 +60,14 @@ def is_initialized() -> bool:
 def init(backend: str | None = None, timeout_s: int = 600, use_deepspeed: bool = False) -> WorldInfo:
     """Initialise the process group when more than one process runs; a no-op for one."""
     info = world_info()
-    if use_deepspeed and info.world_size <= 1 and not is_initialized():
-        # one process: DeepSpeed still builds a 1-rank group, and without RANK/WORLD_SIZE/LOCAL_RANK
-        # it falls back to MPI discovery (which needs mpi4py)
-        export_env(info, master_addr="127.0.0.1", master_port=29500)
-    if info.world_size <= 1 or is_initialized():
+    if is_initialized():
         return WorldInfo(get_rank(), get_world_size(), info.local_rank, info.source)
-    export_env(info, master_addr="127.0.0.1", master_port=29500)
+    if info.world_size > 1 or use_deepspeed:
+        # DeepSpeed builds a group even for one process, and without RANK/WORLD_SIZE/LOCAL_RANK it
+        # falls back to MPI discovery (which needs mpi4py)
+        export_env(info, master_addr="127.0.0.1", master_port=29500)
+    if info.world_size <= 1:
+        return WorldInfo(get_rank(), get_world_size(), info.local_rank, info.source)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
