@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all test-unit demo bench lint clean help
+.PHONY: install test test-all test-unit demo bench lint clean help gpu-check
 
 help:
 	@echo "make demo      install, then run the whole pipeline on the embedded synthetic corpus"
@@ -21,6 +21,7 @@ help:
 	@echo "make test-all  also the slow end-to-end tests"
 	@echo "make install   create .venv with pinned dependencies (idempotent, stamped)"
 	@echo "make lint      ruff"
+	@echo "make gpu-check on a GPU machine: the gpu-marked tests and GPU benchmarks (bench/gpu_check.sh)"
 
 install: $(STAMP)
 
@@ -45,6 +46,10 @@ test-unit: install
 
 demo: install
 	$(BIN)/hiervl demo
+
+# No install step: it runs on a GPU machine's own torch (bench/gpu_prepare.sh brings the rest).
+gpu-check:
+	bash bench/gpu_check.sh
 
 lint: install
 	$(BIN)/ruff check pipeline dataprep launch tests bench

@@ -25,12 +25,14 @@ PRESETS = ("flat", "hit", "hcmi", "hanet")
 
 
 def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
-    """Where the fused text-to-video top-1 goes, against the corpus's groups of four siblings.
+    """Where the fused text-to-video top-1 goes, against the corpus's groups of siblings.
 
-    Siblings share their two objects and differ only in event order or direction
-    (dataprep/synth.py, group = index // 4). `group_R1`: the top video is the query's video or a
-    sibling (objects right); `sibling_R1`: among the query's own group, its video scores highest
-    (order and direction right; chance = 1 / siblings in the split, 25% for full groups).
+    The figures are `hiervl eval`'s own (pipeline/metrics.py `group_metrics`, ties pessimistic):
+    `group_R1`: the top video is in the query's group (objects right); `sibling_R1`: among the
+    query's own group, its video scores highest (order and direction right; chance = mean of
+    1 / group size, 25% for full groups). Groups come from the manifest's `group` column; a
+    dataset prepared before it falls back to the synthetic corpus's layout (key synthNNNNNN,
+    group = N // dataprep.synth.GROUP).
     """
     import dataclasses
 
@@ -39,7 +41,8 @@ def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
     from dataprep.synth import GROUP
     from pipeline.checkpoint import load_model_for_inference
     from pipeline.data import iter_eval
-    from pipeline.evaluate import embed_batches
+    from pipeline.evaluate import embed_batches, load_groups
+    from pipeline.metrics import group_metrics
 
     model, cfg = load_model_for_inference(run)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(shards)))
@@ -47,14 +50,21 @@ def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
         split = embed_batches(model, iter_eval(cfg, split=split_name, rank=0, world_size=1,
                                                batch_size=cfg.eval.batch_size))
         sim = model.similarity(split.texts, split.videos)["fused"]  # [captions, videos]
-    group = torch.tensor([int(k.removeprefix("synth")) // GROUP for k in split.keys])  # [videos]; keys synthNNNNNN
-    gt = split.caption_to_video  # [captions] -> video index
-    top = sim.argmax(dim=1)
-    same = group[None, :] == group[gt][:, None]  # [captions, videos] the query's group
-    in_group = sim.masked_fill(~same, float("-inf")).argmax(dim=1)
-    chance = (1.0 / same.sum(dim=1).float()).mean().item()
-    return {"group_R1": 100 * (group[top] == group[gt]).float().mean().item(),
-            "sibling_R1": 100 * (in_group == gt).float().mean().item(), "sibling_chance": 100 * chance}
+    groups = load_groups(shards, split_name)
+    video_group = [groups.get(k) if groups else int(k.removeprefix("synth")) // GROUP for k in split.keys]
+    res = group_metrics(sim, split.caption_to_video.numpy(), video_group)
+    return {"group_R1": res["group_R1"], "sibling_R1": res["sibling_R1"], "sibling_chance": res["chance"]["sibling_R1"]}
+
+
+def group_figures(res: dict, run: Path, shards: Path) -> dict:
+    """Group / sibling R@1 of the fused level from eval.json (hiervl eval computes them on grouped
+    data), or from `sibling_analysis` for a dataset prepared without the `group` column."""
+    groups = res.get("groups")
+    if groups:
+        fused = groups["levels"]["fused"]
+        return {"group_R1": fused["group_R1"], "sibling_R1": fused["sibling_R1"],
+                "sibling_chance": groups["chance"]["sibling_R1"]}
+    return sibling_analysis(run, shards)
 
 
 def main() -> int:
@@ -65,13 +75,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=("pairs", "events"), default="pairs",
+                   help="synthetic corpus kind (hiervl synth --kind): pairs, or events (3-5 events, partial captions)")
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated subset of " + ",".join(PRESETS))
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every preset")
     args = p.parse_args()
     out = Path(args.out).resolve()
     presets = [x for x in args.presets.split(",") if x]
     if not (out / "shards" / "dataset.json").is_file():
-        run_hiervl(["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos), "--seed", str(args.seed)])
+        run_hiervl(["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos), "--seed", str(args.seed),
+                    "--kind", args.kind])
         run_hiervl(["prep", "--config", args.config, "--input", str(out / "corpus" / "manifest.csv"),
               "--out", str(out / "shards")])
     rows = []
@@ -94,17 +107,18 @@ def main() -> int:
                      "t2v": {k: res["t2v"]["fused"][k] for k in ("R1", "R5", "R10", "MdR")},
                      "v2t": {k: res["v2t"]["fused"][k] for k in ("R1", "R5", "R10", "MdR")},
                      "t2v_R1_per_level": {lv: m["R1"] for lv, m in res["t2v"].items()},
-                     **sibling_analysis(run, out / "shards")})
+                     "order": (res.get("order") or {}).get("fused", {}).get("order", float("nan")),
+                     **group_figures(res, run, out / "shards")})
     n = rows[0]["num_videos"] if rows else 0
     print(f"\nablation: {args.steps} steps x {args.ranks} rank(s), {n} test videos (t2v R@1 chance {100 / max(n, 1):.2f}%)")
     print("| preset | t2v R@1 | t2v R@5 | t2v MdR | v2t R@1 | v2t R@5 | t2v R@1 per level | group R@1 | "
-          "sibling R@1 (chance) | train s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "sibling R@1 (chance) | order % | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         levels = ", ".join(f"{k} {v:.1f}" for k, v in r["t2v_R1_per_level"].items() if k != "fused")
         print(f"| {r['preset']} | {r['t2v']['R1']:.1f} | {r['t2v']['R5']:.1f} | {r['t2v']['MdR']:.0f} | "
               f"{r['v2t']['R1']:.1f} | {r['v2t']['R5']:.1f} | {levels} | {r['group_R1']:.1f} | "
-              f"{r['sibling_R1']:.1f} ({r['sibling_chance']:.1f}) | {r['train_s']:.0f} |")
+              f"{r['sibling_R1']:.1f} ({r['sibling_chance']:.1f}) | {r['order']:.1f} | {r['train_s']:.0f} |")
     write_results("ablation", args, rows)
     return 0
 

@@ -11,6 +11,12 @@ peak resident memory (CPU) or peak allocated memory (CUDA) is that preset's alon
 all-gather share of the step is their total over the step time. On CUDA the model FLOPs of one
 step are counted with torch's FlopCounterMode (key-encoder forwards included) for MFU.
 Prints a table and writes bench/out/model.json.
+
+`--reference` adds, in the same run and on the same device, the plain step hiervl's must match on
+a GPU: a ViT-B/16 over the same B*T frames (timm's `vit_base_patch16_224` when timm is installed,
+else transformers' CLIP vision tower of the same size), forward + backward, a no-grad forward of
+a momentum copy, fused AdamW and an EMA update; its clips/s and MFU print beside hiervl's, with
+the ratio.
 """
 
 from __future__ import annotations
@@ -116,16 +122,85 @@ def _measure(rank, world, port, args, out):
     D.destroy()
 
 
+def _reference(rank, world, port, args, out):
+    """The plain reference step (see the module docstring) on `args.device`, one process."""
+    import copy
+
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    device = torch.device(args.device)
+    b, t, s = cfg.data.batch_size, cfg.data.num_frames, cfg.data.size
+    torch.manual_seed(0)
+    try:
+        import timm
+
+        vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=s).to(device)
+        name = "timm vit_base_patch16_224"
+        forward = vit
+    except ImportError:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        vit = CLIPVisionModel(CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                               num_attention_heads=12, image_size=s, patch_size=16)).to(device)
+        name = "transformers CLIP ViT-B/16"
+
+        def forward(x):
+            return vit(pixel_values=x).pooler_output
+    key = copy.deepcopy(vit).requires_grad_(False)
+    key_forward = key if forward is vit else (lambda x: key(pixel_values=x).pooler_output)
+    opt = torch.optim.AdamW(vit.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    q_params, k_params = list(vit.parameters()), list(key.parameters())
+    times, flops = [], None
+    for step in range(args.warmup + args.steps):
+        frames = torch.randn(b * t, 3, s, s, device=device)  # the same B*T frames hiervl's step sees
+        count = step == 0 and device.type == "cuda"
+        if count:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            counter.__enter__()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast:
+            feats = forward(frames)  # [B*T, 768]
+            with torch.no_grad():
+                key_forward(frames)
+            loss = feats.float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_mul_(k_params, 0.995)
+            torch._foreach_add_(k_params, q_params, alpha=0.005)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if count:
+            counter.__exit__(None, None, None)
+            flops = counter.get_total_flops()
+        if step >= args.warmup:
+            times.append(dt)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    step_s = statistics.median(times)
+    out[rank] = {"step_s": step_s, "comm_s": 0.0, "peak_bytes": peak, "flops_per_step": flops, "name": name,
+                 "samples_per_s": b / step_s, "params_trainable": sum(p.numel() for p in vit.parameters()),
+                 **({"gpu": torch.cuda.get_device_name()} if device.type == "cuda" else {})}
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run(args, world):
+def run(args, world, fn=None):
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_measure, args=(world, _free_port(), args, out), nprocs=world, join=True)
+    mp.spawn(fn or _measure, args=(world, _free_port(), args, out), nprocs=world, join=True)
     return [out[r] for r in range(world)]
 
 
@@ -138,32 +213,43 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads shared by the ranks")
+    ap.add_argument("--reference", action="store_true", help="also time the plain ViT-B/16 reference step")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "model.json"))
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. queue.size=4096")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = []
-    for preset in args.presets:
+    jobs = [(preset, world, None) for preset in args.presets for world in args.world]
+    if args.reference:
+        jobs.append(("reference", 1, _reference))
+    for preset, world, fn in jobs:
         args.preset = preset
-        for world in args.world:
-            res = run(args, world)
-            r0 = res[0]
-            row = {"preset": preset, "world": world, "device": args.device, "config": args.config,
-                   "overrides": args.overrides, "step_s": max(r["step_s"] for r in res),
-                   "samples_per_s": min(r["samples_per_s"] for r in res),
-                   "peak_mb": max(r["peak_bytes"] for r in res) / 2**20,
-                   "comm_share": (max(r["comm_s"] for r in res) / max(r["step_s"] for r in res)) if world > 1 else None,
-                   "params_trainable": r0["params_trainable"], "flops_per_step": r0["flops_per_step"]}
-            if r0.get("gpu") and r0["flops_per_step"]:
-                peak = next((v for k, v in PEAK_TFLOPS.items() if k in r0["gpu"]), None)
-                row["gpu"] = r0["gpu"]
-                row["tflops"] = r0["flops_per_step"] / row["step_s"] / 1e12
-                row["mfu"] = row["tflops"] / peak if peak else None
-            rows.append(row)
-            share = f"{100 * row['comm_share']:.1f}%" if row["comm_share"] is not None else "-"
-            extra = f"  {row['tflops']:.1f} TFLOP/s MFU {100 * (row['mfu'] or 0):.1f}%" if "tflops" in row else ""
-            print(f"{preset:6s} W={world}  step {1000 * row['step_s']:7.1f} ms  {row['samples_per_s']:7.1f} samples/s  "
-                  f"peak {row['peak_mb']:7.0f} MB  all-gather share {share}{extra}", flush=True)
+        res = run(args, world, fn)
+        r0 = res[0]
+        row = {"preset": preset, "world": world, "device": args.device, "config": args.config,
+               "overrides": args.overrides, "step_s": max(r["step_s"] for r in res),
+               "samples_per_s": min(r["samples_per_s"] for r in res),
+               "peak_mb": max(r["peak_bytes"] for r in res) / 2**20,
+               "comm_share": (max(r["comm_s"] for r in res) / max(r["step_s"] for r in res)) if world > 1 else None,
+               "params_trainable": r0["params_trainable"], "flops_per_step": r0["flops_per_step"]}
+        if fn is not None:
+            row["reference"] = r0["name"]
+        if r0.get("gpu") and r0["flops_per_step"]:
+            peak = next((v for k, v in PEAK_TFLOPS.items() if k in r0["gpu"]), None)
+            row["gpu"] = r0["gpu"]
+            row["tflops"] = r0["flops_per_step"] / row["step_s"] / 1e12
+            row["mfu"] = row["tflops"] / peak if peak else None
+        rows.append(row)
+        share = f"{100 * row['comm_share']:.1f}%" if row["comm_share"] is not None else "-"
+        extra = f"  {row['tflops']:.1f} TFLOP/s MFU {100 * (row['mfu'] or 0):.1f}%" if "tflops" in row else ""
+        print(f"{preset:9s} W={world}  step {1000 * row['step_s']:7.1f} ms  {row['samples_per_s']:7.1f} samples/s  "
+              f"peak {row['peak_mb']:7.0f} MB  all-gather share {share}{extra}", flush=True)
+    ref = next((r for r in rows if "reference" in r), None)
+    if ref is not None:
+        for r in rows:
+            if r is not ref and r["world"] == 1:
+                r["vs_reference"] = r["samples_per_s"] / ref["samples_per_s"]
+                print(f"{r['preset']}: {r['vs_reference']:.2f}x the reference's clips/s ({ref['reference']})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "argv": sys.argv[1:]}, indent=2) + "\n")
     print(f"wrote {args.out}")

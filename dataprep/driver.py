@@ -42,6 +42,9 @@ MANIFEST_SCHEMA = pa.schema([
     ("num_frames", pa.int64()), ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
     ("duration", pa.float64()), ("codec", pa.string()), ("source", pa.string()),
     ("start", pa.float64()), ("end", pa.float64()), ("content_hash", pa.string()),
+    # hard-negative group (dataprep/sources.py), null when the sample has none; datasets prepared
+    # before this column lack it and load with no groups (pipeline/data.py DatasetIndex)
+    ("group", pa.string()),
 ])
 QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("key", pa.string()), ("stage", pa.string()),
                                ("reason", pa.string())])

@@ -2,7 +2,10 @@
 
 A manifest has columns `video` (local or fsspec path; relative paths resolve against the
 manifest's folder, or `--videos DIR` when given), `caption` (a string, or a JSON list of
-strings) and optional `key`, `split`, `start`, `end` (seconds, a clip of a longer video).
+strings) and optional `key`, `split`, `start`, `end` (seconds, a clip of a longer video) and
+`group` (a string naming a set of related samples, e.g. the clips of one source video or a set of
+synthetic siblings; empty or absent = no group; `data.order=grouped` puts a group's members in
+one global batch as hard negatives, pipeline/sampler.py).
 The benchmark formats live in `dataprep/benchmarks.py`.
 
 `check_samples` applies the input-stage checks (caption empty or not valid UTF-8, duplicate key)
@@ -40,11 +43,15 @@ class Sample:
     orig_key: str | None = None
     sentences: list | None = None  # paragraph entries: the sentences joined into the caption, in order
     extra: dict = field(default_factory=dict)  # metadata copied into the sample's JSON
+    group: str | None = None  # related samples (hard negatives) share it; None = no group
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "video": self.video, "captions": list(self.captions), "split": self.split,
-                "start": self.start, "end": self.end, "video_id": self.video_id, "orig_key": self.orig_key,
-                "sentences": self.sentences, "extra": self.extra}
+        d = {"key": self.key, "video": self.video, "captions": list(self.captions), "split": self.split,
+             "start": self.start, "end": self.end, "video_id": self.video_id, "orig_key": self.orig_key,
+             "sentences": self.sentences, "extra": self.extra}
+        if self.group is not None:  # only when set: shard fingerprints of ungrouped inputs stay as they were
+            d["group"] = self.group
+        return d
 
 
 @dataclass
@@ -105,6 +112,16 @@ def _float_or_none(v):
     return float(v)
 
 
+def _group_or_none(v) -> str | None:
+    """A `group` cell -> its name as a string, or None for empty / missing / NaN."""
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "surrogateescape")
+    text = str(v).strip()
+    return text or None
+
+
 def _resolve(path: str, base: Path) -> str:
     if "://" in path or Path(path).is_absolute():
         return path
@@ -155,7 +172,8 @@ def read_manifest(path: str | Path, videos_dir: str | Path | None = None) -> lis
         samples.append(Sample(key=str(key), video=_resolve(video, base) if video else "",
                               captions=parse_captions(row.get("caption")),
                               split=str(row.get("split") or "train"),
-                              start=_float_or_none(row.get("start")), end=_float_or_none(row.get("end"))))
+                              start=_float_or_none(row.get("start")), end=_float_or_none(row.get("end")),
+                              group=_group_or_none(row.get("group"))))
     return samples
 
 
@@ -172,6 +190,9 @@ def check_samples(samples: list[Sample]) -> tuple[list[Sample], list[Refusal]]:
             bad.append(Refusal(s.video.encode("utf-8", "backslashreplace").decode(),
                                orig.encode("utf-8", "backslashreplace").decode(), "input",
                                "caption or key is not valid UTF-8"))
+            continue
+        if s.group is not None and not _is_utf8(s.group):
+            bad.append(Refusal(s.video, orig, "input", "group is not valid UTF-8"))
             continue
         captions = [c.strip() for c in s.captions]
         if not captions or not any(captions):

@@ -11,12 +11,18 @@ two objects — (A then B), (B then A) with the same directions, and (A then B),
 other directions — so a model that ignores event order or direction confuses a video with its
 siblings. Groups are kept whole in one split, so the test gallery holds the hard negatives.
 
+A second kind, `make_corpus(kind="events")` (`hiervl synth --kind events`), has longer videos of
+three objects doing 3-5 things in turn, and captions that name only some of the events (one
+anchored event, two or three in order, or all of them as a paragraph), DiDeMo / ActivityNet
+style: a task where the clip and event levels should matter. See the "events" section below.
+
 Determinism: every video is drawn from `numpy.random.default_rng([seed, group, variant])` and
 encoded single-threaded with bitexact muxer/encoder flags, so the same seed gives the same
 bytes (checked by tests/test_synth.py). A corpus of N videos is a prefix of one of N+k.
 
 Output: `out_dir/videos/{key}.{webm|mp4}` and `out_dir/manifest.csv` with columns
-video (path relative to the manifest), caption (JSON list of strings), key, split.
+video (path relative to the manifest), caption (JSON list of strings), key, split, group
+(`g{i // GROUP:05d}`: the sibling group, for `data.order=grouped` hard-negative batches).
 """
 
 from __future__ import annotations
@@ -209,11 +215,19 @@ def split_of(seed: int, group: int, test_fraction: float) -> str:
 
 
 def make_corpus(out_dir: str | Path, num_videos: int, seed: int = 0, codec: str = "vp9", size: int = 64,
-                fps: int = 8, seconds: float = 2.0, test_fraction: float = 0.2, progress: bool = False) -> Path:
+                fps: int = 8, seconds: float | None = None, test_fraction: float = 0.2, progress: bool = False,
+                kind: str = "pairs") -> Path:
     """Write `num_videos` videos plus `manifest.csv` under `out_dir`; return the manifest path.
 
     Deterministic: the same arguments give the same bytes. `codec`: vp9 (webm) or h264 (mp4).
+    `kind`: "pairs" (two events, captions name both) or "events" (3-5 events, captions name
+    some of them; see the "events" section below). `seconds` defaults to 2.0 for pairs and
+    EVENT_SECONDS for events.
     """
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"kind={kind!r}: choose one of {', '.join(EVENT_KINDS)}")
+    if seconds is None:
+        seconds = 2.0 if kind == "pairs" else EVENT_SECONDS
     if codec not in CODECS:
         raise ValueError(f"codec={codec!r}: choose vp9 or h264")
     if num_videos < 1 or size < 16 or size % 2 or fps < 1 or seconds <= 0:
@@ -230,19 +244,223 @@ def make_corpus(out_dir: str | Path, num_videos: int, seed: int = 0, codec: str 
         it = tqdm(it, desc="synth videos", unit="video")
     for i in it:
         key = f"synth{i:06d}"
-        frames = render_frames(seed, i, size, num_frames)
+        if kind == "pairs":
+            frames = render_frames(seed, i, size, num_frames)
+        else:
+            frames = render_event_frames(seed, i, size, num_frames)
         tmp = vids / f".{key}.tmp.{ext}"
         encode_video(frames, tmp, codec, fps)
         os.replace(tmp, vids / f"{key}.{ext}")
-        rng = np.random.default_rng([seed, i // GROUP, 100 + i % GROUP])
-        captions = make_captions(rng, video_events(seed, i))
+        if kind == "pairs":
+            rng = np.random.default_rng([seed, i // GROUP, 100 + i % GROUP])
+            captions = make_captions(rng, video_events(seed, i))
+        else:
+            captions = [c["text"] for c in event_captions(seed, i)]
         rows.append({"video": f"videos/{key}.{ext}", "caption": json.dumps(captions), "key": key,
-                     "split": split_of(seed, i // GROUP, test_fraction)})
+                     "split": split_of(seed, i // GROUP, test_fraction), "group": f"g{i // GROUP:05d}"})
     manifest = out_dir / "manifest.csv"
     tmp = out_dir / ".manifest.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["video", "caption", "key", "split"], lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=["video", "caption", "key", "split", "group"], lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, manifest)
     return manifest
+
+
+# ---------------------------------------------------------------------------- kind "events"
+#
+# Longer videos of three objects doing 3-5 things one after the other (one object moves in one
+# direction per event), with captions that describe only SOME of the events, as DiDeMo and
+# ActivityNet queries do: one event anchored in time ("at first, the red circle slides left"),
+# two or three events in order, or every event as a paragraph. The four videos of a group share
+# their objects and number of events and differ in event order (two adjacent events swapped, the
+# whole story reversed) or in one event's direction, and every caption is chosen so that it is
+# true of its own video and false of each sibling: a caption is a partial description that still
+# pins its video down within the group, and only a model that keeps order (and which object did
+# what) can tell the siblings apart.
+
+EVENT_KINDS = ("pairs", "events")
+EVENT_OBJECTS = 3  # objects per events-kind video
+EVENT_COUNTS = (3, 4, 5)  # events per video (the same within a group)
+EVENT_SECONDS = 3.0  # default length of an events-kind video: 24 frames at 8 fps
+_MAX_RANGE = 2  # an object's path spans at most this many steps per axis (keeps it in the frame)
+# Partial descriptions never say "first" or "finally" (that would claim the video's first / last
+# event); only anchored single events and the whole-story paragraph do.
+_TWO = ("{p1}, then {p2}", "{p1}, after that {p2}", "{p1} and then {p2}", "{p1} before {p2}")
+_THREE = ("{p1}, then {p2}, then {p3}", "{p1}, next {p2}, and then {p3}", "{p1}; after that {p2}; then {p3}")
+_START = ("at first {p}", "first, {p}", "{p} at the start")
+_END = ("in the end {p}", "finally, {p}", "{p} at the end")
+_NEXT = ("Then", "Next,", "After that,")
+
+Event = tuple[str, str, str]  # (colour, shape, direction)
+
+
+def _valid_story(events: list[Event]) -> bool:
+    """No object repeats the same move twice in a row (it would read as one event), and every
+    object's path spans at most _MAX_RANGE steps per axis (so it fits in the frame)."""
+    for a, b in zip(events, events[1:]):
+        if a == b:
+            return False
+    for obj in {e[:2] for e in events}:
+        x = y = 0
+        xs, ys = [0], [0]
+        for c, s, d in events:
+            if (c, s) == obj:
+                x, y = x + _DELTA[d][0], y + _DELTA[d][1]
+                xs.append(x)
+                ys.append(y)
+        if max(xs) - min(xs) > _MAX_RANGE or max(ys) - min(ys) > _MAX_RANGE:
+            return False
+    return True
+
+
+def _event_group_spec(seed: int, group: int) -> list[list[Event]]:
+    """The four event lists of an events-kind group: base, two adjacent events swapped, one
+    event's direction changed, the whole order reversed. All four differ and are valid."""
+    rng = np.random.default_rng([seed, group, 10])
+    names = list(COLOURS)
+    while True:  # a few draws at most: most stories are valid
+        c = rng.choice(len(COLOURS), size=EVENT_OBJECTS, replace=False)
+        objs = [(names[int(c[k])], SHAPES[int(rng.integers(len(SHAPES)))]) for k in range(EVENT_OBJECTS)]
+        n = int(EVENT_COUNTS[int(rng.integers(len(EVENT_COUNTS)))])
+        who = [int(rng.integers(EVENT_OBJECTS))]
+        for _ in range(n - 1):  # a different object than the previous event's
+            who.append(int((who[-1] + 1 + rng.integers(EVENT_OBJECTS - 1)) % EVENT_OBJECTS))
+        if len(set(who)) < EVENT_OBJECTS:
+            continue  # every object moves at least once
+        base = [(*objs[k], DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]) for k in who]
+        p = int(rng.integers(n - 1))
+        swapped = base[:p] + [base[p + 1], base[p]] + base[p + 2:]
+        q = int(rng.integers(n))
+        new_dir = DIRECTIONS[(DIRECTIONS.index(base[q][2]) + 1 + int(rng.integers(3))) % 4]
+        turned = base[:q] + [(*base[q][:2], new_dir)] + base[q + 1:]
+        variants = [base, swapped, turned, base[::-1]]
+        if len({tuple(v) for v in variants}) == GROUP and all(_valid_story(v) for v in variants):
+            return variants
+
+
+def event_video_events(seed: int, index: int) -> list[Event]:
+    """The (colour, shape, direction) events of events-kind video `index`, in temporal order."""
+    return list(_event_group_spec(seed, index // GROUP)[index % GROUP])
+
+
+def describes(caption_events: list[Event], anchor: str | None, video: list[Event]) -> bool:
+    """Whether a caption naming `caption_events` in order is true of a video with events `video`:
+    they happen in that order (not necessarily back to back); anchor "start" / "end" also pins the
+    first / last named event to the video's first / last event."""
+    if anchor == "start" and (not video or video[0] != caption_events[0]):
+        return False
+    if anchor == "end" and (not video or video[-1] != caption_events[-1]):
+        return False
+    it = iter(video)
+    return all(any(e == v for v in it) for e in caption_events)  # ordered subsequence
+
+
+def _caption_text(rng: np.random.Generator, events: list[Event], anchor: str | None, whole: bool) -> str:
+    """One caption naming `events` in order; `whole`: they are every event of the video (a paragraph)."""
+    art = "the" if rng.random() < 0.5 else "a"
+    ps = [_event_phrase(rng, *e, art) for e in events]
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    if anchor == "start":
+        return pick(_START).format(p=ps[0])
+    if anchor == "end":
+        return pick(_END).format(p=ps[0])
+    if len(ps) == 2:
+        return pick(_TWO).format(p1=ps[0], p2=ps[1])
+    if not whole:
+        return pick(_THREE).format(p1=ps[0], p2=ps[1], p3=ps[2]) if len(ps) == 3 else ", then ".join(ps)
+    # the whole story as a paragraph: one sentence per event
+    sents = [f"First {ps[0]}."] + [f"{pick(_NEXT)} {p}." for p in ps[1:-1]] + [f"Finally {ps[-1]}."]
+    return " ".join(sents)
+
+
+def event_captions(seed: int, index: int, n: int = CAPTIONS_PER_VIDEO) -> list[dict]:
+    """`n` distinct captions of events-kind video `index`, each {"text", "events" (indices into
+    event_video_events, increasing), "anchor" (None, "start" or "end")}.
+
+    One caption per kind in turn: one anchored event, two events, three events, every event.
+    Each is drawn among the event subsets of its size that are true of this video and false of
+    every sibling (`describes`); when a size has none, the next larger one is used (every event
+    always qualifies: the four siblings' event lists differ).
+    """
+    from itertools import combinations
+
+    group, variant = divmod(index, GROUP)
+    spec = _event_group_spec(seed, group)
+    ev = spec[variant]
+    siblings = [v for k, v in enumerate(spec) if k != variant]
+    rng = np.random.default_rng([seed, group, 20 + variant])
+    m = len(ev)
+
+    def candidates(size: int) -> list[tuple[tuple[int, ...], str | None]]:
+        if size == 1:
+            opts = [((0,), "start"), ((m - 1,), "end")]
+        else:
+            opts = [(c, None) for c in combinations(range(m), min(size, m))]
+        return [(c, a) for c, a in opts
+                if not any(describes([ev[i] for i in c], a, s) for s in siblings)]
+
+    out, seen_sets, seen_text = [], set(), set()
+    for kind in range(n):
+        size = (1, 2, 3, m)[kind % 4]
+        if size == 3 and m == 3:
+            size = 2  # three of three events is the paragraph: ask for another pair instead
+        opts = []
+        while not opts:
+            opts = [o for o in candidates(size) if o not in seen_sets] or (candidates(size) if size >= m else [])
+            size += 1
+        for _ in range(20):  # a fresh paraphrase (the text must differ from the captions so far)
+            idx, anchor = opts[int(rng.integers(len(opts)))]
+            text = _caption_text(rng, [ev[i] for i in idx], anchor, whole=len(idx) == m)
+            if text not in seen_text:
+                break
+        seen_sets.add((idx, anchor))
+        seen_text.add(text)
+        out.append({"text": text, "events": list(idx), "anchor": anchor})
+    return out
+
+
+def render_event_frames(seed: int, index: int, size: int = 64, num_frames: int = 24) -> np.ndarray:
+    """The frames of events-kind video `index`: [T, H, W, 3] uint8. Event k of n moves its object
+    by one step over frames [k T/n, (k+1) T/n); the other objects stand still meanwhile."""
+    events = event_video_events(seed, index)
+    group, variant = divmod(index, GROUP)
+    rng = np.random.default_rng([seed, group, 11 + variant])
+    bg = _background(rng, size)
+    objs = list(dict.fromkeys(e[:2] for e in events))  # objects that move, in order of first move
+    n = len(events)
+    r = size * 0.12
+    margin = r + 1
+    travel = min(size * 0.25, (size - 2 * margin) / _MAX_RANGE)
+
+    def offset(obj, f):  # displacement of obj at frame f, in steps: [2]
+        done = min(max((f + 0.5) / num_frames * n, 0.0), float(n))  # events completed (fractional)
+        off = np.zeros(2)
+        for k, (c, s, d) in enumerate(events):
+            if (c, s) == obj:
+                off += np.array(_DELTA[d], float) * min(max(done - k, 0.0), 1.0)
+        return off
+
+    offs = {o: np.stack([offset(o, f) for f in range(num_frames)]) for o in objs}  # obj -> [T, 2] steps
+    best, best_gap = None, -1.0
+    for _ in range(12):  # keep the objects apart: the candidate whose closest approach is largest
+        starts = {}
+        for o in objs:
+            lo, hi = offs[o].min(axis=0), offs[o].max(axis=0)  # [2] step extremes of the path
+            starts[o] = np.array([rng.uniform(margin - lo[a] * travel, size - margin - hi[a] * travel) for a in (0, 1)])
+        pos = {o: starts[o][None, :] + offs[o] * travel for o in objs}  # obj -> [T, 2] pixels
+        gap = min((float(np.min(np.linalg.norm(pos[a] - pos[b], axis=1)))
+                   for i, a in enumerate(objs) for b in objs[i + 1:]), default=float(size))
+        if gap > best_gap:
+            best, best_gap = pos, gap
+        if gap > 2.2 * r:
+            break
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    for f in range(num_frames):
+        img = bg.copy()
+        for colour, shape in objs:
+            cx, cy = best[(colour, shape)][f]
+            img[_shape_mask(shape, cx, cy, r, size)] = COLOURS[colour]
+        frames[f] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames

@@ -5,7 +5,8 @@ driver runs one task per shard, tests call it directly. Order of writes: tar, in
 renamed into place; the stats record is last, so its presence means the shard is whole. It holds
 the shard's manifest rows and refusals, so the driver can build the manifest from the records
 without touching the tars again. Everything in it is deterministic (no timings), so a rerun
-gives the same bytes.
+gives the same bytes. A sample's optional `group` goes into its JSON and its manifest row only
+when it has one, so the shards of inputs without groups are byte-identical to before the column.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def write_shard(spec: dict, out_cfg: dict, out_dir: str) -> dict:
                 doc["sentences"] = s["sentences"]
             if s.get("extra"):
                 doc["extra"] = s["extra"]
+            if s.get("group") is not None:  # only when set: ungrouped inputs keep their exact shard bytes
+                doc["group"] = s["group"]
             jbytes = _dumps(doc)
             v_off, v_size = writer.add(f"{s['key']}.{ext}", blob)
             j_off, j_size = writer.add(f"{s['key']}.json", jbytes)
@@ -73,6 +76,8 @@ def write_shard(spec: dict, out_cfg: dict, out_dir: str) -> dict:
                          "duration": meta["duration"], "codec": meta["codec"], "source": s["video"],
                          "start": s["start"], "end": s["end"],
                          "content_hash": hashlib.sha256(blob).hexdigest()})
+            if s.get("group") is not None:  # absent = null in manifest.parquet (driver.MANIFEST_SCHEMA)
+                rows[-1]["group"] = s["group"]
         tar_bytes = 0
         if writer is not None:
             tar_bytes = writer.close()

@@ -18,6 +18,15 @@ and mean rank, ties counted pessimistically (and reported), every caption a quer
 drops them). The similarity is computed in blocks of eval.block_size captions (at most
 eval.block_mb MiB at once), so large splits fit in memory.
 
+Diagnostics, in a second table (and eval.json "order", "groups"):
+  order        how often a caption scores its own video higher played forward than with its
+               frames reversed in time (every video is encoded twice; ties fail; 50 = blind to
+               order, 100 = always the true order), per level and fused
+  group R@1    on data whose manifest has a `group` column (hiervl synth writes one): the top
+               video is in the caption's group of related videos
+  sibling R@1  within the caption's group, its own video scores highest (chance 1 / group size)
+--no-diagnostics skips them (and the second encoding).
+
 Writes eval.json, eval.md and the video embeddings (embeddings.parquet + index.json, the
 index `hiervl search` reads) to --out (default: <checkpoint>/eval-<split>).
 
@@ -33,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="split to evaluate (default: eval.split, 'test')")
     parser.add_argument("--out", metavar="DIR", help="where eval.json, eval.md and the index go")
     parser.add_argument("--no-export", action="store_true", help="do not write the embeddings / search index")
+    parser.add_argument("--no-diagnostics", action="store_true",
+                        help="skip order sensitivity (the time-reversed second encoding) and group / sibling R@1")
 
 
 def merged_config(ckpt_cfg, cli_cfg, data: str | None):
@@ -49,7 +60,7 @@ def main(args, cfg) -> int:
 
     from pipeline import distributed as dist
     from pipeline.checkpoint import load_model_for_inference
-    from pipeline.evaluate import evaluate_model, format_table
+    from pipeline.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
     from pipeline.log import setup_logging
 
     info = dist.init()
@@ -62,9 +73,13 @@ def main(args, cfg) -> int:
         split = args.split or cfg.eval.split
         out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval-{split}"
         result = evaluate_model(model, run_cfg, split=split, out_dir=out, export=not args.no_export,
-                                meta={"checkpoint": str(Path(args.checkpoint).resolve())})
+                                meta={"checkpoint": str(Path(args.checkpoint).resolve())},
+                                diagnostics=not args.no_diagnostics)
         if dist.is_main():
             print(format_table(result), end="")
+            diag = format_diagnostics(result)
+            if diag:
+                print("\n" + diagnostics_note(result) + "\n" + diag, end="")
             print(f"{result['num_videos']} videos, {result['num_captions']} captions, {result['skipped']} skipped; "
                   f"embedded {result['videos_per_s']:.1f} videos/s; report in {out}/eval.md")
     finally:

@@ -49,8 +49,12 @@ class DataConfig:
     short_side: int = 36  # resize the short side to this before cropping
     flip: bool = False  # random horizontal flip in training
     max_words: int = 24  # captions padded/truncated to this many tokens
-    order: str = "global"  # global: full permutation; block: shards shuffled, window interleave
+    order: str = "global"  # global: full permutation; block: shards shuffled, window interleave;
+    # grouped: the manifest's `group`s kept contiguous (hard negatives in one global batch)
     block_window: int = 4  # shards interleaved at once in block order
+    # grouped order: groups packed into chunks of this many slots (pipeline/sampler.grouped_order);
+    # a group of <= group_chunk stays in one global batch when batch_size * world_size is a multiple
+    group_chunk: int = 16
     remainder: str = "drop"  # drop | pad (padded samples flagged, loss ignores them)
     decoder: str = "auto"  # auto | dali | pyav
     device: str = "auto"  # auto | cpu | gpu (DALI mixed decoding on gpu)
@@ -65,7 +69,10 @@ class DataConfig:
             _check(getattr(self, name) >= 1, f"data.{name}={getattr(self, name)!r} must be >= 1")
         _positive("data.prefetch", self.prefetch, allow_zero=True)
         _check(self.short_side >= self.size, f"data.short_side={self.short_side} must be >= data.size={self.size}")
-        _one_of("data.order", self.order, ("global", "block"))
+        _one_of("data.order", self.order, ("global", "block", "grouped"))
+        _check(isinstance(self.group_chunk, int) and self.group_chunk >= 1,
+               f"data.group_chunk={self.group_chunk!r} must be an integer >= 1 (a divisor of the global batch, "
+               "e.g. 16; 1 = groups contiguous but not packed)")
         _one_of("data.remainder", self.remainder, ("drop", "pad"))
         _one_of("data.decoder", self.decoder, ("auto", "dali", "pyav"))
         _one_of("data.device", self.device, ("auto", "cpu", "gpu"))
@@ -82,11 +89,18 @@ class VisionConfig:
     width: int = 128
     layers: int = 2
     heads: int = 4
+    # what the video tower sees of motion and layout (pipeline/encoders.py; measured in bench/RESULTS.md)
+    frame_diff: bool = False  # frame t minus frame t-1 as 3 extra input channels (zero at t=0)
+    frame_token: str = "cls"  # cls: pooled CLS per frame | layout: + a linear over the flattened patch grid
+    layout_dim: int = 16  # layout: each patch token projected to this many dims before flattening
+    space_time: str = "none"  # none | factorised: divided (TimeSformer) time attention before each ViT layer
 
     def __post_init__(self):
-        for name in ("patch_size", "width", "layers", "heads"):
+        for name in ("patch_size", "width", "layers", "heads", "layout_dim"):
             _check(getattr(self, name) >= 1, f"model.vision.{name} must be >= 1")
         _check(self.width % self.heads == 0, "model.vision.width must be divisible by model.vision.heads")
+        _one_of("model.vision.frame_token", self.frame_token, ("cls", "layout"))
+        _one_of("model.vision.space_time", self.space_time, ("none", "factorised"))
 
 
 @dataclass
@@ -148,18 +162,29 @@ class ModelConfig:
 
 @dataclass
 class QueueConfig:
-    """Momentum Cross-modal Contrast: per level and modality, a replicated queue of K keys."""
+    """The contrastive objective (pipeline/objective.py): recipe, and per level and modality a
+    replicated queue of K momentum keys."""
 
+    # momentum: queries against momentum keys (HiT's MoCo-style contrast; the positive is a key);
+    # symmetric: in-batch InfoNCE over the global batch's queries with gradient, queue keys as extra negatives
+    objective: str = "momentum"
     enabled: bool = True
     size: int = 4096  # K; need not divide the global batch
     momentum: float = 0.99  # key encoder EMA: theta_k = m*theta_k + (1-m)*theta_q
-    mask_same_video: bool = True  # queue entries of the query's own video are not negatives
-    gather_batch_with_grad: bool = False  # add all-gathered in-batch negatives (open_clip style)
-    batch_negatives: bool = True  # the global batch's momentum keys are negatives too (ALBEF style)
+    mask_same_video: bool = True  # batch and queue entries of the query's own video are not negatives
+    gather_batch_with_grad: bool = False  # momentum only: also score the global batch's queries with gradient
+    batch_negatives: bool = True  # the global batch's other samples are negatives (momentum: keys; symmetric: queries)
 
     def __post_init__(self):
+        _one_of("queue.objective", self.objective, ("momentum", "symmetric"))
         _check(self.size >= 1, f"queue.size={self.size} must be >= 1 (disable the queue with queue.enabled=false)")
         _check(0.0 <= self.momentum < 1.0, f"queue.momentum={self.momentum} must be in [0, 1)")
+        _check(not (self.objective == "symmetric" and self.gather_batch_with_grad),
+               "queue.gather_batch_with_grad=true applies to queue.objective=momentum only (symmetric always scores "
+               "the global batch's queries with gradient); remove it or set queue.objective=momentum")
+        _check(self.enabled or self.batch_negatives or self.gather_batch_with_grad,
+               "queue.enabled=false with queue.batch_negatives=false leaves no negatives (the loss would be 0); "
+               "enable the queue or the batch negatives")
 
 
 @dataclass
@@ -172,8 +197,13 @@ class OptimizerConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 = off
+    # torch: PyTorch's AdamW (fused kernels on CUDA, foreach on CPU): nothing to compile on a fresh
+    # node. deepspeed: DeepSpeed's FusedAdam, JIT-compiled on first use of every node (~60 s; fails
+    # where TORCH_CUDA_ARCH_LIST has a suffix such as 9.0a): opt in only where the build works.
+    impl: str = "torch"
 
     def __post_init__(self):
+        _one_of("optimizer.impl", self.impl, ("torch", "deepspeed"))
         _positive("optimizer.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optimizer.warmup_steps", self.warmup_steps, allow_zero=True)
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio must be in [0, 1]")
@@ -191,8 +221,8 @@ class TrainConfig:
     ranks: int = 1  # local ranks started by DeepSpeed's launcher (hiervl train)
     zero_stage: int = 0
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
-    grad_accum: int = 1
-    activation_checkpointing: bool = False
+    grad_accum: int = 1  # micro-batches per optimizer step (a step = one optimizer step)
+    activation_checkpointing: bool = False  # recompute frame-ViT (+space-time), temporal and text layers in backward
     deepspeed_config: str | None = None  # a DeepSpeed JSON of your own instead of the generated one
     resume: str = "auto"  # auto | never | a checkpoint directory
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops

@@ -43,6 +43,7 @@ from pipeline.sampler import (
     choose_caption,
     epoch_order,
     frame_indices,
+    group_codes,
     num_batches,
     rank_plan,
     sample_rng,
@@ -54,10 +55,16 @@ _LOGGED_PATHS: set[str] = set()  # decode paths already announced in this proces
 STATE_VERSION = 1
 _COLUMNS = ["key", "video_id", "split", "shard", "index_in_shard", "video_offset", "video_size",
             "captions", "num_frames", "codec"]
+_OPTIONAL_COLUMNS = ["group"]
 
 
 class DatasetIndex:
-    """The manifest rows of one split, sorted by (shard, index_in_shard): the sample index space."""
+    """The manifest rows of one split, sorted by (shard, index_in_shard): the sample index space.
+
+    `groups[i]`: sample i's `group` (str; related samples share it, e.g. synthetic siblings or the
+    clips of one source video) or None; all None for a dataset prepared before the column.
+    `group_ids` [N] int64: the same as codes, -1 = none (what `data.order=grouped` uses).
+    """
 
     def __init__(self, root: str | Path, split: str):
         import pyarrow.parquet as pq
@@ -67,7 +74,9 @@ class DatasetIndex:
         if not manifest.is_file():
             raise UserError(f"{manifest} does not exist; set data.path to a directory made by "
                             "`hiervl prep --out DIR` (it holds manifest.parquet and the tars)")
-        table = pq.read_table(manifest, columns=_COLUMNS).to_pandas()
+        present = set(pq.read_schema(manifest).names)
+        # `group` (hard-negative group, dataprep/sources.py) is optional: manifests prepared before it have none
+        table = pq.read_table(manifest, columns=_COLUMNS + [c for c in _OPTIONAL_COLUMNS if c in present]).to_pandas()
         table = table[table["split"] == split].sort_values(["shard", "index_in_shard"], kind="stable")
         if len(table) == 0:
             splits = sorted(set(pq.read_table(manifest, columns=["split"]).column(0).to_pylist()))
@@ -84,6 +93,11 @@ class DatasetIndex:
         self.captions = [list(c) if c is not None else [] for c in table["captions"]]
         self.num_frames = table["num_frames"].fillna(1).to_numpy(np.int64)
         self.codecs = [str(c).lower() for c in table["codec"]]
+        # per sample: its group name, or None (no group; a dataset prepared without the column: all None)
+        self.groups: list[str | None] = ([g if isinstance(g, str) and g else None for g in table["group"]]
+                                         if "group" in table.columns else [None] * len(self.keys))
+        self.group_ids = group_codes(self.groups)  # int64 [N], -1 = no group (sampler.grouped_order)
+        self.group_fingerprint = stable_hash("\n".join(g or "" for g in self.groups))
         self.fingerprint = stable_hash("\n".join(self.keys))
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -122,7 +136,8 @@ class VideoTextLoader:
     """Batches of (video, caption) for one rank of `world_size`; see the module docstring.
 
     Each batch (B = data.batch_size, T = data.num_frames, L = data.max_words):
-      video [B, T, 3, size, size] float32 on CPU (bf16 on GPU), normalised
+      video [B, T, 3, size, size] in `dtype` (the trainer's compute dtype; float32 by default), normalised,
+        on the GPU when data.device is gpu
       input_ids, attention_mask [B, L] int64 (one caption per sample; the first one in eval mode)
       keys list[str], video_ids [B] int64, valid [B] bool, epoch int, position int
     Eval mode (`train=False`, see `iter_eval`) adds every caption of each video:
@@ -131,7 +146,7 @@ class VideoTextLoader:
     """
 
     def __init__(self, cfg, split: str | None = None, train: bool = True, rank: int = 0, world_size: int = 1,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, dtype: torch.dtype = torch.float32):
         from pipeline.text_model import load_tokenizer
 
         self.cfg = cfg.data
@@ -143,9 +158,19 @@ class VideoTextLoader:
         self.tokenizer = load_tokenizer(cfg.model.text.path)
         self.seed = self.cfg.seed
         self.order_mode = self.cfg.order if train else "sequential"
+        self.block_window, self.group_chunk = self.cfg.block_window, self.cfg.group_chunk  # order parameters
+        if self.order_mode == "grouped":
+            if (self.index.group_ids < 0).all():
+                log.warning("data.order=grouped but split '%s' of %s has no `group`s: every sample is its own group "
+                            "(add a group column to the prep input manifest)", self.split, self.cfg.path)
+            elif (self.batch_size * world_size) % self.group_chunk:
+                log.warning("data.order=grouped: the global batch %d x %d is not a multiple of data.group_chunk=%d, "
+                            "so more groups straddle two batches; choose a group_chunk that divides it",
+                            self.batch_size, world_size, self.group_chunk)
         self.remainder = self.cfg.remainder if train else "pad"  # eval sees every video
         self.device = resolve_device(self.cfg.device)
         self.device_id = torch.cuda.current_device() if self.device == "gpu" else None
+        self.dtype = dtype  # of the video tensor: the trainer's compute dtype (it owns precision)
         self.has_dali = dali_available()
         self.epoch = 0
         self.position = 0
@@ -176,13 +201,15 @@ class VideoTextLoader:
         epoch = self.epoch if epoch is None else epoch
         if self.order_mode == "sequential":
             return np.arange(len(self.index), dtype=np.int64)
-        return epoch_order(len(self.index), self.seed, epoch, self.order_mode, self.index.shard_ids, self.cfg.block_window)
+        return epoch_order(len(self.index), self.seed, epoch, self.order_mode, self.index.shard_ids, self.block_window,
+                           self.index.group_ids, self.group_chunk)
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "position": self.position,
                 "world_size": self.world_size, "batch_size": self.batch_size, "order": self.order_mode,
-                "block_window": self.cfg.block_window, "split": self.split, "num_samples": len(self.index),
-                "fingerprint": self.index.fingerprint}
+                "block_window": self.block_window, "group_chunk": self.group_chunk, "split": self.split,
+                "num_samples": len(self.index), "fingerprint": self.index.fingerprint,
+                "group_fingerprint": self.index.group_fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (written at any world size / batch size)."""
@@ -193,11 +220,19 @@ class VideoTextLoader:
             raise UserError(f"the checkpoint's loader state is for another dataset ({state['num_samples']} samples in "
                             f"split '{state.get('split')}'; data.path has {len(self.index)} in '{self.split}'); "
                             "point data.path at the dataset the run was started with")
-        for name, mine in (("seed", self.seed), ("order", self.order_mode)):
-            if state[name] != mine:
+        if state["order"] == "grouped" and state.get("group_fingerprint") != self.index.group_fingerprint:
+            raise UserError("the checkpoint's loader state is for other `group`s than data.path's manifest has, and "
+                            "data.order=grouped depends on them; point data.path at the dataset the run was started with")
+        # older states lack the order parameters: they default to the config's (what those runs used)
+        state = {"block_window": self.block_window, "group_chunk": self.group_chunk, **state}
+        used = {"block": "block_window", "grouped": "group_chunk"}.get(state["order"])  # the mode's parameter
+        for name, mine in (("seed", self.seed), ("order", self.order_mode), ("block_window", self.block_window),
+                           ("group_chunk", self.group_chunk)):
+            if state[name] != mine and name in ("seed", "order", used):
                 log.warning("loader state has %s=%r, config has %r: keeping the state's so the epoch stays exactly-once",
                             name, state[name], mine)
         self.seed, self.order_mode = state["seed"], state["order"]
+        self.block_window, self.group_chunk = int(state["block_window"]), int(state["group_chunk"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         if state["world_size"] != self.world_size:
             log.info("resuming epoch %d at position %d, written by %d ranks, now %d", self.epoch, self.position,
@@ -297,7 +332,7 @@ class VideoTextLoader:
                     errors[i] = f"DALI decode failed: {res}"
                 else:
                     frames[i] = res
-        dtype = torch.bfloat16 if self.device == "gpu" else torch.float32
+        dtype = self.dtype
 
         def work(i: int):
             try:
@@ -324,8 +359,7 @@ class VideoTextLoader:
         real = [int(i) for i in idx if i != PAD]
         clips, errors = self._decode(sorted(set(real)), epoch)
         dev = f"cuda:{self.device_id}" if self.device == "gpu" else "cpu"
-        dtype = torch.bfloat16 if self.device == "gpu" else torch.float32
-        video = torch.zeros(b, t, 3, cfg.size, cfg.size, dtype=dtype, device=dev)  # [B, T, 3, S, S]
+        video = torch.zeros(b, t, 3, cfg.size, cfg.size, dtype=self.dtype, device=dev)  # [B, T, 3, S, S]
         valid = torch.zeros(b, dtype=torch.bool)
         keys, vids, texts, all_caps = [], [], [], []
         for slot, i in enumerate(int(x) for x in idx):

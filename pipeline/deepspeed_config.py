@@ -3,6 +3,11 @@
 One source of truth: batch size, ZeRO stage, precision, accumulation, clipping, AdamW and the
 warmup + cosine LR schedule all come from `Config`; the generated dict is what
 `deepspeed.initialize(config=...)` receives and is written next to the run for inspection.
+
+The optimizer is PyTorch's AdamW, built here (`build_optimizer`) and handed to DeepSpeed, which
+wraps it for ZeRO: fused kernels on CUDA, nothing to JIT-compile, so a fresh GPU node trains at
+once. DeepSpeed's own FusedAdam (a JIT build of ~60 s per node, which fails where
+TORCH_CUDA_ARCH_LIST carries a suffix such as `9.0a`) is an opt-in: `optimizer.impl=deepspeed`.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict:
         ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
         return ds
 
-    on_gpu = torch.cuda.is_available()
     opt = cfg.optimizer
     total = cfg.train.steps
     warmup = min(opt.warmup_steps, max(total - 1, 0))
@@ -49,16 +53,6 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,  # our own logging does this
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": cfg.train.zero_stage},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": cfg.train.lr,
-                "betas": list(opt.betas),
-                "eps": opt.eps,
-                "weight_decay": opt.weight_decay,
-                "torch_adam": not on_gpu,  # no fused kernels on CPU
-            },
-        },
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -73,11 +67,31 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict:
     }
     if opt.grad_clip > 0:
         ds["gradient_clipping"] = opt.grad_clip
+    if opt.impl == "deepspeed":  # opt-in: DeepSpeed builds (JIT-compiles) its FusedAdam from this section
+        ds["optimizer"] = {"type": "AdamW", "params": {
+            "lr": cfg.train.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
+            "torch_adam": False}}
     if use_bf16(cfg):
         ds["bf16"] = {"enabled": True}
-    if cfg.train.activation_checkpointing:
-        ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
+    # train.activation_checkpointing is done by the encoders themselves (torch.utils.checkpoint),
+    # not through DeepSpeed's `activation_checkpointing` section, which only configures its own API
     return ds
+
+
+def build_optimizer(params, cfg: Config, device: torch.device) -> torch.optim.Optimizer | None:
+    """PyTorch's AdamW for `params` (fused kernels on CUDA), or None when
+    `optimizer.impl=deepspeed` (DeepSpeed then builds FusedAdam from the config's section).
+
+    With a user JSON (`train.deepspeed_config`) that has an "optimizer" section, DeepSpeed's is used.
+    """
+    if cfg.optimizer.impl == "deepspeed":
+        return None
+    if cfg.train.deepspeed_config and "optimizer" in json.loads(Path(cfg.train.deepspeed_config).read_text()):
+        return None
+    opt = cfg.optimizer
+    fused = True if device.type == "cuda" else None  # None: torch's default for the device (CPU: for-loop)
+    return torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(opt.betas), eps=opt.eps,
+                             weight_decay=opt.weight_decay, fused=fused)
 
 
 def write_deepspeed_config(ds: dict, path: str | Path) -> None:

@@ -122,21 +122,44 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def backend_device(backend: str, device: torch.device) -> torch.device:
+    """Where a collective on `backend` needs a tensor that lives on `device`.
+
+    NCCL only moves CUDA tensors ("No backend type associated with device type cpu"), so a CPU
+    tensor goes to this rank's GPU and back; gloo moves CPU tensors (CUDA ones go through the
+    host). A device-specific backend string ("cpu:gloo,cuda:nccl") serves the device types it
+    names as they are.
+    """
+    if ":" in backend:  # "cpu:gloo,cuda:nccl": one backend per device type
+        served = {part.split(":")[0].strip() for part in backend.split(",")}
+        if device.type in served:
+            return device
+        backend = "nccl" if "cuda" in served else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo" and device.type not in ("cpu", "cuda"):
+        return torch.device("cpu")
+    return device
+
+
+def _comm_copy(x: torch.Tensor) -> torch.Tensor:
+    """A detached copy of x on the device the process group's backend takes."""
+    device = backend_device(str(dist.get_backend()), x.device)
+    return x.detach().to(device, copy=True).contiguous()
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (a copy; the input is untouched)."""
-    if not is_initialized():
-        return x.detach().clone()
-    y = x.detach().clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y / get_world_size()
+    """Mean over ranks (a copy on x's device; the input is untouched). Any device, any backend."""
+    return all_reduce_sum(x) / get_world_size()
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy on x's device; the input is untouched). Any device, any backend."""
     if not is_initialized():
         return x.detach().clone()
-    y = x.detach().clone()
+    y = _comm_copy(x)
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y
+    return y.to(x.device)
 
 
 @torch.no_grad()
@@ -144,13 +167,14 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` [n, ...] from every rank along dim 0, in rank order, without gradient.
 
     Every rank must pass the same shape (the loader guarantees equal batch counts and sizes).
+    The result is on x's device, whatever device the backend needs for the transfer.
     """
     if not is_initialized():
         return x.detach().clone()
-    x = x.detach().contiguous()
-    parts = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)  # [W*n, ...]
+    y = _comm_copy(x)
+    parts = [torch.empty_like(y) for _ in range(get_world_size())]
+    dist.all_gather(parts, y)
+    return torch.cat(parts, dim=0).to(x.device)  # [W*n, ...]
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -159,4 +183,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)  # [W*n, ...]
+    device = backend_device(str(dist.get_backend()), x.device)
+    parts = dist_fn.all_gather(x.to(device).contiguous())  # differentiable moves both ways
+    return torch.cat(parts, dim=0).to(x.device)  # [W*n, ...]

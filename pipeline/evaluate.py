@@ -13,6 +13,13 @@
    broadcast, so every rank returns the same dict (the trainer keeps its best checkpoint by it).
 4. Report: `eval.json` (everything), `eval.md` (the table; DSL rows marked), and the video
    embeddings as Parquet (key, level, vector) that `hiervl search` loads as its index.
+
+Diagnostics (`diagnostics=True`, the default; pipeline/metrics.py defines them): every video is
+encoded a second time with its frames reversed in time, and each caption's similarity to its
+own video forward and reversed gives the order sensitivity (per level and fused); on a dataset
+whose manifest has a `group` column (related videos: the synthetic corpus's siblings) group
+R@1 and sibling R@1 show whether the model finds the right group and, within it, the right
+video. Both land in eval.json ("order", "groups") and in a second table.
 """
 
 from __future__ import annotations
@@ -29,7 +36,15 @@ import torch
 from pipeline import distributed as dist
 from pipeline.errors import UserError
 from pipeline.log import get_logger
-from pipeline.metrics import blocked_ranks, metrics_from_ranks, rows_for_budget
+from pipeline.metrics import (
+    blocked_group_hits,
+    blocked_ranks,
+    group_chance,
+    group_codes,
+    metrics_from_ranks,
+    order_sensitivity,
+    rows_for_budget,
+)
 
 log = get_logger(__name__)
 METRIC_KEYS = ("R1", "R5", "R10", "MdR", "MnR")
@@ -48,6 +63,9 @@ class EmbeddedSplit:
     caption_to_video: torch.Tensor  # [Nt] int64 index into keys
     captions: list[str] = field(default_factory=list)  # [Nt]
     skipped: list[str] = field(default_factory=list)  # keys of videos that failed to decode
+    # level and "fused" -> [Nt, 2]: each caption's similarity to its own video played forward
+    # (column 0) and with its frames reversed in time (column 1); empty without `reverse`
+    order_pairs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _rows(emb: dict, i: int, j: int) -> dict:
@@ -59,13 +77,19 @@ def _cat(parts: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def embed_batches(model, batches, device: torch.device | str | None = None, progress: bool = False) -> EmbeddedSplit:
-    """Encode the videos and every caption of eval batches (iter_eval's format) on this rank."""
+def embed_batches(model, batches, device: torch.device | str | None = None, progress: bool = False,
+                  reverse: bool = False) -> EmbeddedSplit:
+    """Encode the videos and every caption of eval batches (iter_eval's format) on this rank.
+
+    With `reverse`, each video is also encoded with its frames in reverse order, and every
+    caption's similarity to its own video both ways is kept (`order_pairs`); the reversed
+    embeddings themselves are dropped (the order diagnostic needs only those pairs).
+    """
     from tqdm import tqdm
 
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
-    keys, vparts, tparts, c2v, captions, skipped = [], [], [], [], [], []
+    keys, vparts, tparts, c2v, captions, skipped, pairs = [], [], [], [], [], [], []
     for batch in tqdm(batches, desc="embed", unit="batch", disable=not progress):
         valid = batch["valid"].bool().cpu()  # [B]
         real = [k for k in batch["keys"] if k]  # padding slots have key ""
@@ -86,11 +110,19 @@ def embed_batches(model, batches, device: torch.device | str | None = None, prog
             mask = batch["caption_attention_mask"].cpu()[keep].to(device)
             t = model.encode_text(ids, mask)  # level -> [nc, ...]
             tparts.append({k: x.float() if x.is_floating_point() else x for k, x in t.items()})
+            if reverse:
+                pos = torch.full((len(valid),), -1, dtype=torch.long)
+                pos[idx] = torch.arange(len(idx))
+                own = pos[cap_slot[keep]].to(device)[:, None]  # [nc, 1] each caption's video in this batch
+                v_rev = model.encode_video(video.flip(1))  # frames reversed in time: [b, T, C, H, W] -> level -> [b, ...]
+                fwd, back = model.similarity(t, v), model.similarity(t, v_rev)  # name -> [nc, b]
+                pairs.append({n: torch.cat([fwd[n].gather(1, own), back[n].gather(1, own)], dim=1).float().cpu()
+                              for n in fwd})  # name -> [nc, 2]
             c2v.append(slot_to_local[cap_slot[keep]])
             flat = [c for caps in batch["captions"] for c in caps]
             captions += [c for c, k in zip(flat, keep.tolist()) if k]
     return EmbeddedSplit(keys, _cat(vparts), _cat(tparts),
-                         torch.cat(c2v) if c2v else torch.zeros(0, dtype=torch.long), captions, skipped)
+                         torch.cat(c2v) if c2v else torch.zeros(0, dtype=torch.long), captions, skipped, _cat(pairs))
 
 
 def gather_rows(emb: dict, n: int, template: dict | None = None) -> dict:
@@ -121,7 +153,8 @@ def gather_split(local: EmbeddedSplit, device: torch.device | str = "cpu") -> Em
     info = dist.all_gather_object({"keys": local.keys, "captions": local.captions, "skipped": local.skipped,
                                    "nt": len(local.caption_to_video),
                                    "tv": {k: (v[:1].cpu() if len(v) else None) for k, v in local.videos.items()},
-                                   "tt": {k: (v[:1].cpu() if len(v) else None) for k, v in local.texts.items()}})
+                                   "tt": {k: (v[:1].cpu() if len(v) else None) for k, v in local.texts.items()},
+                                   "op": sorted(local.order_pairs)})
     vt = next((i["tv"] for i in info if i["tv"] and all(x is not None for x in i["tv"].values())), None)
     tt = next((i["tt"] for i in info if i["tt"] and all(x is not None for x in i["tt"].values())), None)
     if vt is None or tt is None:
@@ -134,9 +167,13 @@ def gather_split(local: EmbeddedSplit, device: torch.device | str = "cpu") -> Em
     offsets = np.cumsum([0] + [len(i["keys"]) for i in info])
     c2v_local = local.caption_to_video.to(device) + int(offsets[dist.get_rank()])
     c2v = gather_rows({"c2v": c2v_local}, len(c2v_local), {"c2v": torch.zeros(1, dtype=torch.long, device=device)})
+    pair_names = next((i["op"] for i in info if i["op"]), [])  # ranks without captions have none
+    pairs = gather_rows({k: v.to(device) for k, v in local.order_pairs.items()}, len(local.caption_to_video),
+                        {k: torch.zeros(1, 2, device=device) for k in pair_names}) if pair_names else {}
     return EmbeddedSplit([k for i in info for k in i["keys"]], {k: v.cpu() for k, v in videos.items()},
                          {k: v.cpu() for k, v in texts.items()}, c2v["c2v"].cpu(),
-                         [c for i in info for c in i["captions"]], [k for i in info for k in i["skipped"]])
+                         [c for i in info for c in i["captions"]], [k for i in info for k in i["skipped"]],
+                         {k: v.cpu() for k, v in pairs.items()})
 
 
 def block_rows_for(num_videos: int, num_matrices: int, eval_cfg) -> int:
@@ -146,8 +183,12 @@ def block_rows_for(num_videos: int, num_matrices: int, eval_cfg) -> int:
 
 @torch.no_grad()
 def rank_split(model, split: EmbeddedSplit, eval_cfg, device: torch.device | str = "cpu",
-               progress: bool = False) -> dict:
-    """Metrics of every level and fused, t2v and v2t, plain and (eval.dsl) DSL, in blocks."""
+               progress: bool = False, groups: dict | None = None) -> dict:
+    """Metrics of every level and fused, t2v and v2t, plain and (eval.dsl) DSL, in blocks.
+
+    Diagnostics: "order" (per level and fused) when the split has `order_pairs`, and "groups"
+    when `groups` ({video key: group name}) gives a group to at least one video (else None).
+    """
     from tqdm import tqdm
 
     nt, nv = len(split.caption_to_video), len(split.keys)
@@ -171,19 +212,64 @@ def rank_split(model, split: EmbeddedSplit, eval_cfg, device: torch.device | str
     for name in names:
         for direction, r in ranks[name].items():
             result[direction][name] = metrics_from_ranks(r.ranks, r.tied)
+    if split.order_pairs:
+        result["order"] = {name: order_sensitivity(split.order_pairs[name][:, 0].numpy(),
+                                                   split.order_pairs[name][:, 1].numpy()) for name in names}
+    result["groups"] = None
+    gid = group_codes([(groups or {}).get(k) for k in split.keys])  # [Nv], -1 = no group
+    if (gid >= 0).any():
+        c2v = split.caption_to_video.numpy()
+        _, hits = blocked_group_hits(score_rows, nt, c2v, gid, rows)  # a third pass over the row blocks
+        chance = group_chance(c2v, gid)
+        result["groups"] = {"queries": chance["queries"], "groups": chance["groups"],
+                            "chance": {"group_R1": chance["group_R1"], "sibling_R1": chance["sibling_R1"]},
+                            "levels": {name: {"group_R1": float(100.0 * hits[name]["group"].mean()),
+                                              "sibling_R1": float(100.0 * hits[name]["sibling"].mean())}
+                                       for name in names}}
     result.update(levels=names, num_videos=nv, num_captions=nt, block_rows=rows,
                   dsl_scale=dsl_scale, skipped=len(split.skipped), skipped_keys=split.skipped[:100])
     return result
 
 
+def load_groups(data_path: str | Path, split: str) -> dict[str, str]:
+    """{key: group} of the samples of `split` that have a group (manifest column `group`).
+
+    Empty when the dataset has no such column (prepared before it, or ungrouped data) or
+    cannot be read here (e.g. tests that feed their own batches).
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline.data import DatasetIndex
+
+    manifest = Path(data_path) / "manifest.parquet"
+    if not manifest.is_file():
+        return {}
+    try:
+        index = DatasetIndex(data_path, split)
+    except UserError:
+        return {}
+    try:
+        groups = getattr(index, "groups", None)
+        if groups is not None:
+            return {k: g for k, g in zip(index.keys, groups) if g}
+    finally:
+        index.close()
+    if "group" not in pq.read_schema(manifest).names:  # a DatasetIndex without `groups`: read the column
+        return {}
+    rows = pq.read_table(manifest, columns=["key", "split", "group"]).to_pylist()
+    return {r["key"]: r["group"] for r in rows if r["split"] == split and r["group"]}
+
+
 def evaluate_model(model, cfg, split: str | None = None, device: torch.device | str | None = None,
                    data_path: str | Path | None = None, out_dir: str | Path | None = None,
-                   export: bool = False, meta: dict | None = None, batches=None) -> dict:
+                   export: bool = False, meta: dict | None = None, batches=None, diagnostics: bool = True) -> dict:
     """Evaluate `model` on `split` (default eval.split) of `data_path` (default data.path).
 
     Collective: every rank calls it and gets the same result. With `out_dir`, rank 0 writes
     eval.json and eval.md there, and with `export` the video embeddings and index.json.
     `batches` replaces the loader (tests); `meta` is merged into the report (e.g. checkpoint).
+    `diagnostics`: order sensitivity (a second, time-reversed encoding of every video: the
+    embedding pass costs about 1.5-2x) and, on grouped data, group / sibling R@1.
     """
     from pipeline.data import iter_eval
 
@@ -199,13 +285,14 @@ def evaluate_model(model, cfg, split: str | None = None, device: torch.device | 
         t0 = time.time()
         if batches is None:
             batches = iter_eval(cfg, split=split, rank=rank, world_size=world, batch_size=cfg.eval.batch_size)
-        local = embed_batches(model, batches, device, progress=rank == 0)
+        local = embed_batches(model, batches, device, progress=rank == 0, reverse=diagnostics)
         embed_s = time.time() - t0
         gathered = gather_split(local, device)
         result = None
         if rank == 0:
             t1 = time.time()
-            result = rank_split(model, gathered, cfg.eval, device, progress=True)
+            groups = load_groups(cfg.data.path, split) if diagnostics else None
+            result = rank_split(model, gathered, cfg.eval, device, progress=True, groups=groups)
             result["seconds"] = {"embed": round(embed_s, 3), "rank": round(time.time() - t1, 3)}
             result["videos_per_s"] = round(len(gathered.keys) / max(embed_s, 1e-9), 2)
             result.update(split=split, data=str(cfg.data.path), world_size=world, **(meta or {}))
@@ -238,6 +325,43 @@ def format_table(result: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def format_diagnostics(result: dict) -> str:
+    """A Markdown table of the diagnostics: order sensitivity and group / sibling R@1 per level,
+    with the chance row; empty when the result has neither."""
+    order, groups = result.get("order") or {}, result.get("groups")
+    if not order and not groups:
+        return ""
+    names = list(order) or list(groups["levels"])
+    names = ["fused"] + [n for n in names if n != "fused"] if "fused" in names else names
+    head = ("| level | order % (ties) | group R@1 | sibling R@1 |\n"
+            "|---|---|---|---|\n")
+    lines = []
+    for name in names:
+        o = order.get(name)
+        g = groups["levels"].get(name) if groups else None
+        lines.append(f"| {name} | " + (f"{o['order']:.1f} ({o['ties']})" if o else "-") + " | "
+                     + (f"{g['group_R1']:.1f} | {g['sibling_R1']:.1f}" if g else "- | -") + " |")
+    ch = groups["chance"] if groups else None
+    lines.append("| *chance* | *50* | " + (f"*{ch['group_R1']:.1f}* | *{ch['sibling_R1']:.1f}*" if ch else "- | -")
+                 + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def diagnostics_note(result: dict) -> str:
+    """One paragraph saying what the diagnostics table's columns mean (for eval.md and the report)."""
+    groups = result.get("groups")
+    text = ("Order: share of captions whose own video scores strictly higher played forward than with its "
+            "frames reversed (ties fail; 50 = no preference, 100 = always the true order). "
+            if result.get("order") else "")
+    if groups:
+        text += (f"Groups: {groups['groups']} groups of related videos, {groups['queries']} captions; group R@1 = "
+                 "the top video is in the caption's group, sibling R@1 = within its group, its own video scores "
+                 "highest (ties fail).")
+    else:
+        text += "Group and sibling R@1 need a `group` column in the dataset's manifest; this one has none."
+    return text + "\n"
+
+
 def write_report(result: dict, out_dir: str | Path) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +373,9 @@ def write_report(result: dict, out_dir: str | Path) -> None:
             f"{result['num_captions']} captions ({result['skipped']} videos skipped: undecodable). Ranks are "
             "pessimistic on ties (rank = items scoring >= the ground truth, minus one); text-to-video ranks "
             "every caption; video-to-text takes each video's best caption.\n" + dsl + "\n" + format_table(result))
+    diag = format_diagnostics(result)
+    if diag:
+        text += "\n## Diagnostics\n\n" + diagnostics_note(result) + "\n" + diag
     (out / "eval.md").write_text(text)
 
 

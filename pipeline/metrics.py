@@ -26,6 +26,18 @@ of text rows against every video. Both directions come from row blocks in two pa
 ranks t2v (complete within a row) and records each video's best own-caption score (and the
 column log-sum-exp DSL needs); pass 2 counts, per video, the other captions scoring >= it.
 NaN scores count as -inf: a NaN ground truth lands last, a NaN competitor never wins.
+
+Diagnostics (what R@k hides; ties and NaNs count as failures, as above):
+- Order sensitivity (`order_sensitivity`): the share of captions that score their own video
+  strictly above the same video with its frames reversed in time. 100% = always prefers the
+  true order; about 50% = no consistent preference (order-blind in effect). A model that cannot
+  see frame order at all (mean pooling, no positions) ties every pair, and a tie is a failure:
+  0%, with `ties` = every caption, so it is never mistaken for a model that prefers the truth.
+- Groups (`group_metrics`, for datasets whose videos come in groups of related videos, e.g.
+  the synthetic corpus's siblings that differ only in event order or direction): group R@1 =
+  the top-1 video is in the query's group (its best in-group score beats every other group's
+  videos); sibling R@1 = among the query's own group, its own video scores highest. Chance:
+  group size / gallery size and 1 / group size, averaged over the queries.
 """
 
 from __future__ import annotations
@@ -240,3 +252,109 @@ def multi_caption_metrics(sim, caption_to_video, block_rows: int | None = None,
     res = blocked_ranks(score_rows, t.shape[0], t.shape[1], caption_to_video, rows, dsl_scale=dsl_scale,
                         replace_nan=has_nan)["sim"]
     return {k: metrics_from_ranks(r.ranks, r.tied) for k, r in res.items()}
+
+
+# ---------------------------------------------------------------------------- diagnostics
+
+
+def order_sensitivity(forward, backward) -> dict:
+    """How often a caption prefers its video played forward: {"order", "queries", "ties"}.
+
+    forward [Q], backward [Q]: each caption's similarity to its own video, and to the same
+    video with its frames reversed in time. "order" = 100 * mean(forward > backward): a tie
+    (or a NaN on either side) is a failure, so a model whose preference is noise scores about
+    50, and one exactly blind to frame order 0 (with "ties" = "queries").
+    """
+    f = np.asarray(forward, dtype=np.float64)
+    b = np.asarray(backward, dtype=np.float64)
+    if f.shape != b.shape or f.ndim != 1:
+        raise ValueError(f"forward and backward scores must be 1-D of one length, got {f.shape} and {b.shape}")
+    if f.size == 0:
+        raise ValueError("no captions to score: order sensitivity needs at least one")
+    wins = f > b  # NaN compares False: a failure
+    return {"order": float(100.0 * wins.mean()), "queries": int(f.size), "ties": int(np.sum(f == b))}
+
+
+def group_codes(video_group) -> np.ndarray:
+    """Group names per video (None or "" = no group) -> int64 codes [Nv], -1 for no group.
+    Integer codes pass through (negative = no group)."""
+    if isinstance(video_group, np.ndarray) and video_group.dtype.kind in "iu":
+        return np.where(video_group >= 0, video_group, -1).astype(np.int64)
+    names: dict = {}
+    out = np.full(len(video_group), -1, dtype=np.int64)
+    for i, g in enumerate(video_group):
+        if g is not None and g != "" and not (isinstance(g, float) and g != g):
+            out[i] = names.setdefault(g, len(names))
+    return out
+
+
+def blocked_group_hits(score_rows: Callable[[int, int], dict], num_texts: int, caption_to_video,
+                       video_group, block_rows: int) -> tuple[np.ndarray, dict]:
+    """Group and sibling top-1 hits of every text row whose video has a group, one block at a time.
+
+    score_rows as in `blocked_ranks` (fresh tensors: NaNs are replaced in place). video_group
+    [Nv]: group names or codes (None / "" / -1 = none). Returns (rows [Q] int64: the text rows
+    with a group, {name: {"group": bool [Q], "sibling": bool [Q]}}). Pessimistic: a hit needs a
+    strictly higher score (the best in-group score above every other group's videos; the own
+    video above every sibling).
+    """
+    gid = group_codes(video_group)
+    gid_t = torch.as_tensor(gid, dtype=torch.long)  # [Nv]
+    c2v = torch.as_tensor(np.asarray(caption_to_video), dtype=torch.long)  # [Nt]
+    keep = gid_t[c2v] >= 0  # [Nt] text rows whose video has a group
+    rows = keep.nonzero()[:, 0]
+    hits: dict = {}
+    for i in range(0, num_texts, max(1, block_rows)):
+        j = min(i + block_rows, num_texts)
+        sel = keep[i:j]
+        if not bool(sel.any()):
+            continue
+        for name, x in score_rows(i, j).items():
+            x = _clean(x)[sel.to(x.device)]  # [b, Nv] grouped rows only
+            g = c2v[i:j][sel].to(x.device)  # [b] own video
+            gv = gid_t.to(x.device)
+            same = gv[None, :] == gv[g][:, None]  # [b, Nv] the query's group, own video included
+            neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+            best_in = torch.where(same, x, neg_inf).amax(dim=1)  # [b]
+            best_out = torch.where(same, neg_inf, x).amax(dim=1)  # [b] (-inf: one group fills the gallery)
+            own = x.gather(1, g[:, None])[:, 0]  # [b]
+            sib = same.clone()
+            sib[torch.arange(len(g), device=x.device), g] = False
+            best_sib = torch.where(sib, x, neg_inf).amax(dim=1)  # [b] (-inf: a group of one)
+            h = hits.setdefault(name, {"group": [], "sibling": []})
+            h["group"].append((best_in > best_out).cpu())
+            h["sibling"].append((own > best_sib).cpu())
+    out = {name: {k: torch.cat(v).numpy() for k, v in h.items()} for name, h in hits.items()}
+    return rows.numpy(), out
+
+
+def group_chance(caption_to_video, video_group) -> dict:
+    """Chance group and sibling R@1 (percent) of the grouped text rows, and their counts."""
+    gid = group_codes(video_group)
+    c2v = np.asarray(caption_to_video, dtype=np.int64)
+    g = gid[c2v]
+    g = g[g >= 0]
+    if g.size == 0:
+        return {"group_R1": float("nan"), "sibling_R1": float("nan"), "queries": 0, "groups": 0}
+    size = np.bincount(gid[gid >= 0])  # videos per group in the gallery
+    return {"group_R1": float(100.0 * np.mean(size[g] / len(gid))), "sibling_R1": float(100.0 * np.mean(1.0 / size[g])),
+            "queries": int(g.size), "groups": int(len(np.unique(g)))}
+
+
+def group_metrics(sim, caption_to_video, video_group, block_rows: int | None = None) -> dict:
+    """Group and sibling R@1 of `sim` [captions x videos] (NumPy or torch), pessimistic on ties.
+
+    Returns {"group_R1", "sibling_R1" (percent over the captions whose video has a group),
+    "chance": {"group_R1", "sibling_R1"}, "queries", "groups"}; None when no video has a group.
+    """
+    t = _as_tensor(sim)
+    score_rows, _ = _matrix_rows(t)  # copies when NaNs must be replaced: the caller's matrix is never written
+    rows, hits = blocked_group_hits(score_rows, t.shape[0], caption_to_video, video_group,
+                                    block_rows or rows_for_budget(t.shape[1]))
+    if len(rows) == 0:
+        return None
+    chance = group_chance(caption_to_video, video_group)
+    h = hits["sim"]
+    return {"group_R1": float(100.0 * h["group"].mean()), "sibling_R1": float(100.0 * h["sibling"].mean()),
+            "chance": {"group_R1": chance["group_R1"], "sibling_R1": chance["sibling_R1"]},
+            "queries": int(len(rows)), "groups": chance["groups"]}

@@ -7,6 +7,8 @@ writes one Markdown file with PNG figures beside it (matplotlib, Agg backend: no
 
 Every retrieval figure is printed beside its chance level: a random ranking of the same
 gallery (`chance_levels`), so a reader can tell "R@1 30" on 120 videos from noise at a glance.
+The diagnostics `hiervl eval` adds (order sensitivity; group and sibling R@1 on grouped data,
+pipeline/metrics.py) get their own table with their chance row (`diagnostics_table`).
 """
 
 from __future__ import annotations
@@ -163,13 +165,30 @@ def retrieval_table(result: dict, levels: bool = True) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def diagnostics_table(result: dict) -> str:
+    """Markdown: order sensitivity and group / sibling R@1, fused first then each level, with the
+    chance row (the table `hiervl eval` prints); empty when the eval result has no diagnostics
+    (an eval.json from before them)."""
+    from pipeline.evaluate import format_diagnostics
+
+    return format_diagnostics(result)
+
+
 def summary_row(result: dict) -> dict:
-    """The headline figures: fused t2v/v2t R@1 and the chance level beside them."""
+    """The headline figures: fused t2v/v2t R@1 and the chance level beside them, and the fused
+    diagnostics when the eval result has them (None otherwise)."""
     chance = chance_levels(result["num_videos"], result["num_captions"])
+    fused_order = (result.get("order") or {}).get("fused")
+    groups = result.get("groups")
+    g = groups["levels"].get("fused") if groups else None
     return {"t2v_R1": result["t2v"]["fused"]["R1"], "t2v_R1_chance": chance["t2v"]["R1"],
             "v2t_R1": result["v2t"]["fused"]["R1"], "v2t_R1_chance": chance["v2t"]["R1"],
             "t2v_R5": result["t2v"]["fused"]["R5"], "t2v_MdR": result["t2v"]["fused"]["MdR"],
-            "num_videos": result["num_videos"], "num_captions": result["num_captions"]}
+            "num_videos": result["num_videos"], "num_captions": result["num_captions"],
+            "order": fused_order["order"] if fused_order else None,
+            "group_R1": g["group_R1"] if g else None, "group_R1_chance": groups["chance"]["group_R1"] if g else None,
+            "sibling_R1": g["sibling_R1"] if g else None,
+            "sibling_R1_chance": groups["chance"]["sibling_R1"] if g else None}
 
 
 def _mean(values) -> float:
@@ -279,6 +298,17 @@ def write_report(out_dir: str | Path, *, eval_json: str | Path, dataset_json: st
                 "a random ranking of the same gallery. t2v ranks every caption; v2t takes each video's best "
                 "caption.\n\n")
     text.append(retrieval_table(result))
+    diag = diagnostics_table(result)
+    if diag:
+        from pipeline.evaluate import diagnostics_note
+
+        text.append("\n### What the model tells apart\n")
+        text.append(diagnostics_note(result) + "\n" + diag)
+        if head["sibling_R1"] is not None:
+            text.append(f"Fused: right group {head['group_R1']:.1f}% (chance {head['group_R1_chance']:.1f}%), right "
+                        f"video within it {head['sibling_R1']:.1f}% (chance {head['sibling_R1_chance']:.1f}%)"
+                        + (f", true order preferred {head['order']:.1f}%" if head["order"] is not None else "")
+                        + ".\n")
     text.append("\n## Searches\n")
     text.append(_search_section(searches or [], rel))
     if config_yaml and Path(config_yaml).is_file():

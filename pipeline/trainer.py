@@ -12,7 +12,6 @@ write a checkpoint and exit 0.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -25,7 +24,7 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as dist
 from pipeline.config import Config, to_dict, to_yaml
-from pipeline.deepspeed_config import build_deepspeed_config, use_bf16, write_deepspeed_config
+from pipeline.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
 from pipeline.log import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -79,8 +78,10 @@ class Trainer:
         info = dist.init(use_deepspeed=True)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup_logging(self.rank, self.out / "logs")
-        self.device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-        self.bf16 = use_bf16(cfg)
+        # the trainer owns device and precision: the loader delivers video in `self.dtype` on its device
+        self.device = torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available()
+                                   else "cpu")
+        self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
         plan = ckpt.plan_resume(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
         plan = dist.broadcast_object(plan)
@@ -98,10 +99,13 @@ class Trainer:
             write_deepspeed_config(ds_config, self.out / "deepspeed_config.json")
             (self.out / "config.yaml").write_text(to_yaml(cfg))
         params = [p for p in model.parameters() if p.requires_grad]
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+        optimizer = build_optimizer(params, cfg, self.device)  # PyTorch AdamW: no JIT build (or None: DeepSpeed's)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=params,
+                                                                 optimizer=optimizer, config=ds_config)
         self.model = self.engine.module
 
-        self.loader = VideoTextLoader(cfg, split=cfg.data.split, train=True, rank=self.rank, world_size=self.world)
+        self.loader = VideoTextLoader(cfg, split=cfg.data.split, train=True, rank=self.rank, world_size=self.world,
+                                      dtype=self.dtype)
         if len(self.loader) == 0:
             from pipeline.errors import UserError
 
@@ -109,6 +113,7 @@ class Trainer:
                             f"batch ({cfg.data.batch_size} x {self.world} ranks); lower data.batch_size")
         self.step, self.epoch, self.bad_steps, self.bad_total = 0, 0, 0, 0
         self.samples_seen = 0
+        self.momentum_updates = 0  # key-encoder EMA updates: one per optimizer step
         self.best = None
         self.stop_signal = None
         self.resume_seconds, self.save_seconds = None, None  # for status.json (bench/train.py reads them)
@@ -127,6 +132,7 @@ class Trainer:
     def _client_state(self) -> dict:
         return {
             "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
+            "momentum_updates": self.momentum_updates,
             "loader": self.loader.state_dict(), "queue": queue_state(self.model),
             "bad_total": self.bad_total, "best": self.best, "config": to_dict(self.cfg),
             "world_size": self.world, "universal_checkpoint_info": {},
@@ -136,6 +142,7 @@ class Trainer:
         client, rank_state = ckpt.load(self.engine, plan)
         self.step, self.epoch = client["step"], client["epoch"]
         self.samples_seen, self.bad_total, self.best = client["samples_seen"], client["bad_total"], client["best"]
+        self.momentum_updates = client.get("momentum_updates", self.step)
         load_queue_state(self.model, client["queue"])
         self.loader.load_state_dict(client["loader"])
         if rank_state is not None:
@@ -187,19 +194,16 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
-    def _any_rank_stopping(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0])
-        return bool(dist.all_reduce_sum(flag).item() > 0)
-
     # ---------------------------------------------------------------- the loop
 
     def _to_device(self, batch: dict) -> dict:
+        """Tensors to the training device; floating ones (the video) in the training dtype."""
         out = {}
         for key, value in batch.items():
             if torch.is_tensor(value):
                 value = value.to(self.device, non_blocking=True)
-                if self.bf16 and value.is_floating_point():
-                    value = value.to(torch.bfloat16)
+                if value.is_floating_point() and value.dtype != self.dtype:
+                    value = value.to(self.dtype)
             out[key] = value
         return out
 
@@ -212,65 +216,97 @@ class Trainer:
                 self.loader.set_epoch(self.epoch)
                 self._iter = iter(self.loader)
 
+    def _micro_step(self, window: dict) -> dict | None:
+        """One micro-batch: data, forward, and (if finite on every rank) backward + engine.step().
+
+        The only host sync of a step: one all-reduce of [non-finite?, stop signal?] read by the
+        host, because skipping a bad micro-batch and stopping together must be decided alike on
+        every rank. Losses stay on the device until a log step. Returns the forward's output (its
+        keys are enqueued at the optimizer step), or None when the micro-batch was skipped.
+        """
+        t0 = time.perf_counter()
+        batch = self._next_batch()
+        window["data_s"] += time.perf_counter() - t0
+        out = self.engine(self._to_device(batch))
+        loss = out["loss"]
+        if os.environ.get("HIERVL_FAULT") == "nan-loss":  # fault injection for tests
+            loss = loss * float("nan")
+        flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
+                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device)])
+        bad, stop = dist.all_reduce_sum(flags).tolist()  # the step's one host sync
+        self.stop_requested = self.stop_requested or stop > 0
+        self.samples_seen += self.cfg.data.batch_size * self.world
+        if bad > 0:
+            self.bad_steps += 1
+            self.bad_total += 1
+            log.warning("non-finite loss at step %d (%d in a row); micro-batch skipped", self.step + 1, self.bad_steps)
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                raise TooManyBadSteps()
+            return None
+        self.bad_steps = 0
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed steps the optimizer (and LR) on the last micro-batch of a step
+        window["loss"] = window["loss"] + loss.detach().float()
+        for name, value in out["losses"].items():
+            window["losses"][name] = window["losses"].get(name, 0.0) + value.detach().float()
+        window["micro"] += 1
+        if self.cfg.train.log_samples:
+            window["keys"] += list(batch["keys"])
+            window["valid"] += [bool(v) for v in batch["valid"].tolist()]
+            window["epoch"] = batch["epoch"]
+        return out
+
+    def _optimizer_step(self, window: dict) -> None:
+        """`train.grad_accum` finite micro-batches, then one momentum update and one enqueue of all
+        of their keys (in micro-batch order): a step is an optimizer step for every counter."""
+        outs = []
+        window["keys"], window["valid"] = [], []
+        while len(outs) < self.cfg.train.grad_accum:
+            out = self._micro_step(window)
+            if out is not None:
+                outs.append(out)
+        with torch.no_grad():
+            self.model.momentum_update()
+            for out in outs:
+                self.model.enqueue(out)
+        self.momentum_updates += 1
+        self.step += 1
+        if self.cfg.train.log_samples:
+            self._append_jsonl(self.out / "samples" / f"rank{self.rank}.jsonl",
+                               {"step": self.step, "epoch": window["epoch"], "keys": window["keys"],
+                                "valid": window["valid"]})
+
+    def _new_window(self) -> dict:
+        """Accumulators between two log steps (device tensors: no sync until they are logged)."""
+        return {"start": time.perf_counter(), "steps": 0, "micro": 0, "data_s": 0.0,
+                "loss": torch.zeros((), device=self.device), "losses": {}, "keys": [], "valid": [], "epoch": self.epoch}
+
     def fit(self) -> int:
+        """Steps until train.steps, a signal, or too many non-finite losses; then a final checkpoint.
+
+        Each iteration: one optimizer step, then the periodic actions (log, eval, checkpoint, stop).
+        """
         cfg = self.cfg
+        self.stop_requested = False
         self._install_signal_handlers()
         self._iter = iter(self.loader)
-        tb = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(str(self.out / "tensorboard"))
-        bar = None
-        if self.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=2)
-        global_batch = cfg.data.batch_size * self.world
-        t_last, data_wait, compute = time.time(), 0.0, 0.0
+        tb, bar = self._open_outputs()
         exit_code, reason = EXIT_OK, "finished"
+        window = self._new_window()
         try:
             while self.step < cfg.train.steps:
-                t0 = time.time()
-                batch = self._next_batch()
-                t1 = time.time()
-                out = self.engine(self._to_device(batch))
-                loss = out["loss"]
-                if os.environ.get("HIERVL_FAULT") == "nan-loss":  # fault injection for tests
-                    loss = loss * float("nan")
-                finite = bool(dist.all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss.detach().float()) else 1.0])).item() == 0)
-                self.samples_seen += global_batch
-                if not finite:
-                    self.bad_steps += 1
-                    self.bad_total += 1
-                    log.warning("non-finite loss at step %d (%d in a row); step skipped", self.step + 1, self.bad_steps)
-                    if self.bad_steps >= cfg.train.max_bad_steps:
-                        raise TooManyBadSteps()
-                    continue
-                self.bad_steps = 0
-                self.engine.backward(loss)
-                self.engine.step()
-                with torch.no_grad():
-                    self.model.momentum_update()
-                    self.model.enqueue(out)
-                self.step += 1
-                compute += time.time() - t1
-                data_wait += t1 - t0
-                losses = {k: dist.all_reduce_mean(v.detach().float().reshape(1)).item() for k, v in out["losses"].items()}
-                total = dist.all_reduce_mean(loss.detach().float().reshape(1)).item()
-                if cfg.train.log_samples:
-                    self._append_jsonl(self.out / "samples" / f"rank{self.rank}.jsonl",
-                                       {"step": self.step, "epoch": batch["epoch"], "keys": list(batch["keys"]),
-                                        "valid": [bool(v) for v in batch["valid"].tolist()]})
-                if self.rank == 0:
-                    self._log_step(tb, bar, total, losses, global_batch, t_last, data_wait, compute)
-                if self.step % cfg.train.log_every == 0:
-                    t_last, data_wait, compute = time.time(), 0.0, 0.0
+                self._optimizer_step(window)
+                window["steps"] += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps or self.stop_requested:
+                    self._log_window(tb, bar, window)
+                    window = self._new_window()
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                     self._evaluate()
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.train.steps:
                     self.save()
-                if self._any_rank_stopping():
+                if self.stop_requested:
                     reason = f"stopped by {self.stop_signal or 'a signal on another rank'}"
                     break
         except TooManyBadSteps:
@@ -287,17 +323,40 @@ class Trainer:
         self._write_status(reason, tag, exit_code)
         return exit_code
 
-    def _log_step(self, tb, bar, total, losses, global_batch, t_last, data_wait, compute) -> None:
-        cfg = self.cfg
+    def _open_outputs(self):
+        """TensorBoard writer and progress bar (rank 0 only)."""
+        if self.rank != 0:
+            return None, None
+        from tqdm import tqdm
+
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(self.out / "tensorboard"))
+        except ImportError:  # e.g. a bare GPU image: metrics.jsonl still has every figure
+            log.warning("tensorboard is not installed: metrics go to %s only", self.out / "metrics.jsonl")
+            tb = None
+        bar = tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=2)
+        return tb, bar
+
+    def _log_window(self, tb, bar, window: dict) -> None:
+        """Reduce the window's losses over ranks (the log step's sync) and write one metrics line:
+        losses are means over the window's micro-batches; samples/s and data-wait share over its wall time."""
+        micro = max(window["micro"], 1)
+        names = sorted(window["losses"])
+        local = torch.stack([window["loss"].reshape(())] + [window["losses"][n].reshape(()) for n in names]) / micro
+        values = dist.all_reduce_mean(local).tolist()
+        total, losses = values[0], dict(zip(names, values[1:]))
+        if self.rank != 0:
+            return
+        elapsed = max(time.perf_counter() - window["start"], 1e-9)
         lr = self._lr()
-        stats = self.loader.stats
-        elapsed = max(time.time() - t_last, 1e-9)
-        steps_in_window = (self.step - 1) % cfg.train.log_every + 1
+        samples = window["steps"] * self.cfg.data.batch_size * self.world * self.cfg.train.grad_accum
         record = {
             "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen, "loss": total,
-            "losses": losses, "lr": lr, "samples_per_s": steps_in_window * global_batch / elapsed,
-            "data_wait_share": data_wait / max(data_wait + compute, 1e-9),
-            "skipped_samples": int(stats.get("skipped", 0)), "bad_steps": self.bad_total, "time": time.time(),
+            "losses": losses, "lr": lr, "samples_per_s": samples / elapsed,
+            "data_wait_share": min(window["data_s"] / elapsed, 1.0),
+            "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total, "time": time.time(),
         }
         self._append_jsonl(self.out / "metrics.jsonl", record)
         if tb is not None:
@@ -306,15 +365,16 @@ class Trainer:
                 tb.add_scalar(f"loss/{name}", value, self.step)
             tb.add_scalar("lr", lr, self.step)
             tb.add_scalar("samples_per_s", record["samples_per_s"], self.step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}", sps=f"{record['samples_per_s']:.0f}", lr=f"{lr:.2e}", refresh=False)
+            tb.add_scalar("data_wait_share", record["data_wait_share"], self.step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{total:.3f}", sps=f"{record['samples_per_s']:.0f}", lr=f"{lr:.2e}", refresh=False)
 
     def _evaluate(self) -> None:
         """Evaluation hook: R@1/5/10 on eval.split; the best checkpoint (by R@sum) is kept."""
         from pipeline.evaluate import evaluate_model
 
         self.model.eval()
-        result = evaluate_model(self.model, self.cfg, split=self.cfg.eval.split, device=self.device)
+        result = evaluate_model(self.model, self.cfg, split=self.cfg.eval.split, device=self.device, diagnostics=False)
         self.model.train()
         t2v = result["t2v"]["fused"]
         rsum = t2v["R1"] + t2v["R5"] + t2v["R10"]
@@ -332,7 +392,8 @@ class Trainer:
             status = {"state": "preempted" if reason.startswith("stopped") else ("failed" if exit_code else "finished"),
                       "reason": reason, "step": self.step, "checkpoint": tag, "exit_code": exit_code,
                       "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total,
-                      "world_size": self.world, "checkpoint_save_seconds": self.save_seconds,
+                      "world_size": self.world, "grad_accum": self.cfg.train.grad_accum,
+                      "momentum_updates": self.momentum_updates, "checkpoint_save_seconds": self.save_seconds,
                       "resume_seconds": self.resume_seconds, "universal_conversion_seconds": self.convert_seconds}
             (self.out / "status.json").write_text(json.dumps(status, indent=2) + "\n")
             log.info("%s at step %d; checkpoint %s; skipped samples %d; non-finite steps %d", reason, self.step,
@@ -358,12 +419,3 @@ def run(cfg: Config) -> int:
         dist.destroy()
     return code
 
-
-def lr_at(step: int, cfg: Config) -> float:
-    """The LR schedule in closed form (warmup then cosine), used by tests to check a resumed LR."""
-    warm = min(cfg.optimizer.warmup_steps, max(cfg.train.steps - 1, 0))
-    if step < warm:
-        return cfg.train.lr * step / max(warm, 1)
-    progress = (step - warm) / max(cfg.train.steps - warm, 1)
-    ratio = cfg.optimizer.min_lr_ratio
-    return cfg.train.lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -67,3 +67,79 @@ def test_collectives_on_two_gloo_processes():
         assert r["obj"] == {"from": 0}
         assert r["mean"] == pytest.approx(1.0)
         assert r["objects"] == [0, 10]
+
+
+@pytest.mark.parametrize("backend, device, expect", [
+    ("nccl", "cpu", "cuda"),          # NCCL refuses CPU tensors: they travel through this rank's GPU
+    ("nccl", "cuda", "cuda"),
+    ("gloo", "cpu", "cpu"),
+    ("gloo", "cuda", "cuda"),         # gloo reduces CUDA tensors through the host itself
+    ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
+    ("cpu:gloo,cuda:nccl", "cuda", "cuda"),
+    ("cuda:nccl", "cpu", "cuda"),     # a device-specific string without cpu: still through the GPU
+])
+def test_backend_device_routes_tensors_to_what_the_backend_moves(monkeypatch, backend, device, expect):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    got = D.backend_device(backend, torch.device(device, 0) if device == "cuda" else torch.device(device))
+    assert got.type == expect
+
+
+class _RecordingNccl:
+    """A stand-in for an NCCL process group of 2 ranks: it records the device of every tensor it is
+    handed and refuses CPU tensors the way NCCL does; the 'other rank' holds the same values."""
+
+    def __init__(self, accept):
+        self.accept, self.seen = accept, []
+
+    def get_backend(self):
+        return "nccl"
+
+    def is_initialized(self):
+        return True
+
+    def is_available(self):
+        return True
+
+    def get_world_size(self):
+        return 2
+
+    def _check(self, t):
+        self.seen.append(t.device.type)
+        if t.device.type != self.accept:
+            raise RuntimeError("No backend type associated with device type cpu")
+
+    def all_reduce(self, t, op=None):
+        self._check(t)
+        t.mul_(2)
+
+    def all_gather(self, parts, t):
+        self._check(t)
+        for p in parts:
+            p.copy_(t)
+
+    ReduceOp = torch.distributed.ReduceOp
+
+
+def test_collectives_route_every_tensor_through_backend_device(monkeypatch):
+    """Each collective asks `backend_device` (checked above) where the group's backend wants the
+    tensor, hands the backend a copy there, and returns the result on the caller's device, leaving
+    the input untouched. The stand-in group refuses tensors off its device, as NCCL does."""
+    fake = _RecordingNccl(accept="cpu")
+    asked = []
+
+    def route(backend, device):
+        asked.append((backend, device.type))
+        return torch.device("cpu")
+
+    monkeypatch.setattr(D, "dist", fake)
+    monkeypatch.setattr(D, "backend_device", route)
+    x = torch.tensor([1.0, 2.0])
+    assert D.all_reduce_sum(x).tolist() == [2.0, 4.0] and x.tolist() == [1.0, 2.0]
+    assert D.all_reduce_mean(x).tolist() == [1.0, 2.0]
+    assert D.all_gather(torch.ones(1, 2)).shape == (2, 2)
+    assert fake.seen == ["cpu"] * 3 and asked == [("nccl", "cpu")] * 3
+    # a backend handed a tensor off its device refuses it: the routing is what makes CPU flags work
+    monkeypatch.setattr(D, "dist", _RecordingNccl(accept="cuda"))
+    monkeypatch.setattr(D, "backend_device", lambda backend, device: device)
+    with pytest.raises(RuntimeError, match="device type cpu"):
+        D.all_reduce_sum(x)

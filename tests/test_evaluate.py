@@ -167,6 +167,8 @@ def test_two_gloo_ranks_equal_one_rank(hit, data):
             got = r0[direction][name]
             for k in PLAIN:  # rank-order gather: same ranks up to float summation order
                 assert got[k] == pytest.approx(m[k]), (direction, name, k)
+    for name, m in single["order"].items():  # the forward/reversed pairs are gathered in the same order
+        assert r0["order"][name] == pytest.approx(m), name
 
 
 def write_fake_checkpoint(model, cfg, run_dir: Path) -> Path:
@@ -220,3 +222,106 @@ def test_block_rows_respect_the_memory_budget():
     assert block_rows_for(100_000, 4, EvalConfig(block_size=4096, block_mb=64)) * 100_000 * (4 * 4 + 8) <= 64 * 2**20
     assert block_rows_for(10, 4, EvalConfig(block_size=7, block_mb=64)) == 7
     assert np.isfinite(block_rows_for(10**9, 4, EvalConfig(block_mb=1))) and block_rows_for(10**9, 4, EvalConfig(block_mb=1)) == 1
+
+
+# ---------------------------------------------------------------------------- diagnostics
+
+
+def grouped_copy(data: Path, dst: Path) -> Path:
+    """The eval fixture with a `group` column: test00000-03 in g0, 04-07 in g1, 08-09 in none."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(data, dst)
+    table = pq.read_table(dst / "manifest.parquet")
+    groups = [None if int(k[4:]) >= 8 else f"g{int(k[4:]) // 4}" for k in table.column("key").to_pylist()]
+    pq.write_table(table.append_column("group", pa.array(groups, pa.string())), dst / "manifest.parquet")
+    return dst
+
+
+def flipped(batches):
+    for b in batches:
+        yield {**b, "video": b["video"].flip(1)}  # [B, T, C, H, W]: frames in reverse order
+
+
+def test_order_pairs_are_own_video_forward_and_reversed(hit):
+    from pipeline.data import iter_eval
+    from pipeline.evaluate import embed_batches
+
+    cfg, model = hit
+    emb = embed_batches(model, iter_eval(cfg, split="test"), reverse=True)
+    rev = embed_batches(model, flipped(iter_eval(cfg, split="test")))  # an independent reversed pass
+    assert rev.keys == emb.keys and set(emb.order_pairs) == set(model.levels) | {"fused"}
+    with torch.no_grad():
+        fwd_full = model.similarity(emb.texts, emb.videos)  # level -> [19, 10]
+        rev_full = model.similarity(emb.texts, rev.videos)
+    own = emb.caption_to_video[:, None]
+    for name, pairs in emb.order_pairs.items():
+        assert pairs.shape == (19, 2)
+        torch.testing.assert_close(pairs[:, 0], fwd_full[name].gather(1, own)[:, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pairs[:, 1], rev_full[name].gather(1, own)[:, 0], rtol=1e-5, atol=1e-6)
+    # the temporal encoder sees order: reversing changes the fused scores (else the diagnostic is moot)
+    assert not torch.allclose(emb.order_pairs["fused"][:, 0], emb.order_pairs["fused"][:, 1])
+    assert embed_batches(model, iter_eval(cfg, split="test")).order_pairs == {}  # off unless asked
+
+
+def test_eval_cli_reports_order_and_group_diagnostics(hit, data, tmp_path, capsys):
+    from launch.cli import main
+    from pipeline.data import iter_eval
+    from pipeline.evaluate import embed_batches
+
+    cfg, model = hit
+    grouped = grouped_copy(data, tmp_path / "grouped")
+    run = write_fake_checkpoint(model, cfg, tmp_path / "run")
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(run), "--data", str(grouped), "--split", "test", "--out", str(out),
+                 "--no-export"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "eval.json").read_text())
+    # independent figures from the full similarity matrices
+    emb = embed_batches(model, iter_eval(make_cfg(grouped), split="test"))
+    rev = embed_batches(model, flipped(iter_eval(make_cfg(grouped), split="test")))
+    with torch.no_grad():
+        fwd = model.similarity(emb.texts, emb.videos)["fused"]  # [19, 10]
+        back = model.similarity(emb.texts, rev.videos)["fused"]
+    c2v = emb.caption_to_video
+    f, b = fwd.gather(1, c2v[:, None])[:, 0], back.gather(1, c2v[:, None])[:, 0]
+    assert res["order"]["fused"]["order"] == pytest.approx(100 * (f > b).float().mean().item())
+    assert res["order"]["fused"]["queries"] == 19
+    vgroup = [None if int(k[4:]) >= 8 else int(k[4:]) // 4 for k in emb.keys]
+    group_hits, sib_hits, n = 0, 0, 0
+    for c in range(len(c2v)):
+        g = vgroup[c2v[c]]
+        if g is None:
+            continue
+        n += 1
+        row = fwd[c].tolist()
+        best_in = max(row[v] for v in range(10) if vgroup[v] == g)
+        best_out = max([row[v] for v in range(10) if vgroup[v] != g], default=float("-inf"))
+        group_hits += best_in > best_out
+        sib_hits += all(row[c2v[c]] > row[v] for v in range(10) if vgroup[v] == g and v != c2v[c])
+    groups = res["groups"]
+    assert groups["queries"] == n == sum(1 + i % 3 for i in range(8)) and groups["groups"] == 2
+    assert groups["levels"]["fused"]["group_R1"] == pytest.approx(100 * group_hits / n)
+    assert groups["levels"]["fused"]["sibling_R1"] == pytest.approx(100 * sib_hits / n)
+    assert groups["chance"]["sibling_R1"] == pytest.approx(25.0)  # two full groups of four
+    assert groups["chance"]["group_R1"] == pytest.approx(40.0)  # 4 of 10 videos
+    # the printed table and eval.md carry them, with the chance row
+    fused_row = (f"| fused | {res['order']['fused']['order']:.1f} ({res['order']['fused']['ties']}) | "
+                 f"{groups['levels']['fused']['group_R1']:.1f} | {groups['levels']['fused']['sibling_R1']:.1f} |")
+    assert fused_row in printed and "| *chance* | *50* | *40.0* | *25.0* |" in printed
+    md = (out / "eval.md").read_text()
+    assert "## Diagnostics" in md and fused_row in md and "2 groups of related videos" in md
+    # ungrouped data: order only; --no-diagnostics: neither (and no second encoding)
+    assert main(["eval", "--checkpoint", str(run), "--data", str(data), "--split", "test", "--out",
+                 str(tmp_path / "plain"), "--no-export"]) == 0
+    plain = json.loads((tmp_path / "plain" / "eval.json").read_text())
+    assert plain["groups"] is None and plain["order"]["fused"] == res["order"]["fused"]
+    assert "need a `group` column" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(run), "--data", str(grouped), "--split", "test", "--out",
+                 str(tmp_path / "off"), "--no-export", "--no-diagnostics"]) == 0
+    off = json.loads((tmp_path / "off" / "eval.json").read_text())
+    assert "order" not in off and off["groups"] is None and off["t2v"] == res["t2v"]
+    assert "| level | order" not in capsys.readouterr().out

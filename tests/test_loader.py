@@ -9,7 +9,7 @@ import torch
 from test_loader_fixture import prepared_dataset
 
 from pipeline.config import Config
-from pipeline.data import VideoTextLoader, iter_eval
+from pipeline.data import DatasetIndex, VideoTextLoader, iter_eval
 from pipeline.errors import UserError
 
 pytestmark = pytest.mark.integration
@@ -59,9 +59,21 @@ def valid_keys(batches):
     return [k for keys, valid, _, _ in batches for k, v in zip(keys, valid) if v]
 
 
+def global_keys(per_rank):
+    """The valid keys in global order: global batch k is the ranks' k-th batches in rank order."""
+    return [k for step in zip(*per_rank) for keys, valid, _, _ in step for k, v in zip(keys, valid) if v]
+
+
+def assert_groups_contiguous(keys, index):
+    group = dict(zip(index.keys, index.groups))
+    runs = [g for i, g in enumerate(group[k] for k in keys) if i == 0 or g != group[keys[i - 1]]]
+    assert len(runs) == len(set(runs)), "a group's members are not contiguous in the global order"
+
+
+@pytest.mark.parametrize("order", ["global", "grouped"])
 @pytest.mark.parametrize("w", [1, 2, 3])
-def test_exactly_once_over_three_epochs_with_equal_batch_counts(dataset, w):
-    cfg = make_cfg(dataset, remainder="pad", prefetch=2)
+def test_exactly_once_over_three_epochs_with_equal_batch_counts(dataset, w, order):
+    cfg = make_cfg(dataset, remainder="pad", prefetch=2, order=order, group_chunk=4)
     n = len(VideoTextLoader(cfg).index)
     # a batch size that leaves a remainder at every world size tested
     cfg.data.batch_size = next(b for b in range(2, 12) if all(n % (b * v) for v in (1, 2, 3)))
@@ -76,6 +88,8 @@ def test_exactly_once_over_three_epochs_with_equal_batch_counts(dataset, w):
         batch = per_rank[0][0]
         assert batch[3].shape == (cfg.data.batch_size, 4, 3, 16, 16) and batch[3].dtype == torch.float32
         assert per_rank[0][-1][2] == n  # final position: the whole epoch
+        if order == "grouped":
+            assert_groups_contiguous(global_keys(per_rank), loaders[0].index)
         orders.append(keys)
     assert orders[0] != orders[1]
 
@@ -89,9 +103,9 @@ def test_drop_remainder_yields_equal_counts_and_no_padding(dataset):
     assert len(keys) == len(set(keys)) == n // 6 * 6
 
 
-@pytest.mark.parametrize("order", ["global", "block"])
+@pytest.mark.parametrize("order", ["global", "block", "grouped"])
 def test_stop_and_resume_equals_never_stopped(dataset, order):
-    cfg = make_cfg(dataset, remainder="pad", order=order, block_window=2)
+    cfg = make_cfg(dataset, remainder="pad", order=order, block_window=2, group_chunk=4)
     straight, _ = run_epoch(cfg, 2, epoch=1)
     first, loaders = run_epoch(cfg, 2, epoch=1, limit=3)
     states = [ld.state_dict() for ld in loaders]
@@ -105,8 +119,9 @@ def test_stop_and_resume_equals_never_stopped(dataset, order):
             assert torch.equal(a[3], b[3])
 
 
-def test_resume_at_three_ranks_from_a_two_rank_state_sees_exactly_the_rest(dataset):
-    cfg = make_cfg(dataset, remainder="pad")
+@pytest.mark.parametrize("order", ["global", "grouped"])
+def test_resume_at_three_ranks_from_a_two_rank_state_sees_exactly_the_rest(dataset, order):
+    cfg = make_cfg(dataset, remainder="pad", order=order, group_chunk=4)
     first, loaders = run_epoch(cfg, 2, epoch=2, limit=2)
     state = loaders[0].state_dict()
     done = [k for b in first for k in valid_keys(b)]
@@ -116,6 +131,45 @@ def test_resume_at_three_ranks_from_a_two_rank_state_sees_exactly_the_rest(datas
     order = [loaders[0].index.keys[i] for i in loaders[0].order(2)]
     assert sorted(later) == sorted(order[state["position"]:])
     assert sorted(done + later) == sorted(order) and len(set(done + later)) == len(order)
+    assert global_keys(first) + global_keys(rest) == order  # the same order, continued at 3 ranks
+    if cfg.data.order == "grouped":
+        assert_groups_contiguous(order, loaders[0].index)
+        assert 0 < state["position"] < len(order) and state["position"] % 4 == 0  # stopped mid-epoch
+
+
+def test_group_column_reaches_the_loader_and_old_manifests_load_without_it(dataset, tmp_path):
+    # synth writes group g{i // 4:05d} for video i; prep carries it into manifest.parquet
+    index = DatasetIndex(dataset, "train")
+    assert index.groups == [f"g{int(k[len('synth'):]) // 4:05d}" for k in index.keys]
+    assert len(set(index.groups)) < len(index.groups)  # really groups of several
+    assert (index.group_ids >= 0).all() and len(np.unique(index.group_ids)) == len(set(index.groups))
+    # a dataset prepared before the column: same samples, groups all None, every order still loads
+    copy = tmp_path / "old"
+    shutil.copytree(dataset, copy)
+    m = pd.read_parquet(copy / "manifest.parquet")
+    m.drop(columns=["group"]).to_parquet(copy / "manifest.parquet")
+    old = DatasetIndex(copy, "train")
+    assert old.keys == index.keys and old.groups == [None] * len(old.keys) and (old.group_ids == -1).all()
+    cfg = make_cfg(copy, remainder="pad", order="grouped")
+    per_rank, _ = run_epoch(cfg, 2, 0)
+    assert sorted(k for b in per_rank for k in valid_keys(b)) == sorted(old.keys)
+
+
+def test_grouped_state_refuses_a_dataset_with_other_groups(dataset, tmp_path):
+    copy = tmp_path / "regrouped"
+    shutil.copytree(dataset, copy)
+    m = pd.read_parquet(copy / "manifest.parquet")
+    m["group"] = "one"  # same keys, other groups: the grouped order would differ
+    m.to_parquet(copy / "manifest.parquet")
+    state = VideoTextLoader(make_cfg(dataset, order="grouped")).state_dict()
+    with pytest.raises(UserError, match="group"):
+        VideoTextLoader(make_cfg(copy, order="grouped")).load_state_dict(state)
+    VideoTextLoader(make_cfg(copy)).load_state_dict(VideoTextLoader(make_cfg(dataset)).state_dict())  # global: fine
+    # the state's group_chunk wins over the config's, so the resumed order is the one the run had
+    resumed = VideoTextLoader(make_cfg(dataset, order="grouped", group_chunk=8))
+    resumed.load_state_dict(state)
+    assert resumed.group_chunk == 16 and np.array_equal(
+        resumed.order(0), VideoTextLoader(make_cfg(dataset, order="grouped")).order(0))
 
 
 def test_load_state_refuses_another_dataset(dataset, tmp_path):

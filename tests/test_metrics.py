@@ -184,3 +184,86 @@ def test_nan_scores_with_dsl_rank_pessimistically():
                           dsl_scale=50.0)["s"]
     for direction in ("t2v", "v2t", "t2v_dsl", "v2t_dsl"):
         assert ranks[direction].ranks[2] == 11, direction  # last, never an optimistic NaN comparison
+
+
+# ---------------------------------------------------------------------------- diagnostics
+
+
+def test_order_sensitivity_hand_made():
+    from pipeline.metrics import order_sensitivity
+
+    fwd = np.array([0.9, 0.5, 0.3, 0.7, 0.2])
+    back = np.array([0.1, 0.5, 0.4, np.nan, 0.1])
+    # wins: 0.9>0.1 yes, 0.5=0.5 tie (fails), 0.3<0.4 no, NaN fails, 0.2>0.1 yes -> 2 of 5
+    assert order_sensitivity(fwd, back) == {"order": 40.0, "queries": 5, "ties": 1}
+    # an exactly order-blind model ties every pair: 0%, every caption a tie (never mistaken for 100)
+    assert order_sensitivity(fwd[:3], fwd[:3]) == {"order": 0.0, "queries": 3, "ties": 3}
+    assert order_sensitivity([1.0, 2.0], [0.0, 1.0])["order"] == 100.0
+    assert order_sensitivity(torch.tensor([0.3, 0.1, 0.2, 0.9]), torch.tensor([0.2, 0.2, 0.2, 0.8]))["order"] == 50.0
+    with pytest.raises(ValueError, match="one length"):
+        order_sensitivity([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        order_sensitivity([], [])
+
+
+# videos 0,1,2 in g0; 3,4 in g1; 5 in no group. Captions -> videos:
+GROUP_C2V = np.array([0, 1, 3, 4, 5, 2])
+GROUP_OF_VIDEO = ["g0", "g0", "g0", "g1", "g1", None]
+GROUP_SIM = np.array([
+    # v0   v1   v2   v3   v4   v5
+    [0.9, 0.8, 0.1, 0.2, 0.3, 0.0],  # c0 (v0): top v0 -> group hit; own 0.9 > siblings -> sibling hit
+    [0.9, 0.8, 0.1, 0.2, 0.3, 0.0],  # c1 (v1): top v0 in g0 -> group hit; own 0.8 < v0 0.9 -> miss
+    [0.5, 0.1, 0.1, 0.5, 0.4, 0.2],  # c2 (v3): in-group 0.5 TIES v0 0.5 -> group miss; own 0.5 > v4 -> hit
+    [0.1, 0.1, 0.1, 0.6, 0.6, 0.9],  # c3 (v4): ungrouped v5 on top -> miss; own 0.6 TIES v3 -> miss
+    [0.9, 0.9, 0.9, 0.9, 0.9, 0.1],  # c4 (v5): no group, not counted
+    [0.2, 0.2, 0.7, 0.1, 0.1, 0.1],  # c5 (v2): group hit, sibling hit
+])
+
+
+@pytest.mark.parametrize("block", [1, 2, 100])
+def test_group_and_sibling_r1_hand_made_with_pessimistic_ties(block):
+    from pipeline.metrics import group_metrics
+
+    got = group_metrics(GROUP_SIM, GROUP_C2V, GROUP_OF_VIDEO, block_rows=block)
+    assert got["queries"] == 5 and got["groups"] == 2
+    assert got["group_R1"] == pytest.approx(60.0)  # c0, c1, c5 of 5
+    assert got["sibling_R1"] == pytest.approx(60.0)  # c0, c2, c5 of 5
+    # chance: group size / 6 videos -> (3/6 * 3 + 2/6 * 2) / 5; 1 / group size -> (1/3 * 3 + 1/2 * 2) / 5
+    assert got["chance"]["group_R1"] == pytest.approx(100 * (1.5 + 2 / 3) / 5)
+    assert got["chance"]["sibling_R1"] == pytest.approx(40.0)
+
+
+def test_group_metrics_nan_ungrouped_and_integer_codes():
+    from pipeline.metrics import group_metrics
+
+    x = GROUP_SIM.copy()
+    x[0, 0] = np.nan  # c0's own score unknown: both hits fail (NaN = -inf)
+    before = x.copy()
+    got = group_metrics(x, GROUP_C2V, GROUP_OF_VIDEO)
+    np.testing.assert_array_equal(x, before)  # the caller's matrix is never written
+    assert got["sibling_R1"] == pytest.approx(40.0)  # c2, c5
+    assert got["group_R1"] == pytest.approx(60.0)  # c0's top is then v1 (0.8), still its group
+    assert group_metrics(GROUP_SIM, GROUP_C2V, [None] * 6) is None  # no group anywhere
+    codes = np.array([7, 7, 7, 2, 2, -1])  # integer group ids, negative = none
+    assert group_metrics(GROUP_SIM, GROUP_C2V, codes) == group_metrics(GROUP_SIM, GROUP_C2V, GROUP_OF_VIDEO)
+
+
+def test_group_metrics_match_argmax_on_tie_free_scores():
+    """Without ties the pessimistic counts equal the plain argmax definitions."""
+    from pipeline.metrics import group_metrics
+
+    rng = np.random.default_rng(3)
+    nv, nc = 40, 120
+    groups = np.arange(nv) // 4
+    c2v = rng.integers(0, nv, size=nc)
+    sim = rng.standard_normal((nc, nv))
+    sim[np.arange(nc), c2v] += 1.0
+    sim[np.arange(nc), (c2v // 4) * 4] += 0.8  # group structure: R@1s neither 0 nor 100
+    got = group_metrics(sim, c2v, [f"g{g}" for g in groups], block_rows=7)
+    top = sim.argmax(axis=1)
+    same = groups[None, :] == groups[c2v][:, None]
+    in_group = np.where(same, sim, -np.inf).argmax(axis=1)
+    assert got["group_R1"] == pytest.approx(100 * np.mean(groups[top] == groups[c2v]))
+    assert got["sibling_R1"] == pytest.approx(100 * np.mean(in_group == c2v))
+    assert 0 < got["sibling_R1"] < 100 and 0 < got["group_R1"] < 100
+    assert got["chance"] == {"group_R1": pytest.approx(10.0), "sibling_R1": pytest.approx(25.0)}

@@ -71,7 +71,7 @@ def _bad_manifest(root: Path, corpus_manifest: Path) -> Path:
             c.mux(p)
     rows = list(csv.reader(open(corpus_manifest, encoding="utf-8")))[1:]
     lines = [b"video,caption,key,split"]
-    for video, caption, key, split in rows:
+    for video, caption, key, split, *_ in rows:
         lines.append(f'{corpus_manifest.parent / video},"{caption.replace(chr(34), chr(34) * 2)}",{key},{split}'.encode())
     g = str(good[1]).encode()
     lines += [b"missing.webm,a caption,missing,train", b"zero.webm,a caption,zero,train",

@@ -1,5 +1,6 @@
 """Shard pieces without Ray: tar + index bytes (vs the real wds2idx), transcode, bad-input reasons, plan."""
 
+import json
 import subprocess
 import sys
 import tarfile
@@ -110,3 +111,23 @@ def test_write_shard_directly_is_deterministic(corpus, tmp_path):
     arr = np.frombuffer((tmp_path / "a" / "train-000000.tar").read_bytes(), np.uint8)
     r = st["rows"][1]
     assert bytes(arr[r["json_offset"]:r["json_offset"] + r["json_size"]]).startswith(b'{"captions":["cap 1"]')
+
+
+def test_group_goes_into_the_sample_json_and_row_only_when_set(corpus, tmp_path):
+    def shard(groups, out):
+        samples = [Sample(f"s{i}", str(corpus / "videos" / f"synth{i:06d}.webm"), [f"cap {i}"], group=g)
+                   for i, g in enumerate(groups)]
+        spec = make_plan(check_samples(samples)[0], PrepConfig(shard_max_samples=8))[0]
+        (tmp_path / out).mkdir()
+        st = write_shard(spec, PREP, str(tmp_path / out))
+        raw = (tmp_path / out / "train-000000.tar").read_bytes()
+        docs = [json.loads(raw[r["json_offset"]:r["json_offset"] + r["json_size"]]) for r in st["rows"]]
+        return st, docs, raw
+
+    st, docs, raw = shard(["g1", None, "g1"], "grouped")
+    assert [d.get("group") for d in docs] == ["g1", None, "g1"] and "group" not in docs[1]
+    assert [r.get("group") for r in st["rows"]] == ["g1", None, "g1"] and "group" not in st["rows"][1]
+    _, plain_docs, plain_raw = shard([None, None, None], "plain")
+    assert all("group" not in d for d in plain_docs)
+    assert docs[1] == plain_docs[1] and docs[0] == {**plain_docs[0], "group": "g1"}
+    assert raw != plain_raw  # the group really is in the grouped shard's bytes

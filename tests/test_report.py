@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pipeline.report import SearchResult, chance_levels, read_metrics, retrieval_table, write_report
+from pipeline.report import SearchResult, chance_levels, read_metrics, retrieval_table, summary_row, write_report
 
 
 def _metrics(r1, r5, r10, mdr, mnr):
@@ -102,3 +102,35 @@ def test_report_without_training_log(run_dir, tmp_path):
     text = path.read_text()
     assert "No metrics.jsonl records" in text and "No dataset.json" in text
     assert not (tmp_path / "r2" / "figures" / "loss.png").exists()
+
+
+def test_report_shows_the_diagnostics_with_chance(run_dir, tmp_path):
+    result = json.loads((run_dir / "eval.json").read_text())
+    result["order"] = {"clip": {"order": 55.0, "queries": 160, "ties": 0},
+                       "fused": {"order": 62.5, "queries": 160, "ties": 2}}
+    result["groups"] = {"queries": 160, "groups": 10, "chance": {"group_R1": 10.0, "sibling_R1": 25.0},
+                        "levels": {"clip": {"group_R1": 70.0, "sibling_R1": 27.5},
+                                   "fused": {"group_R1": 81.25, "sibling_R1": 31.25}}}
+    (run_dir / "eval.json").write_text(json.dumps(result))
+    text = write_report(tmp_path / "r3", eval_json=run_dir / "eval.json").read_text()
+    assert "### What the model tells apart" in text and "10 groups of related videos" in text
+    lines = text.splitlines()
+    at = lines.index("| level | order % (ties) | group R@1 | sibling R@1 |")
+    assert lines[at + 2:at + 5] == ["| fused | 62.5 (2) | 81.2 | 31.2 |", "| clip | 55.0 (0) | 70.0 | 27.5 |",
+                                    "| *chance* | *50* | *10.0* | *25.0* |"]  # fused first, then the levels
+    assert "Fused: right group 81.2% (chance 10.0%), right video within it 31.2% (chance 25.0%), true order " \
+           "preferred 62.5%." in text
+    head = summary_row(result)
+    assert (head["order"], head["sibling_R1"], head["sibling_R1_chance"]) == (62.5, 31.25, 25.0)
+    # an ungrouped result: order only, and the table says the group columns are missing
+    result["groups"] = None
+    (run_dir / "eval.json").write_text(json.dumps(result))
+    text = write_report(tmp_path / "r4", eval_json=run_dir / "eval.json").read_text()
+    assert "| fused | 62.5 (2) | - | - |" in text and "need a `group` column" in text
+    assert "Fused: right group" not in text
+
+
+def test_report_of_an_eval_without_diagnostics(run_dir, tmp_path):
+    text = write_report(tmp_path / "r5", eval_json=run_dir / "eval.json").read_text()
+    assert "What the model tells apart" not in text  # an eval.json from before the diagnostics
+    assert summary_row(json.loads((run_dir / "eval.json").read_text()))["order"] is None

@@ -56,6 +56,30 @@ def test_manifest_formats_agree(tmp_path):
         read_manifest(tmp_path / "x.csv")
 
 
+def test_group_column_in_every_format_empty_means_none(tmp_path):
+    rows = [{"video": "a.webm", "caption": "x", "key": "a", "group": "src1"},
+            {"video": "b.webm", "caption": "y", "key": "b", "group": ""},
+            {"video": "c.webm", "caption": "z", "key": "c", "group": "src1"},
+            {"video": "d.webm", "caption": "w", "key": "d", "group": None}]
+    (tmp_path / "m.csv").write_text("video,caption,key,group\na.webm,x,a,src1\nb.webm,y,b,\nc.webm,z,c,src1\n"
+                                    "d.webm,w,d,\n")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    for name in ("m.csv", "m.jsonl", "m.parquet"):
+        samples, refused = check_samples(read_manifest(tmp_path / name))
+        assert [x.group for x in samples] == ["src1", None, "src1", None] and not refused, name
+    (tmp_path / "n.jsonl").write_text(json.dumps({"video": "a.webm", "caption": "x", "group": 7}) + "\n")
+    assert read_manifest(tmp_path / "n.jsonl")[0].group == "7"  # a numeric id becomes its string
+    (tmp_path / "old.csv").write_text("video,caption,key\na.webm,x,a\n")
+    old = read_manifest(tmp_path / "old.csv")[0]
+    assert old.group is None
+    # a sample without a group has the same plan entry (so the same shard fingerprint) as before the column
+    assert "group" not in old.to_dict() and Sample("a", "v", ["c"], group="g").to_dict()["group"] == "g"
+    (tmp_path / "bad.csv").write_bytes(b"video,caption,key,group\na.webm,x,a,g\xff\nb.webm,y,b,g\n")
+    good, bad = check_samples(read_manifest(tmp_path / "bad.csv"))
+    assert [s.key for s in good] == ["b"] and [(r.key, r.reason) for r in bad] == [("a", "group is not valid UTF-8")]
+
+
 def test_invalid_utf8_in_csv_is_detected(tmp_path):
     (tmp_path / "m.csv").write_bytes(b"video,caption,key\na.webm,caf\xff,k1\nb.webm,good,k2\n")
     good, bad = check_samples(read_input(tmp_path / "m.csv"))

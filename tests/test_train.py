@@ -219,3 +219,46 @@ def test_resume_plan_converts_within_zero_families_and_refuses_across(tmp_path, 
     else:
         with pytest.raises(ConfigError, match=f"Resume with train.zero_stage={saved}"):
             plan_resume("auto", tmp_path, world_size=1, zero_stage=now)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(shards, tmp_path):
+    """train.grad_accum=2: a step is an optimizer step for every counter. 3 steps of 2 micro-batches
+    of 4: the LR schedule is at step 3 (not 6), the checkpoint says 3 optimizer steps, the key
+    encoders were updated 3 times, every micro-batch's keys were enqueued once (queue pointer at
+    3 x 2 x 4 = 24), and each logged step consumed 8 samples."""
+    out = tmp_path / "accum"
+    extra = ["train.steps=3", "train.grad_accum=2", "queue.size=100", "checkpoint.every_steps=0"]
+    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
+           f"data.path={shards}", f"train.out_dir={out}", *extra]
+    res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["step"] == 3 and status["momentum_updates"] == 3 and status["grad_accum"] == 2
+    state = torch.load(out / "checkpoints/step00000003/mp_rank_00_model_states.pt", weights_only=False)
+    assert state["global_steps"] == 3
+    ptrs = [int(v) for k, v in state["module"].items() if k.endswith(".ptr")]
+    assert ptrs and all(p == 24 for p in ptrs), ptrs
+    samples = _samples(out, 0)
+    assert sorted(samples) == [1, 2, 3] and all(len(samples[s]["keys"]) == 8 for s in samples)
+    assert len({k for s in samples.values() for k in s["keys"]}) == 24  # 24 distinct samples of 40
+    metrics = _metrics(out)
+    assert sorted(metrics) == [1, 2, 3]
+    # the schedule spans the 3 optimizer steps (warmup min(4, steps - 1) = 2, then cosine): it starts
+    # at 0, is half-way up after one step and reaches lr * min_lr_ratio (tiny.yaml: 3e-4 x 0.1) at step 3
+    lrs = [metrics[s]["lr"] for s in (1, 2, 3)]
+    assert lrs == pytest.approx([0.0, 1.5e-4, 3e-5], rel=1e-6), lrs
+    assert metrics[3]["samples_seen"] == 24
+
+
+def test_log_every_sets_how_often_metrics_are_written(shards, tmp_path):
+    """train.log_every=2 over 5 steps: lines at steps 2, 4 and the last step, 5; each loss is the
+    window's mean, so it is finite and positive."""
+    out = tmp_path / "logevery"
+    extra = ["train.steps=5", "train.log_every=2", "checkpoint.every_steps=0"]
+    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
+           f"data.path={shards}", f"train.out_dir={out}", *extra]
+    res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    metrics = _metrics(out)
+    assert sorted(metrics) == [2, 4, 5]
+    assert all(0 < m["loss"] < 50 and 0 <= m["data_wait_share"] <= 1 for m in metrics.values())

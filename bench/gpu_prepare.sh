@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run on a CPU machine before `make gpu-check` on a lent GPU machine that has torch but not the rest.
+#   bash bench/gpu_prepare.sh
+# Brings DALI + DeepSpeed wheels (../shared/tools/device-wheels.sh: .dev/dali1-4, .dev/whl), pytest and
+# pyarrow wheels for the GPU machine's Python 3.12 (.dev/whl2), and the test data (.dev/gpu-data:
+# H.264 shards, a small text model, a PyAV reference batch; bench/gpu_data.py). Then prints the calls.
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+bash ../shared/tools/device-wheels.sh >/dev/null
+mkdir -p .dev/whl2 .dev/pa
+plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+.venv/bin/pip download -q --no-deps "${plat[@]}" -d .dev/whl2 pytest pluggy iniconfig pygments
+.venv/bin/pip download -q --no-deps "${plat[@]}" -d .dev/pa pyarrow==26.0.1  # ~40 MiB: a call of its own
+[[ -f .dev/gpu-data/reference.pt ]] || .venv/bin/python bench/gpu_data.py --out .dev/gpu-data
+du -sh .dev/* 
+cat <<'TXT'
+
+Device calls, back to back (the machine keeps /tmp only while warm):
+  1-3. as ../shared/tools/device-wheels.sh prints (carry .dev/dali1, .dev/dali2, .dev/dali3)
+  4. carry [".dev/pa"]  command: cp .dev/pa/*.whl /tmp/dw/   (skip if the machine's python3 imports pyarrow)
+  5. carry [".dev/dali4", ".dev/whl", ".dev/whl2", ".dev/gpu-data"]  timeout_s 600  command:
+     cp .dev/dali4/part_* /tmp/dw/ && cat /tmp/dw/part_0* > /tmp/dw/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl && rm /tmp/dw/part_0* && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/dw/*.whl .dev/whl/*.whl .dev/whl2/*.whl && make gpu-check
+TXT
