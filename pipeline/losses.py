@@ -1,8 +1,9 @@
 """Per-sample contrastive losses over a bank of keys, and the split-independent batch mean.
 
-A query's row of similarities `sim` [B, N] covers a bank of N candidates: its own positive key
-(column `target`) and possible negatives; `neg_mask` [B, N] says which columns are real
-negatives (filled queue slots and valid in-batch keys from other videos). Every loss here is
+A query's row of similarities `sim` [B, N] covers a bank of N candidates: its own positive
+(column `target`: its momentum key, or its pair's query embedding in the symmetric recipe) and
+possible negatives; `neg_mask` [B, N] says which columns are real negatives (filled queue slots
+and valid in-batch keys or queries from other videos). Every loss here is
 per sample and depends only on the query's row, so it cannot depend on how the global batch is
 split across ranks.
 
@@ -63,10 +64,15 @@ def global_count(valid: torch.Tensor) -> torch.Tensor:
     return dist.all_reduce_sum(valid.float().sum().reshape(1)).reshape(()).clamp(min=1.0)
 
 
-def global_mean(per_sample: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """This rank's share of the global mean over valid samples (see the module docstring)."""
+def global_mean(per_sample: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
+                world_size: int | None = None) -> torch.Tensor:
+    """This rank's share of the global mean over valid samples (see the module docstring).
+
+    world_size: W (None = ask torch.distributed; the objective passes its own argument).
+    """
+    world = dist.get_world_size() if world_size is None else world_size
     local = torch.where(valid, per_sample, torch.zeros_like(per_sample)).sum()
-    return local * dist.get_world_size() / count
+    return local * world / count
 
 
 def denoise_weights(p_pos: torch.Tensor, valid: torch.Tensor, count: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -52,6 +52,9 @@ def load_queue_state(model, state: dict) -> None:
     from pipeline.queue import MomentumQueue
 
     queues = {name: m for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
+    # checkpoints written before the objective became its own module name the queues `queues.*`
+    state = {name if name in queues or f"objective.{name}" not in queues else f"objective.{name}": value
+             for name, value in state.items()}
     if set(queues) != set(state):
         raise RuntimeError(f"checkpoint queues {sorted(state)} do not match the model's {sorted(queues)}")
     for name, module in queues.items():

@@ -1,5 +1,6 @@
 """HierarchicalModel on the tiny config: every preset trains, overfits, encodes, and masks correctly."""
 
+import math
 import os
 import subprocess
 import sys
@@ -37,10 +38,11 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("objective", ["momentum", "symmetric"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_trains_every_parameter_and_overfits_a_small_batch(preset):
+def test_preset_trains_every_parameter_and_overfits_a_small_batch(preset, objective):
     torch.manual_seed(0)
-    model = build_model(_cfg(preset))
+    model = build_model(_cfg(preset, [f"queue.objective={objective}"]))
     batch = _batch()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
@@ -70,7 +72,8 @@ def test_levels_per_preset_and_key_encoders_are_frozen():
     assert not any(p.requires_grad for p in model.text_key.parameters())
     assert model.logit_scale.requires_grad  # learnable temperature in hcmi
     assert set(model.queues) == {f"{lv}_{m}" for lv in expected["hcmi"] for m in ("video", "text")}
-    assert "queues.frame_word_text.emb" in model.state_dict() and "queues.frame_word_text.ptr" in model.state_dict()
+    state = model.state_dict()  # the queues are the objective's (pipeline/objective.py), in every checkpoint
+    assert "objective.queues.frame_word_text.emb" in state and "objective.queues.frame_word_text.ptr" in state
     for preset in ("hit", "hanet", "flat"):
         assert [lv.name for lv in __import__("pipeline.levels").levels.preset_levels(preset)] == expected[preset]
 
@@ -219,3 +222,82 @@ def test_freeze_embeddings_keeps_the_word_table_fixed_and_trains_the_rest(freeze
     assert table.requires_grad is not freeze
     assert torch.equal(table, before) is freeze  # AdamW moves every row it has a gradient for
     assert not torch.equal(query, query_before)
+
+
+def test_checkpoints_with_the_queues_under_their_old_names_still_load():
+    model = build_model(_cfg("flat", ["queue.size=4"]))
+    model.enqueue(model(_batch(3)))
+    old = {k.replace("objective.queues.", "queues."): v.clone() for k, v in model.state_dict().items()}
+    assert "queues.global_text.emb" in old  # the layout before the objective module
+    fresh = build_model(_cfg("flat", ["queue.size=4"]))
+    fresh.load_state_dict(old)  # strict
+    for name, q in model.queues.items():
+        for buf, value in q.state_dict().items():
+            assert torch.equal(fresh.queues[name].state_dict()[buf], value)
+    assert int(fresh.queues["global_video"].ptr) == 3
+
+
+@pytest.mark.parametrize("objective", ["momentum", "symmetric"])
+def test_each_direction_reaches_both_towers_only_in_the_symmetric_recipe(objective):
+    """symmetric: text->video alone trains the video tower too (its queries are the columns), and
+    video->text the text tower; momentum: a direction reaches only its query tower (keys are detached)."""
+    torch.manual_seed(0)
+    model = build_model(_cfg("hit", [f"queue.objective={objective}"]))
+    batch = _batch(4)
+
+    def grad_norms(direction):
+        model.zero_grad()
+        q_v, q_t = model.video(batch["video"]), model.text(batch["input_ids"], batch["attention_mask"])
+        with torch.no_grad():
+            k_v, k_t = model.video_key(batch["video"]), model.text_key(batch["input_ids"], batch["attention_mask"])
+        per, _, _ = model.objective.direction_losses(q_v, q_t, k_v, k_t, batch["video_ids"], batch["valid"],
+                                                     model.logit_scale, rank=0, world_size=1)
+        sum(terms[direction].sum() for terms in per.values()).backward()
+        norm = lambda tower: sum(float(p.grad.abs().sum()) for p in tower.parameters() if p.grad is not None)  # noqa: E731
+        return norm(model.video), norm(model.text)
+
+    v2t_video, v2t_text = grad_norms(0)
+    t2v_video, t2v_text = grad_norms(1)
+    assert v2t_video > 0 and t2v_text > 0  # the query tower of each direction, in both recipes
+    if objective == "symmetric":
+        assert t2v_video > 0 and v2t_text > 0
+    else:
+        assert t2v_video == 0 and v2t_text == 0
+
+
+@pytest.mark.parametrize("recipe", [["queue.objective=symmetric"], ["queue.gather_batch_with_grad=true"]])
+def test_no_queue_no_momentum_high_lr_trains_instead_of_collapsing(recipe):
+    """The reported collapse: queue.enabled=false queue.momentum=0 queue.gather_batch_with_grad=true
+    train.lr=1e-3. Scoring the in-batch queries only as negatives against a key positive sent every
+    video and every caption to two antipodal points: all similarities -1, the loss stuck at
+    log(2N-1) (2.71 here, from step 3 on). Both recipes that score the queries with gradient on
+    both sides of the pair train: the loss falls well below log(N)."""
+    torch.manual_seed(0)
+    model = build_model(_cfg("flat", ["queue.enabled=false", "queue.momentum=0", *recipe]))
+    batch = _batch(8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(40):
+        out = model(batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        model.momentum_update()
+        model.enqueue(out)
+        losses.append(out["loss"].item())
+    assert sum(losses[-5:]) / 5 < 0.5 * math.log(8), losses
+    with torch.no_grad():
+        v = model.encode_video(batch["video"])["global"]
+    assert (v @ v.T - torch.eye(8)).max() < 0.9  # the videos did not collapse to one point
+
+
+def test_queue_objective_settings_are_validated():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="queue.objective='clip' is not allowed; choose one of momentum, symmetric"):
+        _cfg("flat", ["queue.objective=clip"])
+    with pytest.raises(ConfigError, match="gather_batch_with_grad=true applies to queue.objective=momentum only"):
+        _cfg("flat", ["queue.objective=symmetric", "queue.gather_batch_with_grad=true"])
+    with pytest.raises(ConfigError, match="leaves no negatives"):
+        _cfg("flat", ["queue.enabled=false", "queue.batch_negatives=false"])
+    assert _cfg("flat").queue.objective == "momentum"  # the default recipe is unchanged

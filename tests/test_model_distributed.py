@@ -1,6 +1,7 @@
 """Results must not depend on how the global batch is split: 2 gloo ranks of batch b == 1 rank of 2b.
 
-For every preset (default settings) and a few non-default loss options, both runs take the same
+For every preset and both recipes (queue.objective momentum and symmetric; default settings) and
+a few non-default loss options, both runs take the same
 SGD steps on the same samples (gradients averaged over ranks as DeepSpeed does), then
 momentum_update + enqueue. Per step, the mean over ranks of the loss (what the trainer logs and
 what DeepSpeed's gradient averaging optimises) must equal the single-rank loss, and at the end
@@ -26,6 +27,11 @@ VARIANTS = [
     ("hit", ["queue.gather_batch_with_grad=true"]),
     ("hcmi", ["model.label_denoise=true", "model.marginal_enhance=true"]),
     ("hanet", ["model.loss=hinge"]),
+    # the symmetric recipe: the global batch's queries all-gathered with gradient, queue keys as negatives
+    ("hit", ["queue.objective=symmetric"]), ("hcmi", ["queue.objective=symmetric"]),
+    ("hanet", ["queue.objective=symmetric"]), ("flat", ["queue.objective=symmetric"]),
+    ("hcmi", ["queue.objective=symmetric", "model.label_denoise=true", "model.marginal_enhance=true"]),
+    ("hanet", ["queue.objective=symmetric", "model.loss=hinge"]),
 ]
 SMALL = ["data.num_frames=4", "data.max_words=12", "queue.size=10", "model.embed_dim=32",
          "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.text.num_layers=2",

@@ -61,3 +61,24 @@ def test_empty_push_is_a_noop():
     q = _queue(3)
     q.push({"emb": torch.zeros(0, 2), "mask": torch.zeros(0, 3, dtype=torch.bool)}, torch.zeros(0, dtype=torch.long))
     assert int(q.ptr) == 0 and len(q) == 0
+
+
+def test_hit_objective_has_four_banks_with_token_and_global_shapes():
+    """HiT's memory banks: 2 levels x 2 modalities, owned by the objective, every one a checkpointed buffer."""
+    from pathlib import Path
+
+    from pipeline.config import load_config
+    from pipeline.objective import HierarchicalContrastiveLoss
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    for recipe in ("momentum", "symmetric"):
+        cfg = load_config(tiny, ["model.preset=hit", "queue.size=7", "model.embed_dim=16", "data.num_frames=4",
+                                 "data.max_words=12", f"queue.objective={recipe}"])
+        obj = HierarchicalContrastiveLoss(cfg)
+        shapes = {name: {f: tuple(getattr(q, f).shape) for f in q.fields} for name, q in obj.queues.items()}
+        assert shapes == {"feature_video": {"emb": (7, 4, 16)},  # frames of the feature layer
+                          "feature_text": {"emb": (7, 12, 16), "mask": (7, 12)},  # words (padded to max_words)
+                          "semantic_video": {"emb": (7, 16)}, "semantic_text": {"emb": (7, 16)}}
+        assert {k for k in obj.state_dict() if k.endswith(".ptr")} == {f"queues.{n}.ptr" for n in shapes}
+    cfg = load_config(tiny, ["model.preset=hit", "queue.enabled=false"])
+    assert len(HierarchicalContrastiveLoss(cfg).queues) == 0
