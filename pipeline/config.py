@@ -89,11 +89,12 @@ class VisionConfig:
     width: int = 128
     layers: int = 2
     heads: int = 4
-    # what the video tower sees of motion and layout (pipeline/encoders.py; measured in bench/RESULTS.md)
+    # what the video tower sees of motion and layout (pipeline/encoders.py module docstring)
     frame_diff: bool = False  # frame t minus frame t-1 as 3 extra input channels (zero at t=0)
     frame_token: str = "cls"  # cls: pooled CLS per frame | layout: + a linear over the flattened patch grid
     layout_dim: int = 16  # layout: each patch token projected to this many dims before flattening
     space_time: str = "none"  # none | factorised: divided (TimeSformer) time attention before each ViT layer
+    space_time_layers: int | None = None  # factorised: only before the last N ViT layers (None = all)
 
     def __post_init__(self):
         for name in ("patch_size", "width", "layers", "heads", "layout_dim"):
@@ -101,6 +102,8 @@ class VisionConfig:
         _check(self.width % self.heads == 0, "model.vision.width must be divisible by model.vision.heads")
         _one_of("model.vision.frame_token", self.frame_token, ("cls", "layout"))
         _one_of("model.vision.space_time", self.space_time, ("none", "factorised"))
+        _check(self.space_time_layers is None or self.space_time_layers >= 1,
+               f"model.vision.space_time_layers={self.space_time_layers} must be >= 1, or null for every ViT layer")
 
 
 @dataclass
