@@ -6,16 +6,20 @@ seed) and evaluated with `hiervl eval` on the held-out test split. The synthetic
 to need the hierarchy (groups of four videos that differ only in event order or direction), so
 `flat` (one global embedding) should trail the hierarchical presets if the hierarchy helps.
 
+Each preset runs once per training seed (`--seeds`: train.seed and data.seed; the corpus stays
+the same), and the table gives the mean and the spread (min-max) over the seeds.
+
 Prints a table of fused t2v/v2t R@1/5 and per-level t2v R@1, writes bench/out/ablation.json.
 
-Example (about 10-15 minutes on 2 shared cores with the defaults):
-  .venv/bin/python bench/ablation.py --steps 150 --ranks 1 --num-videos 600
+Example (about 10-15 minutes per seed on 2 cores with the defaults):
+  .venv/bin/python bench/ablation.py --steps 150 --ranks 1 --num-videos 600 --seeds 0,1,2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -74,7 +78,8 @@ def main() -> int:
     p.add_argument("--num-videos", type=int, default=600)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--ranks", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="corpus seed (hiervl synth --seed)")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds (train.seed and data.seed), e.g. 0,1,2")
     p.add_argument("--kind", choices=("pairs", "events"), default="pairs",
                    help="synthetic corpus kind (hiervl synth --kind): pairs, or events (3-5 events, partial captions)")
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated subset of " + ",".join(PRESETS))
@@ -87,38 +92,51 @@ def main() -> int:
                     "--kind", args.kind])
         run_hiervl(["prep", "--config", args.config, "--input", str(out / "corpus" / "manifest.csv"),
               "--out", str(out / "shards")])
+    seeds = [int(x) for x in args.seeds.split(",") if x]
     rows = []
     for preset in presets:
-        run = out / preset
-        common = ["--config", args.config, f"model.preset={preset}", f"data.path={out / 'shards'}",
-                  f"train.out_dir={run}", f"train.steps={args.steps}", f"train.ranks={args.ranks}",
-                  "checkpoint.every_steps=0", *args.overrides]
-        timing = run / "ablation-train-seconds.json"  # a rerun reuses a finished preset's training
-        status = json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}
-        if timing.is_file() and status.get("state") == "finished" and status.get("step") == args.steps:
-            train_s = json.loads(timing.read_text())["seconds"]
-        else:
-            train_s = run_hiervl(["train", *common])
-            timing.write_text(json.dumps({"seconds": train_s}) + "\n")
-        run_hiervl(["eval", *common, "--checkpoint", str(run), "--data", str(out / "shards"), "--split", "test",
-              "--out", str(run / "eval-test"), "--no-export"])
-        res = json.loads((run / "eval-test" / "eval.json").read_text())
-        rows.append({"preset": preset, "train_s": round(train_s, 1), "num_videos": res["num_videos"],
-                     "t2v": {k: res["t2v"]["fused"][k] for k in ("R1", "R5", "R10", "MdR")},
-                     "v2t": {k: res["v2t"]["fused"][k] for k in ("R1", "R5", "R10", "MdR")},
-                     "t2v_R1_per_level": {lv: m["R1"] for lv, m in res["t2v"].items()},
-                     "order": (res.get("order") or {}).get("fused", {}).get("order", float("nan")),
-                     **group_figures(res, run, out / "shards")})
+        for seed in seeds:
+            run = out / (preset if seed == 0 else f"{preset}-seed{seed}")
+            common = ["--config", args.config, f"model.preset={preset}", f"data.path={out / 'shards'}",
+                      f"train.out_dir={run}", f"train.steps={args.steps}", f"train.ranks={args.ranks}",
+                      f"train.seed={seed}", f"data.seed={seed}", "checkpoint.every_steps=0", *args.overrides]
+            timing = run / "ablation-train-seconds.json"  # a rerun reuses a finished run's training
+            status = json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}
+            if timing.is_file() and status.get("state") == "finished" and status.get("step") == args.steps:
+                train_s = json.loads(timing.read_text())["seconds"]
+            else:
+                train_s = run_hiervl(["train", *common])
+                timing.write_text(json.dumps({"seconds": train_s}) + "\n")
+            if not (run / "eval-test" / "eval.json").is_file():
+                run_hiervl(["eval", *common, "--checkpoint", str(run), "--data", str(out / "shards"), "--split", "test",
+                            "--out", str(run / "eval-test"), "--no-export"])
+            res = json.loads((run / "eval-test" / "eval.json").read_text())
+            rows.append({"preset": preset, "seed": seed, "train_s": round(train_s, 1), "num_videos": res["num_videos"],
+                         "t2v": {k: res["t2v"]["fused"][k] for k in ("R1", "R5", "R10", "MdR")},
+                         "v2t": {k: res["v2t"]["fused"][k] for k in ("R1", "R5", "R10", "MdR")},
+                         "t2v_R1_per_level": {lv: m["R1"] for lv, m in res["t2v"].items()},
+                         "order": (res.get("order") or {}).get("fused", {}).get("order", float("nan")),
+                         **group_figures(res, run, out / "shards")})
     n = rows[0]["num_videos"] if rows else 0
-    print(f"\nablation: {args.steps} steps x {args.ranks} rank(s), {n} test videos (t2v R@1 chance {100 / max(n, 1):.2f}%)")
-    print("| preset | t2v R@1 | t2v R@5 | t2v MdR | v2t R@1 | v2t R@5 | t2v R@1 per level | group R@1 | "
-          "sibling R@1 (chance) | order % | train s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        levels = ", ".join(f"{k} {v:.1f}" for k, v in r["t2v_R1_per_level"].items() if k != "fused")
-        print(f"| {r['preset']} | {r['t2v']['R1']:.1f} | {r['t2v']['R5']:.1f} | {r['t2v']['MdR']:.0f} | "
-              f"{r['v2t']['R1']:.1f} | {r['v2t']['R5']:.1f} | {levels} | {r['group_R1']:.1f} | "
-              f"{r['sibling_R1']:.1f} ({r['sibling_chance']:.1f}) | {r['order']:.1f} | {r['train_s']:.0f} |")
+
+    def cell(values: list[float]) -> str:
+        """mean (min-max) over the seeds; just the value for one seed."""
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{statistics.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+    print(f"\nablation ({args.kind} corpus): {args.steps} steps x {args.ranks} rank(s), seeds {seeds}, {n} test videos "
+          f"(t2v R@1 chance {100 / max(n, 1):.2f}%); cells: mean (min-max) over the seeds")
+    print("| preset | t2v R@1 | t2v R@5 | v2t R@1 | t2v R@1 per level | group R@1 | sibling R@1 | order % | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for preset in presets:
+        rs = [r for r in rows if r["preset"] == preset]
+        levels = ", ".join(f"{k} {cell([r['t2v_R1_per_level'][k] for r in rs])}" for k in rs[0]["t2v_R1_per_level"]
+                           if k != "fused")
+        print(f"| {preset} | {cell([r['t2v']['R1'] for r in rs])} | {cell([r['t2v']['R5'] for r in rs])} | "
+              f"{cell([r['v2t']['R1'] for r in rs])} | {levels} | {cell([r['group_R1'] for r in rs])} | "
+              f"{cell([r['sibling_R1'] for r in rs])} (chance {rs[0]['sibling_chance']:.1f}) | "
+              f"{cell([r['order'] for r in rs])} | {statistics.mean(r['train_s'] for r in rs):.0f} |")
     write_results("ablation", args, rows)
     return 0
 
