@@ -169,7 +169,8 @@ class QueueConfig:
     replicated queue of K momentum keys."""
 
     # momentum: queries against momentum keys (HiT's MoCo-style contrast; the positive is a key);
-    # symmetric: in-batch InfoNCE over the global batch's queries with gradient, queue keys as extra negatives
+    # symmetric: in-batch InfoNCE over the global batch's queries with gradient, queue keys as extra negatives;
+    # both: symmetric's in-batch rows (no queue) + momentum's rows (own key positive, batch keys and queue)
     objective: str = "momentum"
     enabled: bool = True
     size: int = 4096  # K; need not divide the global batch
@@ -179,10 +180,10 @@ class QueueConfig:
     batch_negatives: bool = True  # the global batch's other samples are negatives (momentum: keys; symmetric: queries)
 
     def __post_init__(self):
-        _one_of("queue.objective", self.objective, ("momentum", "symmetric"))
+        _one_of("queue.objective", self.objective, ("momentum", "symmetric", "both"))
         _check(self.size >= 1, f"queue.size={self.size} must be >= 1 (disable the queue with queue.enabled=false)")
         _check(0.0 <= self.momentum < 1.0, f"queue.momentum={self.momentum} must be in [0, 1)")
-        _check(not (self.objective == "symmetric" and self.gather_batch_with_grad),
+        _check(not (self.objective != "momentum" and self.gather_batch_with_grad),
                "queue.gather_batch_with_grad=true applies to queue.objective=momentum only (symmetric always scores "
                "the global batch's queries with gradient); remove it or set queue.objective=momentum")
         _check(self.enabled or self.batch_negatives or self.gather_batch_with_grad,

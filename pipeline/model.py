@@ -69,7 +69,9 @@ class HierarchicalModel(nn.Module):
         self.video.heads = LevelHeads(cfg, "video", self.video.encoder.width, fv)
         self.text.heads = LevelHeads(cfg, "text", self.text.encoder.width, ft)
 
-        # key encoders: momentum copies, never trained by the optimizer
+        # key encoders: momentum copies, never trained by the optimizer. Only `symmetric` without a
+        # queue scores no key and keeps none: then they are neither run nor updated (a third less compute)
+        self.uses_keys = cfg.queue.enabled or cfg.queue.objective != "symmetric"
         self.video_key = copy.deepcopy(self.video)
         self.text_key = copy.deepcopy(self.text)
         for p in list(self.video_key.parameters()) + list(self.text_key.parameters()):
@@ -119,15 +121,21 @@ class HierarchicalModel(nn.Module):
 
         q_v = self.video(video)  # {level: [B, D] | [B, T', D]}
         q_t = self.text(ids, am)  # {level: [B, D] | [B, L', D], level_mask: [B, L']}
-        with torch.no_grad():
-            k_v = self.video_key(video)
-            k_t = self.text_key(ids, am)
+        if not self.uses_keys:  # symmetric without a queue: no key is scored or kept, skip the key encoders
+            k_v = {k: x.detach() for k, x in q_v.items()}
+            k_t = {k: x.detach() for k, x in q_t.items()}
+        else:
+            with torch.no_grad():
+                k_v = self.video_key(video)
+                k_t = self.text_key(ids, am)
         return self.objective(q_v, q_t, k_v, k_t, video_ids, valid, self.logit_scale,
                               rank=dist.get_rank(), world_size=dist.get_world_size())
 
     @torch.no_grad()
     def momentum_update(self) -> None:
         """theta_k = m * theta_k + (1 - m) * theta_q for both key encoders (after optimizer.step)."""
+        if not self.uses_keys:
+            return
         m = self.cfg.queue.momentum
         for query, key in ((self.video, self.video_key), (self.text, self.text_key)):
             q_params = [p.detach() for p in query.parameters()]

@@ -35,7 +35,15 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   full row's; without a queue it is exactly CLIP's symmetric InfoNCE, value and gradient
   (tests/test_losses.py). `queue.batch_negatives=false` keeps only the queue's negatives.
 
-In both, negatives from the query's own video (`queue.mask_same_video`), padded samples and
+- `both`: the sum of CLIP's in-batch rows (as `symmetric`, without the queue) and the `momentum`
+  rows (query against its own momentum key, the batch's keys and the queue). The queue's negatives
+  then sit only in rows whose positive is a momentum key too, so they are consistent with it. In
+  `symmetric` a row's positive is a query and its queue negatives are momentum keys: the towers
+  can lower that loss by moving away from where the (lagging) keys were rather than by telling
+  samples apart (measured on the demo corpus: the queue cost 11 points of R@1 at momentum 0.99,
+  and at momentum 0.5 training collapsed to chance; bench/RESULTS.md).
+
+In all three, negatives from the query's own video (`queue.mask_same_video`), padded samples and
 never-filled queue slots are masked. Every term is per sample and the batch mean uses the global
 valid count (pipeline/losses.py), so W ranks of batch b train exactly like one rank of batch W*b:
 same losses, same gradients (after DeepSpeed's averaging), same queues.
@@ -167,7 +175,7 @@ class HierarchicalContrastiveLoss(nn.Module):
 
     def _symmetric_losses(self, lv, qt: dict, qv: dict, gathered: dict, video_ids: torch.Tensor,
                           local: torch.Tensor, log_scale: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
-                          with_keys: bool = False):
+                          with_keys: bool = False, with_queue: bool = True):
         """Per-sample (l_v2t, l_t2v), each [B]: see the module docstring ("balanced").
 
         A row's candidates are (with_keys: the global batch's momentum keys of the other modality,
@@ -206,7 +214,7 @@ class HierarchicalContrastiveLoss(nn.Module):
                 target = n_batch + local
             sims.append(sim(query, sg(columns)))  # [B, G]: gradient to the queries only
             negs.append(batch_neg)
-            bank = self._queue_bank(f"{name}_{modality}", qv[name].device)
+            bank = self._queue_bank(f"{name}_{modality}", qv[name].device) if with_queue else None
             if bank is not None:
                 fields, ids, q_valid = bank
                 sims.append(sim(query, {name: fields["emb"], f"{name}_mask": fields.get("mask")}))  # [B, K]
@@ -264,7 +272,8 @@ class HierarchicalContrastiveLoss(nn.Module):
             raise ValueError(f"gathered {gathered['video_ids'].shape[0]} keys but world_size={world_size} x batch {b}")
         local = rank * b + torch.arange(b, device=video_ids.device)  # [B] global column of each own sample
         count = L.global_count(valid)
-        symmetric = self.cfg.queue.objective == "symmetric"
+        recipe = self.cfg.queue.objective
+        symmetric = recipe in ("symmetric", "both")
         with_grad = symmetric or self.cfg.queue.gather_batch_with_grad  # the global batch's queries are columns
         q_t = self._pad_text_tokens(q_t) if with_grad else q_t  # same token count on every rank for the gather
 
@@ -273,13 +282,15 @@ class HierarchicalContrastiveLoss(nn.Module):
             name = lv.name
             qv = {name: q_v[name].float()}
             qt = {name: q_t[name].float(), f"{name}_mask": q_t.get(f"{name}_mask")}
-            if with_grad:
-                out[name] = self._symmetric_losses(lv, qt, qv, gathered, video_ids, local, logit_scale[i],
-                                                   valid, count, with_keys=not symmetric)
-            else:
+            terms = []
+            if with_grad:  # "both": CLIP's in-batch rows alone; the queue serves the key term below
+                terms.append(self._symmetric_losses(lv, qt, qv, gathered, video_ids, local, logit_scale[i], valid,
+                                                    count, with_keys=not symmetric, with_queue=recipe != "both"))
+            if not with_grad or recipe == "both":
                 sim_v2t, sim_t2v, neg_v2t, neg_t2v, target = self._momentum_rows(lv, qt, qv, gathered, video_ids, local)
-                out[name] = (self._direction_loss(sim_v2t, target, neg_v2t, logit_scale[i], valid, count),
-                             self._direction_loss(sim_t2v, target, neg_t2v, logit_scale[i], valid, count))
+                terms.append((self._direction_loss(sim_v2t, target, neg_v2t, logit_scale[i], valid, count),
+                              self._direction_loss(sim_t2v, target, neg_t2v, logit_scale[i], valid, count)))
+            out[name] = (sum(t[0] for t in terms), sum(t[1] for t in terms))  # per sample [B] each
         return out, gathered, count
 
     @torch.no_grad()

@@ -20,7 +20,9 @@ from pipeline.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 SMALL = ["data.num_frames=4", "data.size=32", "model.vision.width=32", "model.vision.heads=2",
-         "model.vision.layers=2", "model.vision.patch_size=8", "model.temporal_layers=2"]
+         "model.vision.layers=2", "model.vision.patch_size=8", "model.temporal_layers=2",
+         # the plain tower, whatever tiny.yaml picks: each test switches on the options it checks
+         "model.vision.frame_diff=false", "model.vision.frame_token=cls", "model.vision.space_time=none"]
 DIFF, LAYOUT, FACTORISED = "model.vision.frame_diff=true", "model.vision.frame_token=layout", \
     "model.vision.space_time=factorised"
 CKPT = "train.activation_checkpointing=true"

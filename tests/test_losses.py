@@ -101,7 +101,7 @@ def _objective(recipe, extra=()):
     from pipeline.objective import HierarchicalContrastiveLoss
 
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
-    cfg = load_config(tiny, ["model.preset=flat", "model.embed_dim=2", "queue.size=4",
+    cfg = load_config(tiny, ["model.preset=flat", "model.embed_dim=2", "queue.enabled=true", "queue.size=4",
                              f"queue.objective={recipe}", *extra])
     return HierarchicalContrastiveLoss(cfg)
 
@@ -183,3 +183,27 @@ def test_symmetric_without_queue_is_clip_infonce():
     assert out["loss"].item() == pytest.approx(ref.item(), abs=1e-6)
     torch.testing.assert_close(q_v["global"].grad, v.grad)
     torch.testing.assert_close(q_t["global"].grad, t.grad)
+
+
+def test_both_recipe_is_clips_in_batch_rows_plus_the_momentum_rows_with_the_queue():
+    """queue.objective=both: per sample and direction, the symmetric loss without its queue columns
+    plus the momentum loss (own key positive, batch keys and queue negatives): the queue's negatives
+    only ever sit beside a momentum-key positive."""
+    def case(recipe, extra=()):
+        obj = _objective(recipe, extra)
+        if "global_video" in obj.queues:  # queue.enabled=false has none
+            obj.queues["global_video"].push({"emb": _unit(QUEUE_V[0])}, torch.tensor([QUEUE_V[1]]))
+            obj.queues["global_text"].push({"emb": _unit(QUEUE_T[0])}, torch.tensor([QUEUE_T[1]]))
+        q_v, q_t = {"global": _unit(*V_DEG)}, {"global": _unit(*T_DEG)}
+        k_v, k_t = {"global": _unit(5, 95, 190)}, {"global": _unit(20, 70, 170)}  # lagging momentum keys
+        per, _, _ = obj.direction_losses(q_v, q_t, k_v, k_t, torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool),
+                                         torch.tensor([math.log(10.0)]), rank=0, world_size=1)
+        return per["global"]
+
+    both = case("both")
+    sym = case("symmetric", ["queue.enabled=false"])
+    mom = case("momentum")
+    with_queue = case("symmetric")
+    for d in (0, 1):
+        torch.testing.assert_close(both[d], sym[d] + mom[d])
+        assert not torch.allclose(sym[d], with_queue[d])  # the queue really is out of the in-batch rows

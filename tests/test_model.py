@@ -20,7 +20,9 @@ PRESETS = ["hit", "hcmi", "hanet", "flat"]
 
 
 def _cfg(preset, extra=()):
-    return load_config(TINY, [f"model.preset={preset}", *SMALL, *extra])
+    # HiT's momentum recipe with its queues, whatever tiny.yaml picks (tests below override it)
+    return load_config(TINY, [f"model.preset={preset}", *SMALL, "queue.objective=momentum", "queue.enabled=true",
+                              *extra])
 
 
 def _batch(n=8, seed=0):
@@ -130,7 +132,8 @@ def test_same_video_and_empty_queue_entries_are_not_negatives():
 
 
 def test_frame_order_matters():
-    model = build_model(_cfg("flat"))
+    # the plain tower (frame differences would carry the order too: tests/test_encoders.py checks them)
+    model = build_model(_cfg("flat", ["model.vision.frame_diff=false", "model.vision.space_time=none"]))
     video = _batch(2)["video"]
     with torch.no_grad():
         a = model.encode_video(video)["global"]
@@ -169,7 +172,8 @@ def test_clip_vision_checkpoint_loads_from_a_local_directory(tmp_path):
     ref = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=2, image_size=32, patch_size=8))
     ref.save_pretrained(tmp_path / "clip")
-    model = build_model(_cfg("flat", [f"model.vision.clip_path={tmp_path / 'clip'}"]))
+    # RGB only, so every tensor loads as saved (with frame_diff: tests/test_encoders.py)
+    model = build_model(_cfg("flat", [f"model.vision.clip_path={tmp_path / 'clip'}", "model.vision.frame_diff=false"]))
     loaded = model.video.encoder.vit.state_dict()
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(loaded[name], value)
@@ -265,7 +269,8 @@ def test_each_direction_reaches_both_towers_only_in_the_symmetric_recipe(objecti
         assert t2v_video == 0 and v2t_text == 0
 
 
-@pytest.mark.parametrize("recipe", [["queue.objective=symmetric"], ["queue.gather_batch_with_grad=true"]])
+@pytest.mark.parametrize("recipe", [["queue.objective=symmetric"],
+                                    ["queue.objective=momentum", "queue.gather_batch_with_grad=true"]])
 def test_no_queue_no_momentum_high_lr_trains_instead_of_collapsing(recipe):
     """The reported collapse: queue.enabled=false queue.momentum=0 queue.gather_batch_with_grad=true
     train.lr=1e-3. Scoring the in-batch queries only as negatives against a key positive sent every
@@ -300,4 +305,31 @@ def test_queue_objective_settings_are_validated():
         _cfg("flat", ["queue.objective=symmetric", "queue.gather_batch_with_grad=true"])
     with pytest.raises(ConfigError, match="leaves no negatives"):
         _cfg("flat", ["queue.enabled=false", "queue.batch_negatives=false"])
-    assert _cfg("flat").queue.objective == "momentum"  # the default recipe is unchanged
+    from pipeline.config import QueueConfig
+
+    assert QueueConfig().objective == "momentum"  # the dataclass default is HiT's; configs/*.yaml pick theirs
+
+
+def test_symmetric_without_a_queue_skips_the_key_encoders_and_loses_nothing():
+    """No key is scored or kept: the key encoders are neither run nor updated, and the loss is the
+    one the same model computes with them running."""
+    model = build_model(_cfg("hit", ["queue.objective=symmetric", "queue.enabled=false"]))
+    assert not model.uses_keys
+    batch = _batch(4)
+    calls = []
+    model.video_key.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        skipped = model(batch)["loss"]
+    assert calls == []
+    model.uses_keys = True  # run them anyway: the same loss, since nothing reads them
+    with torch.no_grad():
+        ran = model(batch)["loss"]
+    assert calls == [1]
+    torch.testing.assert_close(skipped, ran)
+    model.uses_keys = False
+    before = [p.clone() for p in model.video_key.parameters()]
+    with torch.no_grad():
+        for p in model.video.parameters():
+            p.add_(1.0)
+    model.momentum_update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.video_key.parameters()))

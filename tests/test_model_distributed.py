@@ -23,17 +23,21 @@ from pipeline import distributed as D
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 B_LOCAL, WORLD, STEPS = 4, 2, 3
 VARIANTS = [
-    ("hit", []), ("hcmi", []), ("hanet", []), ("flat", []),
-    ("hit", ["queue.gather_batch_with_grad=true"]),
-    ("hcmi", ["model.label_denoise=true", "model.marginal_enhance=true"]),
-    ("hanet", ["model.loss=hinge"]),
+    # momentum (HiT's MCC): queries against momentum keys
+    ("hit", ["queue.objective=momentum"]), ("hcmi", ["queue.objective=momentum"]),
+    ("hanet", ["queue.objective=momentum"]), ("flat", ["queue.objective=momentum"]),
+    ("hit", ["queue.objective=momentum", "queue.gather_batch_with_grad=true"]),
+    ("hcmi", ["queue.objective=momentum", "model.label_denoise=true", "model.marginal_enhance=true"]),
+    ("hanet", ["queue.objective=momentum", "model.loss=hinge"]),
     # the symmetric recipe: the global batch's queries all-gathered with gradient, queue keys as negatives
     ("hit", ["queue.objective=symmetric"]), ("hcmi", ["queue.objective=symmetric"]),
     ("hanet", ["queue.objective=symmetric"]), ("flat", ["queue.objective=symmetric"]),
     ("hcmi", ["queue.objective=symmetric", "model.label_denoise=true", "model.marginal_enhance=true"]),
     ("hanet", ["queue.objective=symmetric", "model.loss=hinge"]),
+    # both: the in-batch rows plus the momentum rows with the queue
+    ("hit", ["queue.objective=both"]), ("hcmi", ["queue.objective=both"]),
 ]
-SMALL = ["data.num_frames=4", "data.max_words=12", "queue.size=10", "model.embed_dim=32",
+SMALL = ["data.num_frames=4", "data.max_words=12", "queue.enabled=true", "queue.size=10", "model.embed_dim=32",
          "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.text.num_layers=2",
          "model.num_clips=2", "model.num_phrases=3"]
 

@@ -73,7 +73,7 @@ def test_hit_objective_has_four_banks_with_token_and_global_shapes():
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     for recipe in ("momentum", "symmetric"):
         cfg = load_config(tiny, ["model.preset=hit", "queue.size=7", "model.embed_dim=16", "data.num_frames=4",
-                                 "data.max_words=12", f"queue.objective={recipe}"])
+                                 "data.max_words=12", "queue.enabled=true", f"queue.objective={recipe}"])
         obj = HierarchicalContrastiveLoss(cfg)
         shapes = {name: {f: tuple(getattr(q, f).shape) for f in q.fields} for name, q in obj.queues.items()}
         assert shapes == {"feature_video": {"emb": (7, 4, 16)},  # frames of the feature layer

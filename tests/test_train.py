@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 BASE = ["model.preset=hit", "data.batch_size=4", "train.steps=12", "train.log_every=1", "train.log_samples=true",
-        "checkpoint.every_steps=3", "checkpoint.keep=5", "optimizer.warmup_steps=4", "queue.size=20"]
+        "checkpoint.every_steps=3", "checkpoint.keep=5", "optimizer.warmup_steps=4", "queue.enabled=true", "queue.size=20"]
 
 
 @pytest.fixture(scope="module")
