@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     from transformers import BertConfig, BertModel
 
     from pipeline.config import load_config
-    from pipeline.data import iter_eval
-    from pipeline.text_model import load_tokenizer
+    from pipeline.data.loader import iter_eval
+    from pipeline.model.text_model import load_tokenizer
 
     tok = load_tokenizer("default")
     torch.manual_seed(0)

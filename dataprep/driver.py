@@ -43,7 +43,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("duration", pa.float64()), ("codec", pa.string()), ("source", pa.string()),
     ("start", pa.float64()), ("end", pa.float64()), ("content_hash", pa.string()),
     # hard-negative group (dataprep/sources.py), null when the sample has none; datasets prepared
-    # before this column lack it and load with no groups (pipeline/data.py DatasetIndex)
+    # before this column lack it and load with no groups (pipeline/data/loader.py DatasetIndex)
     ("group", pa.string()),
 ])
 QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("key", pa.string()), ("stage", pa.string()),

@@ -5,7 +5,7 @@ manifest's folder, or `--videos DIR` when given), `caption` (a string, or a JSON
 strings) and optional `key`, `split`, `start`, `end` (seconds, a clip of a longer video) and
 `group` (a string naming a set of related samples, e.g. the clips of one source video or a set of
 synthetic siblings; empty or absent = no group; `data.order=grouped` puts a group's members in
-one global batch as hard negatives, pipeline/sampler.py).
+one global batch as hard negatives, pipeline/data/sampler.py).
 The benchmark formats live in `dataprep/benchmarks.py`.
 
 `check_samples` applies the input-stage checks (caption empty or not valid UTF-8, duplicate key)

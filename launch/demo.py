@@ -2,7 +2,7 @@
 
 Each stage runs as a subprocess of the real CLI (`python -m launch.cli STAGE ...`), exactly as a
 user would type it, all reading one resolved config written to <out>/config.yaml; the searches
-and the report use the Python APIs (pipeline/report.py).
+and the report use the Python APIs (pipeline/eval/report.py).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(args, cfg) -> int:
     import torch
 
     from pipeline.config import load_config, to_yaml
-    from pipeline.report import pick_queries, retrieval_table, run_searches, summary_row, write_report
+    from pipeline.eval.report import pick_queries, retrieval_table, run_searches, summary_row, write_report
 
     out = Path(args.out)
     if args.num_videos < 8:

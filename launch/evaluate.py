@@ -59,9 +59,9 @@ def main(args, cfg) -> int:
     import torch
 
     from pipeline import distributed as dist
-    from pipeline.checkpoint import load_model_for_inference
-    from pipeline.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
+    from pipeline.eval.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
     from pipeline.log import setup_logging
+    from pipeline.train.checkpoint import load_model_for_inference
 
     info = dist.init()
     setup_logging(info.rank)

@@ -104,7 +104,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pipeline.config import ConfigError
     from pipeline.errors import UserError
-    from pipeline.trainer import run
+    from pipeline.train.trainer import run
 
     try:
         cfg = load_config(args.config, args.overrides)

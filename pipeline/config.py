@@ -89,7 +89,7 @@ class VisionConfig:
     width: int = 128
     layers: int = 2
     heads: int = 4
-    # what the video tower sees of motion and layout (pipeline/encoders.py module docstring)
+    # what the video tower sees of motion and layout (pipeline/model/encoders.py module docstring)
     frame_diff: bool = False  # frame t minus frame t-1 as 3 extra input channels (zero at t=0)
     frame_token: str = "cls"  # cls: pooled CLS per frame | layout: + a linear over the flattened patch grid
     layout_dim: int = 16  # layout: each patch token projected to this many dims before flattening
@@ -165,7 +165,7 @@ class ModelConfig:
 
 @dataclass
 class QueueConfig:
-    """The contrastive objective (pipeline/objective.py): recipe, and per level and modality a
+    """The contrastive objective (pipeline/model/objective.py): recipe, and per level and modality a
     replicated queue of K momentum keys."""
 
     # momentum: queries against momentum keys (HiT's MoCo-style contrast; the positive is a key);

@@ -207,7 +207,7 @@ def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
     """
     from pipeline.config import from_dict
     from pipeline.errors import UserError
-    from pipeline.model import build_model
+    from pipeline.model.hierarchical import build_model
 
     path = Path(path)
     if (path / META).is_file():

@@ -8,7 +8,7 @@ writes one Markdown file with PNG figures beside it (matplotlib, Agg backend: no
 Every retrieval figure is printed beside its chance level: a random ranking of the same
 gallery (`chance_levels`), so a reader can tell "R@1 30" on 120 videos from noise at a glance.
 The diagnostics `hiervl eval` adds (order sensitivity; group and sibling R@1 on grouped data,
-pipeline/metrics.py) get their own table with their chance row (`diagnostics_table`).
+pipeline/eval/metrics.py) get their own table with their chance row (`diagnostics_table`).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def diagnostics_table(result: dict) -> str:
     """Markdown: order sensitivity and group / sibling R@1, fused first then each level, with the
     chance row (the table `hiervl eval` prints); empty when the eval result has no diagnostics
     (an eval.json from before them)."""
-    from pipeline.evaluate import format_diagnostics
+    from pipeline.eval.evaluate import format_diagnostics
 
     return format_diagnostics(result)
 
@@ -300,7 +300,7 @@ def write_report(out_dir: str | Path, *, eval_json: str | Path, dataset_json: st
     text.append(retrieval_table(result))
     diag = diagnostics_table(result)
     if diag:
-        from pipeline.evaluate import diagnostics_note
+        from pipeline.eval.evaluate import diagnostics_note
 
         text.append("\n### What the model tells apart\n")
         text.append(diagnostics_note(result) + "\n" + diag)
@@ -344,8 +344,8 @@ def run_searches(index_dir: str | Path, queries: list[tuple[str, str | None]], o
 
     import pyarrow.parquet as pq
 
-    from pipeline.checkpoint import load_model_for_inference
-    from pipeline.search import SearchIndex, contact_sheet, format_hits, load_frames, search
+    from pipeline.eval.search import SearchIndex, contact_sheet, format_hits, load_frames, search
+    from pipeline.train.checkpoint import load_model_for_inference
 
     index = SearchIndex.load(index_dir)
     model, _ = load_model_for_inference(index.meta["checkpoint"])

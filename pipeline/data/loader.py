@@ -5,10 +5,10 @@
     for batch in loader: ...        # one dict per step, see `VideoTextLoader`
     state = loader.state_dict()     # after a step; resume with loader.load_state_dict(state)
 
-How it works: the epoch's order is a pure function of (seed, epoch) (pipeline/sampler.py);
+How it works: the epoch's order is a pure function of (seed, epoch) (pipeline/data/sampler.py);
 each rank takes its slots of each global batch. Video bytes are read by random access at the
 manifest's offsets (`os.pread` on the tar, no sequential scan), decoded by DALI or PyAV
-(pipeline/decode.py) in a background thread that keeps `data.prefetch` batches ready.
+(pipeline/data/decode.py) in a background thread that keeps `data.prefetch` batches ready.
 
 Position: the number of global samples consumed in the epoch. After this rank has yielded k
 batches of an epoch started at position p0, `position = min(p0 + k * B * W, N)`; every batch
@@ -35,10 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
-from pipeline.errors import UserError
-from pipeline.log import get_logger
-from pipeline.sampler import (
+from pipeline.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
+from pipeline.data.sampler import (
     PAD,
     choose_caption,
     epoch_order,
@@ -49,6 +47,8 @@ from pipeline.sampler import (
     sample_rng,
     stable_hash,
 )
+from pipeline.errors import UserError
+from pipeline.log import get_logger
 
 log = get_logger(__name__)
 _LOGGED_PATHS: set[str] = set()  # decode paths already announced in this process
@@ -147,7 +147,7 @@ class VideoTextLoader:
 
     def __init__(self, cfg, split: str | None = None, train: bool = True, rank: int = 0, world_size: int = 1,
                  batch_size: int | None = None, dtype: torch.dtype = torch.float32):
-        from pipeline.text_model import load_tokenizer
+        from pipeline.model.text_model import load_tokenizer
 
         self.cfg = cfg.data
         self.train = train

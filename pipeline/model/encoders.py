@@ -1,6 +1,6 @@
 """The two backbones: a video encoder (per-frame ViT + temporal transformer) and a text encoder.
 
-Both return every layer's token states so the level heads (pipeline/levels.py) can read a lower
+Both return every layer's token states so the level heads (pipeline/model/levels.py) can read a lower
 layer (HiT's feature level) as well as the top one:
 
 - `VideoEncoder(video [B,T,C,H,W]) -> list of [B,T,W]`: entry 0 is the per-frame token plus a
@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.text_model import load_text_model
+from pipeline.model.text_model import load_text_model
 
 RGB = 3  # input channels of a frame; frame_diff doubles them
 

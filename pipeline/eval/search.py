@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.evaluate import EMBEDDINGS_FILE, INDEX_FILE
+from pipeline.eval.evaluate import EMBEDDINGS_FILE, INDEX_FILE
 
 
 @dataclass
@@ -83,7 +83,7 @@ class SearchIndex:
 @torch.no_grad()
 def search(model, index: SearchIndex, query: str, k: int = 10, block: int = 4096) -> list[Hit]:
     """The top `k` videos of `index` for the text `query`, by the fused similarity."""
-    from pipeline.text_model import load_tokenizer
+    from pipeline.model.text_model import load_tokenizer
 
     if not query.strip():
         raise UserError("the search query is empty; give a sentence, e.g. \"a red circle slides left\"")
@@ -114,9 +114,9 @@ def format_hits(hits: list[Hit]) -> str:
 
 def load_frames(data: str | Path, split: str, keys: list[str], count: int = 4) -> dict[str, np.ndarray]:
     """`count` frames spread over each video, uint8 [count, H, W, 3], read from the dataset's tars."""
-    from pipeline.data import DatasetIndex
-    from pipeline.decode import decode_pyav
-    from pipeline.sampler import frame_indices
+    from pipeline.data.decode import decode_pyav
+    from pipeline.data.loader import DatasetIndex
+    from pipeline.data.sampler import frame_indices
 
     ds = DatasetIndex(data, split)
     where = {key: i for i, key in enumerate(ds.keys)}

@@ -8,7 +8,7 @@
 
 The model holds the query towers and their momentum copies and turns a batch into query and key
 embeddings per level; the losses, negatives and queues live in `model.objective`
-(pipeline/objective.py: HierarchicalContrastiveLoss, `queue.objective` momentum | symmetric),
+(pipeline/model/objective.py: HierarchicalContrastiveLoss, `queue.objective` momentum | symmetric),
 which gets this process's rank and world size from here. W ranks of batch b train exactly like
 one rank of batch W*b: same losses, same gradients (after DeepSpeed's averaging), same queues.
 """
@@ -23,10 +23,10 @@ from torch import nn
 
 from pipeline import distributed as dist
 from pipeline.config import Config
-from pipeline.encoders import TextEncoder, VideoEncoder
 from pipeline.errors import UserError
-from pipeline.levels import LevelHeads, feature_layers, level_similarity, level_weights, preset_levels
-from pipeline.objective import HierarchicalContrastiveLoss
+from pipeline.model.encoders import TextEncoder, VideoEncoder
+from pipeline.model.levels import LevelHeads, feature_layers, level_similarity, level_weights, preset_levels
+from pipeline.model.objective import HierarchicalContrastiveLoss
 
 
 class VideoTower(nn.Module):

@@ -3,18 +3,18 @@
     result = evaluate_model(model, cfg, split="test")       # every rank calls it (collectives)
     result["t2v"]["fused"]["R1"], result["v2t_dsl"]["semantic"]["MnR"], ...
 
-1. Embed: every rank takes its slice of the split (`pipeline.data.iter_eval`: each video once
+1. Embed: every rank takes its slice of the split (`pipeline.data.loader.iter_eval`: each video once
    across ranks, padding slots flagged invalid) and encodes its videos and *all* their captions.
    Videos that failed to decode (valid=False) leave the gallery with their captions.
 2. Gather: embeddings of all ranks, in rank order, on every rank (`pipeline.distributed`).
 3. Rank (rank 0): text rows in blocks against every video, per level and fused, both
-   directions, plain and DSL (`pipeline.metrics.blocked_ranks`): never more than one block of
+   directions, plain and DSL (`pipeline.eval.metrics.blocked_ranks`): never more than one block of
    `rows x videos` scores per matrix, so 100k x 100k runs in bounded memory. The result is
    broadcast, so every rank returns the same dict (the trainer keeps its best checkpoint by it).
 4. Report: `eval.json` (everything), `eval.md` (the table; DSL rows marked), and the video
    embeddings as Parquet (key, level, vector) that `hiervl search` loads as its index.
 
-Diagnostics (`diagnostics=True`, the default; pipeline/metrics.py defines them): every video is
+Diagnostics (`diagnostics=True`, the default; pipeline/eval/metrics.py defines them): every video is
 encoded a second time with its frames reversed in time, and each caption's similarity to its
 own video forward and reversed gives the order sensitivity (per level and fused); on a dataset
 whose manifest has a `group` column (related videos: the synthetic corpus's siblings) group
@@ -35,8 +35,7 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.errors import UserError
-from pipeline.log import get_logger
-from pipeline.metrics import (
+from pipeline.eval.metrics import (
     blocked_group_hits,
     blocked_ranks,
     group_chance,
@@ -45,6 +44,7 @@ from pipeline.metrics import (
     order_sensitivity,
     rows_for_budget,
 )
+from pipeline.log import get_logger
 
 log = get_logger(__name__)
 METRIC_KEYS = ("R1", "R5", "R10", "MdR", "MnR")
@@ -239,7 +239,7 @@ def load_groups(data_path: str | Path, split: str) -> dict[str, str]:
     """
     import pyarrow.parquet as pq
 
-    from pipeline.data import DatasetIndex
+    from pipeline.data.loader import DatasetIndex
 
     manifest = Path(data_path) / "manifest.parquet"
     if not manifest.is_file():
@@ -271,7 +271,7 @@ def evaluate_model(model, cfg, split: str | None = None, device: torch.device | 
     `diagnostics`: order sensitivity (a second, time-reversed encoding of every video: the
     embedding pass costs about 1.5-2x) and, on grouped data, group / sibling R@1.
     """
-    from pipeline.data import iter_eval
+    from pipeline.data.loader import iter_eval
 
     split = split or cfg.eval.split
     if data_path is not None:
