@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.data.manifest import quarantine_row
 from pipeline.errors import UserError
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -64,7 +65,7 @@ class Refusal:
     reason: str
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "key": self.key, "stage": self.stage, "reason": self.reason}
+        return quarantine_row(self.source, self.key, self.stage, self.reason)
 
 
 def safe_key(key: str) -> str:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from launch.deepspeed_launch import REPO_ROOT, shell_join
+from pipeline.atomic_write import write_atomic
 from pipeline.config import to_yaml
 from pipeline.errors import UserError
 
@@ -72,7 +73,7 @@ def submit_and_follow(address: str, request: dict, follow: bool = True, printer=
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
-def submit_cli(args, cfg, write) -> int:
+def submit_cli(args, cfg) -> int:
     """`hiervl submit ray`: prep (--input, --out) or training (--train) as a Ray job."""
     if args.train:
         out = Path(cfg.train.out_dir).resolve()
@@ -88,5 +89,5 @@ def submit_cli(args, cfg, write) -> int:
     if args.dry_run:
         print(f"ray job to {args.address}:\n  entrypoint: {entry}\n  runtime_env: {request['runtime_env']}")
         return 0
-    write(config_path, to_yaml(cfg))
+    write_atomic(config_path, to_yaml(cfg))
     return submit_and_follow(args.address, request, follow=not args.no_follow)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from pipeline.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
+from pipeline.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
 from pipeline.data.sampler import (
     PAD,
     choose_caption,
@@ -53,9 +54,6 @@ from pipeline.log import get_logger
 log = get_logger(__name__)
 _LOGGED_PATHS: set[str] = set()  # decode paths already announced in this process
 STATE_VERSION = 1
-_COLUMNS = ["key", "video_id", "split", "shard", "index_in_shard", "video_offset", "video_size",
-            "captions", "num_frames", "codec"]
-_OPTIONAL_COLUMNS = ["group"]
 
 
 class DatasetIndex:
@@ -70,13 +68,14 @@ class DatasetIndex:
         import pyarrow.parquet as pq
 
         self.root = Path(root)
-        manifest = self.root / "manifest.parquet"
+        manifest = self.root / MANIFEST_FILE
         if not manifest.is_file():
             raise UserError(f"{manifest} does not exist; set data.path to a directory made by "
                             "`hiervl prep --out DIR` (it holds manifest.parquet and the tars)")
+        read_dataset_info(self.root)  # refuses a dataset of another schema version, naming the fix
         present = set(pq.read_schema(manifest).names)
         # `group` (hard-negative group, dataprep/sources.py) is optional: manifests prepared before it have none
-        table = pq.read_table(manifest, columns=_COLUMNS + [c for c in _OPTIONAL_COLUMNS if c in present]).to_pandas()
+        table = pq.read_table(manifest, columns=READ_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in present]).to_pandas()
         table = table[table["split"] == split].sort_values(["shard", "index_in_shard"], kind="stable")
         if len(table) == 0:
             splits = sorted(set(pq.read_table(manifest, columns=["split"]).column(0).to_pylist()))

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from pipeline import distributed as dist
+from pipeline.atomic_write import atomic_output
+from pipeline.data.manifest import MANIFEST_FILE
 from pipeline.errors import UserError
 from pipeline.eval.metrics import (
     blocked_group_hits,
@@ -241,7 +243,7 @@ def load_groups(data_path: str | Path, split: str) -> dict[str, str]:
 
     from pipeline.data.loader import DatasetIndex
 
-    manifest = Path(data_path) / "manifest.parquet"
+    manifest = Path(data_path) / MANIFEST_FILE
     if not manifest.is_file():
         return {}
     try:
@@ -398,9 +400,8 @@ def export_embeddings(out_dir: Path, split: EmbeddedSplit, meta: dict) -> Path:
                                       pa.array(np.concatenate(values), pa.float32()))
     table = pa.table({"key": pa.array(keys, pa.string()), "level": pa.array(levels, pa.string()), "vector": vector})
     path = out_dir / EMBEDDINGS_FILE
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)
     index = {"schema_version": 1, "count": n, "shapes": shapes, "dtypes": dtypes, "embeddings": EMBEDDINGS_FILE,
              **meta}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

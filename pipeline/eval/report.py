@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.data.manifest import MANIFEST_FILE
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -327,7 +328,7 @@ def pick_queries(data: str | Path, split: str = "test", count: int = 3, seed: in
     import numpy as np
     import pyarrow.parquet as pq
 
-    table = pq.read_table(Path(data) / "manifest.parquet", columns=["key", "split", "captions"]).to_pylist()
+    table = pq.read_table(Path(data) / MANIFEST_FILE, columns=["key", "split", "captions"]).to_pylist()
     rows = [r for r in table if r["split"] == split and r["captions"]]
     if not rows:
         return []
@@ -350,8 +351,8 @@ def run_searches(index_dir: str | Path, queries: list[tuple[str, str | None]], o
     index = SearchIndex.load(index_dir)
     model, _ = load_model_for_inference(index.meta["checkpoint"])
     captions = {}
-    if index.data and (Path(index.data) / "manifest.parquet").is_file():
-        for r in pq.read_table(Path(index.data) / "manifest.parquet", columns=["key", "captions"]).to_pylist():
+    if index.data and (Path(index.data) / MANIFEST_FILE).is_file():
+        for r in pq.read_table(Path(index.data) / MANIFEST_FILE, columns=["key", "captions"]).to_pylist():
             captions[r["key"]] = list(r["captions"] or [])
     out = Path(out_dir)
     results = []

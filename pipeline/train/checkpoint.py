@@ -5,7 +5,7 @@ Layout under `<train.out_dir>/checkpoints/`:
   step00000100/rank{R}.pt       per-rank state: RNG (Python, NumPy, torch) and the loader state
   step00000100/meta.json        written by rank 0 after EVERY rank finished: the completion mark
   step00000100_universal/       DeepSpeed universal checkpoint, made on a world-size change
-  latest                        tag of the newest complete checkpoint (tmp file + os.replace)
+  latest                        tag of the newest complete checkpoint (pipeline/atomic_write.py)
 
 A checkpoint directory without `meta.json` is incomplete (a kill during the write) and is never
 resumed from; `latest` moves only after the mark is written, so it always names a loadable one.
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed as dist
+from pipeline.atomic_write import write_atomic
 from pipeline.config import ConfigError
 from pipeline.log import get_logger
 
@@ -79,9 +80,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) if not isinstance(data, str) else data)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) if not isinstance(data, str) else data)
 
 
 def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state: dict, meta: dict,
