@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from launch.processes import child_env  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -123,7 +123,7 @@ def main() -> int:
     if args.one:
         print(json.dumps(bench_rank(args.one, args.dim, args.block_mb, args.dsl)))
         return 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     results = {"embed": bench_embed(args.embed_batches, 64), "rank": []}
     print(f"embed (tiny model, batch 64): {results['embed']['videos_per_s']} videos/s, "
           f"{results['embed']['captions_per_s']} captions/s")

@@ -14,7 +14,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from launch.deepspeed_launch import REPO_ROOT, shell_join
+from launch.deepspeed_launch import shell_join
+from launch.processes import OFFLINE_ENV, REPO_ROOT
 from pipeline.atomic_write import write_atomic
 from pipeline.config import to_yaml
 from pipeline.errors import UserError
@@ -34,9 +35,7 @@ def train_entrypoint(config_path, python: str = "python") -> str:
 
 
 def runtime_env(env_vars: dict | None = None) -> dict:
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.update(env_vars or {})
+    env = {**dict(OFFLINE_ENV), **(env_vars or {})}
     return {"working_dir": str(REPO_ROOT), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": env}
 
 

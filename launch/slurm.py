@@ -16,7 +16,8 @@ import shlex
 import subprocess
 import sys
 
-from launch.deepspeed_launch import REPO_ROOT, deepspeed_env_text, rank_log_dir
+from launch.deepspeed_launch import deepspeed_env_text, rank_log_dir
+from launch.processes import REPO_ROOT
 from pipeline.errors import UserError
 
 q = shlex.quote

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from launch import deepspeed_launch as ds
+from launch.processes import run_forwarding_signals
 from pipeline.atomic_write import write_atomic
 from pipeline.config import load_config, to_yaml
 from pipeline.errors import UserError
@@ -50,7 +51,7 @@ def _run_or_print(args, cmds, env=None) -> int:
         print(ds.shell_join(cmd), flush=True)
     if args.dry_run:
         return 0
-    return max(ds.run_forwarding_signals(cmd, env) for cmd in cmds)
+    return max(run_forwarding_signals(cmd, env) for cmd in cmds)
 
 
 def main(args, cfg) -> int:
