@@ -18,8 +18,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import UserError
+from pipeline.presets import PRESETS, level_names
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user's configuration mistake (exit code 2, no traceback)."""
 
 
@@ -147,7 +150,12 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self):
-        _one_of("model.preset", self.preset, ("hit", "hcmi", "hanet", "flat"))
+        _one_of("model.preset", self.preset, tuple(PRESETS))
+        names = level_names(self.preset)
+        unknown = sorted(set(self.level_weights) - set(names))
+        _check(not unknown, f"model.level_weights names {unknown} but preset '{self.preset}' has levels {names}")
+        _check(sum(float(self.level_weights.get(n, 1.0)) for n in names) > 0,
+               f"model.level_weights must not all be 0 (levels: {names})")
         _one_of("model.loss", self.loss, ("infonce", "hinge"))
         _check(self.embed_dim >= 1, "model.embed_dim must be >= 1")
         _check(self.temporal_layers >= 0, "model.temporal_layers must be >= 0")
@@ -329,6 +337,26 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self):
+        """Checks across sections, at load: `hiervl train` refuses these before any rank starts.
+        What only a checkpoint knows (a CLIP's depth, a text encoder's layers) is checked when loaded."""
+        d, m, vis = self.data, self.model, self.model.vision
+        _check(d.num_frames <= m.max_frames,
+               f"data.num_frames={d.num_frames} exceeds model.max_frames={m.max_frames}; raise model.max_frames")
+        if vis.clip_path is None:  # random init: the ViT is built from these numbers
+            _check(d.size % vis.patch_size == 0, f"data.size={d.size} is not a multiple of "
+                   f"model.vision.patch_size={vis.patch_size}; change one of them")
+            k = vis.space_time_layers
+            _check(vis.space_time != "factorised" or k is None or k <= vis.layers,
+                   f"model.vision.space_time_layers={k} but the frame ViT has {vis.layers} layers; "
+                   f"set it to at most {vis.layers} (or null for all)")
+        f = m.feature_layer
+        if f is not None:
+            top = m.temporal_layers if m.text.num_layers is None else min(m.temporal_layers, m.text.num_layers)
+            _check(0 <= f <= top, f"model.feature_layer={f} but the temporal transformer has {m.temporal_layers} "
+                   f"layers{'' if m.text.num_layers is None else f' and the text encoder {m.text.num_layers}'}; "
+                   f"use 0..{top} or null (middle)")
 
 
 # ---------------------------------------------------------------------------- building

@@ -106,9 +106,6 @@ def build_frame_vit(cfg: Config) -> nn.Module:
                             f"model.vision.frame_diff={str(vis.frame_diff).lower()} needs {channels}; "
                             "use a 3-channel (RGB) CLIP checkpoint")
         return model
-    if cfg.data.size % vis.patch_size:
-        raise UserError(f"data.size={cfg.data.size} is not a multiple of model.vision.patch_size={vis.patch_size}; "
-                        "change one of them")
     config = CLIPVisionConfig(hidden_size=vis.width, intermediate_size=4 * vis.width, num_hidden_layers=vis.layers,
                               num_attention_heads=vis.heads, image_size=cfg.data.size, patch_size=vis.patch_size,
                               num_channels=channels, attention_dropout=cfg.model.dropout)

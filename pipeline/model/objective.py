@@ -53,8 +53,9 @@ from pipeline import distributed as dist
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.model import losses as L
-from pipeline.model.levels import level_similarity, preset_levels, token_count
+from pipeline.model.levels import level_similarity, token_count
 from pipeline.model.queue import MomentumQueue
+from pipeline.presets import preset_levels
 
 
 class HierarchicalContrastiveLoss(nn.Module):
