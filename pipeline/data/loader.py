@@ -186,11 +186,6 @@ class VideoTextLoader:
         """Batches per full epoch for this rank (identical on all ranks)."""
         return num_batches(len(self.index), self.batch_size, self.world_size, self.remainder)
 
-    @property
-    def batches_remaining(self) -> int:
-        """Batches left in the current epoch from the current position (after a resume: fewer)."""
-        return num_batches(len(self.index) - self.position, self.batch_size, self.world_size, self.remainder)
-
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` from position 0 (call before iterating each new epoch)."""
         self.epoch, self.position = int(epoch), 0

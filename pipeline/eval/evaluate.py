@@ -49,7 +49,6 @@ from pipeline.eval.metrics import (
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
-METRIC_KEYS = ("R1", "R5", "R10", "MdR", "MnR")
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
 EMBEDDINGS_FILE = "embeddings.parquet"
 INDEX_FILE = "index.json"

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed as dist
+from pipeline import faults
 from pipeline.atomic_write import write_atomic
 from pipeline.config import ConfigError
 from pipeline.log import get_logger
@@ -97,8 +98,8 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
     t0 = time.time()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rank_state, ckpt_dir / tag / f"rank{dist.get_rank()}.pt")
-    if os.environ.get("HIERVL_FAULT") == "kill-during-checkpoint" and step > int(os.environ.get("HIERVL_FAULT_AFTER", 0)):
-        os._exit(9)  # fault injection for tests: die after writing files, before the commit
+    if faults.injected("kill-during-checkpoint", step):
+        os._exit(9)  # die after writing files, before the commit
     dist.barrier()  # every rank has written its part
     if dist.is_main():
         _write_json_atomic(ckpt_dir / tag / META, {**meta, "tag": tag, "step": step, "saved_at": time.time(),

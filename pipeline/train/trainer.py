@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed as dist
+from pipeline import faults
 from pipeline.config import Config, to_dict, to_yaml
 from pipeline.log import get_logger, setup_logging
 from pipeline.train import checkpoint as ckpt
@@ -232,7 +233,7 @@ class Trainer:
         window["data_s"] += time.perf_counter() - t0
         out = self.engine(self._to_device(batch))
         loss = out["loss"]
-        if os.environ.get("HIERVL_FAULT") == "nan-loss":  # fault injection for tests
+        if faults.injected("nan-loss"):
             loss = loss * float("nan")
         flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
                              torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device)])
