@@ -37,7 +37,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from dataprep.sources import Sample
+from dataprep.sample import Sample
 from pipeline.errors import UserError
 
 FORMATS = ("msrvtt", "msvd", "lsmdc", "didemo", "activitynet")

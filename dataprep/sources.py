@@ -19,53 +19,15 @@ import csv
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.manifest import quarantine_row
+from dataprep.benchmarks import read_benchmark
+from dataprep.sample import Refusal, Sample
 from pipeline.errors import UserError
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 MAX_KEY = 64
-
-
-@dataclass
-class Sample:
-    """One input: a video (or a clip of one) with its captions. `video` is a path or fsspec URL."""
-
-    key: str
-    video: str
-    captions: list
-    split: str = "train"
-    start: float | None = None
-    end: float | None = None
-    video_id: str | None = None  # clips of one source video share it; default: the key
-    orig_key: str | None = None
-    sentences: list | None = None  # paragraph entries: the sentences joined into the caption, in order
-    extra: dict = field(default_factory=dict)  # metadata copied into the sample's JSON
-    group: str | None = None  # related samples (hard negatives) share it; None = no group
-
-    def to_dict(self) -> dict:
-        d = {"key": self.key, "video": self.video, "captions": list(self.captions), "split": self.split,
-             "start": self.start, "end": self.end, "video_id": self.video_id, "orig_key": self.orig_key,
-             "sentences": self.sentences, "extra": self.extra}
-        if self.group is not None:  # only when set: shard fingerprints of ungrouped inputs stay as they were
-            d["group"] = self.group
-        return d
-
-
-@dataclass
-class Refusal:
-    """An input refused before or during processing: a row of quarantine.parquet."""
-
-    source: str
-    key: str
-    stage: str  # input | probe | validate | decode | transcode
-    reason: str
-
-    def to_dict(self) -> dict:
-        return quarantine_row(self.source, self.key, self.stage, self.reason)
 
 
 def safe_key(key: str) -> str:
@@ -229,5 +191,4 @@ def read_input(path: str | Path, fmt: str | None = None, videos_dir: str | Path 
                     return read_manifest(path / name, videos_dir)
             raise UserError(f"{path}: folder has no manifest.csv/.jsonl/.parquet; give the file or --format")
         return read_manifest(path, videos_dir)
-    from dataprep import benchmarks
-    return benchmarks.read_benchmark(fmt, path, videos_dir, **options)
+    return read_benchmark(fmt, path, videos_dir, **options)

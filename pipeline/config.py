@@ -362,6 +362,16 @@ class Config:
 # ---------------------------------------------------------------------------- building
 
 
+def _parse_string(value: Any, parse: type) -> Any:
+    """`parse(value)` for a string that reads as that type, else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse(value)
+    except ValueError:
+        return None
+
+
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Convert `value` to the annotated type `tp`, or raise ConfigError naming `path`."""
     origin = typing.get_origin(tp)
@@ -388,20 +398,14 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
+        if (parsed := _parse_string(value, int)) is not None:
+            return parsed
         raise ConfigError(f"{path}={value!r} must be an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        if (parsed := _parse_string(value, float)) is not None:
+            return parsed
         raise ConfigError(f"{path}={value!r} must be a number")
     if tp is str:
         if isinstance(value, (dict, list)):
