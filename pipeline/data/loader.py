@@ -50,6 +50,7 @@ from pipeline.data.sampler import (
 )
 from pipeline.errors import UserError
 from pipeline.log import get_logger
+from pipeline.model.text_model import load_tokenizer
 
 log = get_logger(__name__)
 _LOGGED_PATHS: set[str] = set()  # decode paths already announced in this process
@@ -146,7 +147,6 @@ class VideoTextLoader:
 
     def __init__(self, cfg, split: str | None = None, train: bool = True, rank: int = 0, world_size: int = 1,
                  batch_size: int | None = None, dtype: torch.dtype = torch.float32):
-        from pipeline.model.text_model import load_tokenizer
 
         self.cfg = cfg.data
         self.train = train

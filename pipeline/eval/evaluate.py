@@ -35,6 +35,7 @@ import torch
 
 from pipeline import distributed as dist
 from pipeline.atomic_write import atomic_output
+from pipeline.data.loader import DatasetIndex, iter_eval
 from pipeline.data.manifest import MANIFEST_FILE
 from pipeline.errors import UserError
 from pipeline.eval.metrics import (
@@ -240,7 +241,6 @@ def load_groups(data_path: str | Path, split: str) -> dict[str, str]:
     """
     import pyarrow.parquet as pq
 
-    from pipeline.data.loader import DatasetIndex
 
     manifest = Path(data_path) / MANIFEST_FILE
     if not manifest.is_file():
@@ -272,7 +272,6 @@ def evaluate_model(model, cfg, split: str | None = None, device: torch.device | 
     `diagnostics`: order sensitivity (a second, time-reversed encoding of every video: the
     embedding pass costs about 1.5-2x) and, on grouped data, group / sibling R@1.
     """
-    from pipeline.data.loader import iter_eval
 
     split = split or cfg.eval.split
     if data_path is not None:

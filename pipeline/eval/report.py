@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data.manifest import MANIFEST_FILE
+from pipeline.eval.evaluate import diagnostics_note, format_diagnostics
+from pipeline.eval.search import SearchIndex, contact_sheet, format_hits, load_frames, search
 from pipeline.log import get_logger
+from pipeline.train.checkpoint import load_model_for_inference
 
 log = get_logger(__name__)
 
@@ -170,7 +173,6 @@ def diagnostics_table(result: dict) -> str:
     """Markdown: order sensitivity and group / sibling R@1, fused first then each level, with the
     chance row (the table `hiervl eval` prints); empty when the eval result has no diagnostics
     (an eval.json from before them)."""
-    from pipeline.eval.evaluate import format_diagnostics
 
     return format_diagnostics(result)
 
@@ -301,7 +303,6 @@ def write_report(out_dir: str | Path, *, eval_json: str | Path, dataset_json: st
     text.append(retrieval_table(result))
     diag = diagnostics_table(result)
     if diag:
-        from pipeline.eval.evaluate import diagnostics_note
 
         text.append("\n### What the model tells apart\n")
         text.append(diagnostics_note(result) + "\n" + diag)
@@ -345,8 +346,6 @@ def run_searches(index_dir: str | Path, queries: list[tuple[str, str | None]], o
 
     import pyarrow.parquet as pq
 
-    from pipeline.eval.search import SearchIndex, contact_sheet, format_hits, load_frames, search
-    from pipeline.train.checkpoint import load_model_for_inference
 
     index = SearchIndex.load(index_dir)
     model, _ = load_model_for_inference(index.meta["checkpoint"])

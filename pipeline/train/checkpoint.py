@@ -28,8 +28,10 @@ import torch
 from pipeline import distributed as dist
 from pipeline import faults
 from pipeline.atomic_write import write_atomic
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, from_dict
+from pipeline.errors import UserError
 from pipeline.log import get_logger
+from pipeline.model.hierarchical import build_model
 
 log = get_logger(__name__)
 META = "meta.json"
@@ -205,9 +207,6 @@ def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
     Reads the resolved config stored in the checkpoint and the full module weights (ZeRO 0-2 keep
     them in `mp_rank_00_model_states.pt`; ZeRO 3 is consolidated with DeepSpeed's zero_to_fp32).
     """
-    from pipeline.config import from_dict
-    from pipeline.errors import UserError
-    from pipeline.model.hierarchical import build_model
 
     path = Path(path)
     if (path / META).is_file():
