@@ -9,6 +9,10 @@ are the same bytes whatever the number of workers or the order tasks finished in
 Ray: a local cluster `ray.init(num_cpus=prep.num_workers, object_store_memory=...)` by default,
 an existing one with `ray_address` (workers there must have hiervl installed). An already
 initialised Ray (tests) is used as it is.
+
+Owns: `prepare`: the run of one dataset (plan, Ray tasks, the dataset-level files).
+Must not touch: per-sample media work (transcode, worker) or the files' schema
+(pipeline/data/manifest.py).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ offsets and the DALI index (`wds2idx` format: a line `v1.2 <samples>`, then per 
 
 Files are written under a temporary name in the same folder and renamed into place
 (`os.replace`, names from pipeline/atomic_write.py), so a shard appears only whole.
+
+Owns: the tar layout and the DALI index text.
+Must not touch: what a sample holds (worker, manifest).
 """
 
 from __future__ import annotations

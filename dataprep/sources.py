@@ -11,6 +11,9 @@ The benchmark formats live in `dataprep/benchmarks.py`.
 `check_samples` applies the input-stage checks (caption empty or not valid UTF-8, duplicate key)
 and makes keys safe for WebDataset and DALI: only `[A-Za-z0-9_-]`, at most 64 characters; a
 key that had to change gets a short hash of the original, which is kept as `orig_key`.
+
+Owns: manifest inputs (CSV, JSONL, Parquet), input-stage checks and safe keys.
+Must not touch: media work or shard writing.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ bytes (checked by tests/test_synth.py). A corpus of N videos is a prefix of one 
 Output: `out_dir/videos/{key}.{webm|mp4}` and `out_dir/manifest.csv` with columns
 video (path relative to the manifest), caption (JSON list of strings), key, split, group
 (`g{i // GROUP:05d}`: the sibling group, for `data.order=grouped` hard-negative batches).
+
+Owns: the synthetic corpus: its videos, captions, groups and splits.
+Must not touch: preparing shards (that is `hiervl prep` on its manifest.csv).
 """
 
 from __future__ import annotations

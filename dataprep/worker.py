@@ -7,6 +7,9 @@ the shard's manifest rows and refusals (built by pipeline/data/manifest.py), so 
 build the manifest from the records without touching the tars again. Everything in it is deterministic (no timings), so a rerun
 gives the same bytes. A sample's optional `group` goes into its JSON and its manifest row only
 when it has one, so the shards of inputs without groups are byte-identical to before the column.
+
+Owns: one shard's work and its stats record (the done marker).
+Must not touch: Ray itself or the dataset-level files (driver).
 """
 
 from __future__ import annotations

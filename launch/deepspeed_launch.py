@@ -8,6 +8,10 @@ argv for printing (`--dry-run`) or for a script, quoting every word with `shlex.
 task of a SLURM job: it takes the node rank from SLURM_NODEID, runs DeepSpeed's launcher with
 `--no_ssh`, and passes SIGTERM/SIGUSR1 straight to the rank processes (which finish the step,
 checkpoint and exit 0) instead of letting the launcher kill them.
+
+Owns: DeepSpeed launcher argv (local, pdsh, per node), hostfiles, `.deepspeed_env` and the SLURM
+per-node task.
+Must not touch: child environments and signals (launch/processes.py) or training.
 """
 
 from __future__ import annotations

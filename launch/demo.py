@@ -3,6 +3,9 @@
 Each stage runs as a subprocess of the real CLI (`python -m launch.cli STAGE ...`), exactly as a
 user would type it, all reading one resolved config written to <out>/config.yaml; the searches
 and the report use the Python APIs (pipeline/eval/report.py).
+
+Owns: the demo's sequence of stages and its report.
+Must not touch: any stage's logic: each runs as the real CLI.
 """
 
 from __future__ import annotations

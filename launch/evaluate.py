@@ -2,6 +2,9 @@
 
 Runs as one process, or one per rank under any launcher (torchrun, DeepSpeed, SLURM: the
 world comes from the environment), each rank embedding its slice of the split.
+
+Owns: `hiervl eval`: arguments, ranks from the environment, printing and writing results.
+Must not touch: metric or ranking logic (pipeline/eval/).
 """
 
 from __future__ import annotations

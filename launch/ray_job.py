@@ -6,6 +6,9 @@ ships this repository as the working dir (without .venv, .git, runs/ and other b
 the config is passed as the resolved YAML path, which must be readable on the cluster (shared
 filesystem), like the input and output folders. Logs stream back; the exit code is the job's
 final status (0 only for SUCCEEDED).
+
+Owns: Ray job entrypoints, runtime environment and submission.
+Must not touch: what the job runs.
 """
 
 from __future__ import annotations

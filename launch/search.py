@@ -1,4 +1,8 @@
-"""`hiervl search`: the top videos for a sentence, from an index `hiervl eval` exported."""
+"""`hiervl search`: the top videos for a sentence, from an index `hiervl eval` exported.
+
+Owns: `hiervl search` arguments and printing.
+Must not touch: search logic (pipeline/eval/search.py).
+"""
 
 from __future__ import annotations
 

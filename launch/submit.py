@@ -3,6 +3,9 @@
 Rendering lives in launch/deepspeed_launch.py, launch/slurm.py and launch/ray_job.py; this module
 picks the backend, writes the resolved config (<train.out_dir>/config.yaml, so override values
 never pass through a shell) and prints (--dry-run) or runs what was rendered.
+
+Owns: `hiervl submit`: choosing a backend and writing its files.
+Must not touch: launcher argv (deepspeed_launch), environments and signals (processes).
 """
 
 from __future__ import annotations

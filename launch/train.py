@@ -6,6 +6,10 @@ launcher command, environment and port as `hiervl submit local` (launch/deepspee
 launch/processes.py).
 SIGTERM/SIGUSR1 sent to `hiervl train` are passed to the ranks themselves, which finish the
 step, write a checkpoint and exit 0 (a preempted job is resubmitted with the same command).
+
+Owns: `hiervl train` (the local launch) and one rank's entry point.
+Must not touch: the launcher argv, child environment or signals (launch/deepspeed_launch.py,
+launch/processes.py), or training (pipeline/train/).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ Configs load from YAML files in `configs/` plus dotted command-line overrides
 starts: an unknown key is refused naming the closest valid key, a wrong type or an
 impossible value is refused naming what is allowed. Errors are `ConfigError`, which the CLI
 turns into a one-line message and exit code 2.
+
+Owns: the config schema, its validation (also across sections, at load), YAML loading and overrides.
+Must not touch: building anything from it; preset levels live in pipeline/presets.py.
 """
 
 from __future__ import annotations

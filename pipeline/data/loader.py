@@ -21,6 +21,9 @@ Failures: a sample whose bytes cannot be read or decoded keeps its slot, flagged
 `valid=False` with a zero video (its key stays in `keys`), is logged with key and reason and
 counted in `loader.stats`. Padding slots (`data.remainder=pad`) are `valid=False` with key ""
 and video_id -1. So every rank yields the same number of batches of the same shape.
+
+Owns: `DatasetIndex` and the resumable `VideoTextLoader` (positions, prefetch, failures).
+Must not touch: the manifest's schema (manifest.py) or the model.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ own video forward and reversed gives the order sensitivity (per level and fused)
 whose manifest has a `group` column (related videos: the synthetic corpus's siblings) group
 R@1 and sibling R@1 show whether the model finds the right group and, within it, the right
 video. Both land in eval.json ("order", "groups") and in a second table.
+
+Owns: embedding a split, gathering it, blocked ranking and the eval report files.
+Must not touch: training state or the loader's resume position.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ Every retrieval figure is printed beside its chance level: a random ranking of t
 gallery (`chance_levels`), so a reader can tell "R@1 30" on 120 videos from noise at a glance.
 The diagnostics `hiervl eval` adds (order sensitivity; group and sibling R@1 on grouped data,
 pipeline/eval/metrics.py) get their own table with their chance row (`diagnostics_table`).
+
+Owns: `report.md` and its plots and tables.
+Must not touch: training or metric computation.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ An index directory is what `hiervl eval` writes next to eval.json: `embeddings.p
 The query is encoded by the same model (the checkpoint named in index.json, or one given),
 scored against every video with `model.similarity` (per level and fused, in blocks of videos
 so the token-level scores stay small), and the top k by the fused score are returned.
+
+Owns: the search index over exported embeddings, queries and contact sheets.
+Must not touch: training or evaluation.
 """
 
 from __future__ import annotations

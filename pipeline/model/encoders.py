@@ -32,6 +32,10 @@ On the synthetic corpus (tiny.yaml tower trained with a supervised probe, 124 he
 `train.activation_checkpointing` recomputes, in backward, the frame ViT's layers, the
 space-time blocks, the temporal layers and the text layers instead of storing their
 activations (only in training with gradients on; non-reentrant `torch.utils.checkpoint`).
+
+Owns: the video tower's ViT and temporal transformer, the text tower's wrapper, activation
+checkpointing.
+Must not touch: losses, queues or data.
 """
 
 from __future__ import annotations

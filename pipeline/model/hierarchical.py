@@ -11,6 +11,9 @@ embeddings per level; the losses, negatives and queues live in `model.objective`
 (pipeline/model/objective.py: HierarchicalContrastiveLoss, `queue.objective` momentum | symmetric),
 which gets this process's rank and world size from here. W ranks of batch b train exactly like
 one rank of batch W*b: same losses, same gradients (after DeepSpeed's averaging), same queues.
+
+Owns: `HierarchicalModel` and `build_model`: towers, heads, momentum copies, the objective beside them.
+Must not touch: DeepSpeed, data loading or checkpoints.
 """
 
 from __future__ import annotations

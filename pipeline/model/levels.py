@@ -17,6 +17,9 @@ Presets (PAPERS.md):
 
 Embedding dicts map a level name to [N, D] (global) or [N, n_tokens, D] (token); text token
 levels add `<level>_mask` [N, n_tokens] bool. Every entry has first dim N, so they slice.
+
+Owns: the level heads and how a level scores a pair.
+Must not touch: which levels a preset has (pipeline/presets.py).
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ In both, negatives from the query's own video (`queue.mask_same_video`), padded 
 never-filled queue slots are masked. Every term is per sample and the batch mean uses the global
 valid count (pipeline/model/losses.py), so W ranks of batch b train exactly like one rank of batch W*b:
 same losses, same gradients (after DeepSpeed's averaging), same queues.
+
+Owns: `HierarchicalContrastiveLoss`: banks, queues, label denoising, marginal enhancement, with rank
+and world size as arguments.
+Must not touch: the encoders or the optimizer.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ Layout under `<train.out_dir>/checkpoints/`:
 
 A checkpoint directory without `meta.json` is incomplete (a kill during the write) and is never
 resumed from; `latest` moves only after the mark is written, so it always names a loadable one.
+
+Owns: checkpoint layout, save with the `latest` commit, resume planning, universal conversion,
+loading for inference.
+Must not touch: the training loop.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ Resume is automatic: a run pointed at an out_dir with checkpoints continues from
 complete one: the same step, LR, optimizer state, queues and data position, also at another
 world size (through DeepSpeed universal checkpoints). SIGTERM/SIGUSR1 finish the current step,
 write a checkpoint and exit 0.
+
+Owns: the `Trainer` loop, its logs and signals, and `run`.
+Must not touch: process launching (launch/) or the checkpoint format (checkpoint.py).
 """
 
 from __future__ import annotations
