@@ -31,7 +31,7 @@ PRESETS = ("flat", "hit", "hcmi", "hanet")
 def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
     """Where the fused text-to-video top-1 goes, against the corpus's groups of siblings.
 
-    The figures are `hiervl eval`'s own (pipeline/metrics.py `group_metrics`, ties pessimistic):
+    The figures are `hiervl eval`'s own (pipeline/eval/metrics.py `group_metrics`, ties pessimistic):
     `group_R1`: the top video is in the query's group (objects right); `sibling_R1`: among the
     query's own group, its video scores highest (order and direction right; chance = mean of
     1 / group size, 25% for full groups). Groups come from the manifest's `group` column; a
@@ -43,10 +43,10 @@ def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
     import torch
 
     from dataprep.synth import GROUP
-    from pipeline.checkpoint import load_model_for_inference
-    from pipeline.data import iter_eval
-    from pipeline.evaluate import embed_batches, load_groups
-    from pipeline.metrics import group_metrics
+    from pipeline.data.loader import iter_eval
+    from pipeline.eval.evaluate import embed_batches, load_groups
+    from pipeline.eval.metrics import group_metrics
+    from pipeline.train.checkpoint import load_model_for_inference
 
     model, cfg = load_model_for_inference(run)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(shards)))

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import Config  # noqa: E402
-from pipeline.decode import transform_clip  # noqa: E402
+from pipeline.data.decode import transform_clip  # noqa: E402
 
 T, SIZE, SHORT, B = 8, 32, 36, 8
 
@@ -81,7 +81,7 @@ def make_shards(work: Path, codec: str, n: int, seconds: float) -> Path:
 
 
 def run_loader(shards: Path, decoder: str, threads: int, min_seconds: float) -> dict:
-    from pipeline.data import VideoTextLoader
+    from pipeline.data.loader import VideoTextLoader
 
     cfg = Config()
     d = cfg.data

@@ -7,7 +7,7 @@ Embedding: the tiny config's model (configs/tiny.yaml: ViT 2 layers width 128 on
 32x32, MiniLM cut to 2 layers) encoding random clips and 12-word captions, batch 64, no decoding
 (the loader has its own benchmark). Ranking: N captions x N videos of unit vectors (D=128, one
 caption per video, a planted match so ranks are realistic), the global level, through
-`pipeline.metrics.blocked_ranks` exactly as `hiervl eval` runs it: pass 1 (t2v ranks, each
+`pipeline.eval.metrics.blocked_ranks` exactly as `hiervl eval` runs it: pass 1 (t2v ranks, each
 video's best caption), pass 2 (v2t counts). Each size runs in a fresh subprocess; its peak
 resident memory during ranking is VmHWM after resetting it just before (Linux clear_refs), next
 to the RSS before ranking (torch + embeddings) and the size the full N x N matrix would have.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from launch.processes import child_env  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -57,7 +57,7 @@ def bench_embed(batches: int, batch_size: int) -> dict:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.model import build_model
+    from pipeline.model.hierarchical import build_model
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.text.pretrained=false"])
     torch.manual_seed(0)
@@ -88,8 +88,8 @@ def bench_rank(n: int, dim: int, budget_mb: int, dsl: bool) -> dict:
     import torch
 
     from pipeline.config import EvalConfig
-    from pipeline.evaluate import block_rows_for
-    from pipeline.metrics import blocked_ranks, metrics_from_ranks
+    from pipeline.eval.evaluate import block_rows_for
+    from pipeline.eval.metrics import blocked_ranks, metrics_from_ranks
 
     g = torch.Generator().manual_seed(0)
     v = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)  # [N, D]
@@ -123,7 +123,7 @@ def main() -> int:
     if args.one:
         print(json.dumps(bench_rank(args.one, args.dim, args.block_mb, args.dsl)))
         return 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     results = {"embed": bench_embed(args.embed_batches, 64), "rank": []}
     print(f"embed (tiny model, batch 64): {results['embed']['videos_per_s']} videos/s, "
           f"{results['embed']['captions_per_s']} captions/s")

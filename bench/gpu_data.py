@@ -15,7 +15,6 @@ Writes (a few MB in all, small enough to carry in one device call):
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from launch.processes import child_env  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-videos", type=int, default=32)
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    env = child_env()
     hiervl = [sys.executable, "-m", "launch.cli"]
     subprocess.run(hiervl + ["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos),
                              "--codec", "h264"], check=True, cwd=ROOT, env=env)
@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     from transformers import BertConfig, BertModel
 
     from pipeline.config import load_config
-    from pipeline.data import iter_eval
-    from pipeline.text_model import load_tokenizer
+    from pipeline.data.loader import iter_eval
+    from pipeline.model.text_model import load_tokenizer
 
     tok = load_tokenizer("default")
     torch.manual_seed(0)

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from launch.processes import child_env  # noqa: E402
 
 
 def run_hiervl(argv: list[str], quiet: bool = False) -> float:
     """Run `hiervl ARGV` offline from the repository root, as a user would; return its wall seconds.
 
     `quiet` drops its stdout (the progress bar and warnings on stderr still show)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+    env = child_env()
     print(f"+ hiervl {' '.join(argv)}", flush=True)
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "launch.cli", *argv], env=env, check=True, cwd=ROOT,

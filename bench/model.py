@@ -55,7 +55,7 @@ def _measure(rank, world, port, args, out):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     from pipeline import distributed as D
     from pipeline.config import load_config
-    from pipeline.model import build_model
+    from pipeline.model.hierarchical import build_model
 
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -1,6 +1,7 @@
 """Shard preparation: videos + captions in, verified WebDataset shards out (on Ray).
 
 - `synth`: the embedded synthetic corpus (`make_corpus`).
+- `sample`: `Sample` and `Refusal`, what every reader produces.
 - `sources`, `benchmarks`: manifests (CSV/JSONL/Parquet) and benchmark annotation files
   (msrvtt, msvd, lsmdc, didemo, activitynet) into `Sample`s; input-stage checks, safe keys.
   MSRVTT_data.json, MSVD captions and LSMDC are parsed from their published descriptions
@@ -9,4 +10,5 @@
 - `plan`: sample-to-shard assignment, a pure function of the input and the config.
 - `shard_writer`: reproducible tars and their DALI index (the `wds2idx` format), atomically.
 - `worker`: one shard's work (a Ray task); `driver`: `prepare(...)`; `verify`: `--verify`.
+The dataset files' schema is `pipeline/data/manifest.py`'s; dataprep imports no training code.
 """

@@ -27,6 +27,9 @@ Built from published descriptions only (no copy of the file could be had; see th
 
 Videos are looked up under `videos_dir` by name (any of the usual extensions); a video the
 annotations name but the folder lacks is still emitted and quarantined as missing at probe.
+
+Owns: each benchmark's annotation format (msrvtt, msvd, lsmdc, didemo, activitynet) read into `Sample`s.
+Must not touch: media work, planning or writing shards.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from dataprep.sources import Sample
+from dataprep.sample import Sample
 from pipeline.errors import UserError
 
 FORMATS = ("msrvtt", "msvd", "lsmdc", "didemo", "activitynet")

@@ -9,6 +9,10 @@ are the same bytes whatever the number of workers or the order tasks finished in
 Ray: a local cluster `ray.init(num_cpus=prep.num_workers, object_store_memory=...)` by default,
 an existing one with `ray_address` (workers there must have hiervl installed). An already
 initialised Ray (tests) is used as it is.
+
+Owns: `prepare`: the run of one dataset (plan, Ray tasks, the dataset-level files).
+Must not touch: per-sample media work (transcode, worker) or the files' schema
+(pipeline/data/manifest.py).
 """
 
 from __future__ import annotations
@@ -20,46 +24,29 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from dataprep.plan import make_plan, output_config
-from dataprep.shard_writer import write_atomic
 from dataprep.sources import check_samples, read_input
 from dataprep.worker import is_done, read_stats, write_shard
+from pipeline.atomic_write import write_atomic
+from pipeline.data.manifest import (
+    DATASET_FILE,
+    MANIFEST_FILE,
+    MANIFEST_SCHEMA,
+    QUARANTINE_FILE,
+    QUARANTINE_SCHEMA,
+    SCHEMA_VERSION,
+    write_table,
+)
 from pipeline.errors import UserError
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
-SCHEMA_VERSION = 1
 _SHARD_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.(tar|idx|stats\.json)$")
-
-MANIFEST_SCHEMA = pa.schema([
-    ("key", pa.string()), ("orig_key", pa.string()), ("video_id", pa.string()), ("split", pa.string()),
-    ("shard", pa.string()), ("shard_index", pa.int64()), ("index_in_shard", pa.int64()),
-    ("video_ext", pa.string()), ("video_offset", pa.int64()), ("video_size", pa.int64()),
-    ("json_offset", pa.int64()), ("json_size", pa.int64()), ("captions", pa.list_(pa.string())),
-    ("num_frames", pa.int64()), ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
-    ("duration", pa.float64()), ("codec", pa.string()), ("source", pa.string()),
-    ("start", pa.float64()), ("end", pa.float64()), ("content_hash", pa.string()),
-    # hard-negative group (dataprep/sources.py), null when the sample has none; datasets prepared
-    # before this column lack it and load with no groups (pipeline/data.py DatasetIndex)
-    ("group", pa.string()),
-])
-QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("key", pa.string()), ("stage", pa.string()),
-                               ("reason", pa.string())])
 
 
 def reason_kind(reason: str) -> str:
     """The reason without its details ("truncated: frames end at ..." -> "truncated")."""
     return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
-
-
-def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
-    table = pa.Table.from_pylist(rows, schema=schema)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    write_atomic(path, sink.getvalue().to_pybytes())
 
 
 def _clean(out: Path, plan: list[dict]) -> None:
@@ -142,8 +129,8 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
         bytes_out += st["bytes"]
         if spec["name"] in todo_names:
             source_s_run += st["source_seconds"]
-    _write_parquet(out / "manifest.parquet", rows, MANIFEST_SCHEMA)
-    _write_parquet(out / "quarantine.parquet", quarantine, QUARANTINE_SCHEMA)
+    write_table(out / MANIFEST_FILE, rows, MANIFEST_SCHEMA)
+    write_table(out / QUARANTINE_FILE, quarantine, QUARANTINE_SCHEMA)
     counts = dict(sorted(Counter(r["split"] for r in rows).items()))
     hours = sum(r["duration"] for r in rows) / 3600.0
     prep_cfg = {k: v for k, v in dataclasses.asdict(prep).items() if k not in ("num_workers", "object_store_mb")}
@@ -152,7 +139,7 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
                "hours": round(hours, 6), "bytes": bytes_out, "num_samples": len(rows),
                "shards": [f"{s['name']}.tar" for s in plan if read_stats(out, s['name'])["samples_out"]],
                "prep_config": prep_cfg}
-    write_atomic(out / "dataset.json", (json.dumps(dataset, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(out / DATASET_FILE, (json.dumps(dataset, indent=2, sort_keys=True) + "\n").encode())
 
     processed = sum(len(s["samples"]) for s in todo)
     rate = len(quarantine) / len(samples)

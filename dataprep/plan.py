@@ -5,6 +5,9 @@ of at most `prep.shard_max_samples` samples and about `prep.shard_max_bytes` byt
 from the source file sizes, which are part of the input). A shard's `fingerprint` hashes its
 samples and the output-shaping config; a finished shard whose stats record carries another
 fingerprint is stale and is rewritten.
+
+Owns: sample-to-shard assignment and each shard's fingerprint.
+Must not touch: reading media or writing files.
 """
 
 from __future__ import annotations

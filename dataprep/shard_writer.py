@@ -7,7 +7,10 @@ offsets and the DALI index (`wds2idx` format: a line `v1.2 <samples>`, then per 
 `<ext> <data offset> <size> <member name>` for each of its members, space separated).
 
 Files are written under a temporary name in the same folder and renamed into place
-(`os.replace`), so a shard appears only whole.
+(`os.replace`, names from pipeline/atomic_write.py), so a shard appears only whole.
+
+Owns: the tar layout and the DALI index text.
+Must not touch: what a sample holds (worker, manifest).
 """
 
 from __future__ import annotations
@@ -15,24 +18,11 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import uuid
 from pathlib import Path
 
+from pipeline.atomic_write import temp_path
+
 INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes
-
-
-def temp_path(final: Path) -> Path:
-    """A unique temporary name beside `final` (hidden, so readers globbing *.tar skip it)."""
-    return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def write_atomic(final: Path, data: bytes) -> None:
-    tmp = temp_path(final)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 class ShardWriter:

@@ -5,12 +5,15 @@ manifest's folder, or `--videos DIR` when given), `caption` (a string, or a JSON
 strings) and optional `key`, `split`, `start`, `end` (seconds, a clip of a longer video) and
 `group` (a string naming a set of related samples, e.g. the clips of one source video or a set of
 synthetic siblings; empty or absent = no group; `data.order=grouped` puts a group's members in
-one global batch as hard negatives, pipeline/sampler.py).
+one global batch as hard negatives, pipeline/data/sampler.py).
 The benchmark formats live in `dataprep/benchmarks.py`.
 
 `check_samples` applies the input-stage checks (caption empty or not valid UTF-8, duplicate key)
 and makes keys safe for WebDataset and DALI: only `[A-Za-z0-9_-]`, at most 64 characters; a
 key that had to change gets a short hash of the original, which is kept as `orig_key`.
+
+Owns: manifest inputs (CSV, JSONL, Parquet), input-stage checks and safe keys.
+Must not touch: media work or shard writing.
 """
 
 from __future__ import annotations
@@ -19,52 +22,15 @@ import csv
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from dataprep.benchmarks import read_benchmark
+from dataprep.sample import Refusal, Sample
 from pipeline.errors import UserError
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 MAX_KEY = 64
-
-
-@dataclass
-class Sample:
-    """One input: a video (or a clip of one) with its captions. `video` is a path or fsspec URL."""
-
-    key: str
-    video: str
-    captions: list
-    split: str = "train"
-    start: float | None = None
-    end: float | None = None
-    video_id: str | None = None  # clips of one source video share it; default: the key
-    orig_key: str | None = None
-    sentences: list | None = None  # paragraph entries: the sentences joined into the caption, in order
-    extra: dict = field(default_factory=dict)  # metadata copied into the sample's JSON
-    group: str | None = None  # related samples (hard negatives) share it; None = no group
-
-    def to_dict(self) -> dict:
-        d = {"key": self.key, "video": self.video, "captions": list(self.captions), "split": self.split,
-             "start": self.start, "end": self.end, "video_id": self.video_id, "orig_key": self.orig_key,
-             "sentences": self.sentences, "extra": self.extra}
-        if self.group is not None:  # only when set: shard fingerprints of ungrouped inputs stay as they were
-            d["group"] = self.group
-        return d
-
-
-@dataclass
-class Refusal:
-    """An input refused before or during processing: a row of quarantine.parquet."""
-
-    source: str
-    key: str
-    stage: str  # input | probe | validate | decode | transcode
-    reason: str
-
-    def to_dict(self) -> dict:
-        return {"source": self.source, "key": self.key, "stage": self.stage, "reason": self.reason}
 
 
 def safe_key(key: str) -> str:
@@ -228,5 +194,4 @@ def read_input(path: str | Path, fmt: str | None = None, videos_dir: str | Path 
                     return read_manifest(path / name, videos_dir)
             raise UserError(f"{path}: folder has no manifest.csv/.jsonl/.parquet; give the file or --format")
         return read_manifest(path, videos_dir)
-    from dataprep import benchmarks
-    return benchmarks.read_benchmark(fmt, path, videos_dir, **options)
+    return read_benchmark(fmt, path, videos_dir, **options)

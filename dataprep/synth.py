@@ -23,6 +23,9 @@ bytes (checked by tests/test_synth.py). A corpus of N videos is a prefix of one 
 Output: `out_dir/videos/{key}.{webm|mp4}` and `out_dir/manifest.csv` with columns
 video (path relative to the manifest), caption (JSON list of strings), key, split, group
 (`g{i // GROUP:05d}`: the sibling group, for `data.order=grouped` hard-negative batches).
+
+Owns: the synthetic corpus: its videos, captions, groups and splits.
+Must not touch: preparing shards (that is `hiervl prep` on its manifest.csv).
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+
+from pipeline.atomic_write import atomic_output
 
 # Colours chosen to be far apart in RGB and from the (muted) backgrounds.
 COLOURS = {
@@ -248,9 +252,8 @@ def make_corpus(out_dir: str | Path, num_videos: int, seed: int = 0, codec: str 
             frames = render_frames(seed, i, size, num_frames)
         else:
             frames = render_event_frames(seed, i, size, num_frames)
-        tmp = vids / f".{key}.tmp.{ext}"
-        encode_video(frames, tmp, codec, fps)
-        os.replace(tmp, vids / f"{key}.{ext}")
+        with atomic_output(vids / f"{key}.{ext}", suffix=f".tmp.{ext}") as tmp:  # the encoder reads the suffix
+            encode_video(frames, tmp, codec, fps)
         if kind == "pairs":
             rng = np.random.default_rng([seed, i // GROUP, 100 + i % GROUP])
             captions = make_captions(rng, video_events(seed, i))
@@ -259,12 +262,10 @@ def make_corpus(out_dir: str | Path, num_videos: int, seed: int = 0, codec: str 
         rows.append({"video": f"videos/{key}.{ext}", "caption": json.dumps(captions), "key": key,
                      "split": split_of(seed, i // GROUP, test_fraction), "group": f"g{i // GROUP:05d}"})
     manifest = out_dir / "manifest.csv"
-    tmp = out_dir / ".manifest.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_output(manifest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["video", "caption", "key", "split", "group"], lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, manifest)
     return manifest
 
 

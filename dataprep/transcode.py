@@ -6,6 +6,9 @@ with the stage (`probe`, `validate`, `decode`, `transcode`) and a reason a user 
 Outputs are reproducible: the encoder runs single-threaded with bitexact flags, so the same
 input and config give the same bytes (the shard writer's idempotence rests on it). Every
 output has a keyframe at least every `prep.keyframe_interval` seconds so decoders can seek.
+
+Owns: one sample's probe, validation, decoding and encoding, and `SampleRefused`.
+Must not touch: tars, manifests or Ray.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ the samples must match the manifest exactly: count, order, keys and the sha256 o
 bytes. The `.idx` files must also equal what `wds2idx` would write for the tar as it is on disk,
 and the manifest's member offsets must point at the video bytes. Returns a list of problems
 (empty = verified).
+
+Owns: `--verify`: re-reading a prepared dataset with stock readers.
+Must not touch: writing or repairing anything.
 """
 
 from __future__ import annotations

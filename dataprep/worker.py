@@ -3,10 +3,13 @@
 `write_shard` is a plain, picklable function of (shard spec, output config, out dir): the Ray
 driver runs one task per shard, tests call it directly. Order of writes: tar, index, stats, each
 renamed into place; the stats record is last, so its presence means the shard is whole. It holds
-the shard's manifest rows and refusals, so the driver can build the manifest from the records
-without touching the tars again. Everything in it is deterministic (no timings), so a rerun
+the shard's manifest rows and refusals (built by pipeline/data/manifest.py), so the driver can
+build the manifest from the records without touching the tars again. Everything in it is deterministic (no timings), so a rerun
 gives the same bytes. A sample's optional `group` goes into its JSON and its manifest row only
 when it has one, so the shards of inputs without groups are byte-identical to before the column.
+
+Owns: one shard's work and its stats record (the done marker).
+Must not touch: Ray itself or the dataset-level files (driver).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from dataprep.shard_writer import ShardWriter, index_text, write_atomic
+from dataprep.shard_writer import ShardWriter, index_text
 from dataprep.transcode import SampleRefused, process_sample
+from pipeline.atomic_write import write_atomic
+from pipeline.data.manifest import manifest_row, quarantine_row
 
 
 def stats_path(out_dir: str | Path, name: str) -> Path:
@@ -48,11 +53,10 @@ def write_shard(spec: dict, out_cfg: dict, out_dir: str) -> dict:
             try:
                 blob, ext, meta = process_sample(s, out_cfg)
             except SampleRefused as exc:
-                refused.append({"source": s["video"], "key": s["orig_key"], "stage": exc.stage, "reason": exc.reason})
+                refused.append(quarantine_row(s["video"], s["orig_key"], exc.stage, exc.reason))
                 continue
             except Exception as exc:  # a bug or an exotic file: keep going, say what happened
-                refused.append({"source": s["video"], "key": s["orig_key"], "stage": "internal",
-                                "reason": f"{type(exc).__name__}: {exc}"})
+                refused.append(quarantine_row(s["video"], s["orig_key"], "internal", f"{type(exc).__name__}: {exc}"))
                 continue
             if writer is None:
                 writer = ShardWriter(out / tar_name)
@@ -68,16 +72,8 @@ def write_shard(spec: dict, out_cfg: dict, out_dir: str) -> dict:
             jbytes = _dumps(doc)
             v_off, v_size = writer.add(f"{s['key']}.{ext}", blob)
             j_off, j_size = writer.add(f"{s['key']}.json", jbytes)
-            rows.append({"key": s["key"], "orig_key": s["orig_key"], "video_id": s["video_id"], "split": s["split"],
-                         "shard": tar_name, "shard_index": spec["shard_index"], "index_in_shard": len(rows),
-                         "video_ext": ext, "video_offset": v_off, "video_size": v_size, "json_offset": j_off,
-                         "json_size": j_size, "captions": s["captions"], "num_frames": meta["num_frames"],
-                         "fps": meta["fps"], "width": meta["width"], "height": meta["height"],
-                         "duration": meta["duration"], "codec": meta["codec"], "source": s["video"],
-                         "start": s["start"], "end": s["end"],
-                         "content_hash": hashlib.sha256(blob).hexdigest()})
-            if s.get("group") is not None:  # absent = null in manifest.parquet (driver.MANIFEST_SCHEMA)
-                rows[-1]["group"] = s["group"]
+            rows.append(manifest_row(s, tar_name, spec["shard_index"], len(rows), ext, (v_off, v_size),
+                                     (j_off, j_size), meta, hashlib.sha256(blob).hexdigest()))
         tar_bytes = 0
         if writer is not None:
             tar_bytes = writer.close()

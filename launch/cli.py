@@ -4,6 +4,9 @@ Each subcommand lives in its own module in `launch/` (`launch/prep.py`, `launch/
 exposing `HELP` (one line), `DESCRIPTION` (with an example), `add_arguments(parser)` and
 `main(args, cfg) -> int`. A subcommand is listed only when its module exists: nothing here
 pretends. Every subcommand takes `--config FILE`, dotted overrides and `--print-config`.
+
+Owns: argument parsing, config loading with overrides and the exit codes of every subcommand.
+Must not touch: any subcommand's work.
 """
 
 from __future__ import annotations

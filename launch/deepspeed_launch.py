@@ -8,6 +8,10 @@ argv for printing (`--dry-run`) or for a script, quoting every word with `shlex.
 task of a SLURM job: it takes the node rank from SLURM_NODEID, runs DeepSpeed's launcher with
 `--no_ssh`, and passes SIGTERM/SIGUSR1 straight to the rank processes (which finish the step,
 checkpoint and exit 0) instead of letting the launcher kill them.
+
+Owns: DeepSpeed launcher argv (local, pdsh, per node), hostfiles, `.deepspeed_env` and the SLURM
+per-node task.
+Must not touch: child environments and signals (launch/processes.py) or training.
 """
 
 from __future__ import annotations
@@ -15,13 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RANK_MODULE = "launch.train"
+from launch.processes import RANK_MODULE, REPO_ROOT, child_env, local_port, run_forwarding_signals
+
 # Variables the ranks need on every node; DeepSpeed's pdsh runner exports what .deepspeed_env lists.
 PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                   "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED", "TORCH_EXTENSIONS_DIR", "NCCL_SOCKET_IFNAME",
@@ -51,9 +53,10 @@ def _tail(config_path, log_dir=None) -> list[str]:
 
 
 def local_command(cfg, config_path, *, nranks: int, gpus: bool, log_dir=None, python: str = sys.executable) -> list[str]:
-    """DeepSpeed's launcher on this machine with `nranks` ranks (GPUs when `gpus`, else CPU ranks)."""
+    """DeepSpeed's launcher on this machine with `nranks` ranks (GPUs when `gpus`, else CPU ranks);
+    `hiervl train` and `hiervl submit local` both run it."""
     count = ["--num_gpus" if gpus else "--num_accelerators", str(nranks)]
-    return _base(python, cfg.launch.master_port) + count + _tail(config_path, log_dir)
+    return _base(python, local_port(cfg.launch.master_port)) + count + _tail(config_path, log_dir)
 
 
 def hostfile_text(hosts, slots: int) -> str:
@@ -99,41 +102,10 @@ def deepspeed_env_text(env: dict | None = None) -> str:
 
 
 def rank_env(env: dict | None = None, gpus: bool = False) -> dict:
-    """The environment for the launcher: repo on PYTHONPATH, DS_ACCELERATOR set, offline HF."""
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    """The environment for the launcher: `child_env` plus DS_ACCELERATOR (cuda or cpu) where unset."""
+    env = child_env(env)
     env.setdefault("DS_ACCELERATOR", "cuda" if gpus else "cpu")
-    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
-        env.setdefault(k, v)
     return env
-
-
-def signal_ranks(proc: subprocess.Popen, signum: int) -> int:
-    """Send `signum` to the rank processes under `proc` (those running launch.train); returns how many."""
-    import psutil
-
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
-    sent = 0
-    for child in children:
-        try:
-            cmdline = child.cmdline()
-            if RANK_MODULE in cmdline and "deepspeed.launcher.launch" not in cmdline:
-                child.send_signal(signum)
-                sent += 1
-        except psutil.Error:
-            pass
-    return sent
-
-
-def run_forwarding_signals(cmd: list[str], env: dict | None = None) -> int:
-    """Run a launcher; SIGTERM/SIGUSR1 go to its ranks so they checkpoint and exit 0."""
-    proc = subprocess.Popen(cmd, env=env)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: signal_ranks(proc, signum))
-    return proc.wait()
 
 
 def node_main(argv: list[str] | None = None) -> int:

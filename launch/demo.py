@@ -2,17 +2,20 @@
 
 Each stage runs as a subprocess of the real CLI (`python -m launch.cli STAGE ...`), exactly as a
 user would type it, all reading one resolved config written to <out>/config.yaml; the searches
-and the report use the Python APIs (pipeline/report.py).
+and the report use the Python APIs (pipeline/eval/report.py).
+
+Owns: the demo's sequence of stages and its report.
+Must not touch: any stage's logic: each runs as the real CLI.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from launch.processes import child_env
 from pipeline.errors import UserError
 
 HELP = "run the whole pipeline on the synthetic corpus (synth, prep, train, eval, search) and write a report"
@@ -42,11 +45,7 @@ def add_arguments(parser) -> None:
 def _stage(n: int, name: str, argv: list[str], timings: dict) -> None:
     print(f"\n=== [demo {n}/6] {name}: hiervl {' '.join(argv)}", flush=True)
     t0 = time.time()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("RAY_USAGE_STATS_ENABLED", "0"),
-                       ("TOKENIZERS_PARALLELISM", "false")):
-        env.setdefault(key, value)
-    code = subprocess.call([sys.executable, "-m", "launch.cli", *argv], env=env)
+    code = subprocess.call([sys.executable, "-m", "launch.cli", *argv], env=child_env())
     timings[name] = time.time() - t0
     if code != 0:
         raise UserError(f"demo stage '{name}' failed (exit {code}); its output is above. Fix it and rerun "
@@ -60,7 +59,7 @@ def main(args, cfg) -> int:
     import torch
 
     from pipeline.config import load_config, to_yaml
-    from pipeline.report import pick_queries, retrieval_table, run_searches, summary_row, write_report
+    from pipeline.eval.report import pick_queries, retrieval_table, run_searches, summary_row, write_report
 
     out = Path(args.out)
     if args.num_videos < 8:

@@ -2,6 +2,9 @@
 
 Runs as one process, or one per rank under any launcher (torchrun, DeepSpeed, SLURM: the
 world comes from the environment), each rank embedding its slice of the split.
+
+Owns: `hiervl eval`: arguments, ranks from the environment, printing and writing results.
+Must not touch: metric or ranking logic (pipeline/eval/).
 """
 
 from __future__ import annotations
@@ -59,9 +62,9 @@ def main(args, cfg) -> int:
     import torch
 
     from pipeline import distributed as dist
-    from pipeline.checkpoint import load_model_for_inference
-    from pipeline.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
+    from pipeline.eval.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
     from pipeline.log import setup_logging
+    from pipeline.train.checkpoint import load_model_for_inference
 
     info = dist.init()
     setup_logging(info.rank)

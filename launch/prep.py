@@ -1,4 +1,8 @@
-"""`hiervl prep`: videos + captions in, verified WebDataset shards out (Ray), or `--verify DIR`."""
+"""`hiervl prep`: videos + captions in, verified WebDataset shards out (Ray), or `--verify DIR`.
+
+Owns: `hiervl prep` arguments and exit code.
+Must not touch: preparation logic (dataprep/).
+"""
 
 from __future__ import annotations
 

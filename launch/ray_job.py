@@ -6,6 +6,9 @@ ships this repository as the working dir (without .venv, .git, runs/ and other b
 the config is passed as the resolved YAML path, which must be readable on the cluster (shared
 filesystem), like the input and output folders. Logs stream back; the exit code is the job's
 final status (0 only for SUCCEEDED).
+
+Owns: Ray job entrypoints, runtime environment and submission.
+Must not touch: what the job runs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import asyncio
 import time
 from pathlib import Path
 
-from launch.deepspeed_launch import REPO_ROOT, shell_join
+from launch.deepspeed_launch import shell_join
+from launch.processes import OFFLINE_ENV, REPO_ROOT
+from pipeline.atomic_write import write_atomic
 from pipeline.config import to_yaml
 from pipeline.errors import UserError
 
@@ -33,9 +38,7 @@ def train_entrypoint(config_path, python: str = "python") -> str:
 
 
 def runtime_env(env_vars: dict | None = None) -> dict:
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.update(env_vars or {})
+    env = {**dict(OFFLINE_ENV), **(env_vars or {})}
     return {"working_dir": str(REPO_ROOT), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": env}
 
 
@@ -72,7 +75,7 @@ def submit_and_follow(address: str, request: dict, follow: bool = True, printer=
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
-def submit_cli(args, cfg, write) -> int:
+def submit_cli(args, cfg) -> int:
     """`hiervl submit ray`: prep (--input, --out) or training (--train) as a Ray job."""
     if args.train:
         out = Path(cfg.train.out_dir).resolve()
@@ -88,5 +91,5 @@ def submit_cli(args, cfg, write) -> int:
     if args.dry_run:
         print(f"ray job to {args.address}:\n  entrypoint: {entry}\n  runtime_env: {request['runtime_env']}")
         return 0
-    write(config_path, to_yaml(cfg))
+    write_atomic(config_path, to_yaml(cfg))
     return submit_and_follow(args.address, request, follow=not args.no_follow)

@@ -1,4 +1,8 @@
-"""`hiervl search`: the top videos for a sentence, from an index `hiervl eval` exported."""
+"""`hiervl search`: the top videos for a sentence, from an index `hiervl eval` exported.
+
+Owns: `hiervl search` arguments and printing.
+Must not touch: search logic (pipeline/eval/search.py).
+"""
 
 from __future__ import annotations
 
@@ -30,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args, cfg) -> int:
-    from pipeline.checkpoint import load_model_for_inference
     from pipeline.errors import UserError
-    from pipeline.search import SearchIndex, contact_sheet, format_hits, load_frames, search
+    from pipeline.eval.search import SearchIndex, contact_sheet, format_hits, load_frames, search
+    from pipeline.train.checkpoint import load_model_for_inference
 
     if args.k < 1:
         raise UserError(f"-k {args.k}: ask for at least one video")

@@ -7,6 +7,9 @@ hostfile from `scontrol show hostnames`, and takes the first node as the master.
 (srun forwards it to the node tasks, which forward it to the ranks: finish the step, checkpoint,
 exit 0) and then requeues the job with `scontrol requeue`; the requeued job resumes by itself
 because the ranks run with train.resume=auto. Every value from the config is `shlex.quote`d.
+
+Owns: the sbatch script, `sbatch`, `squeue` and `scancel`.
+Must not touch: the launcher commands (launch/deepspeed_launch.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import shlex
 import subprocess
 import sys
 
-from launch.deepspeed_launch import REPO_ROOT, deepspeed_env_text, rank_log_dir
+from launch.deepspeed_launch import deepspeed_env_text, rank_log_dir
+from launch.processes import REPO_ROOT
 from pipeline.errors import UserError
 
 q = shlex.quote

@@ -3,6 +3,9 @@
 Rendering lives in launch/deepspeed_launch.py, launch/slurm.py and launch/ray_job.py; this module
 picks the backend, writes the resolved config (<train.out_dir>/config.yaml, so override values
 never pass through a shell) and prints (--dry-run) or runs what was rendered.
+
+Owns: `hiervl submit`: choosing a backend and writing its files.
+Must not touch: launcher argv (deepspeed_launch), environments and signals (processes).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import os
 from pathlib import Path
 
 from launch import deepspeed_launch as ds
+from launch.processes import run_forwarding_signals
+from pipeline.atomic_write import write_atomic
 from pipeline.config import load_config, to_yaml
 from pipeline.errors import UserError
 
@@ -44,19 +49,12 @@ def add_arguments(p) -> None:
     p.add_argument("--no-follow", action="store_true", help="ray: submit and return without streaming logs")
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _run_or_print(args, cmds, env=None) -> int:
     for cmd in cmds:
         print(ds.shell_join(cmd), flush=True)
     if args.dry_run:
         return 0
-    return max(ds.run_forwarding_signals(cmd, env) for cmd in cmds)
+    return max(run_forwarding_signals(cmd, env) for cmd in cmds)
 
 
 def main(args, cfg) -> int:
@@ -73,11 +71,11 @@ def main(args, cfg) -> int:
     gpus = cfg.launch.gpus_per_node > 0
     if args.action == "ray":
         from launch import ray_job
-        return ray_job.submit_cli(args, cfg, _write)
+        return ray_job.submit_cli(args, cfg)
     out = Path(cfg.train.out_dir).resolve()
     config_path, log_dir = out / "config.yaml", ds.rank_log_dir(out)
     if not args.dry_run:
-        _write(config_path, to_yaml(cfg))
+        write_atomic(config_path, to_yaml(cfg))
     env = ds.rank_env(gpus=gpus)
     if args.action == "local":
         nranks = cfg.launch.gpus_per_node if gpus else cfg.train.ranks
@@ -89,19 +87,19 @@ def main(args, cfg) -> int:
             print(script, end="")
             return 0
         script_path = out / "submit.sbatch"
-        _write(script_path, script)
+        write_atomic(script_path, script)
         print(f"submitted batch job {slurm.submit(script_path)} ({script_path})")
         return 0
     # deepspeed: hostfile + pdsh, or one launcher per node
     hosts, hostfile, text = ds.resolve_hosts(args.hostfile, args.hosts, out / "hostfile",
                                              cfg.launch.gpus_per_node if gpus else cfg.train.ranks)
     if text and not args.dry_run:
-        _write(hostfile, text)
+        write_atomic(hostfile, text)
     if len(hosts) != cfg.launch.nodes and args.nodes:
         raise UserError(f"--nodes {args.nodes} but the hostfile names {len(hosts)} hosts; make them agree")
     master = args.master_addr or hosts[0]
     if not args.dry_run:
-        _write(out / ".deepspeed_env", ds.deepspeed_env_text(env))
+        write_atomic(out / ".deepspeed_env", ds.deepspeed_env_text(env))
     env["DS_ENV_FILE"] = str(out / ".deepspeed_env")
     if not args.no_ssh:
         return _run_or_print(args, [ds.pdsh_command(cfg, config_path, hostfile, master_addr=master, log_dir=log_dir)], env)

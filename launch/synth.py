@@ -1,4 +1,8 @@
-"""`hiervl synth`: write the embedded synthetic corpus (real videos + manifest.csv)."""
+"""`hiervl synth`: write the embedded synthetic corpus (real videos + manifest.csv).
+
+Owns: `hiervl synth` arguments.
+Must not touch: the corpus (dataprep/synth.py).
+"""
 
 from __future__ import annotations
 

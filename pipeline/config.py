@@ -5,6 +5,9 @@ Configs load from YAML files in `configs/` plus dotted command-line overrides
 starts: an unknown key is refused naming the closest valid key, a wrong type or an
 impossible value is refused naming what is allowed. Errors are `ConfigError`, which the CLI
 turns into a one-line message and exit code 2.
+
+Owns: the config schema, its validation (also across sections, at load), YAML loading and overrides.
+Must not touch: building anything from it; preset levels live in pipeline/presets.py.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import UserError
+from pipeline.presets import PRESETS, level_names
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user's configuration mistake (exit code 2, no traceback)."""
 
 
@@ -89,7 +95,7 @@ class VisionConfig:
     width: int = 128
     layers: int = 2
     heads: int = 4
-    # what the video tower sees of motion and layout (pipeline/encoders.py module docstring)
+    # what the video tower sees of motion and layout (pipeline/model/encoders.py module docstring)
     frame_diff: bool = False  # frame t minus frame t-1 as 3 extra input channels (zero at t=0)
     frame_token: str = "cls"  # cls: pooled CLS per frame | layout: + a linear over the flattened patch grid
     layout_dim: int = 16  # layout: each patch token projected to this many dims before flattening
@@ -147,7 +153,12 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self):
-        _one_of("model.preset", self.preset, ("hit", "hcmi", "hanet", "flat"))
+        _one_of("model.preset", self.preset, tuple(PRESETS))
+        names = level_names(self.preset)
+        unknown = sorted(set(self.level_weights) - set(names))
+        _check(not unknown, f"model.level_weights names {unknown} but preset '{self.preset}' has levels {names}")
+        _check(sum(float(self.level_weights.get(n, 1.0)) for n in names) > 0,
+               f"model.level_weights must not all be 0 (levels: {names})")
         _one_of("model.loss", self.loss, ("infonce", "hinge"))
         _check(self.embed_dim >= 1, "model.embed_dim must be >= 1")
         _check(self.temporal_layers >= 0, "model.temporal_layers must be >= 0")
@@ -165,7 +176,7 @@ class ModelConfig:
 
 @dataclass
 class QueueConfig:
-    """The contrastive objective (pipeline/objective.py): recipe, and per level and modality a
+    """The contrastive objective (pipeline/model/objective.py): recipe, and per level and modality a
     replicated queue of K momentum keys."""
 
     # momentum: queries against momentum keys (HiT's MoCo-style contrast; the positive is a key);
@@ -331,8 +342,38 @@ class Config:
     prep: PrepConfig = field(default_factory=PrepConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
+    def __post_init__(self):
+        """Checks across sections, at load: `hiervl train` refuses these before any rank starts.
+        What only a checkpoint knows (a CLIP's depth, a text encoder's layers) is checked when loaded."""
+        d, m, vis = self.data, self.model, self.model.vision
+        _check(d.num_frames <= m.max_frames,
+               f"data.num_frames={d.num_frames} exceeds model.max_frames={m.max_frames}; raise model.max_frames")
+        if vis.clip_path is None:  # random init: the ViT is built from these numbers
+            _check(d.size % vis.patch_size == 0, f"data.size={d.size} is not a multiple of "
+                   f"model.vision.patch_size={vis.patch_size}; change one of them")
+            k = vis.space_time_layers
+            _check(vis.space_time != "factorised" or k is None or k <= vis.layers,
+                   f"model.vision.space_time_layers={k} but the frame ViT has {vis.layers} layers; "
+                   f"set it to at most {vis.layers} (or null for all)")
+        f = m.feature_layer
+        if f is not None:
+            top = m.temporal_layers if m.text.num_layers is None else min(m.temporal_layers, m.text.num_layers)
+            _check(0 <= f <= top, f"model.feature_layer={f} but the temporal transformer has {m.temporal_layers} "
+                   f"layers{'' if m.text.num_layers is None else f' and the text encoder {m.text.num_layers}'}; "
+                   f"use 0..{top} or null (middle)")
+
 
 # ---------------------------------------------------------------------------- building
+
+
+def _parse_string(value: Any, parse: type) -> Any:
+    """`parse(value)` for a string that reads as that type, else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse(value)
+    except ValueError:
+        return None
 
 
 def _coerce(path: str, value: Any, tp: Any) -> Any:
@@ -361,20 +402,14 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
+        if (parsed := _parse_string(value, int)) is not None:
+            return parsed
         raise ConfigError(f"{path}={value!r} must be an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        if (parsed := _parse_string(value, float)) is not None:
+            return parsed
         raise ConfigError(f"{path}={value!r} must be a number")
     if tp is str:
         if isinstance(value, (dict, list)):

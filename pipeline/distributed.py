@@ -4,6 +4,9 @@ World information comes from whichever launcher started us (torchrun and DeepSpe
 set RANK/WORLD_SIZE/LOCAL_RANK; SLURM sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; Open MPI
 and MPICH set OMPI_COMM_WORLD_* / PMI_*). Everything else in the code base calls the helpers
 here, so a single process (no launcher) runs the same code with world size 1.
+
+Owns: every collective, rank and world-size query, and device routing for backends.
+Must not touch: model, data or training logic.
 """
 
 from __future__ import annotations

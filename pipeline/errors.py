@@ -2,6 +2,9 @@
 
 The CLI prints them as one line naming the thing and the fix, and exits 1; a traceback is for
 bugs. Configuration mistakes are `pipeline.config.ConfigError` (exit 2).
+
+Owns: `UserError`.
+Must not touch: anything else.
 """
 
 

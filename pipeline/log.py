@@ -3,6 +3,9 @@
 `get_logger(__name__)` everywhere; `setup_logging(rank, log_dir, all_ranks)` once per process.
 Messages on ranks other than 0 go only to their file (when `log_dir` is given), so a 64-rank
 job prints one stream, and every rank's story is still on disk (`rank{R}.log`).
+
+Owns: the `hiervl` logger tree and per-rank files.
+Must not touch: what is logged.
 """
 
 from __future__ import annotations

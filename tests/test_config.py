@@ -92,3 +92,25 @@ def test_cli_help_lists_only_existing_subcommands():
     for name in available_subcommands():
         assert name in res.stdout
     assert "train" in available_subcommands()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.num_frames=100"], "data.num_frames=100 exceeds model.max_frames=64"),
+    (["data.size=33", "data.short_side=40"], "data.size=33 is not a multiple of model.vision.patch_size"),
+    (["model.feature_layer=9"], "model.feature_layer=9 but the temporal transformer has"),
+    (["model.level_weights={frame_word: 1.0}"], "model.level_weights names \\['frame_word'\\] but preset 'hit'"),
+    (["model.vision.space_time=factorised", "model.vision.space_time_layers=9"], "space_time_layers=9 but the frame"),
+])
+def test_cross_section_checks_run_at_load(overrides, message):
+    """Checks that span sections refuse the config at load, before any rank or model exists."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.preset=hit", *overrides])
+
+
+def test_every_preset_file_is_the_tiny_config_with_its_preset():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    from pipeline.presets import PRESETS
+
+    for name in PRESETS:
+        cfg = load_config(root / "presets" / f"{name}.yaml")
+        assert cfg.model.preset == name and cfg.data == load_config(root / "tiny.yaml").data

@@ -1,4 +1,4 @@
-"""Decoding (pipeline/decode.py): DALI vs PyAV agree, PyAV's GOP seeking is exact, the transform."""
+"""Decoding (pipeline/data/decode.py): DALI vs PyAV agree, PyAV's GOP seeking is exact, the transform."""
 
 import io
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_loader_fixture import encode_clip
 
-from pipeline.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
+from pipeline.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.deepspeed_config import build_deepspeed_config, build_optimizer
+from pipeline.train.deepspeed_config import build_deepspeed_config, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.encoders import TextEncoder, VideoEncoder, frame_differences
 from pipeline.errors import UserError
+from pipeline.model.encoders import TextEncoder, VideoEncoder, frame_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

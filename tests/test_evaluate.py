@@ -1,4 +1,4 @@
-"""pipeline.evaluate on a tiny model and a tiny real dataset (real loader, real decoding):
+"""pipeline.eval.evaluate on a tiny model and a tiny real dataset (real loader, real decoding):
 blocked == one full similarity matrix, captions mapped to their videos, failed/padded slots
 dropped, 2 gloo ranks == 1 rank, reports and exported embeddings, and the `hiervl eval` CLI."""
 
@@ -34,7 +34,7 @@ def make_cfg(data: Path, *extra: str):
 
 
 def make_model(cfg):
-    from pipeline.model import build_model
+    from pipeline.model.hierarchical import build_model
 
     torch.manual_seed(0)
     return build_model(cfg).eval()
@@ -56,9 +56,9 @@ def expected_captions() -> dict:
 
 
 def test_blocked_eval_equals_full_matrix_and_maps_captions(hit, data, tmp_path):
-    from pipeline.data import iter_eval
-    from pipeline.evaluate import embed_batches, evaluate_model
-    from pipeline.metrics import multi_caption_metrics
+    from pipeline.data.loader import iter_eval
+    from pipeline.eval.evaluate import embed_batches, evaluate_model
+    from pipeline.eval.metrics import multi_caption_metrics
 
     cfg, model = hit
     res = evaluate_model(model, cfg, split="test", out_dir=tmp_path, export=True)
@@ -80,8 +80,8 @@ def test_blocked_eval_equals_full_matrix_and_maps_captions(hit, data, tmp_path):
 
 
 def test_reports_mark_dsl_and_export_round_trips(hit, tmp_path):
-    from pipeline.evaluate import evaluate_model
-    from pipeline.search import SearchIndex
+    from pipeline.eval.evaluate import evaluate_model
+    from pipeline.eval.search import SearchIndex
 
     cfg, model = hit
     res = evaluate_model(model, cfg, split="test", out_dir=tmp_path, export=True, meta={"checkpoint": "ck"})
@@ -96,8 +96,8 @@ def test_reports_mark_dsl_and_export_round_trips(hit, tmp_path):
     index = SearchIndex.load(tmp_path)
     assert sorted(index.keys) == sorted(expected_captions())
     assert index.videos["feature"].shape == (NUM_VIDEOS, 4, 32) and index.videos["semantic"].shape == (NUM_VIDEOS, 32)
-    from pipeline.data import iter_eval
-    from pipeline.evaluate import embed_batches
+    from pipeline.data.loader import iter_eval
+    from pipeline.eval.evaluate import embed_batches
 
     emb = embed_batches(model, iter_eval(cfg, split="test"))
     order = [emb.keys.index(k) for k in index.keys]
@@ -119,7 +119,7 @@ def fake_batch(keys, valid, captions, seed=0):
 
 
 def test_failed_and_padded_slots_leave_with_their_captions(hit):
-    from pipeline.evaluate import embed_batches
+    from pipeline.eval.evaluate import embed_batches
 
     _, model = hit
     batches = [fake_batch(["a", "broken", ""], [True, False, False], [["a0", "a1"], ["b0"], []]),
@@ -139,7 +139,7 @@ def _free_port() -> int:
 
 def _rank_worker(rank, port, data, out):
     from pipeline import distributed as D
-    from pipeline.evaluate import evaluate_model
+    from pipeline.eval.evaluate import evaluate_model
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -153,7 +153,7 @@ def _rank_worker(rank, port, data, out):
 
 @pytest.mark.integration
 def test_two_gloo_ranks_equal_one_rank(hit, data):
-    from pipeline.evaluate import evaluate_model
+    from pipeline.eval.evaluate import evaluate_model
 
     cfg, model = hit
     single = evaluate_model(model, cfg, split="test")
@@ -186,7 +186,7 @@ def write_fake_checkpoint(model, cfg, run_dir: Path) -> Path:
 
 def test_eval_and_search_cli_on_a_checkpoint(hit, data, tmp_path, capsys):
     from launch.cli import main
-    from pipeline.evaluate import evaluate_model
+    from pipeline.eval.evaluate import evaluate_model
 
     cfg, model = hit
     run = write_fake_checkpoint(model, cfg, tmp_path / "run")
@@ -217,7 +217,7 @@ def test_eval_config_refuses_bad_values(bad):
 
 def test_block_rows_respect_the_memory_budget():
     from pipeline.config import EvalConfig
-    from pipeline.evaluate import block_rows_for
+    from pipeline.eval.evaluate import block_rows_for
 
     assert block_rows_for(100_000, 4, EvalConfig(block_size=4096, block_mb=64)) * 100_000 * (4 * 4 + 8) <= 64 * 2**20
     assert block_rows_for(10, 4, EvalConfig(block_size=7, block_mb=64)) == 7
@@ -247,8 +247,8 @@ def flipped(batches):
 
 
 def test_order_pairs_are_own_video_forward_and_reversed(hit):
-    from pipeline.data import iter_eval
-    from pipeline.evaluate import embed_batches
+    from pipeline.data.loader import iter_eval
+    from pipeline.eval.evaluate import embed_batches
 
     cfg, model = hit
     emb = embed_batches(model, iter_eval(cfg, split="test"), reverse=True)
@@ -269,8 +269,8 @@ def test_order_pairs_are_own_video_forward_and_reversed(hit):
 
 def test_eval_cli_reports_order_and_group_diagnostics(hit, data, tmp_path, capsys):
     from launch.cli import main
-    from pipeline.data import iter_eval
-    from pipeline.evaluate import embed_batches
+    from pipeline.data.loader import iter_eval
+    from pipeline.eval.evaluate import embed_batches
 
     cfg, model = hit
     grouped = grouped_copy(data, tmp_path / "grouped")

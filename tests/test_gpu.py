@@ -68,7 +68,7 @@ def test_nccl_collectives_take_cpu_and_cuda_tensors(monkeypatch):
 
 def test_dali_mixed_frames_match_the_cpu_loaders_pyav_frames(data):
     from pipeline.config import load_config
-    from pipeline.data import iter_eval
+    from pipeline.data.loader import iter_eval
 
     ref = torch.load(data / "reference.pt", weights_only=False)
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.path={data / 'shards'}", "data.device=gpu",

@@ -9,7 +9,7 @@ import torch
 from test_loader_fixture import prepared_dataset
 
 from pipeline.config import Config
-from pipeline.data import DatasetIndex, VideoTextLoader, iter_eval
+from pipeline.data.loader import DatasetIndex, VideoTextLoader, iter_eval
 from pipeline.errors import UserError
 
 pytestmark = pytest.mark.integration

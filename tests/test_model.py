@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.model import build_model
+from pipeline.model.hierarchical import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -74,10 +74,10 @@ def test_levels_per_preset_and_key_encoders_are_frozen():
     assert not any(p.requires_grad for p in model.text_key.parameters())
     assert model.logit_scale.requires_grad  # learnable temperature in hcmi
     assert set(model.queues) == {f"{lv}_{m}" for lv in expected["hcmi"] for m in ("video", "text")}
-    state = model.state_dict()  # the queues are the objective's (pipeline/objective.py), in every checkpoint
+    state = model.state_dict()  # the queues are the objective's (pipeline/model/objective.py), in every checkpoint
     assert "objective.queues.frame_word_text.emb" in state and "objective.queues.frame_word_text.ptr" in state
     for preset in ("hit", "hanet", "flat"):
-        assert [lv.name for lv in __import__("pipeline.levels").levels.preset_levels(preset)] == expected[preset]
+        assert [lv.name for lv in __import__("pipeline.model.levels").model.levels.preset_levels(preset)] == expected[preset]
 
 
 def test_momentum_update_matches_hand_computation():
@@ -191,7 +191,7 @@ socket.socket.connect = refuse
 socket.create_connection = refuse
 import torch
 from safetensors.torch import load_file
-from pipeline.text_model import load_text_model, load_tokenizer, resolve_text_model_path
+from pipeline.model.text_model import load_text_model, load_tokenizer, resolve_text_model_path
 model = load_text_model("default", pretrained=True, num_layers=2)
 tok = load_tokenizer("default")
 ref = load_file(str(resolve_text_model_path("default") / "model.safetensors"))

@@ -60,7 +60,7 @@ def make_global_batch(step: int, n: int) -> dict:
 
 def run_steps(preset: str, overrides: list, rank: int, world: int) -> dict:
     from pipeline.config import load_config
-    from pipeline.model import build_model
+    from pipeline.model.hierarchical import build_model
 
     cfg = load_config(TINY, [f"model.preset={preset}"] + SMALL + overrides)
     torch.manual_seed(0)

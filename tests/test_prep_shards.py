@@ -131,3 +131,16 @@ def test_group_goes_into_the_sample_json_and_row_only_when_set(corpus, tmp_path)
     assert all("group" not in d for d in plain_docs)
     assert docs[1] == plain_docs[1] and docs[0] == {**plain_docs[0], "group": "g1"}
     assert raw != plain_raw  # the group really is in the grouped shard's bytes
+
+
+def test_loader_refuses_dataset_of_other_schema_version(tmp_path):
+    """dataset.json's schema_version is checked where the dataset is read, with the fix named."""
+    from pipeline.data.manifest import SCHEMA_VERSION, read_dataset_info
+    from pipeline.errors import UserError
+
+    assert read_dataset_info(tmp_path) is None  # a hand-built manifest has no dataset.json
+    (tmp_path / "dataset.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION}))
+    assert read_dataset_info(tmp_path)["schema_version"] == SCHEMA_VERSION
+    (tmp_path / "dataset.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(UserError, match=f"schema_version {SCHEMA_VERSION + 1}.*hiervl prep"):
+        read_dataset_info(tmp_path)

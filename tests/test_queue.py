@@ -2,7 +2,7 @@
 
 import torch
 
-from pipeline.queue import MomentumQueue
+from pipeline.model.queue import MomentumQueue
 
 
 def _queue(size):
@@ -68,7 +68,7 @@ def test_hit_objective_has_four_banks_with_token_and_global_shapes():
     from pathlib import Path
 
     from pipeline.config import load_config
-    from pipeline.objective import HierarchicalContrastiveLoss
+    from pipeline.model.objective import HierarchicalContrastiveLoss
 
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     for recipe in ("momentum", "symmetric"):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pipeline.report import SearchResult, chance_levels, read_metrics, retrieval_table, summary_row, write_report
+from pipeline.eval.report import SearchResult, chance_levels, read_metrics, retrieval_table, summary_row, write_report
 
 
 def _metrics(r1, r5, r10, mdr, mnr):

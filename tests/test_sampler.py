@@ -1,9 +1,9 @@
-"""The epoch order and rank slicing (pipeline/sampler.py): pure, fast, no decoding."""
+"""The epoch order and rank slicing (pipeline/data/sampler.py): pure, fast, no decoding."""
 
 import numpy as np
 import pytest
 
-from pipeline.sampler import (
+from pipeline.data.sampler import (
     PAD,
     choose_caption,
     epoch_order,

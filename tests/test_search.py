@@ -1,4 +1,4 @@
-"""pipeline.search: a known-answer index, ordering and scores equal to model.similarity, the
+"""pipeline.eval.search: a known-answer index, ordering and scores equal to model.similarity, the
 contact sheet from real frames, user errors; and (slow) the end-to-end train -> eval -> search."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def flat_model():
 
 
 def encode(model, texts):
-    from pipeline.text_model import load_tokenizer
+    from pipeline.model.text_model import load_tokenizer
 
     tok = load_tokenizer(model.cfg.model.text.path)(texts, padding="max_length", truncation=True,
                                                      max_length=model.cfg.data.max_words, return_tensors="pt")
@@ -35,8 +35,8 @@ def encode(model, texts):
 
 
 def test_known_answer_index_returns_the_matching_video_first(tmp_path):
-    from pipeline.evaluate import EmbeddedSplit, export_embeddings
-    from pipeline.search import SearchIndex, search
+    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
+    from pipeline.eval.search import SearchIndex, search
 
     model = flat_model()
     # videos whose embeddings are the captions' own text embeddings: caption i must find video i
@@ -57,8 +57,8 @@ def test_known_answer_index_returns_the_matching_video_first(tmp_path):
 
 def test_hierarchical_scores_equal_model_similarity(tmp_path):
     from pipeline.config import load_config
-    from pipeline.evaluate import EmbeddedSplit, export_embeddings
-    from pipeline.search import SearchIndex, search
+    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
+    from pipeline.eval.search import SearchIndex, search
 
     model = make_model(load_config(TINY, SMALL + ["model.preset=hcmi"]))
     g = torch.Generator().manual_seed(0)
@@ -85,7 +85,7 @@ def test_hierarchical_scores_equal_model_similarity(tmp_path):
 def test_contact_sheet_shows_the_hits_frames(tmp_path):
     from PIL import Image
 
-    from pipeline.search import Hit, contact_sheet, load_frames
+    from pipeline.eval.search import Hit, contact_sheet, load_frames
 
     data = write_shards(tmp_path / "shards", 3, "vp9", split="test", per_shard=2)
     frames = load_frames(data, "test", ["test00002", "test00000", "missing"], count=3)
@@ -104,8 +104,8 @@ def test_contact_sheet_shows_the_hits_frames(tmp_path):
 
 def test_user_errors(tmp_path):
     from pipeline.errors import UserError
-    from pipeline.evaluate import EmbeddedSplit, export_embeddings
-    from pipeline.search import SearchIndex, search
+    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
+    from pipeline.eval.search import SearchIndex, search
 
     with pytest.raises(UserError, match="hiervl eval"):
         SearchIndex.load(tmp_path / "nope")
@@ -145,8 +145,8 @@ def test_train_then_eval_above_chance_and_search_finds_a_training_video(tmp_path
 
     rows = pq.read_table(tmp_path / "shards" / "manifest.parquet", columns=["key", "split", "captions"]).to_pylist()
     train = [r for r in rows if r["split"] == "train"]
-    from pipeline.checkpoint import load_model_for_inference
-    from pipeline.search import SearchIndex, search
+    from pipeline.eval.search import SearchIndex, search
+    from pipeline.train.checkpoint import load_model_for_inference
 
     model, _ = load_model_for_inference(run)
     index = SearchIndex.load(out)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.checkpoint import find_latest
+from pipeline.train.checkpoint import find_latest
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,8 +205,8 @@ def test_zero2_two_ranks_resume_on_one_rank_zero1_through_a_universal_checkpoint
 
 @pytest.mark.parametrize("saved,now,ok", [(2, 1, True), (0, 2, True), (3, 3, True), (2, 3, False), (3, 1, False)])
 def test_resume_plan_converts_within_zero_families_and_refuses_across(tmp_path, saved, now, ok):
-    from pipeline.checkpoint import plan_resume
     from pipeline.config import ConfigError
+    from pipeline.train.checkpoint import plan_resume
 
     tag = tmp_path / "checkpoints" / "step00000010"
     tag.mkdir(parents=True)

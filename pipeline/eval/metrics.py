@@ -38,6 +38,9 @@ Diagnostics (what R@k hides; ties and NaNs count as failures, as above):
   the top-1 video is in the query's group (its best in-group score beats every other group's
   videos); sibling R@1 = among the query's own group, its own video scores highest. Chance:
   group size / gallery size and 1 / group size, averaged over the queries.
+
+Owns: R@K, MdR, MnR, DSL and the diagnostics, as pure tensor functions.
+Must not touch: models, files or collectives.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The two backbones: a video encoder (per-frame ViT + temporal transformer) and a text encoder.
 
-Both return every layer's token states so the level heads (pipeline/levels.py) can read a lower
+Both return every layer's token states so the level heads (pipeline/model/levels.py) can read a lower
 layer (HiT's feature level) as well as the top one:
 
 - `VideoEncoder(video [B,T,C,H,W]) -> list of [B,T,W]`: entry 0 is the per-frame token plus a
@@ -32,6 +32,10 @@ On the synthetic corpus (tiny.yaml tower trained with a supervised probe, 124 he
 `train.activation_checkpointing` recomputes, in backward, the frame ViT's layers, the
 space-time blocks, the temporal layers and the text layers instead of storing their
 activations (only in training with gradients on; non-reentrant `torch.utils.checkpoint`).
+
+Owns: the video tower's ViT and temporal transformer, the text tower's wrapper, activation
+checkpointing.
+Must not touch: losses, queues or data.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.text_model import load_text_model
+from pipeline.model.text_model import load_text_model
 
 RGB = 3  # input channels of a frame; frame_diff doubles them
 
@@ -106,9 +110,6 @@ def build_frame_vit(cfg: Config) -> nn.Module:
                             f"model.vision.frame_diff={str(vis.frame_diff).lower()} needs {channels}; "
                             "use a 3-channel (RGB) CLIP checkpoint")
         return model
-    if cfg.data.size % vis.patch_size:
-        raise UserError(f"data.size={cfg.data.size} is not a multiple of model.vision.patch_size={vis.patch_size}; "
-                        "change one of them")
     config = CLIPVisionConfig(hidden_size=vis.width, intermediate_size=4 * vis.width, num_hidden_layers=vis.layers,
                               num_attention_heads=vis.heads, image_size=cfg.data.size, patch_size=vis.patch_size,
                               num_channels=channels, attention_dropout=cfg.model.dropout)

@@ -8,7 +8,10 @@ writes one Markdown file with PNG figures beside it (matplotlib, Agg backend: no
 Every retrieval figure is printed beside its chance level: a random ranking of the same
 gallery (`chance_levels`), so a reader can tell "R@1 30" on 120 videos from noise at a glance.
 The diagnostics `hiervl eval` adds (order sensitivity; group and sibling R@1 on grouped data,
-pipeline/metrics.py) get their own table with their chance row (`diagnostics_table`).
+pipeline/eval/metrics.py) get their own table with their chance row (`diagnostics_table`).
+
+Owns: `report.md` and its plots and tables.
+Must not touch: training or metric computation.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.data.manifest import MANIFEST_FILE
+from pipeline.eval.evaluate import diagnostics_note, format_diagnostics
+from pipeline.eval.search import SearchIndex, contact_sheet, format_hits, load_frames, search
 from pipeline.log import get_logger
+from pipeline.train.checkpoint import load_model_for_inference
 
 log = get_logger(__name__)
 
@@ -169,7 +176,6 @@ def diagnostics_table(result: dict) -> str:
     """Markdown: order sensitivity and group / sibling R@1, fused first then each level, with the
     chance row (the table `hiervl eval` prints); empty when the eval result has no diagnostics
     (an eval.json from before them)."""
-    from pipeline.evaluate import format_diagnostics
 
     return format_diagnostics(result)
 
@@ -300,7 +306,6 @@ def write_report(out_dir: str | Path, *, eval_json: str | Path, dataset_json: st
     text.append(retrieval_table(result))
     diag = diagnostics_table(result)
     if diag:
-        from pipeline.evaluate import diagnostics_note
 
         text.append("\n### What the model tells apart\n")
         text.append(diagnostics_note(result) + "\n" + diag)
@@ -327,7 +332,7 @@ def pick_queries(data: str | Path, split: str = "test", count: int = 3, seed: in
     import numpy as np
     import pyarrow.parquet as pq
 
-    table = pq.read_table(Path(data) / "manifest.parquet", columns=["key", "split", "captions"]).to_pylist()
+    table = pq.read_table(Path(data) / MANIFEST_FILE, columns=["key", "split", "captions"]).to_pylist()
     rows = [r for r in table if r["split"] == split and r["captions"]]
     if not rows:
         return []
@@ -344,14 +349,12 @@ def run_searches(index_dir: str | Path, queries: list[tuple[str, str | None]], o
 
     import pyarrow.parquet as pq
 
-    from pipeline.checkpoint import load_model_for_inference
-    from pipeline.search import SearchIndex, contact_sheet, format_hits, load_frames, search
 
     index = SearchIndex.load(index_dir)
     model, _ = load_model_for_inference(index.meta["checkpoint"])
     captions = {}
-    if index.data and (Path(index.data) / "manifest.parquet").is_file():
-        for r in pq.read_table(Path(index.data) / "manifest.parquet", columns=["key", "captions"]).to_pylist():
+    if index.data and (Path(index.data) / MANIFEST_FILE).is_file():
+        for r in pq.read_table(Path(index.data) / MANIFEST_FILE, columns=["key", "captions"]).to_pylist():
             captions[r["key"]] = list(r["captions"] or [])
     out = Path(out_dir)
     results = []

@@ -8,9 +8,12 @@
 
 The model holds the query towers and their momentum copies and turns a batch into query and key
 embeddings per level; the losses, negatives and queues live in `model.objective`
-(pipeline/objective.py: HierarchicalContrastiveLoss, `queue.objective` momentum | symmetric),
+(pipeline/model/objective.py: HierarchicalContrastiveLoss, `queue.objective` momentum | symmetric),
 which gets this process's rank and world size from here. W ranks of batch b train exactly like
 one rank of batch W*b: same losses, same gradients (after DeepSpeed's averaging), same queues.
+
+Owns: `HierarchicalModel` and `build_model`: towers, heads, momentum copies, the objective beside them.
+Must not touch: DeepSpeed, data loading or checkpoints.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from torch import nn
 
 from pipeline import distributed as dist
 from pipeline.config import Config
-from pipeline.encoders import TextEncoder, VideoEncoder
-from pipeline.errors import UserError
-from pipeline.levels import LevelHeads, feature_layers, level_similarity, level_weights, preset_levels
-from pipeline.objective import HierarchicalContrastiveLoss
+from pipeline.model.encoders import TextEncoder, VideoEncoder
+from pipeline.model.levels import LevelHeads, feature_layers, level_similarity, level_weights
+from pipeline.model.objective import HierarchicalContrastiveLoss
+from pipeline.presets import learns_temperature, preset_levels
 
 
 class VideoTower(nn.Module):
@@ -59,9 +62,6 @@ class HierarchicalModel(nn.Module):
         self.level_specs = preset_levels(mc.preset)
         self.levels = [lv.name for lv in self.level_specs]
         self.fusion_weights = level_weights(cfg)
-        if cfg.data.num_frames > mc.max_frames:
-            raise UserError(f"data.num_frames={cfg.data.num_frames} exceeds model.max_frames={mc.max_frames}; "
-                            "raise model.max_frames")
 
         self.video = VideoTower(cfg)
         self.text = TextTower(cfg)
@@ -77,7 +77,7 @@ class HierarchicalModel(nn.Module):
         for p in list(self.video_key.parameters()) + list(self.text_key.parameters()):
             p.requires_grad_(False)
 
-        learnable = mc.learnable_temperature if mc.learnable_temperature is not None else mc.preset == "hcmi"
+        learnable = learns_temperature(mc.preset, mc.learnable_temperature)
         learnable = learnable and mc.loss == "infonce"  # the hinge has no temperature: no unused parameter
         init = torch.full((len(self.levels),), math.log(1.0 / mc.temperature))
         if learnable:

@@ -11,6 +11,9 @@ An index directory is what `hiervl eval` writes next to eval.json: `embeddings.p
 The query is encoded by the same model (the checkpoint named in index.json, or one given),
 scored against every video with `model.similarity` (per level and fused, in blocks of videos
 so the token-level scores stay small), and the top k by the fused score are returned.
+
+Owns: the search index over exported embeddings, queries and contact sheets.
+Must not touch: training or evaluation.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.decode import decode_pyav
+from pipeline.data.loader import DatasetIndex
+from pipeline.data.sampler import frame_indices
 from pipeline.errors import UserError
-from pipeline.evaluate import EMBEDDINGS_FILE, INDEX_FILE
+from pipeline.eval.evaluate import EMBEDDINGS_FILE, INDEX_FILE
+from pipeline.model.text_model import load_tokenizer
 
 
 @dataclass
@@ -83,7 +90,6 @@ class SearchIndex:
 @torch.no_grad()
 def search(model, index: SearchIndex, query: str, k: int = 10, block: int = 4096) -> list[Hit]:
     """The top `k` videos of `index` for the text `query`, by the fused similarity."""
-    from pipeline.text_model import load_tokenizer
 
     if not query.strip():
         raise UserError("the search query is empty; give a sentence, e.g. \"a red circle slides left\"")
@@ -114,9 +120,6 @@ def format_hits(hits: list[Hit]) -> str:
 
 def load_frames(data: str | Path, split: str, keys: list[str], count: int = 4) -> dict[str, np.ndarray]:
     """`count` frames spread over each video, uint8 [count, H, W, 3], read from the dataset's tars."""
-    from pipeline.data import DatasetIndex
-    from pipeline.decode import decode_pyav
-    from pipeline.sampler import frame_indices
 
     ds = DatasetIndex(data, split)
     where = {key: i for i, key in enumerate(ds.keys)}

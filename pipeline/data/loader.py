@@ -5,10 +5,10 @@
     for batch in loader: ...        # one dict per step, see `VideoTextLoader`
     state = loader.state_dict()     # after a step; resume with loader.load_state_dict(state)
 
-How it works: the epoch's order is a pure function of (seed, epoch) (pipeline/sampler.py);
+How it works: the epoch's order is a pure function of (seed, epoch) (pipeline/data/sampler.py);
 each rank takes its slots of each global batch. Video bytes are read by random access at the
 manifest's offsets (`os.pread` on the tar, no sequential scan), decoded by DALI or PyAV
-(pipeline/decode.py) in a background thread that keeps `data.prefetch` batches ready.
+(pipeline/data/decode.py) in a background thread that keeps `data.prefetch` batches ready.
 
 Position: the number of global samples consumed in the epoch. After this rank has yielded k
 batches of an epoch started at position p0, `position = min(p0 + k * B * W, N)`; every batch
@@ -21,6 +21,9 @@ Failures: a sample whose bytes cannot be read or decoded keeps its slot, flagged
 `valid=False` with a zero video (its key stays in `keys`), is logged with key and reason and
 counted in `loader.stats`. Padding slots (`data.remainder=pad`) are `valid=False` with key ""
 and video_id -1. So every rank yields the same number of batches of the same shape.
+
+Owns: `DatasetIndex` and the resumable `VideoTextLoader` (positions, prefetch, failures).
+Must not touch: the manifest's schema (manifest.py) or the model.
 """
 
 from __future__ import annotations
@@ -35,10 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
-from pipeline.errors import UserError
-from pipeline.log import get_logger
-from pipeline.sampler import (
+from pipeline.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
+from pipeline.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
+from pipeline.data.sampler import (
     PAD,
     choose_caption,
     epoch_order,
@@ -49,13 +51,13 @@ from pipeline.sampler import (
     sample_rng,
     stable_hash,
 )
+from pipeline.errors import UserError
+from pipeline.log import get_logger
+from pipeline.model.text_model import load_tokenizer
 
 log = get_logger(__name__)
 _LOGGED_PATHS: set[str] = set()  # decode paths already announced in this process
 STATE_VERSION = 1
-_COLUMNS = ["key", "video_id", "split", "shard", "index_in_shard", "video_offset", "video_size",
-            "captions", "num_frames", "codec"]
-_OPTIONAL_COLUMNS = ["group"]
 
 
 class DatasetIndex:
@@ -70,13 +72,14 @@ class DatasetIndex:
         import pyarrow.parquet as pq
 
         self.root = Path(root)
-        manifest = self.root / "manifest.parquet"
+        manifest = self.root / MANIFEST_FILE
         if not manifest.is_file():
             raise UserError(f"{manifest} does not exist; set data.path to a directory made by "
                             "`hiervl prep --out DIR` (it holds manifest.parquet and the tars)")
+        read_dataset_info(self.root)  # refuses a dataset of another schema version, naming the fix
         present = set(pq.read_schema(manifest).names)
         # `group` (hard-negative group, dataprep/sources.py) is optional: manifests prepared before it have none
-        table = pq.read_table(manifest, columns=_COLUMNS + [c for c in _OPTIONAL_COLUMNS if c in present]).to_pandas()
+        table = pq.read_table(manifest, columns=READ_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in present]).to_pandas()
         table = table[table["split"] == split].sort_values(["shard", "index_in_shard"], kind="stable")
         if len(table) == 0:
             splits = sorted(set(pq.read_table(manifest, columns=["split"]).column(0).to_pylist()))
@@ -147,7 +150,6 @@ class VideoTextLoader:
 
     def __init__(self, cfg, split: str | None = None, train: bool = True, rank: int = 0, world_size: int = 1,
                  batch_size: int | None = None, dtype: torch.dtype = torch.float32):
-        from pipeline.text_model import load_tokenizer
 
         self.cfg = cfg.data
         self.train = train
@@ -186,11 +188,6 @@ class VideoTextLoader:
     def __len__(self) -> int:
         """Batches per full epoch for this rank (identical on all ranks)."""
         return num_batches(len(self.index), self.batch_size, self.world_size, self.remainder)
-
-    @property
-    def batches_remaining(self) -> int:
-        """Batches left in the current epoch from the current position (after a resume: fewer)."""
-        return num_batches(len(self.index) - self.position, self.batch_size, self.world_size, self.remainder)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` from position 0 (call before iterating each new epoch)."""

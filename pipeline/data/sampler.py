@@ -21,6 +21,9 @@ is what makes the loader exactly-once, resumable and elastic:
   the same number of batches, so no collective ever waits on a rank that ran out.
 - After global batch k the position is `min(p + (k+1)*G, N)`: a resumed loader, at any world
   size, continues with `order[position:]`: no repeat and no gap.
+
+Owns: epoch order, rank slots, frame indices and caption choice, all pure functions.
+Must not touch: files, decoding or torch.distributed.
 """
 
 from __future__ import annotations

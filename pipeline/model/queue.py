@@ -9,6 +9,9 @@ Everything is a registered buffer, so the queue is in `state_dict()` and every c
 The model all-gathers the keys of all ranks (no gradient, rank order), drops padded samples
 identically everywhere and pushes the result: every rank holds the same queue, which is why a
 resume at another world size can take any rank's copy.
+
+Owns: `MomentumQueue`: buffers, pointer, push and state.
+Must not touch: gathering (the objective does it) or losses.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ normalises, identically for both paths, giving [T, C, size, size].
 - PyAV: the fallback for codecs DALI's CPU backend lacks (H.264, HEVC) or when DALI is not
   installed. It demuxes once, decodes only the GOPs holding a wanted frame (seeking to their
   keyframes) and converts only the wanted frames to RGB.
+
+Owns: DALI and PyAV decoding and the frame transform.
+Must not touch: the order of samples or the manifest.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ split across ranks.
 Averaging that over the W ranks (what DeepSpeed does with gradients, and what the trainer does
 when it logs) gives sum_{all valid i} l_i / N_valid_global: exactly the loss one rank would
 compute on the whole global batch, padded samples and uneven valid counts included.
+
+Owns: per-sample InfoNCE and hinge losses and the batch mean.
+Must not touch: queues, levels or collectives beyond pipeline.distributed.
 """
 
 from __future__ import annotations

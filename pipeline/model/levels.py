@@ -17,11 +17,12 @@ Presets (PAPERS.md):
 
 Embedding dicts map a level name to [N, D] (global) or [N, n_tokens, D] (token); text token
 levels add `<level>_mask` [N, n_tokens] bool. Every entry has first dim N, so they slice.
+
+Owns: the level heads and how a level scores a pair.
+Must not touch: which levels a preset has (pipeline/presets.py).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,28 +30,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-
-
-@dataclass(frozen=True)
-class Level:
-    name: str
-    kind: str  # "token" | "global"
-    video_source: str  # frames | feature | clusters | windows | pooled
-    text_source: str  # words | feature | clusters | pooled
-
-
-PRESETS: dict[str, tuple[Level, ...]] = {
-    "hit": (Level("feature", "token", "feature", "feature"), Level("semantic", "global", "pooled", "pooled")),
-    "hcmi": (Level("frame_word", "token", "frames", "words"), Level("clip_phrase", "token", "clusters", "clusters"),
-             Level("video_sentence", "global", "pooled", "pooled")),
-    "hanet": (Level("individual", "token", "frames", "words"), Level("local", "token", "windows", "clusters"),
-              Level("global", "global", "pooled", "pooled")),
-    "flat": (Level("global", "global", "pooled", "pooled"),),
-}
-
-
-def preset_levels(preset: str) -> tuple[Level, ...]:
-    return PRESETS[preset]
+from pipeline.presets import Level, level_names, preset_levels
 
 
 def feature_layers(cfg: Config, video_layers: int, text_layers: int) -> tuple[int, int]:
@@ -205,11 +185,5 @@ def level_similarity(level: Level, t_emb: dict, v_emb: dict) -> torch.Tensor:
 
 def level_weights(cfg: Config) -> dict[str, float]:
     """Inference fusion weights per level (model.level_weights; missing levels weigh 1)."""
-    names = [lv.name for lv in preset_levels(cfg.model.preset)]
-    unknown = sorted(set(cfg.model.level_weights) - set(names))
-    if unknown:
-        raise UserError(f"model.level_weights names {unknown} but preset '{cfg.model.preset}' has levels {names}")
-    weights = {n: float(cfg.model.level_weights.get(n, 1.0)) for n in names}
-    if sum(weights.values()) <= 0:
-        raise UserError(f"model.level_weights must not all be 0 (levels: {names})")
-    return weights
+    # names and an all-zero sum are refused at load (ModelConfig.__post_init__)
+    return {n: float(cfg.model.level_weights.get(n, 1.0)) for n in level_names(cfg.model.preset)}

@@ -45,8 +45,12 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
 
 In all three, negatives from the query's own video (`queue.mask_same_video`), padded samples and
 never-filled queue slots are masked. Every term is per sample and the batch mean uses the global
-valid count (pipeline/losses.py), so W ranks of batch b train exactly like one rank of batch W*b:
+valid count (pipeline/model/losses.py), so W ranks of batch b train exactly like one rank of batch W*b:
 same losses, same gradients (after DeepSpeed's averaging), same queues.
+
+Owns: `HierarchicalContrastiveLoss`: banks, queues, label denoising, marginal enhancement, with rank
+and world size as arguments.
+Must not touch: the encoders or the optimizer.
 """
 
 from __future__ import annotations
@@ -58,11 +62,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import distributed as dist
-from pipeline import losses as L
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.levels import level_similarity, preset_levels, token_count
-from pipeline.queue import MomentumQueue
+from pipeline.model import losses as L
+from pipeline.model.levels import level_similarity, token_count
+from pipeline.model.queue import MomentumQueue
+from pipeline.presets import preset_levels
 
 
 class HierarchicalContrastiveLoss(nn.Module):

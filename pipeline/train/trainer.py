@@ -7,6 +7,9 @@ Resume is automatic: a run pointed at an out_dir with checkpoints continues from
 complete one: the same step, LR, optimizer state, queues and data position, also at another
 world size (through DeepSpeed universal checkpoints). SIGTERM/SIGUSR1 finish the current step,
 write a checkpoint and exit 0.
+
+Owns: the `Trainer` loop, its logs and signals, and `run`.
+Must not touch: process launching (launch/) or the checkpoint format (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import checkpoint as ckpt
 from pipeline import distributed as dist
+from pipeline import faults
 from pipeline.config import Config, to_dict, to_yaml
-from pipeline.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
 from pipeline.log import get_logger, setup_logging
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
 
 log = get_logger(__name__)
 
@@ -42,14 +46,14 @@ def queue_state(model) -> dict:
     They are also in the module's state_dict; the copy in the client state is what survives a
     universal-checkpoint conversion (the queue is replicated, so rank 0's copy is the whole state).
     """
-    from pipeline.queue import MomentumQueue
+    from pipeline.model.queue import MomentumQueue
 
     return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
             for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
 
 
 def load_queue_state(model, state: dict) -> None:
-    from pipeline.queue import MomentumQueue
+    from pipeline.model.queue import MomentumQueue
 
     queues = {name: m for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
     # checkpoints written before the objective became its own module name the queues `queues.*`
@@ -73,8 +77,8 @@ class Trainer:
     def __init__(self, cfg: Config):
         import deepspeed
 
-        from pipeline.data import VideoTextLoader
-        from pipeline.model import build_model
+        from pipeline.data.loader import VideoTextLoader
+        from pipeline.model.hierarchical import build_model
 
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
@@ -232,7 +236,7 @@ class Trainer:
         window["data_s"] += time.perf_counter() - t0
         out = self.engine(self._to_device(batch))
         loss = out["loss"]
-        if os.environ.get("HIERVL_FAULT") == "nan-loss":  # fault injection for tests
+        if faults.injected("nan-loss"):
             loss = loss * float("nan")
         flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
                              torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device)])
@@ -374,7 +378,7 @@ class Trainer:
 
     def _evaluate(self) -> None:
         """Evaluation hook: R@1/5/10 on eval.split; the best checkpoint (by R@sum) is kept."""
-        from pipeline.evaluate import evaluate_model
+        from pipeline.eval.evaluate import evaluate_model
 
         self.model.eval()
         result = evaluate_model(self.model, self.cfg, split=self.cfg.eval.split, device=self.device, diagnostics=False)

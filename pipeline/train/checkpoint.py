@@ -5,10 +5,14 @@ Layout under `<train.out_dir>/checkpoints/`:
   step00000100/rank{R}.pt       per-rank state: RNG (Python, NumPy, torch) and the loader state
   step00000100/meta.json        written by rank 0 after EVERY rank finished: the completion mark
   step00000100_universal/       DeepSpeed universal checkpoint, made on a world-size change
-  latest                        tag of the newest complete checkpoint (tmp file + os.replace)
+  latest                        tag of the newest complete checkpoint (pipeline/atomic_write.py)
 
 A checkpoint directory without `meta.json` is incomplete (a kill during the write) and is never
 resumed from; `latest` moves only after the mark is written, so it always names a loadable one.
+
+Owns: checkpoint layout, save with the `latest` commit, resume planning, universal conversion,
+loading for inference.
+Must not touch: the training loop.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ import numpy as np
 import torch
 
 from pipeline import distributed as dist
-from pipeline.config import ConfigError
+from pipeline import faults
+from pipeline.atomic_write import write_atomic
+from pipeline.config import ConfigError, from_dict
+from pipeline.errors import UserError
 from pipeline.log import get_logger
+from pipeline.model.hierarchical import build_model
 
 log = get_logger(__name__)
 META = "meta.json"
@@ -79,9 +87,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) if not isinstance(data, str) else data)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) if not isinstance(data, str) else data)
 
 
 def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state: dict, meta: dict,
@@ -98,8 +104,8 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
     t0 = time.time()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rank_state, ckpt_dir / tag / f"rank{dist.get_rank()}.pt")
-    if os.environ.get("HIERVL_FAULT") == "kill-during-checkpoint" and step > int(os.environ.get("HIERVL_FAULT_AFTER", 0)):
-        os._exit(9)  # fault injection for tests: die after writing files, before the commit
+    if faults.injected("kill-during-checkpoint", step):
+        os._exit(9)  # die after writing files, before the commit
     dist.barrier()  # every rank has written its part
     if dist.is_main():
         _write_json_atomic(ckpt_dir / tag / META, {**meta, "tag": tag, "step": step, "saved_at": time.time(),
@@ -205,9 +211,6 @@ def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
     Reads the resolved config stored in the checkpoint and the full module weights (ZeRO 0-2 keep
     them in `mp_rank_00_model_states.pt`; ZeRO 3 is consolidated with DeepSpeed's zero_to_fp32).
     """
-    from pipeline.config import from_dict
-    from pipeline.errors import UserError
-    from pipeline.model import build_model
 
     path = Path(path)
     if (path / META).is_file():

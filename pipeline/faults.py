@@ -1,0 +1,21 @@
+"""Fault injection for tests: the one place production code asks whether to fail on purpose.
+
+Owns: `injected(name, step)`, true when the environment variable HIERVL_FAULT names the fault
+(and, when given, HIERVL_FAULT_AFTER is below `step`). tests/test_train.py sets them to prove that a
+run killed while writing a checkpoint resumes from the last complete one (`kill-during-checkpoint`)
+and that a non-finite loss is skipped and counted (`nan-loss`). Unset, every call is false.
+Must not touch: anything else; the caller decides what the fault does.
+"""
+
+from __future__ import annotations
+
+import os
+
+FAULTS = ("kill-during-checkpoint", "nan-loss")
+
+
+def injected(name: str, step: int | None = None) -> bool:
+    """Whether the test harness asked for fault `name` now (at `step`, if the fault counts steps)."""
+    if os.environ.get("HIERVL_FAULT") != name:
+        return False
+    return step is None or step > int(os.environ.get("HIERVL_FAULT_AFTER", 0))
