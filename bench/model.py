@@ -50,6 +50,34 @@ def _batch(cfg, device, seed):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _time_steps(prepare, step, args, device):
+    """`args.warmup + args.steps` calls of step(prepare(i)), each timed alone (CUDA synchronised).
+
+    Returns (seconds per step after the warmup, FLOPs of the first step on CUDA or None).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    times, flops = [], None
+    for i in range(args.warmup + args.steps):
+        inputs = prepare(i)
+        counter = FlopCounterMode(display=False) if i == 0 and device.type == "cuda" else None
+        if counter is not None:
+            counter.__enter__()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if counter is not None:
+            counter.__exit__(None, None, None)
+            flops = counter.get_total_flops()
+        if i >= args.warmup:
+            times.append(dt)
+    return times, flops
+
+
 def _measure(rank, world, port, args, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -80,20 +108,10 @@ def _measure(rank, world, port, args, out):
     model = build_model(cfg).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    flops = None
-    times, comms = [], []
-    for step in range(args.warmup + args.steps):
-        batch = _batch(cfg, device, seed=1000 * rank + step)
-        count = step == 0 and device.type == "cuda"
-        if count:
-            from torch.utils.flop_counter import FlopCounterMode
+    comms = []
 
-            counter = FlopCounterMode(display=False)
-            counter.__enter__()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def step(batch):
         comm["s"] = 0.0
-        t0 = time.perf_counter()
         with autocast:
             res = model(batch)
         res["loss"].backward()
@@ -101,15 +119,10 @@ def _measure(rank, world, port, args, out):
         opt.zero_grad(set_to_none=True)
         model.momentum_update()
         model.enqueue(res)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        if count:
-            counter.__exit__(None, None, None)
-            flops = counter.get_total_flops()
-        if step >= args.warmup:
-            times.append(dt)
-            comms.append(comm["s"])
+        comms.append(comm["s"])  # collectives' seconds of this step
+
+    times, flops = _time_steps(lambda i: _batch(cfg, device, seed=1000 * rank + i), step, args, device)
+    comms = comms[args.warmup:]
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     step_s = statistics.median(times)
@@ -152,18 +165,7 @@ def _reference(rank, world, port, args, out):
     opt = torch.optim.AdamW(vit.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     q_params, k_params = list(vit.parameters()), list(key.parameters())
-    times, flops = [], None
-    for step in range(args.warmup + args.steps):
-        frames = torch.randn(b * t, 3, s, s, device=device)  # the same B*T frames hiervl's step sees
-        count = step == 0 and device.type == "cuda"
-        if count:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            counter = FlopCounterMode(display=False)
-            counter.__enter__()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def step(frames):  # frames: [B*T, 3, S, S], the same B*T frames hiervl's step sees
         with autocast:
             feats = forward(frames)  # [B*T, 768]
             with torch.no_grad():
@@ -175,14 +177,8 @@ def _reference(rank, world, port, args, out):
         with torch.no_grad():
             torch._foreach_mul_(k_params, 0.995)
             torch._foreach_add_(k_params, q_params, alpha=0.005)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        if count:
-            counter.__exit__(None, None, None)
-            flops = counter.get_total_flops()
-        if step >= args.warmup:
-            times.append(dt)
+
+    times, flops = _time_steps(lambda i: torch.randn(b * t, 3, s, s, device=device), step, args, device)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     step_s = statistics.median(times)
