@@ -14,8 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 [[ -x .venv/bin/python ]] && PY=.venv/bin/python
-if [[ -d /tmp/site ]]; then export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH; fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [[ -d /tmp/site ]]; then export PYTHONPATH=/tmp/site:$PYTHONPATH PATH=/tmp/site/bin:$PATH; fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export HIERVL_GPU_DATA=${HIERVL_GPU_DATA:-$PWD/.dev/gpu-data}
 OUT=bench/out/gpu-check

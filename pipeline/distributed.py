@@ -145,10 +145,14 @@ def backend_device(backend: str, device: torch.device) -> torch.device:
     return device
 
 
+def _comm_device(x: torch.Tensor) -> torch.device:
+    """The device the process group's backend takes x on."""
+    return backend_device(str(dist.get_backend()), x.device)
+
+
 def _comm_copy(x: torch.Tensor) -> torch.Tensor:
     """A detached copy of x on the device the process group's backend takes."""
-    device = backend_device(str(dist.get_backend()), x.device)
-    return x.detach().to(device, copy=True).contiguous()
+    return x.detach().to(_comm_device(x), copy=True).contiguous()
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +190,5 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     import torch.distributed.nn.functional as dist_fn
 
-    device = backend_device(str(dist.get_backend()), x.device)
-    parts = dist_fn.all_gather(x.to(device).contiguous())  # differentiable moves both ways
+    parts = dist_fn.all_gather(x.to(_comm_device(x)).contiguous())  # differentiable moves both ways
     return torch.cat(parts, dim=0).to(x.device)  # [W*n, ...]

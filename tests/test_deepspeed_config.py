@@ -22,7 +22,7 @@ def test_generated_config_leaves_the_optimizer_to_pytorch(config):
     assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.steps  # optimizer steps
     assert ds["gradient_accumulation_steps"] == cfg.train.grad_accum
     params = [torch.nn.Parameter(torch.zeros(3))]
-    opt = build_optimizer(params, cfg, torch.device("cpu"))
+    opt = build_optimizer(params, cfg, torch.device("cpu"), ds)
     assert type(opt) is torch.optim.AdamW
     group = opt.param_groups[0]
     assert group["lr"] == cfg.train.lr and group["weight_decay"] == cfg.optimizer.weight_decay
@@ -32,12 +32,13 @@ def test_generated_config_leaves_the_optimizer_to_pytorch(config):
 def test_fused_adamw_on_cuda_and_deepspeed_fused_adam_only_as_opt_in():
     cfg = load_config(ROOT / "configs/base.yaml")
     # fused=True is checked lazily (at the first step), so building it with a CUDA device works anywhere
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, torch.device("cuda"))
+    ds = build_deepspeed_config(cfg, world_size=1)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, torch.device("cuda"), ds)
     assert opt.param_groups[0]["fused"] is True
     cfg = load_config(ROOT / "configs/base.yaml", ["optimizer.impl=deepspeed"])
     ds = build_deepspeed_config(cfg, world_size=1)
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is False
-    assert build_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, torch.device("cuda")) is None
+    assert build_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, torch.device("cuda"), ds) is None
     with pytest.raises(ConfigError, match="optimizer.impl"):
         load_config(ROOT / "configs/tiny.yaml", ["optimizer.impl=apex"])
 
@@ -48,4 +49,4 @@ def test_a_users_json_with_an_optimizer_keeps_it(tmp_path):
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"train.deepspeed_config={path}"])
     ds = build_deepspeed_config(cfg, world_size=2)
     assert ds["optimizer"]["type"] == "Adam" and "train_batch_size" not in ds
-    assert build_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, torch.device("cpu")) is None
+    assert build_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, torch.device("cpu"), ds) is None

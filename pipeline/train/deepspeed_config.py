@@ -81,15 +81,11 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
-def build_optimizer(params, cfg: Config, device: torch.device) -> torch.optim.Optimizer | None:
-    """PyTorch's AdamW for `params` (fused kernels on CUDA), or None when
-    `optimizer.impl=deepspeed` (DeepSpeed then builds FusedAdam from the config's section).
-
-    With a user JSON (`train.deepspeed_config`) that has an "optimizer" section, DeepSpeed's is used.
-    """
-    if cfg.optimizer.impl == "deepspeed":
-        return None
-    if cfg.train.deepspeed_config and "optimizer" in json.loads(Path(cfg.train.deepspeed_config).read_text()):
+def build_optimizer(params, cfg: Config, device: torch.device, ds_config: dict) -> torch.optim.Optimizer | None:
+    """PyTorch's AdamW for `params` (fused kernels on CUDA), or None when `ds_config` has an
+    "optimizer" section (`optimizer.impl=deepspeed`, or a user's JSON that names one): DeepSpeed
+    then builds that optimizer itself."""
+    if "optimizer" in ds_config:
         return None
     opt = cfg.optimizer
     fused = True if device.type == "cuda" else None  # None: torch's default for the device (CPU: for-loop)

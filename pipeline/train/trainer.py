@@ -106,7 +106,7 @@ class Trainer:
             write_deepspeed_config(ds_config, self.out / "deepspeed_config.json")
             (self.out / "config.yaml").write_text(to_yaml(cfg))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, cfg, self.device)  # PyTorch AdamW: no JIT build (or None: DeepSpeed's)
+        optimizer = build_optimizer(params, cfg, self.device, ds_config)  # PyTorch AdamW: no JIT build
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=params,
                                                                  optimizer=optimizer, config=ds_config)
         self.model = self.engine.module
@@ -223,13 +223,13 @@ class Trainer:
                 self.loader.set_epoch(self.epoch)
                 self._iter = iter(self.loader)
 
-    def _micro_step(self, window: dict) -> dict | None:
+    def _micro_step(self, window: dict) -> tuple[dict, dict] | None:
         """One micro-batch: data, forward, and (if finite on every rank) backward + engine.step().
 
         The only host sync of a step: one all-reduce of [non-finite?, stop signal?] read by the
         host, because skipping a bad micro-batch and stopping together must be decided alike on
-        every rank. Losses stay on the device until a log step. Returns the forward's output (its
-        keys are enqueued at the optimizer step), or None when the micro-batch was skipped.
+        every rank. Losses stay on the device until a log step. Returns (the forward's output, whose
+        keys are enqueued at the optimizer step, and the batch), or None when it was skipped.
         """
         t0 = time.perf_counter()
         batch = self._next_batch()
@@ -257,36 +257,32 @@ class Trainer:
         for name, value in out["losses"].items():
             window["losses"][name] = window["losses"].get(name, 0.0) + value.detach().float()
         window["micro"] += 1
-        if self.cfg.train.log_samples:
-            window["keys"] += list(batch["keys"])
-            window["valid"] += [bool(v) for v in batch["valid"].tolist()]
-            window["epoch"] = batch["epoch"]
-        return out
+        return out, batch
 
     def _optimizer_step(self, window: dict) -> None:
         """`train.grad_accum` finite micro-batches, then one momentum update and one enqueue of all
         of their keys (in micro-batch order): a step is an optimizer step for every counter."""
-        outs = []
-        window["keys"], window["valid"] = [], []
-        while len(outs) < self.cfg.train.grad_accum:
-            out = self._micro_step(window)
-            if out is not None:
-                outs.append(out)
+        done = []  # (out, batch) of the step's finite micro-batches
+        while len(done) < self.cfg.train.grad_accum:
+            result = self._micro_step(window)
+            if result is not None:
+                done.append(result)
         with torch.no_grad():
             self.model.momentum_update()
-            for out in outs:
+            for out, _ in done:
                 self.model.enqueue(out)
         self.momentum_updates += 1
         self.step += 1
         if self.cfg.train.log_samples:
             self._append_jsonl(self.out / "samples" / f"rank{self.rank}.jsonl",
-                               {"step": self.step, "epoch": window["epoch"], "keys": window["keys"],
-                                "valid": window["valid"]})
+                               {"step": self.step, "epoch": done[-1][1]["epoch"],
+                                "keys": [k for _, b in done for k in b["keys"]],
+                                "valid": [bool(v) for _, b in done for v in b["valid"].tolist()]})
 
     def _new_window(self) -> dict:
         """Accumulators between two log steps (device tensors: no sync until they are logged)."""
         return {"start": time.perf_counter(), "steps": 0, "micro": 0, "data_s": 0.0,
-                "loss": torch.zeros((), device=self.device), "losses": {}, "keys": [], "valid": [], "epoch": self.epoch}
+                "loss": torch.zeros((), device=self.device), "losses": {}}
 
     def fit(self) -> int:
         """Steps until train.steps, a signal, or too many non-finite losses; then a final checkpoint.
