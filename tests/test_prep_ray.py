@@ -91,7 +91,8 @@ def test_bad_inputs_quarantined_good_land_rerun_noop_verify(ray_cluster, corpus,
     s = prepare(_cfg(), manifest, out, progress=False)
     q = pq.read_table(out / "quarantine.parquet").to_pylist()
     reasons = {r["key"]: (r["stage"], r["reason"]) for r in q}
-    assert reasons["missing"] == ("probe", "missing file")
+    assert reasons["missing"][0] == "probe" and reasons["missing"][1].startswith(
+        f"missing file (looked for {tmp_path / 'missing.webm'};")
     assert reasons["zero"] == ("probe", "zero-byte file")
     assert reasons["text"] == ("probe", "not a video (no known container)")
     assert reasons["audio"] == ("probe", "no video stream")
