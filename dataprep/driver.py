@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -124,7 +125,15 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
     prep = cfg.prep
     t0 = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except FileExistsError:
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the dataset") from None
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create or write the folder ({exc.strerror}); give a folder you "
+                        f"can write") from None
     with PrepLock(out):
         samples = read_input(input, fmt, videos_dir, **format_options)
         if not samples:

@@ -167,6 +167,10 @@ def _read_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
                 if header is None:
                     return []
                 header = [h.strip() for h in header]
+                twice = sorted({h for h in header if header.count(h) > 1})
+                if twice:
+                    raise _structure_error(path, 1, f"column {', '.join(twice)} appears more than once in the "
+                                                    "header; keep one")
                 rows = []
                 for cells in reader:
                     if not cells:
@@ -182,8 +186,12 @@ def _read_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
             raise UserError(f"{path}: needs columns 'video' and 'caption' (has {', '.join(header)})")
         return rows
     if kind == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: not a readable Parquet file ({exc}); write it again") from None
         if "video" not in table.column_names or "caption" not in table.column_names:
             raise UserError(f"{path}: needs columns 'video' and 'caption' (has {', '.join(table.column_names)})")
         return list(enumerate(table.to_pylist(), 1))

@@ -101,3 +101,20 @@ def test_negative_clip_times_are_refused_from_every_source():
     assert [s.key for s in good] == ["b"]
     assert [(r.key, r.stage) for r in bad] == [("a", "input"), ("c", "input")]
     assert bad[0].reason.startswith("negative clip time (start -0.5, end 2.0)")
+
+
+def test_more_hostile_manifests_refuse_in_one_line(tmp_path):
+    """Found by trying: a header naming a column twice (the second silently won), a corrupt
+    Parquet file (a traceback); and `--out` that is a file (a traceback)."""
+    (tmp_path / "d.csv").write_text("video,caption,caption\na.webm,one,two\n")
+    with pytest.raises(UserError, match=r"d\.csv:1: column caption appears more than once in the header"):
+        read_manifest(tmp_path / "d.csv")
+    (tmp_path / "p.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
+    with pytest.raises(UserError, match=r"p\.parquet: not a readable Parquet file"):
+        read_manifest(tmp_path / "p.parquet")
+    from dataprep.driver import prepare
+    from pipeline.config import Config
+    (tmp_path / "m.csv").write_text("video,caption\na.webm,x\n")
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        prepare(Config(), tmp_path / "m.csv", tmp_path / "taken", progress=False)
