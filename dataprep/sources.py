@@ -111,10 +111,16 @@ def _is_utf8(text: str) -> bool:
         return False
 
 
+def _printable(text: str) -> str:
+    """`text` writable as UTF-8: lone surrogates (bytes that were not UTF-8, or a JSON "\\ud800")
+    shown as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _seconds_or_none(v, column: str):
     """A `start` / `end` cell -> seconds (finite, >= 0) or None for empty / null / NaN; else BadCell."""
-    if v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and v != v):
-        return None
+    if v is None or (isinstance(v, str) and v.strip().lower() in ("", "nan")) or (isinstance(v, float) and v != v):
+        return None  # empty, null, NaN (also as pandas writes it in a CSV): no clip time
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise BadCell(f"{_describe(v)} is not a number of seconds")
     try:
@@ -207,7 +213,7 @@ def _read_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
         unit = "element"
     else:  # JSONL: one object per line (also a .json holding that)
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
             if line.strip():
                 try:
                     rows.append((n, json.loads(line)))
@@ -278,16 +284,14 @@ def check_samples(samples: list[Sample]) -> tuple[list[Sample], list[Refusal]]:
     good, bad, seen = [], [], set()
     for s in samples:
         orig = s.key
-        if s.invalid:
-            bad.append(Refusal(s.video, orig, "input", s.invalid))
+        if s.invalid:  # its cells may hold bytes that are not UTF-8 too: the quarantine row must be writable
+            bad.append(Refusal(_printable(s.video), _printable(orig), "input", _printable(s.invalid)))
             continue
         if not s.video:
             bad.append(Refusal("", orig, "input", "no video path"))
             continue
         if not all(_is_utf8(c) for c in s.captions) or not _is_utf8(orig) or not _is_utf8(s.video):
-            bad.append(Refusal(s.video.encode("utf-8", "backslashreplace").decode(),
-                               orig.encode("utf-8", "backslashreplace").decode(), "input",
-                               "caption or key is not valid UTF-8"))
+            bad.append(Refusal(_printable(s.video), _printable(orig), "input", "caption or key is not valid UTF-8"))
             continue
         if s.group is not None and not _is_utf8(s.group):
             bad.append(Refusal(s.video, orig, "input", "group is not valid UTF-8"))

@@ -112,6 +112,11 @@ def test_more_hostile_manifests_refuse_in_one_line(tmp_path):
     (tmp_path / "p.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
     with pytest.raises(UserError, match=r"p\.parquet: not a readable Parquet file"):
         read_manifest(tmp_path / "p.parquet")
+    # a bad cell in a row whose other cells are not UTF-8: still one quarantine row that can be written
+    (tmp_path / "u.csv").write_bytes(b"key,video,caption,start\nk\xff,a.webm,x,abc\n")
+    (bad,) = check_samples(read_manifest(tmp_path / "u.csv"))[1]
+    assert bad.key == "k\\udcff" and bad.reason.startswith("bad manifest cell (row 2, column start")
+    pa.Table.from_pylist([bad.to_dict()])  # would raise on a lone surrogate
     from dataprep.driver import prepare
     from pipeline.config import Config
     (tmp_path / "m.csv").write_text("video,caption\na.webm,x\n")

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -185,3 +186,34 @@ def test_splits_of_several_inputs_share_one_folder(ray_cluster, corpus, tmp_path
         p.unlink()
     with pytest.raises(UserError, match="holds split\\(s\\) train, val of a dataset made by an earlier hiervl"):
         prepare(_cfg(), b, legacy, progress=False)
+
+
+@pytest.mark.integration
+def test_bad_cells_and_bad_media_reach_the_quarantine_of_a_real_prep(ray_cluster, corpus, tmp_path):
+    """Items 6, 7, 9, 10 end to end: a JSONL manifest with bad cells and bad media; each refusal is
+    in quarantine.parquet with its reason, the good rows (and the upright rotated video) are shards."""
+    from PIL import Image
+    from test_prep_media import _encode  # tests/ is on sys.path under pytest
+    good = [str(p) for p in sorted((corpus.parent / "videos").glob("*.webm"))[:2]]
+    (tmp_path / "folder.webm").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "still.png")
+    _encode(tmp_path / "portrait.mp4", rotation=-90)
+    rows = [{"key": "g0", "video": good[0], "caption": "fine"}, {"key": "g1", "video": good[1], "caption": ["a", "b"]},
+            {"key": "num", "video": good[0], "caption": 42}, {"key": "abc", "video": good[0], "caption": "x", "start": "abc"},
+            {"key": "neg", "video": good[0], "caption": "x", "start": -1, "end": 1},
+            {"key": "dir", "video": "folder.webm", "caption": "x"}, {"key": "png", "video": "still.png", "caption": "x"},
+            {"key": "rot", "video": "portrait.mp4", "caption": "a phone video"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = prepare(_cfg(), tmp_path / "m.jsonl", tmp_path / "out", progress=False)
+    q = {r["key"]: (r["stage"], r["reason"]) for r in pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pylist()}
+    assert q["num"] == ("input", "bad manifest cell (row 3, column caption: a number (42) is not a caption; give a "
+                                 "string or a list of strings)")
+    assert q["abc"] == ("input", "bad manifest cell (row 4, column start: 'abc' is not a number of seconds)")
+    assert q["neg"][0] == "input" and q["neg"][1].startswith("bad manifest cell (row 5, column start: -1 is negative")
+    assert q["dir"] == ("probe", f"a directory, not a video file ({tmp_path / 'folder.webm'})")
+    assert q["png"] == ("probe", "not a video (a PNG image; give a video file)")
+    assert len(q) == 5 and s["quarantined_by_reason"] == {"input: bad manifest cell": 3, "probe: a directory, not a "
+                                                          "video file": 1, "probe: not a video": 1}
+    m = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
+    assert sorted(m) == ["g0", "g1", "rot"] and m["g1"]["captions"] == ["a", "b"]
+    assert (m["rot"]["width"], m["rot"]["height"]) == (32, 64)  # upright portrait
