@@ -151,3 +151,23 @@ def test_prep_memory_does_not_grow_with_source_size(tmp_path):
 
     grow_small, grow_big = peak_growth_mb(small), peak_growth_mb(big)
     assert grow_big - grow_small < 20, (grow_small, grow_big)  # reading it whole costs ~100 MB
+
+
+def test_webm_without_a_duration_header_is_not_called_truncated(tmp_path):
+    """Found by trying: a webm written live (a browser's MediaRecorder, `live=1`) has no duration
+    in its header; it was refused as "truncated: frames end at 1.88s of 30.00s"."""
+    with av.open(str(tmp_path / "live.webm"), "w", format="webm", options={"live": "1"}) as c:
+        s = c.add_stream("libvpx-vp9", rate=8)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for i in range(16):
+            f = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 10, np.uint8), format="rgb24")
+            f.pts = i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with av.open(str(tmp_path / "live.webm")) as c:
+        assert c.streams.video[0].duration is None and c.duration is None
+    _, _, meta = process_sample({"video": str(tmp_path / "live.webm")}, PREP)
+    assert (meta["num_frames"], meta["source_duration"]) == (8, 2.0)  # 2 s of frames at 4 fps
