@@ -157,6 +157,7 @@ def test_sigkill_half_way_then_rerun_gives_same_bytes(ray_cluster, tmp_path_fact
     time.sleep(0.5)
     done = len(list(out.glob("*.stats.json")))
     assert 3 <= done < 30 and not (out / "manifest.parquet").exists()
+    assert json.loads((out / ".hiervl-prep.lock").read_text())["pid"] == proc.pid  # a dead run's lock: taken over
     s = prepare(_cfg(shard_max_samples=2), manifest, out, progress=False)
     assert s["shards_run"] == 30 - done
     assert _files(out) == _files(ref)
