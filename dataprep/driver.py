@@ -141,7 +141,8 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
         good, refused = check_samples(samples)
         plan = make_plan(good, prep)
         out_cfg = output_config(prep)
-        identity = input_identity(manifest_path(input) if fmt in (None, "manifest") else input, fmt, format_options)
+        named = input if fmt not in (None, "manifest") or "://" in str(input) else manifest_path(input)
+        identity = input_identity(named, fmt, format_options)
         state = reconcile(out, plan, identity, out_cfg, overwrite)
         _clean(out, state["remove"])
         mine = {"identity": identity, "out_cfg": out_cfg, "splits": sorted({s["split"] for s in plan}),
