@@ -67,9 +67,13 @@ def round_trip_difference(model, cfg, out: Path) -> float:
 
 
 def main(args, cfg) -> int:
+    from pipeline.errors import UserError
     from pipeline.export import write_export
     from pipeline.train.checkpoint import load_model_for_inference
 
+    if args.overrides or args.config:
+        raise UserError("export takes no --config or KEY=VALUE overrides: it writes the checkpoint's own config "
+                        f"(got {' '.join(([f'--config {args.config}'] if args.config else []) + args.overrides)})")
     run = Path(args.run)
     model, ckpt_cfg = load_model_for_inference(run)
     out = write_export(model, ckpt_cfg, args.out, source=checkpoint_source(run), overwrite=args.force)

@@ -121,6 +121,8 @@ def test_an_export_equals_its_checkpoint_and_needs_no_deepspeed(setup, tmp_path)
     assert not any("_key." in n or "queue" in n for n in names)
     assert main(["export", str(run), "--out", str(out)]) == 1  # exists: refused without --force
     assert main(["export", str(run), "--out", str(out), "--force"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "other"), "model.preset=flat"]) == 1  # would be ignored
+    assert not (tmp_path / "other").exists()
 
     code = ("import sys, json, hiervl, torch\n"
             f"m = hiervl.load({str(out)!r}, device='cpu')\n"

@@ -92,7 +92,7 @@ def build_frame_vit(cfg: Config, vision_config=None) -> nn.Module:
         if int(vision_config.num_channels) != channels:
             raise UserError(f"the exported vision config takes {vision_config.num_channels} input channels but "
                             f"model.vision.frame_diff={str(vis.frame_diff).lower()} needs {channels}; the export's "
-                            "config.yaml and vision_config.json disagree: export the run again")
+                            "config.yaml and vision/config.json disagree: export the run again")
         return CLIPVisionModel(vision_config)
     if vis.clip_path:
         from pathlib import Path
