@@ -10,7 +10,12 @@ This package is the public name of `pipeline.api` (the code lives there; packagi
 folder pipeline/_hiervl/ to `hiervl`): see that module for the preprocessing it applies.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from pipeline.api import HierVLModel, Preprocessing, load, resolve_device
 
 __all__ = ["HierVLModel", "Preprocessing", "load", "resolve_device"]
-__version__ = "0.1.0"
+try:
+    __version__ = version("hiervl")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "unknown"
