@@ -50,6 +50,8 @@ VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".wmv", "
 def find_video(videos_dir: Path | None, name: str, stems: tuple = ()) -> str:
     """Path of a video under `videos_dir`: `name` itself, else any stem with a usual extension.
     When nothing exists, the first candidate (quarantined as missing later)."""
+    if videos_dir is not None and "://" in str(videos_dir):  # an object-store prefix: no listing per video
+        return str(videos_dir).rstrip("/") + "/" + name
     base = Path(videos_dir) if videos_dir else Path(".")
     first = base / name
     if first.is_file():

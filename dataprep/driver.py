@@ -27,7 +27,6 @@ from pathlib import Path
 from dataprep.plan import make_plan, output_config
 from dataprep.sources import check_samples, read_input
 from dataprep.worker import is_done, read_stats, write_shard
-from pipeline.atomic_write import write_atomic
 from pipeline.data.manifest import (
     DATASET_FILE,
     MANIFEST_FILE,
@@ -35,10 +34,11 @@ from pipeline.data.manifest import (
     QUARANTINE_FILE,
     QUARANTINE_SCHEMA,
     SCHEMA_VERSION,
-    write_table,
+    table_bytes,
 )
 from pipeline.errors import UserError
 from pipeline.log import get_logger
+from pipeline.storage import Store, is_remote, open_store, parent
 
 log = get_logger(__name__)
 _SHARD_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.(tar|idx|stats\.json)$")
@@ -49,17 +49,26 @@ def reason_kind(reason: str) -> str:
     return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
 
 
-def _clean(out: Path, plan: list[dict]) -> None:
-    """Remove temporary files of killed runs and shard files this plan does not have."""
+def _clean(store: Store, plan: list[dict]) -> None:
+    """Remove temporary files of killed runs and shard files this plan does not have (a local
+    folder or an object-store prefix: nothing temporary is ever written there, see worker.py)."""
     expected = set()
     for spec in plan:
         expected |= {f"{spec['name']}.tar", f"{spec['name']}.idx", f"{spec['name']}.stats.json"}
-    for p in out.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            p.unlink(missing_ok=True)
-        elif _SHARD_FILE.match(p.name) and p.name not in expected:
-            log.info("removing %s: not in the current plan", p.name)
-            p.unlink(missing_ok=True)
+    for name in store.list():
+        if name.startswith(".") and name.endswith(".tmp"):
+            store.delete(name)
+        elif _SHARD_FILE.match(name) and name not in expected:
+            log.info("removing %s: not in the current plan", name)
+            store.delete(name)
+
+
+def _check_sources(samples: list, storage) -> None:
+    """Read access to the first remote source, so bad credentials or a missing bucket stop the run
+    with one line before any shard is transcoded (instead of every video being quarantined)."""
+    remote = next((s.video for s in samples if is_remote(s.video)), None)
+    if remote is not None:
+        open_store(parent(remote), storage).size(remote.rsplit("/", 1)[1])
 
 
 def _init_ray(prep, ray_address: str | None) -> bool:
@@ -75,14 +84,15 @@ def _init_ray(prep, ray_address: str | None) -> bool:
     return True
 
 
-def _run_shards(todo: list[dict], out_cfg: dict, out: Path, prep, ray_address, progress: bool) -> float:
+def _run_shards(todo: list[dict], out_cfg: dict, out: str, prep, ray_address, progress: bool,
+                storage: dict | None = None) -> float:
     """Run one Ray task per shard in `todo`; return the seconds spent on the tasks (after Ray start-up)."""
     import ray
     from tqdm import tqdm
     started = _init_ray(prep, ray_address)
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-        pending = [task.remote(spec, out_cfg, str(out)) for spec in todo]
+        pending = [task.remote(spec, out_cfg, out, storage) for spec in todo]
         bar = tqdm(total=len(todo), desc="prep shards", unit="shard", disable=not progress)
         t0, samples = time.time(), 0
         while pending:
@@ -104,24 +114,29 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
     """Prepare shards from `input` into `out_dir`; return the summary (see `summary_line`)."""
     prep = cfg.prep
     t0 = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    samples = read_input(input, fmt, videos_dir, **format_options)
+    # out_dir: a local folder or an s3:// / gs:// prefix (pipeline/storage.py); checked before any work
+    out = str(out_dir) if is_remote(str(out_dir)) else str(Path(out_dir))
+    storage = dataclasses.asdict(cfg.storage) if hasattr(cfg, "storage") else None
+    store = open_store(out, storage)
+    store.check(write=True)  # one line for wrong credentials / a missing bucket (locally: mkdir)
+    samples = read_input(input, fmt, videos_dir, storage=storage, **format_options)
     if not samples:
         raise UserError(f"{input}: no samples found; check the file and --format")
     good, refused = check_samples(samples)
+    _check_sources(good, storage)
     plan = make_plan(good, prep)
     out_cfg = output_config(prep)
-    _clean(out, plan)
-    todo = [spec for spec in plan if not is_done(out, spec)]
-    task_s = _run_shards(todo, out_cfg, out, prep, ray_address, progress) if todo else 0.0
+    _clean(store, plan)
+    todo = [spec for spec in plan if not is_done(out, spec, storage)]
+    task_s = _run_shards(todo, out_cfg, out, prep, ray_address, progress, storage) if todo else 0.0
     wall = time.time() - t0
 
     rows, quarantine = [], [r.to_dict() for r in refused]
     bytes_out, source_s_run = 0, 0.0
     todo_names = {spec["name"] for spec in todo}
+    records = {}
     for spec in plan:
-        st = read_stats(out, spec["name"])
+        st = records[spec["name"]] = read_stats(out, spec["name"], storage)
         if st is None or st.get("fingerprint") != spec["fingerprint"]:
             raise RuntimeError(f"shard {spec['name']} has no valid stats record after its task ran")
         rows += st["rows"]
@@ -129,17 +144,17 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
         bytes_out += st["bytes"]
         if spec["name"] in todo_names:
             source_s_run += st["source_seconds"]
-    write_table(out / MANIFEST_FILE, rows, MANIFEST_SCHEMA)
-    write_table(out / QUARANTINE_FILE, quarantine, QUARANTINE_SCHEMA)
+    store.put(MANIFEST_FILE, table_bytes(rows, MANIFEST_SCHEMA))  # local: temp + rename; remote: one PUT
+    store.put(QUARANTINE_FILE, table_bytes(quarantine, QUARANTINE_SCHEMA))
     counts = dict(sorted(Counter(r["split"] for r in rows).items()))
     hours = sum(r["duration"] for r in rows) / 3600.0
     prep_cfg = {k: v for k, v in dataclasses.asdict(prep).items() if k not in ("num_workers", "object_store_mb")}
     dataset = {"schema_version": SCHEMA_VERSION, "codec": prep.codec, "fps": prep.fps,
                "short_side": prep.short_side, "counts": counts, "quarantined": len(quarantine),
                "hours": round(hours, 6), "bytes": bytes_out, "num_samples": len(rows),
-               "shards": [f"{s['name']}.tar" for s in plan if read_stats(out, s['name'])["samples_out"]],
+               "shards": [f"{s['name']}.tar" for s in plan if records[s['name']]["samples_out"]],
                "prep_config": prep_cfg}
-    write_atomic(out / DATASET_FILE, (json.dumps(dataset, indent=2, sort_keys=True) + "\n").encode())
+    store.put(DATASET_FILE, (json.dumps(dataset, indent=2, sort_keys=True) + "\n").encode())
 
     processed = sum(len(s["samples"]) for s in todo)
     rate = len(quarantine) / len(samples)
@@ -151,7 +166,7 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
             "videos_per_s": processed / wall if wall > 0 else 0.0,
             "videos_per_s_tasks": processed / task_s if task_s > 0 else 0.0,
             "realtime_factor": source_s_run / wall if wall > 0 else 0.0, "failure_rate": rate,
-            "ok": rate <= prep.max_failure_rate, "out_dir": str(out)}
+            "ok": rate <= prep.max_failure_rate, "out_dir": out}
 
 
 def summary_line(s: dict) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from dataprep.benchmarks import read_benchmark
 from dataprep.sample import Refusal, Sample
 from pipeline.errors import UserError
+from pipeline.storage import is_remote, join, open_store, parent
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -88,14 +89,17 @@ def _group_or_none(v) -> str | None:
     return text or None
 
 
-def _resolve(path: str, base: Path) -> str:
+def _resolve(path: str, base: str) -> str:
     if "://" in path or Path(path).is_absolute():
         return path
-    return str(base / path)
+    return join(base, path)  # base may be an s3:// / gs:// / http(s):// prefix
 
 
-def read_manifest(path: str | Path, videos_dir: str | Path | None = None) -> list[Sample]:
-    """Read a CSV / JSONL / Parquet manifest into samples (keys not yet checked)."""
+def read_manifest(path: str | Path, videos_dir: str | Path | None = None, base: str | None = None) -> list[Sample]:
+    """Read a CSV / JSONL / Parquet manifest into samples (keys not yet checked).
+
+    Relative video paths resolve against `videos_dir`, else `base` (the folder or URL prefix the
+    manifest came from, when `path` is a downloaded copy), else the manifest's folder."""
     path = Path(path)
     kind = MANIFEST_SUFFIXES.get(path.suffix.lower())
     if kind is None:
@@ -122,7 +126,7 @@ def read_manifest(path: str | Path, videos_dir: str | Path | None = None) -> lis
         rows = pq.read_table(path).to_pylist()
     if rows and ("video" not in rows[0] or "caption" not in rows[0]):
         raise UserError(f"{path}: needs columns 'video' and 'caption' (has {', '.join(rows[0])})")
-    base = Path(videos_dir) if videos_dir else path.parent
+    base = str(videos_dir) if videos_dir else (base or str(path.parent))
     samples = []
     for i, row in enumerate(rows):
         video = row.get("video")
@@ -183,9 +187,13 @@ def check_samples(samples: list[Sample]) -> tuple[list[Sample], list[Refusal]]:
 
 
 def read_input(path: str | Path, fmt: str | None = None, videos_dir: str | Path | None = None,
-               **options) -> list[Sample]:
+               storage=None, **options) -> list[Sample]:
     """Samples from a manifest (fmt None/'manifest') or a benchmark format (msrvtt, msvd, lsmdc,
-    didemo, activitynet). A folder given as a manifest means its manifest.{csv,jsonl,parquet}."""
+    didemo, activitynet). A folder given as a manifest means its manifest.{csv,jsonl,parquet}.
+    A manifest may be an s3:// / gs:// / http(s):// URL (file or prefix); it is read once into
+    memory and its relative video paths resolve against its URL prefix."""
+    if is_remote(str(path)):
+        return _read_remote_manifest(str(path), fmt, videos_dir, storage)
     path = Path(path)
     if fmt in (None, "manifest"):
         if path.is_dir():
@@ -195,3 +203,28 @@ def read_input(path: str | Path, fmt: str | None = None, videos_dir: str | Path 
             raise UserError(f"{path}: folder has no manifest.csv/.jsonl/.parquet; give the file or --format")
         return read_manifest(path, videos_dir)
     return read_benchmark(fmt, path, videos_dir, **options)
+
+
+def _read_remote_manifest(url: str, fmt: str | None, videos_dir, storage) -> list[Sample]:
+    import tempfile
+
+    if fmt not in (None, "manifest"):
+        raise UserError(f"{url}: benchmark annotations (--format {fmt}) are read from a local file; copy them "
+                        "here (the videos, --videos, may stay in the object store)")
+    name = url.rstrip("/").rsplit("/", 1)[1]
+    if Path(name).suffix.lower() in MANIFEST_SUFFIXES:
+        folder = parent(url)
+    else:  # a prefix: its manifest.{csv,jsonl,parquet}
+        folder, store = url.rstrip("/"), open_store(url, storage)
+        name = next((n for n in ("manifest.csv", "manifest.jsonl", "manifest.parquet") if store.exists(n)), None)
+        if name is None:
+            raise UserError(f"{url}: no manifest.csv/.jsonl/.parquet under this prefix; give the file's URL")
+    store = open_store(folder, storage)
+    try:
+        data = store.read(name)
+    except FileNotFoundError:
+        raise UserError(f"{join(folder, name)}: manifest not found") from None
+    with tempfile.TemporaryDirectory(prefix="hiervl-manifest-") as tmp:
+        local = Path(tmp) / name
+        local.write_bytes(data)
+        return read_manifest(local, videos_dir, base=folder)

@@ -20,6 +20,8 @@ from fractions import Fraction
 
 import av
 
+from pipeline.storage import is_remote, open_store, parent
+
 OUTPUT = {"vp9": ("libvpx-vp9", "webm", "webm"), "h264": ("libx264", "mp4", "mp4")}
 # container magic numbers: a file that starts like a video but will not open is truncated/corrupt
 _MAGIC = (b"\x1a\x45\xdf\xa3", b"RIFF", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"\x30\x26\xb2\x75", b"FLV")
@@ -35,6 +37,14 @@ class SampleRefused(Exception):
 
 def read_source(path: str) -> bytes:
     """The source file's bytes (local path or fsspec URL)."""
+    if is_remote(path):  # s3://, gs://, http(s)://: pipeline/storage.py (retries, credentials from the env)
+        store = open_store(parent(path))
+        try:
+            return store.read(path.rsplit("/", 1)[1])
+        except FileNotFoundError:
+            raise SampleRefused("probe", "missing file") from None
+        except OSError as exc:  # retries exhausted
+            raise SampleRefused("probe", f"cannot read ({exc})") from None
     if "://" in path and not path.startswith("file://"):
         import fsspec
         try:
