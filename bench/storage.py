@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def compare_layers(endpoint: str, key: str, secret: str, bucket: str) -> list[dict]:
     """pyarrow.fs read_at vs s3fs cat_file: 600 random 20-60 KB ranges of a 32 MB object, 1 and 8 threads."""
-    from pyarrow import fs
     import s3fs
+    from pyarrow import fs
 
     pa = fs.S3FileSystem(access_key=key, secret_key=secret, endpoint_override=endpoint.split("://")[1],
                          scheme="http", region="us-east-1")

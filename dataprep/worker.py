@@ -8,6 +8,11 @@ build the manifest from the records without touching the tars again. Everything 
 gives the same bytes. A sample's optional `group` goes into its JSON and its manifest row only
 when it has one, so the shards of inputs without groups are byte-identical to before the column.
 
+Object storage: with `out_dir` an s3:// / gs:// prefix the same files are written to a local temporary
+folder and then uploaded, each as one complete object under its final name (an object-store PUT is
+atomic: nothing partial is ever visible), the stats record last; `is_done` checks the uploaded tar's
+size against the record, so a rerun skips finished shards and rewrites the rest with the same bytes.
+
 Owns: one shard's work and its stats record (the done marker).
 Must not touch: Ray itself or the dataset-level files (driver).
 """

@@ -203,3 +203,43 @@ def test_server_restart_mid_epoch_loses_and_repeats_nothing(creds, local_and_rem
     assert got == want and all(valid)
     assert loader.stats["skipped"] == 0
     assert storage.stats["retries"] > before  # the reads after the kill did fail and were retried
+
+
+def test_loader_over_http_range_requests_matches_local(local_and_remote, creds):
+    """http(s):// (read-only): a stdlib server that honours `Range`, serving the local shards."""
+    import functools
+    import http.server
+    import re
+
+    local, _ = local_and_remote
+
+    class RangeHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+            path = Path(self.translate_path(self.path))
+            if m is None or not path.is_file():
+                return super().do_GET()
+            lo, hi = int(m.group(1)), int(m.group(2))
+            data = path.read_bytes()[lo:hi + 1]
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(local)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        want = _epoch(_cfg(local, creds), world=1)
+        got = _epoch(_cfg(url, creds), world=1)
+        assert [k for _, k, _, _ in got] == [k for _, k, _, _ in want]
+        assert all(torch.equal(a, b) for (_, _, a, _), (_, _, b, _) in zip(got, want))
+        with pytest.raises(UserError, match="read-only"):
+            storage.open_store(url).put("x", b"")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -98,6 +98,9 @@ def test_prep_to_s3_gives_the_local_bytes_and_reruns_idempotently(server, datase
         assert first[name] == local[name], name
     assert rerun == first
     assert SECRET not in b"".join(first.values())
+    from launch.cli import main
+    # --verify on the s3:// dataset: webdataset and DALI re-read a downloaded copy against the manifest
+    assert main(["prep", "--verify", datasets[1], f"storage.endpoint_url={server.endpoint}"]) == 0
 
 
 def test_remote_manifest_and_videos_give_the_same_samples(server, datasets):
