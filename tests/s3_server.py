@@ -126,7 +126,11 @@ class SeaweedS3:
         self.proc = None
 
     def make_bucket(self, name: str) -> str:
-        self._fs().create_dir(name)
+        """Create bucket `name` (no-op when it exists)."""
+        from pyarrow import fs as pafs
+        fs = self._fs()
+        if fs.get_file_info(name).type == pafs.FileType.NotFound:
+            fs.create_dir(name)
         return name
 
     def close(self) -> None:

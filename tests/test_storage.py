@@ -128,6 +128,24 @@ def test_wrong_credentials_one_line(creds, monkeypatch, tmp_path):
     assert time.time() - t0 < 10
 
 
+def test_cli_prints_one_line_for_storage_errors(creds, monkeypatch, tmp_path, capsys):
+    """`hiervl prep` with a wrong key and `hiervl train` on a missing bucket: exit 1, one line, no rank started."""
+    from launch.cli import main
+
+    ep = f"storage.endpoint_url={creds.endpoint}"
+    creds.make_bucket("creds")
+    tiny = str(Path(__file__).resolve().parents[1] / "configs/tiny.yaml")
+    assert main(["train", "--config", tiny, "data.path=s3://no-such-bucket/ds", ep,
+                 f"train.out_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bucket 'no-such-bucket' does not exist" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()  # stopped before the launcher
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+    assert main(["prep", "--config", tiny, "--input", str(tmp_path / "m.csv"), "--out", "s3://creds/x", ep]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "access denied" in err
+
+
 def test_missing_bucket_one_line(creds, tmp_path, local_and_remote):
     from dataprep.driver import prepare
     from pipeline.data.loader import DatasetIndex
