@@ -94,6 +94,19 @@ def test_url_helpers():
     assert storage.parent("s3://b/p/v/a.webm") == "s3://b/p/v"
 
 
+def test_video_paths_resolve_under_urls(tmp_path):
+    from dataprep.benchmarks import find_video
+    from dataprep.sources import read_manifest
+
+    assert find_video("s3://b/vids", "v1.mp4") == "s3://b/vids/v1.mp4"
+    (tmp_path / "m.csv").write_text("video,caption\nvideos/a.webm,a cat\n/abs/b.webm,a dog\ns3://o/c.webm,a cow\n")
+    got = [s.video for s in read_manifest(tmp_path / "m.csv", base="s3://corpus/set1")]
+    assert got == ["s3://corpus/set1/videos/a.webm", "/abs/b.webm", "s3://o/c.webm"]
+    got = [s.video for s in read_manifest(tmp_path / "m.csv", videos_dir="gs://v/root")]
+    assert got[0] == "gs://v/root/videos/a.webm"
+    assert [s.video for s in read_manifest(tmp_path / "m.csv")][0] == str(tmp_path / "videos/a.webm")
+
+
 def test_store_operations(creds):
     creds.make_bucket("ops")
     store = storage.open_store("s3://ops/some/prefix", _opts(creds))
