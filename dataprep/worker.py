@@ -53,9 +53,10 @@ def write_shard(spec: dict, out_cfg: dict, out_dir: str, storage: dict | None = 
     `out_dir` an object-store prefix (s3://, gs://): the shard is written to a local temporary folder
     first, then uploaded file by file, each a complete object under its final name (a PUT is atomic),
     the stats record last. `storage`: the StorageConfig fields (endpoint, retries), as a dict."""
+    if storage is not None:
+        configure(storage)  # this process's defaults: the remote sources this shard reads use them too
     if not is_remote(out_dir):
         return _write_shard(spec, out_cfg, out_dir)
-    configure(storage)  # this process's defaults: the remote sources this shard reads use them too
     store = open_store(out_dir, storage)
     with tempfile.TemporaryDirectory(prefix=f"hiervl-{spec['name']}-") as stage:
         stats = _write_shard(spec, out_cfg, stage)

@@ -3,7 +3,8 @@
 On a real S3-compatible server (SeaweedFS, tests/s3_server.py) and a real local Ray cluster:
 - the dataset written to s3:// is byte for byte the local one (every shard, index, stats record,
   manifest, dataset.json), and a rerun writes nothing and changes nothing;
-- a manifest and videos that are themselves in the bucket give the same samples (same video bytes);
+- a manifest and videos that are themselves in the bucket, prepared to local disk (the endpoint from
+  `storage.endpoint_url` only, carried to the Ray workers), give the same samples (same video bytes);
 - training from s3:// (DeepSpeed's launcher, 1 CPU rank) gives the same loss and the same sample
   keys at every step as from the local copy; eval from s3:// gives the same metrics;
 - the secret key is in no file the run wrote (dataset, resolved config, checkpoint).
@@ -61,18 +62,19 @@ def datasets(server, env, tmp_path_factory):
     ray.init(num_cpus=1, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     try:
         base = ["prep", "--config", str(ROOT / "configs/tiny.yaml"), "--input", str(manifest)]
-        assert main([*base, "--out", str(root / "local"), *PREP]) == 0
-        assert main([*base, "--out", "s3://e2e/shards", *PREP, ep]) == 0
-        first = _objects(server, "e2e/shards")
-        assert main([*base, "--out", "s3://e2e/shards", *PREP, ep]) == 0  # the rerun
-        rerun = _objects(server, "e2e/shards")
-        # the corpus itself in the bucket: remote manifest, remote videos (relative paths resolve to the bucket)
+        # first, while the Ray worker is fresh (no storage defaults set yet): the corpus itself in the
+        # bucket, remote manifest and remote videos (its relative paths resolve to the bucket)
         fs = server._fs()
         for p in [manifest, *sorted((manifest.parent / "videos").iterdir())]:
             with fs.open_output_stream(f"e2e/corpus/{p.relative_to(manifest.parent)}") as f:
                 f.write(p.read_bytes())
         assert main(["prep", "--config", str(ROOT / "configs/tiny.yaml"), "--input", "s3://e2e/corpus/manifest.csv",
-                     "--out", "s3://e2e/from-remote", *PREP, ep]) == 0
+                     "--out", str(root / "from-remote"), *PREP, ep]) == 0  # the endpoint reaches the workers
+        assert main([*base, "--out", str(root / "local"), *PREP]) == 0
+        assert main([*base, "--out", "s3://e2e/shards", *PREP, ep]) == 0
+        first = _objects(server, "e2e/shards")
+        assert main([*base, "--out", "s3://e2e/shards", *PREP, ep]) == 0  # the rerun
+        rerun = _objects(server, "e2e/shards")
     finally:
         ray.shutdown()
     return root, "s3://e2e/shards", first, rerun
@@ -104,10 +106,8 @@ def test_prep_to_s3_gives_the_local_bytes_and_reruns_idempotently(server, datase
 
 
 def test_remote_manifest_and_videos_give_the_same_samples(server, datasets):
-    import io
-
     root = datasets[0]
-    remote = pq.read_table(io.BytesIO(_objects(server, "e2e/from-remote")["manifest.parquet"])).to_pylist()
+    remote = pq.read_table(root / "from-remote" / "manifest.parquet").to_pylist()
     local = pq.read_table(root / "local" / "manifest.parquet").to_pylist()
     assert [(r["key"], r["content_hash"], r["shard"]) for r in remote] == \
         [(r["key"], r["content_hash"], r["shard"]) for r in local]
