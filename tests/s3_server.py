@@ -1,6 +1,6 @@
 """A real S3-compatible server for the tests: SeaweedFS (`weed server -s3`) on 127.0.0.1 (a helper module).
 
-    server = s3_server.get()        # started once per test process, killed at exit
+    server = s3_server.get()        # started on first use, killed by release() or at exit
     server.endpoint                 # "http://127.0.0.1:PORT"
     server.env()                    # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for that server
     server.make_bucket("name")
@@ -154,3 +154,11 @@ def get() -> SeaweedS3:
     elif _SERVER.proc is None or _SERVER.proc.poll() is not None:
         _SERVER.start()
     return _SERVER
+
+
+def release() -> None:
+    """Stop and delete the process's server now (a test module's teardown), instead of at exit."""
+    global _SERVER
+    if _SERVER is not None:
+        _SERVER.close()
+        _SERVER = None

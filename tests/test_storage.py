@@ -30,7 +30,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def server():
-    return s3_server.get()
+    yield s3_server.get()
+    s3_server.release()  # no server left running through the rest of the suite
 
 
 @pytest.fixture

@@ -31,7 +31,8 @@ TRAIN = ["model.preset=hit", "data.batch_size=4", "train.steps=4", "train.log_ev
 
 @pytest.fixture(scope="module")
 def server():
-    return s3_server.get()
+    yield s3_server.get()
+    s3_server.release()  # no server left running through the rest of the suite
 
 
 @pytest.fixture(scope="module")
