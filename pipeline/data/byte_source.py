@@ -42,11 +42,11 @@ class SampleByteSource:
         get = (lambda k, d: getattr(storage, k, d)) if storage is not None and not isinstance(storage, dict) \
             else (lambda k, d: (storage or {}).get(k, d))
         self.readahead = int(get("readahead", 2))
-        threads = int(get("read_threads", 8))
+        self.threads = int(get("read_threads", 8))
         cache = get("cache_dir", None)
         self.cache = (Path(cache) / hashlib.sha256(store.url.encode()).hexdigest()[:16]
                       if cache and store.remote else None)
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sample-read") if store.remote else None
+        self._pool: ThreadPoolExecutor | None = None  # remote stores only, made on first use (again after close)
         self._futures: dict[int, Future] = {}
         self._ahead: deque[list[int]] = deque()
         self._submitted = self._consumed = 0
@@ -95,9 +95,15 @@ class SampleByteSource:
 
     # ------------------------------------------------------------------ batches, read ahead
 
+    def _ensure_pool(self) -> bool:
+        """True (and a pool) when reads go through threads: remote stores."""
+        if self.store.remote and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="sample-read")
+        return self._pool is not None
+
     def schedule(self, batches: list[list[int]]) -> None:
         """The upcoming batches of this iteration, in order (replaces any earlier schedule)."""
-        if self._pool is None:
+        if not self._ensure_pool():
             return
         with self._lock:
             for f in self._futures.values():
@@ -117,7 +123,7 @@ class SampleByteSource:
 
     def read_many(self, ids: list[int]) -> dict[int, bytes | OSError]:
         """One batch's samples: {i: bytes} or {i: OSError} for those that could not be read."""
-        if self._pool is None:
+        if not self._ensure_pool():
             out: dict[int, bytes | OSError] = {}
             for i in ids:
                 try:
@@ -147,6 +153,7 @@ class SampleByteSource:
                     f.cancel()
                 self._futures.clear()
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         close = getattr(self.store, "close", None)
         if close is not None:
             close()
