@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_loader import global_keys, make_cfg, run_epoch, valid_keys
+from test_loader import global_keys, make_cfg, run_epoch
 from test_loader_fixture import prepared_dataset
 
 from pipeline.config import Config, ConfigError

@@ -43,7 +43,6 @@ import torch
 from pipeline.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
 from pipeline.data.decode_pool import DecodePool, TransformSpec
 from pipeline.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
-from pipeline.data.schedule import DecoderSplit
 from pipeline.data.sampler import (
     PAD,
     choose_caption,
@@ -55,6 +54,7 @@ from pipeline.data.sampler import (
     sample_rng,
     stable_hash,
 )
+from pipeline.data.schedule import DecoderSplit
 from pipeline.errors import UserError
 from pipeline.log import get_logger
 from pipeline.model.text_model import load_tokenizer
