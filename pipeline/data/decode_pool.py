@@ -5,9 +5,11 @@ Threads share one interpreter, so PyAV in threads does not scale with cores (ben
 method `forkserver`, else `spawn`: safe with torch and DALI threads in the parent, never `fork`).
 Each task names a sample by (shard, offset, size) plus its frame indices, crop and flip; the
 worker reads the bytes itself (one `pread`, nothing large goes down a pipe), decodes with
-`decode_pyav`, applies `transform_clip` and returns the clip [T, 3, S, S] in the loader's dtype
-through torch's shared-memory tensor passing. The loader places each result in its batch slot,
-so which worker decoded a sample, or when, never changes the batch: the sample order, positions
+`decode_pyav`, applies `transform_clip` and writes the clip [T, 3, S, S] in the loader's dtype
+into its slot of a shared-memory ring (allocated once, `slots` clips; the result message carries
+only the slot number: no per-clip allocation, file descriptor or pickled pixels). The loader
+copies each result out into its batch slot, then releases the ring slot. So the loader's,
+which worker decoded a sample, or when, never changes the batch: the sample order, positions
 and resume contract are the sampler's alone.
 
 Failures: a sample that fails to read or decode comes back as a reason (the loader flags the
@@ -35,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline.errors import UserError
 
 _CANCELLED = "cancelled"
 
@@ -101,8 +105,10 @@ def decode_one(root: Path, fds: dict, task: tuple, spec: TransformSpec):
         return None, f"transform failed: {type(exc).__name__}: {exc}"
 
 
-def _worker_main(wid: int, root: str, spec: TransformSpec, tasks, results, current, floor, parent_pid: int) -> None:
-    """A worker's loop: tasks (tid, shard, offset, size, frames, crop, flip) -> (tid, clip, reason, seconds)."""
+def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, tasks, results, current, floor,
+                 parent_pid: int) -> None:
+    """A worker's loop: tasks (tid, slot, shard, offset, size, frames, crop, flip) -> (tid, ok, reason, seconds);
+    a clip is written to ring[slot]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent closes us
     torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
     ppid = os.getppid()
@@ -117,13 +123,16 @@ def _worker_main(wid: int, root: str, spec: TransformSpec, tasks, results, curre
             continue
         if task is None:
             return
-        tid = task[0]
+        tid, slot = task[0], task[1]
         if tid < floor.value:  # the loader stopped iterating; this batch is no longer wanted
+            results.put((tid, False, _CANCELLED, 0.0))  # the parent frees the slot on this notice
             continue
         current[wid] = tid
         t0 = time.perf_counter()
-        clip, reason = decode_one(root_path, fds, task, spec)
-        results.put((tid, clip, reason, time.perf_counter() - t0))
+        clip, reason = decode_one(root_path, fds, (tid, *task[2:]), spec)
+        if clip is not None:
+            ring[slot].copy_(clip)
+        results.put((tid, clip is not None, reason, time.perf_counter() - t0))
         current[wid] = -1
 
 
@@ -138,14 +147,17 @@ class DecodePool:
     `clips_per_s` estimates what the pool delivers when all workers are busy (the hybrid split).
     """
 
-    def __init__(self, workers: int, root: str | Path, spec: TransformSpec, method: str | None = None):
-        if workers < 1:
-            raise ValueError(f"workers={workers} must be >= 1")
-        self.workers, self.root, self.spec = workers, str(root), spec
+    def __init__(self, workers: int, root: str | Path, spec: TransformSpec, slots: int, method: str | None = None):
+        if workers < 1 or slots < 1:
+            raise ValueError(f"workers={workers} and slots={slots} must be >= 1")
+        self.workers, self.root, self.spec, self.slots = workers, str(root), spec, slots
         self.method = method or start_method()
         self._procs: list = []
         self._next_tid = 0
         self._keys: dict[int, str] = {}  # tid -> sample key (to name it if its worker dies)
+        self._slot_of: dict[int, int] = {}  # tid -> ring slot, from submit until release
+        self._free: list[int] = list(range(slots))[::-1]
+        self._outstanding: set[int] = set()  # tids submitted whose result has not come back
         self._done: dict[int, tuple] = {}
         self._sec_per_clip: float | None = None  # EWMA of one worker's seconds per clip
         self._closed = False
@@ -160,13 +172,21 @@ class DecodePool:
         if self.method == "forkserver":
             # the fork server imports these once; each worker then starts in milliseconds
             ctx.set_forkserver_preload(["torch", "av", "pipeline.data.decode", "pipeline.data.decode_pool"])
+        shape = (self.slots, self.spec.num_frames, 3, self.spec.size, self.spec.size)
+        try:
+            self._ring = torch.empty(shape, dtype=self.spec.dtype).share_memory_()  # [slots, T, 3, S, S]
+        except (RuntimeError, OSError) as exc:
+            mib = torch.empty((), dtype=self.spec.dtype).element_size() * int(np.prod(shape)) / 2**20
+            raise UserError(f"cannot allocate {mib:.0f} MiB of shared memory for data.decode_workers ({exc}); "
+                            "give the machine a larger /dev/shm (docker --shm-size) or lower data.prefetch / "
+                            "data.batch_size, or set data.decode_workers=0") from None
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         self._current = ctx.Array("q", [-1] * self.workers, lock=False)  # tid each worker is on, -1 idle
         self._floor = ctx.Value("q", 0, lock=False)  # tasks below this tid are dropped
         for wid in range(self.workers):
             p = ctx.Process(target=_worker_main, name=f"hiervl-decode-{wid}", daemon=True,
-                            args=(wid, self.root, self.spec, self._tasks, self._results, self._current, self._floor,
-                                  os.getpid()))
+                            args=(wid, self.root, self.spec, self._ring, self._tasks, self._results, self._current,
+                                  self._floor, os.getpid()))
             p.start()
             self._procs.append(p)
 
@@ -201,58 +221,83 @@ class DecodePool:
             q.cancel_join_thread()  # items left in a queue must not block interpreter exit
             q.close()
         self._done.clear()
+        self._ring = None
 
     # -------------------------------------------------------------- tasks
 
     def submit(self, key: str, shard: str, offset: int, size: int, frames: np.ndarray, crop: tuple, flip: bool) -> int:
-        """Queue one sample; returns its task id."""
+        """Queue one sample; returns its task id. Its ring slot stays taken until `release`."""
         if self._closed:
             raise RuntimeError("the decode pool is closed")
+        if not self._free:
+            raise RuntimeError(f"all {self.slots} ring slots are taken: results must be released before more "
+                               "samples are submitted")
         self.start()
         tid = self._next_tid
         self._next_tid += 1
-        self._keys[tid] = key
-        self._tasks.put((tid, shard, int(offset), int(size), np.asarray(frames, dtype=np.int32), tuple(crop), bool(flip)))
+        slot = self._free.pop()
+        self._keys[tid], self._slot_of[tid] = key, slot
+        self._outstanding.add(tid)
+        self._tasks.put((tid, slot, shard, int(offset), int(size), np.asarray(frames, dtype=np.int32), tuple(crop),
+                         bool(flip)))
         return tid
 
     def wait(self, tids: list[int], stop: threading.Event | None = None) -> dict[int, tuple] | None:
         """tid -> (clip or None, reason or None) for every tid; None if `stop` was set first.
 
+        A clip is a view of its ring slot [T, 3, S, S]: copy it out, then `release(tids)`.
         Raises DecodeWorkerError if a worker died (checked every 0.2 s while waiting).
         """
         want = set(tids)
         while not want.issubset(self._done):
             if stop is not None and stop.is_set():
                 return None
-            try:
-                tid, clip, reason, seconds = self._results.get(timeout=0.2)
-            except queue.Empty:
-                self._check_workers()
-                continue
-            except (EOFError, OSError):
-                # a clip's shared memory is handed over by its worker: one that died after sending
-                # cannot hand it over. Name the dead worker (its exit code may take a moment to show)
-                for _ in range(20):
-                    self._check_workers()
-                    time.sleep(0.1)
-                raise
-            if tid < self._floor.value:
-                self._keys.pop(tid, None)  # a cancelled batch's result
-                continue
-            self._done[tid] = (clip, reason)
-            s = float(seconds)
-            self._sec_per_clip = s if self._sec_per_clip is None else 0.8 * self._sec_per_clip + 0.2 * s
-        out = {t: self._done.pop(t) for t in tids}
+            self._receive()
+        return {t: self._done.pop(t) for t in tids}
+
+    def release(self, tids) -> None:
+        """Give the ring slots of these (waited-for) tasks back."""
         for t in tids:
             self._keys.pop(t, None)
-        return out
+            slot = self._slot_of.pop(t, None)
+            if slot is not None:
+                self._free.append(slot)
+
+    def _receive(self) -> None:
+        """Take one result off the queue (or check the workers' health after 0.2 s without one)."""
+        try:
+            tid, ok, reason, seconds = self._results.get(timeout=0.2)
+        except queue.Empty:
+            self._check_workers()
+            return
+        except (EOFError, OSError):
+            # a worker that died while sending leaves a broken message: name the dead worker
+            # (its exit code may take a moment to show)
+            for _ in range(20):
+                self._check_workers()
+                time.sleep(0.1)
+            raise
+        self._outstanding.discard(tid)
+        if tid < self._floor.value:  # a cancelled batch's result (or skip notice): its slot is free again
+            self.release([tid])
+            return
+        self._done[tid] = (self._ring[self._slot_of[tid]] if ok else None, reason)
+        s = float(seconds)
+        self._sec_per_clip = s if self._sec_per_clip is None else 0.8 * self._sec_per_clip + 0.2 * s
 
     def cancel_pending(self) -> None:
-        """Drop every task submitted so far: queued ones are skipped, results discarded."""
-        if self._procs and not self._closed:
-            self._floor.value = self._next_tid
+        """Drop every task submitted so far and wait until no worker still writes a slot of theirs.
+
+        Queued tasks come back at once as skip notices; a task being decoded finishes first (one
+        clip's time). Afterwards every ring slot is free.
+        """
+        if not self._procs or self._closed:
+            return
+        self._floor.value = self._next_tid
+        self.release(list(self._done))
         self._done.clear()
-        self._keys.clear()
+        while self._outstanding:
+            self._receive()
 
     def clips_per_s(self) -> float | None:
         """What the pool delivers with every worker busy: workers / (seconds per clip), or None before any."""

@@ -9,6 +9,11 @@ How it works: the epoch's order is a pure function of (seed, epoch) (pipeline/da
 each rank takes its slots of each global batch. Video bytes are read by random access at the
 manifest's offsets (`os.pread` on the tar, no sequential scan), decoded by DALI or PyAV
 (pipeline/data/decode.py) in a background thread that keeps `data.prefetch` batches ready.
+With `data.decode_workers` > 0, PyAV runs in that many worker processes (decode_pool.py) that
+already decode the next `data.prefetch` batches' samples while this one is assembled; with DALI
+too (`data.decoder=auto`), DALI and the workers split each batch by what each delivers
+(schedule.py). Either way a sample's slot, and so the order and positions, are the sampler's.
+On a GPU the CPU-decoded clips of a batch reach the GPU in one pinned, asynchronous copy.
 
 Position: the number of global samples consumed in the epoch. After this rank has yielded k
 batches of an epoch started at position p0, `position = min(p0 + k * B * W, N)`; every batch
@@ -189,7 +194,9 @@ class VideoTextLoader:
         if self.cfg.decode_workers > 0:
             spec = TransformSpec(self.cfg.num_frames, self.cfg.short_side, self.cfg.size, tuple(self.cfg.mean),
                                  tuple(self.cfg.std), self.dtype)
-            self._pool = DecodePool(self.cfg.decode_workers, self.index.root, spec)
+            # ring slots: the samples of the batches in flight (data.prefetch ahead + the one being assembled)
+            self._pool = DecodePool(self.cfg.decode_workers, self.index.root, spec,
+                                    slots=(self.cfg.prefetch + 1) * self.batch_size)
             weakref.finalize(self, self._pool.close)
         # DALI and the pool at once (decoder=auto with workers): the adaptive split of schedule.py
         self.hybrid = self._pool is not None and self.cfg.decoder == "auto" and self.has_dali
@@ -477,6 +484,8 @@ class VideoTextLoader:
             torch.stack(host_clips, out=staged)  # [n, T, 3, S, S] in page-locked memory
             where = torch.tensor(host_slots, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
             video.index_copy_(0, where, staged.to(dev, non_blocking=True))
+        if tids:
+            self._pool.release(tids.values())  # every pool clip has been copied out of its ring slot
         tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.max_words, return_tensors="pt")
         batch = {"video": video, "input_ids": tok["input_ids"].long(), "attention_mask": tok["attention_mask"].long(),
                  "keys": keys, "video_ids": torch.tensor(vids, dtype=torch.int64), "valid": valid,
