@@ -8,7 +8,8 @@
 Data: synthetic videos (`dataprep.synth`) prepared by the real `hiervl prep` path (Ray, PyAV) as
 base.yaml prepares them: H.264, 8 fps, 256 px short side, `--seconds` long (10 s = 80 frames),
 one dataset per `prep.keyframe_interval` (`--keyframe-intervals`; 1.0 s = a keyframe every 8
-frames, base.yaml's default). `--prepare-only` stops there (bench/gpu_prepare.sh uses it: the
+frames, base.yaml's default). `--codec vp9` prepares VP9 instead, which DALI's CPU backend decodes:
+then `--decoders auto` runs the hybrid (DALI + PyAV processes) on a CPU machine. `--prepare-only` stops there (bench/gpu_prepare.sh uses it: the
 GPU machine has no PyAV or Ray to prepare with); `--data DIR` uses a prepared dataset as is.
 
 Loader: `VideoTextLoader` with the config's batch, frames and crop, `data.decoder` per
@@ -41,9 +42,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 
-def prepare(work: Path, keyframe_interval: float, num_videos: int, seconds: float, size: int) -> Path:
-    """H.264 shards as base.yaml's prep makes them, with this keyframe interval; reused when present."""
-    out = work / f"kf{keyframe_interval:g}"
+def prepare(work: Path, keyframe_interval: float, num_videos: int, seconds: float, size: int, codec: str = "h264") -> Path:
+    """Shards as base.yaml's prep makes them (H.264; or VP9, which DALI's CPU backend decodes), with this
+    keyframe interval; reused when present."""
+    out = work / (f"kf{keyframe_interval:g}" + ("" if codec == "h264" else f"-{codec}"))
     if (out / "manifest.parquet").is_file():
         return out
     from dataprep import driver, synth
@@ -52,7 +54,7 @@ def prepare(work: Path, keyframe_interval: float, num_videos: int, seconds: floa
     corpus = work / "corpus" / "manifest.csv"
     if not corpus.is_file():
         synth.make_corpus(work / "corpus", num_videos, seed=0, codec="h264", size=size, seconds=seconds)
-    cfg = load_config(ROOT / "configs" / "base.yaml", [f"prep.keyframe_interval={keyframe_interval}",
+    cfg = load_config(ROOT / "configs" / "base.yaml", [f"prep.keyframe_interval={keyframe_interval}", f"prep.codec={codec}",
                                                        "prep.num_workers=2", "prep.object_store_mb=256"])
     driver.prepare(cfg, str(corpus), str(out), progress=False)
     return out
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="data.decode_workers values")
     ap.add_argument("--decoders", nargs="+", default=["pyav"], help="data.decoder values (auto = hybrid with workers)")
     ap.add_argument("--keyframe-intervals", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--codec", default="h264", choices=["h264", "vp9"],
+                    help="prep codec (vp9: DALI's CPU backend decodes it, so the hybrid path runs on a CPU)")
     ap.add_argument("--num-videos", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each synthetic video")
     ap.add_argument("--video-size", type=int, default=256, help="synthetic video size (prep keeps a 256 short side)")
@@ -153,7 +157,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.work)
     datasets = ([Path(args.data)] if args.data else
-                [prepare(work, ki, args.num_videos, args.seconds, args.video_size) for ki in args.keyframe_intervals])
+                [prepare(work, ki, args.num_videos, args.seconds, args.video_size, args.codec)
+                 for ki in args.keyframe_intervals])
     facts = {str(d): shard_facts(d) for d in datasets}
     for d, f in facts.items():
         print(f"{d}: {f['samples']} samples, {f['mean_frames']:.0f} frames each, keyframe interval "
