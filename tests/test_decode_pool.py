@@ -5,6 +5,7 @@ the exactly-once and resume contracts at any world size, turn a dead worker into
 and leave no worker behind when its parent exits or is killed.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -61,6 +62,8 @@ def test_pool_gives_the_in_process_batches_at_two_ranks_and_closes_its_workers(d
         for a, b in zip(pooled[r], threads[r]):
             assert a[1] == b[1] and torch.equal(a[3], b[3])  # valid flags; pixels bit for bit
     assert all(ld.stats["pool_decoded"] == ld.stats["decoded"] > 0 for ld in loaders)
+    pads = [b[3][j] for r in range(2) for b in pooled[r] for j, v in enumerate(b[1]) if not v]
+    assert pads and all(not p.any() for p in pads)  # padding slots are zero video
     pids = [p for ld in loaders for p in ld._pool.pids]
     assert len(pids) == 4 and all(_alive(p) for p in pids)
     for ld in loaders:
@@ -188,3 +191,35 @@ def test_decode_workers_is_validated():
     with pytest.raises(ConfigError, match="data.decode_workers"):
         Config().data.__class__(decode_workers=-1)
     assert Config().data.decode_workers == 0  # the in-process path unless a config asks
+
+
+def test_train_with_decode_workers_sigterm_then_resume_on_one_rank_sees_each_key_once(tmp_path):
+    """`hiervl train` (DeepSpeed launcher, 2 CPU ranks) with the pool: SIGTERM mid-run checkpoints and exits 0,
+    the 1-rank resume (pool again) continues at the exact data position: every key of epoch 0 once."""
+    from test_train import STEPS, _cmd, _env, _samples, _train, _train_keys
+
+    shards, _ = prepared_dataset(tmp_path / "data", 40)
+    out = tmp_path / "run"
+    pool = ["data.decode_workers=1", "checkpoint.every_steps=0"]
+    proc = subprocess.Popen(_cmd(shards, out, extra=pool), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline, metrics = time.time() + 600, out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-4000:]
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-4000:]
+    assert "worker processes" in output  # the ranks decoded with the pool (hybrid with DALI on VP9)
+    stopped = json.loads((out / "status.json").read_text())["step"]
+    res = _train(shards, out, ranks=1, extra=pool)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    consumed = []
+    for step in range(1, STEPS + 1):
+        parts = [_samples(out, r)[step] for r in range(2)] if step <= stopped else [_samples(out, 0)[step]]
+        consumed += [k for p in parts if p["epoch"] == 0 for k, v in zip(p["keys"], p["valid"]) if v]
+    keys = _train_keys(shards)
+    assert len(consumed) == len(set(consumed)), "a key was repeated within the epoch"
+    assert set(consumed) <= set(keys) and len(consumed) >= len(keys) - len(keys) % 8 - 4

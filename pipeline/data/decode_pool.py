@@ -294,10 +294,12 @@ class DecodePool:
         if not self._procs or self._closed:
             return
         self._floor.value = self._next_tid
-        self.release(list(self._done))
         self._done.clear()
         while self._outstanding:
             self._receive()
+        self._slot_of.clear()  # nothing submitted so far is wanted any more, nor held by a batch
+        self._keys.clear()
+        self._free = list(range(self.slots))[::-1]
 
     def clips_per_s(self) -> float | None:
         """What the pool delivers with every worker busy: workers / (seconds per clip), or None before any."""

@@ -450,12 +450,15 @@ class VideoTextLoader:
                     self.stats["decode_path"]["pyav"] += 1
                     self.stats["pool_decoded"] += 1
         dev = f"cuda:{self.device_id}" if self.device == "gpu" else "cpu"
-        video = torch.zeros(b, t, 3, cfg.size, cfg.size, dtype=self.dtype, device=dev)  # [B, T, 3, S, S]
+        # [B, T, 3, S, S]; every slot is written below (a clip, or zeros for padding and failures): no
+        # zero-fill of the whole batch first, which costs the main process CPU the decoders could use
+        video = torch.empty(b, t, 3, cfg.size, cfg.size, dtype=self.dtype, device=dev)
         host_slots, host_clips = [], []  # CPU clips bound for the GPU: one pinned, asynchronous copy per batch
         valid = torch.zeros(b, dtype=torch.bool)
         keys, vids, texts, all_caps = [], [], [], []
         for slot, i in enumerate(int(x) for x in idx):
             if i == PAD:
+                video[slot].zero_()
                 keys.append("")
                 vids.append(-1)
                 texts.append("")
@@ -478,6 +481,7 @@ class VideoTextLoader:
                 valid[slot] = True
                 self.stats["decoded"] += 1
             else:
+                video[slot].zero_()
                 self._record_skip(key, errors.get(i, "unknown"))
         if host_slots:
             staged = torch.empty((len(host_clips), *host_clips[0].shape), dtype=self.dtype, pin_memory=True)
