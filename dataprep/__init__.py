@@ -10,5 +10,7 @@
 - `plan`: sample-to-shard assignment, a pure function of the input and the config.
 - `shard_writer`: reproducible tars and their DALI index (the `wds2idx` format), atomically.
 - `worker`: one shard's work (a Ray task); `driver`: `prepare(...)`; `verify`: `--verify`.
+- `out_lock`: one prep at a time per output folder; `dataset_inputs`: which input made which
+  split of a folder, and when a run must refuse (or `--overwrite`).
 The dataset files' schema is `pipeline/data/manifest.py`'s; dataprep imports no training code.
 """

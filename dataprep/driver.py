@@ -6,6 +6,12 @@ of a complete dataset runs no task. The dataset-level files (`manifest.parquet`,
 `quarantine.parquet`, `dataset.json`) are rebuilt from the stats records in plan order, so they
 are the same bytes whatever the number of workers or the order tasks finished in.
 
+One run at a time per folder: the lock (dataprep/out_lock.py) is taken before anything is read
+or removed, and the clean-up never deletes a temporary file whose writer still runs. A folder
+may hold splits other inputs made; they are kept (shards, rows, refusals, counts), and a run that
+would replace or drop anything it does not own refuses unless `overwrite`
+(dataprep/dataset_inputs.py).
+
 Ray: a local cluster `ray.init(num_cpus=prep.num_workers, object_store_memory=...)` by default,
 an existing one with `ray_address` (workers there must have hiervl installed). An already
 initialised Ray (tests) is used as it is.
@@ -19,13 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 from collections import Counter
 from pathlib import Path
 
+from dataprep.dataset_inputs import SHARD_FILE, input_identity, reconcile, record_name
+from dataprep.out_lock import PrepLock, pid_alive
 from dataprep.plan import make_plan, output_config
-from dataprep.sources import check_samples, read_input
+from dataprep.sources import check_samples, manifest_path, read_input
 from dataprep.worker import is_done, read_stats, write_shard
 from pipeline.atomic_write import write_atomic
 from pipeline.data.manifest import (
@@ -41,7 +50,6 @@ from pipeline.errors import UserError
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
-_SHARD_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.(tar|idx|stats\.json)$")
 
 
 def reason_kind(reason: str) -> str:
@@ -49,17 +57,25 @@ def reason_kind(reason: str) -> str:
     return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
 
 
-def _clean(out: Path, plan: list[dict]) -> None:
-    """Remove temporary files of killed runs and shard files this plan does not have."""
-    expected = set()
-    for spec in plan:
-        expected |= {f"{spec['name']}.tar", f"{spec['name']}.idx", f"{spec['name']}.stats.json"}
+def _temp_writer_alive(name: str) -> bool:
+    """Whether the process that writes temporary file `name` (`.{target}.{pid}.{random}.tmp`,
+    pipeline/atomic_write.py) still runs on this host: its file is then not a leftover."""
+    m = re.match(r"^\..*\.(\d+)\.[0-9a-f]{8}\.tmp$", name)
+    return bool(m) and pid_alive(int(m.group(1)))
+
+
+def _clean(out: Path, remove: list[str]) -> None:
+    """Remove temporary files of dead writers and the shard files `reconcile` gave up (named in `remove`)."""
+    by_split = Counter(SHARD_FILE.match(n)["split"] for n in remove if SHARD_FILE.match(n))
     for p in out.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
+        if p.name.startswith(".") and p.name.endswith(".tmp") and not _temp_writer_alive(p.name):
             p.unlink(missing_ok=True)
-        elif _SHARD_FILE.match(p.name) and p.name not in expected:
-            log.info("removing %s: not in the current plan", p.name)
-            p.unlink(missing_ok=True)
+    for name in remove:
+        log.info("removing %s: not in the current plan", name)
+        (out / name).unlink(missing_ok=True)
+    if by_split:
+        log.warning("removed %s from %s", ", ".join(f"{n} files of split {s}" for s, n in sorted(by_split.items())),
+                    out)
 
 
 def _init_ray(prep, ray_address: str | None) -> bool:
@@ -100,47 +116,49 @@ def _run_shards(todo: list[dict], out_cfg: dict, out: Path, prep, ray_address, p
 
 
 def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_address: str | None = None,
-            progress: bool = True, **format_options) -> dict:
-    """Prepare shards from `input` into `out_dir`; return the summary (see `summary_line`)."""
+            progress: bool = True, overwrite: bool = False, **format_options) -> dict:
+    """Prepare shards from `input` into `out_dir`; return the summary (see `summary_line`).
+
+    Holds the folder's lock (dataprep/out_lock.py) throughout; keeps the splits other inputs made
+    there and refuses conflicts unless `overwrite` (dataprep/dataset_inputs.py). The summary's
+    figures are this run's; `dataset_counts` are the whole folder's."""
     prep = cfg.prep
     t0 = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    samples = read_input(input, fmt, videos_dir, **format_options)
-    if not samples:
-        raise UserError(f"{input}: no samples found; check the file and --format")
-    good, refused = check_samples(samples)
-    plan = make_plan(good, prep)
-    out_cfg = output_config(prep)
-    _clean(out, plan)
-    todo = [spec for spec in plan if not is_done(out, spec)]
-    task_s = _run_shards(todo, out_cfg, out, prep, ray_address, progress) if todo else 0.0
-    wall = time.time() - t0
-
-    rows, quarantine = [], [r.to_dict() for r in refused]
-    bytes_out, source_s_run = 0, 0.0
-    todo_names = {spec["name"] for spec in todo}
-    for spec in plan:
-        st = read_stats(out, spec["name"])
-        if st is None or st.get("fingerprint") != spec["fingerprint"]:
-            raise RuntimeError(f"shard {spec['name']} has no valid stats record after its task ran")
-        rows += st["rows"]
-        quarantine += st["refused"]
-        bytes_out += st["bytes"]
-        if spec["name"] in todo_names:
-            source_s_run += st["source_seconds"]
-    write_table(out / MANIFEST_FILE, rows, MANIFEST_SCHEMA)
-    write_table(out / QUARANTINE_FILE, quarantine, QUARANTINE_SCHEMA)
-    counts = dict(sorted(Counter(r["split"] for r in rows).items()))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except FileExistsError:
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the dataset") from None
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create or write the folder ({exc.strerror}); give a folder you "
+                        f"can write") from None
+    with PrepLock(out):
+        samples = read_input(input, fmt, videos_dir, **format_options)
+        if not samples:
+            raise UserError(f"{input}: no samples found; check the file and --format")
+        good, refused = check_samples(samples)
+        plan = make_plan(good, prep)
+        out_cfg = output_config(prep)
+        named = input if fmt not in (None, "manifest") or "://" in str(input) else manifest_path(input)
+        identity = input_identity(named, fmt, format_options)
+        state = reconcile(out, plan, identity, out_cfg, overwrite)
+        _clean(out, state["remove"])
+        mine = {"identity": identity, "out_cfg": out_cfg, "splits": sorted({s["split"] for s in plan}),
+                "shards": [s["name"] for s in plan], "refused": [r.to_dict() for r in refused]}
+        write_atomic(out / record_name(identity), _dumps(mine))
+        todo = [spec for spec in plan if not is_done(out, spec)]
+        task_s = _run_shards(todo, out_cfg, out, prep, ray_address, progress) if todo else 0.0
+        wall = time.time() - t0
+        stats = _write_dataset(out, prep, {spec["name"]: spec["fingerprint"] for spec in plan},
+                               [mine, *state["keep"]])
+    run = [stats[spec["name"]] for spec in plan]
+    rows = [r for st in run for r in st["rows"]]
+    quarantine = mine["refused"] + [q for st in run for q in st["refused"]]
+    bytes_out = sum(st["bytes"] for st in run)
     hours = sum(r["duration"] for r in rows) / 3600.0
-    prep_cfg = {k: v for k, v in dataclasses.asdict(prep).items() if k not in ("num_workers", "object_store_mb")}
-    dataset = {"schema_version": SCHEMA_VERSION, "codec": prep.codec, "fps": prep.fps,
-               "short_side": prep.short_side, "counts": counts, "quarantined": len(quarantine),
-               "hours": round(hours, 6), "bytes": bytes_out, "num_samples": len(rows),
-               "shards": [f"{s['name']}.tar" for s in plan if read_stats(out, s['name'])["samples_out"]],
-               "prep_config": prep_cfg}
-    write_atomic(out / DATASET_FILE, (json.dumps(dataset, indent=2, sort_keys=True) + "\n").encode())
-
+    source_s_run = sum(stats[spec["name"]]["source_seconds"] for spec in todo)
     processed = sum(len(s["samples"]) for s in todo)
     rate = len(quarantine) / len(samples)
     return {"samples_in": len(samples), "samples_out": len(rows), "quarantined": len(quarantine),
@@ -151,7 +169,48 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
             "videos_per_s": processed / wall if wall > 0 else 0.0,
             "videos_per_s_tasks": processed / task_s if task_s > 0 else 0.0,
             "realtime_factor": source_s_run / wall if wall > 0 else 0.0, "failure_rate": rate,
-            "ok": rate <= prep.max_failure_rate, "out_dir": str(out)}
+            "ok": rate <= prep.max_failure_rate, "out_dir": str(out),
+            "dataset_counts": json.loads((out / DATASET_FILE).read_text())["counts"]}
+
+
+def _dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _shard_order(name: str) -> tuple[str, int]:
+    split, n = name.rsplit("-", 1)
+    return split, int(n)
+
+
+def _write_dataset(out: Path, prep, fingerprints: dict, records: list[dict]) -> dict:
+    """Rebuild manifest.parquet, quarantine.parquet and dataset.json from every input record's
+    shards, splits in sorted order (so the bytes do not depend on which run came first); return
+    the stats record of every shard by name. `fingerprints`: this run's plan, name -> fingerprint."""
+    records = sorted(records, key=lambda r: (r["splits"][:1], r["identity"]["input"]))
+    names = sorted((name for r in records for name in r["shards"]), key=_shard_order)
+    rows, quarantine, stats = [], [q for r in records for q in r["refused"]], {}
+    for name in names:
+        st = read_stats(out, name)
+        if name in fingerprints and (st is None or st.get("fingerprint") != fingerprints[name]):
+            raise RuntimeError(f"shard {name} has no valid stats record after its task ran")
+        if st is None:
+            raise UserError(f"{out / name}.stats.json is missing or unreadable: that split is damaged; prepare "
+                            f"it again from its input, or use --overwrite")
+        stats[name] = st
+        rows += st["rows"]
+        quarantine += st["refused"]
+    write_table(out / MANIFEST_FILE, rows, MANIFEST_SCHEMA)
+    write_table(out / QUARANTINE_FILE, quarantine, QUARANTINE_SCHEMA)
+    counts = dict(sorted(Counter(r["split"] for r in rows).items()))
+    hours = sum(r["duration"] for r in rows) / 3600.0
+    prep_cfg = {k: v for k, v in dataclasses.asdict(prep).items() if k not in ("num_workers", "object_store_mb")}
+    dataset = {"schema_version": SCHEMA_VERSION, "codec": prep.codec, "fps": prep.fps,
+               "short_side": prep.short_side, "counts": counts, "quarantined": len(quarantine),
+               "hours": round(hours, 6), "bytes": sum(st["bytes"] for st in stats.values()),
+               "num_samples": len(rows), "shards": [f"{n}.tar" for n in names if stats[n]["samples_out"]],
+               "inputs": [{**r["identity"], "splits": r["splits"]} for r in records], "prep_config": prep_cfg}
+    write_atomic(out / DATASET_FILE, (json.dumps(dataset, indent=2, sort_keys=True) + "\n").encode())
+    return stats
 
 
 def summary_line(s: dict) -> str:
@@ -159,4 +218,6 @@ def summary_line(s: dict) -> str:
     return (f"prep: {s['samples_in']} samples in, {s['samples_out']} out, {s['quarantined']} quarantined ({by}); "
             f"{s['hours']:.3f} h of video, {s['bytes'] / 1e6:.1f} MB in {s['shards']} shards "
             f"({s['shards_run']} written now) in {s['seconds']:.1f}s: {s['videos_per_s']:.1f} videos/s "
-            f"({s['videos_per_s_tasks']:.1f} after Ray start-up), realtime x{s['realtime_factor']:.1f}")
+            f"({s['videos_per_s_tasks']:.1f} after Ray start-up), realtime x{s['realtime_factor']:.1f}"
+            + ("; the dataset now holds " + ", ".join(f"{k} {v}" for k, v in s["dataset_counts"].items())
+               if s.get("dataset_counts") else ""))

@@ -27,6 +27,7 @@ class Sample:
     sentences: list | None = None  # paragraph entries: the sentences joined into the caption, in order
     extra: dict = field(default_factory=dict)  # metadata copied into the sample's JSON
     group: str | None = None  # related samples (hard negatives) share it; None = no group
+    invalid: str | None = None  # why its manifest row is refused (a bad cell); never planned, not in to_dict
 
     def to_dict(self) -> dict:
         d = {"key": self.key, "video": self.video, "captions": list(self.captions), "split": self.split,

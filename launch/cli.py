@@ -18,7 +18,7 @@ import sys
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline.errors import UserError
 
-SUBCOMMANDS = ("synth", "prep", "train", "eval", "search", "submit", "demo")
+SUBCOMMANDS = ("synth", "prep", "train", "eval", "search", "export", "submit", "demo")
 _MODULES = {"eval": "launch.evaluate"}  # `eval` is a builtin name; its module is evaluate.py
 
 

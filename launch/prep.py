@@ -14,6 +14,9 @@ deterministic, resumable WebDataset shards with DALI indexes, manifest.parquet,
 quarantine.parquet and dataset.json under --out. One Ray task per shard, on a local cluster
 (prep.num_workers CPUs) or an existing one (--ray-address). A rerun finishes only missing
 shards. Bad inputs are quarantined; the exit code is 1 only past prep.max_failure_rate.
+One prep at a time per --out (a lock). --out may already hold splits made from other inputs
+(e.g. MSR-VTT test after train): they are kept; remaking another input's split, dropping one,
+or another prep config refuses unless --overwrite.
 --verify DIR re-reads a prepared dataset with webdataset and DALI and checks it.
 
 Input: a manifest (CSV/JSONL/Parquet: video, caption, [key, split, start, end]) or, with
@@ -33,6 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--segments", action="store_true",
                         help="didemo/activitynet: one clip per sentence instead of video-paragraph samples")
     parser.add_argument("--split", help="benchmark formats: split name to assign (default: from the file name)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --out holds (splits of other inputs, another prep config) with this "
+                             "run's dataset; without it such a prep refuses")
     parser.add_argument("--verify", metavar="DIR", help="re-read a prepared dataset and check it; no prep")
     parser.add_argument("--no-dali", action="store_true", help="--verify: skip the DALI reader")
 
@@ -61,7 +67,7 @@ def main(args, cfg) -> int:
         options["split"] = args.split
     fmt = None if args.format == "manifest" else args.format
     summary = prepare(cfg, args.input, args.out, fmt=fmt, videos_dir=args.videos, ray_address=args.ray_address,
-                      **options)
+                      overwrite=args.overwrite, **options)
     print(summary_line(summary))
     if not summary["ok"]:
         print(f"prep: failure rate {summary['failure_rate']:.1%} is past prep.max_failure_rate="

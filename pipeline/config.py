@@ -154,10 +154,20 @@ class ModelConfig:
     learnable_temperature: bool | None = None  # None = preset default (learnable in hcmi, fixed otherwise)
     dropout: float = 0.0  # vision, temporal and text dropout (0: deterministic, testable)
     max_frames: int = 64  # size of the learned temporal position embedding (data.num_frames must fit)
+    # one local CLIP checkpoint directory (CLIPModel.save_pretrained + its tokenizer) for both towers:
+    # sets model.vision.clip_path and model.text.path to it (each must be unset or the same)
+    clip_path: str | None = None
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self):
+        if self.clip_path is not None:
+            for key, have, unset in (("model.vision.clip_path", self.vision.clip_path, None),
+                                     ("model.text.path", self.text.path, "default")):
+                _check(have in (unset, self.clip_path), f"model.clip_path={self.clip_path} sets {key} but {key}="
+                       f"{have}; drop one of them (model.clip_path loads both towers and the tokenizer)")
+            self.vision.clip_path = self.clip_path
+            self.text.path = self.clip_path
         _one_of("model.preset", self.preset, tuple(PRESETS))
         names = level_names(self.preset)
         unknown = sorted(set(self.level_weights) - set(names))

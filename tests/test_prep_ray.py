@@ -91,7 +91,8 @@ def test_bad_inputs_quarantined_good_land_rerun_noop_verify(ray_cluster, corpus,
     s = prepare(_cfg(), manifest, out, progress=False)
     q = pq.read_table(out / "quarantine.parquet").to_pylist()
     reasons = {r["key"]: (r["stage"], r["reason"]) for r in q}
-    assert reasons["missing"] == ("probe", "missing file")
+    assert reasons["missing"][0] == "probe" and reasons["missing"][1].startswith(
+        f"missing file (looked for {tmp_path / 'missing.webm'};")
     assert reasons["zero"] == ("probe", "zero-byte file")
     assert reasons["text"] == ("probe", "not a video (no known container)")
     assert reasons["audio"] == ("probe", "no video stream")
@@ -156,6 +157,7 @@ def test_sigkill_half_way_then_rerun_gives_same_bytes(ray_cluster, tmp_path_fact
     time.sleep(0.5)
     done = len(list(out.glob("*.stats.json")))
     assert 3 <= done < 30 and not (out / "manifest.parquet").exists()
+    assert json.loads((out / ".hiervl-prep.lock").read_text())["pid"] == proc.pid  # a dead run's lock: taken over
     s = prepare(_cfg(shard_max_samples=2), manifest, out, progress=False)
     assert s["shards_run"] == 30 - done
     assert _files(out) == _files(ref)

@@ -75,15 +75,25 @@ def _add_diff_channels(model: nn.Module) -> None:
     model.config.num_channels = 2 * RGB
 
 
-def build_frame_vit(cfg: Config) -> nn.Module:
+def build_frame_vit(cfg: Config, vision_config=None) -> nn.Module:
     """transformers' CLIP vision tower, from `model.vision.clip_path` or random init from the config.
 
     With `model.vision.frame_diff` it takes 6 input channels (RGB, then the frame difference).
+    `vision_config` (a CLIPVisionConfig: what `hiervl export` writes) builds exactly that
+    architecture with random weights instead, ignoring `clip_path`: the caller loads the weights.
+    `clip_path` may name a CLIP vision checkpoint or a whole CLIP (CLIPModel) checkpoint: the
+    vision half is taken.
     """
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     vis = cfg.model.vision
     channels = 2 * RGB if vis.frame_diff else RGB
+    if vision_config is not None:
+        if int(vision_config.num_channels) != channels:
+            raise UserError(f"the exported vision config takes {vision_config.num_channels} input channels but "
+                            f"model.vision.frame_diff={str(vis.frame_diff).lower()} needs {channels}; the export's "
+                            "config.yaml and vision/config.json disagree: export the run again")
+        return CLIPVisionModel(vision_config)
     if vis.clip_path:
         from pathlib import Path
 
@@ -180,10 +190,10 @@ class VideoEncoder(nn.Module):
     """Per-frame ViT (optionally with frame differences and divided space-time attention), a frame
     token (CLS or layout), then a temporal transformer over the T frame tokens."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, vision_config=None):
         super().__init__()
         vis = cfg.model.vision
-        self.vit = build_frame_vit(cfg)
+        self.vit = build_frame_vit(cfg, vision_config)  # vision_config: an export's architecture (no clip_path)
         self.width = int(self.vit.config.hidden_size)
         self.image_size = int(self.vit.config.image_size)
         self.patch_size = int(self.vit.config.patch_size)
@@ -262,6 +272,10 @@ class TextEncoder(nn.Module):
         self.model = load_text_model(text.path, text.pretrained, text.num_layers, dropout=cfg.model.dropout)
         self.width = int(self.model.config.hidden_size)
         self.num_layers = int(self.model.config.num_hidden_layers)
+        limit = getattr(self.model.config, "max_position_embeddings", None)  # CLIP's text tower: 77
+        if limit is not None and cfg.data.max_words > int(limit):
+            raise UserError(f"data.max_words={cfg.data.max_words} but the text encoder at model.text.path="
+                            f"{text.path} has {limit} positions; set data.max_words to at most {limit}")
         if text.freeze_embeddings:
             self.model.get_input_embeddings().requires_grad_(False)
         if cfg.train.activation_checkpointing:  # transformers recomputes each layer (training only)

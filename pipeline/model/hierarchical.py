@@ -12,7 +12,8 @@ embeddings per level; the losses, negatives and queues live in `model.objective`
 which gets this process's rank and world size from here. W ranks of batch b train exactly like
 one rank of batch W*b: same losses, same gradients (after DeepSpeed's averaging), same queues.
 
-Owns: `HierarchicalModel` and `build_model`: towers, heads, momentum copies, the objective beside them.
+Owns: `QueryTowers` (the towers, heads and fused similarity: what inference and exports use),
+`HierarchicalModel` (plus the momentum copies and the objective beside them) and `build_model`.
 Must not touch: DeepSpeed, data loading or checkpoints.
 """
 
@@ -33,9 +34,9 @@ from pipeline.presets import learns_temperature, preset_levels
 
 
 class VideoTower(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, vision_config=None):
         super().__init__()
-        self.encoder = VideoEncoder(cfg)
+        self.encoder = VideoEncoder(cfg, vision_config)
         self.heads: LevelHeads | None = None
 
     def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -52,22 +53,49 @@ class TextTower(nn.Module):
         return self.heads(self.encoder(input_ids, attention_mask), attention_mask.bool())
 
 
-class HierarchicalModel(nn.Module):
-    """See the module docstring; `levels` lists the preset's level names."""
+class QueryTowers(nn.Module):
+    """The query towers with their level heads and the fused similarity: all that inference needs.
 
-    def __init__(self, cfg: Config):
+    State dict keys `video.*` and `text.*`, the same as in `HierarchicalModel` (which extends it with
+    the momentum copies and the objective), so an export (pipeline/export.py) holds exactly these.
+    `vision_config` (a CLIPVisionConfig) builds the frame ViT from an export's architecture.
+    """
+
+    def __init__(self, cfg: Config, vision_config=None):
         super().__init__()
         self.cfg = cfg
-        mc = cfg.model
-        self.level_specs = preset_levels(mc.preset)
+        self.level_specs = preset_levels(cfg.model.preset)
         self.levels = [lv.name for lv in self.level_specs]
         self.fusion_weights = level_weights(cfg)
 
-        self.video = VideoTower(cfg)
+        self.video = VideoTower(cfg, vision_config)
         self.text = TextTower(cfg)
         fv, ft = feature_layers(cfg, self.video.encoder.num_layers, self.text.encoder.num_layers)
         self.video.heads = LevelHeads(cfg, "video", self.video.encoder.width, fv)
         self.text.heads = LevelHeads(cfg, "text", self.text.encoder.width, ft)
+
+    def encode_video(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Query-encoder level embeddings of video [N, T, C, H, W]: {level: [N, D] | [N, T', D]}."""
+        return self.video(video)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Query-encoder level embeddings of captions: {level: [N, D] | [N, L', D], level_mask: [N, L']}."""
+        return self.text(input_ids, attention_mask)
+
+    def similarity(self, t: dict, v: dict) -> dict[str, torch.Tensor]:
+        """{level: [Nt, Nv]} plus "fused": the level_weights-weighted mean of the levels."""
+        sims = {lv.name: level_similarity(lv, t, v).float() for lv in self.level_specs}
+        total = sum(self.fusion_weights.values())
+        sims["fused"] = sum(self.fusion_weights[n] * sims[n] for n in self.levels) / total
+        return sims
+
+
+class HierarchicalModel(QueryTowers):
+    """See the module docstring; `levels` lists the preset's level names."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)  # the query towers and heads
+        mc = cfg.model
 
         # key encoders: momentum copies, never trained by the optimizer. Only `symmetric` without a
         # queue scores no key and keeps none: then they are neither run nor updated (a third less compute)
@@ -92,23 +120,6 @@ class HierarchicalModel(nn.Module):
     def queues(self) -> nn.ModuleDict:
         """The objective's MomentumQueues by "<level>_<modality>"."""
         return self.objective.queues
-
-    # ------------------------------------------------------------------ encoding / inference
-
-    def encode_video(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Query-encoder level embeddings of video [N, T, C, H, W]: {level: [N, D] | [N, T', D]}."""
-        return self.video(video)
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Query-encoder level embeddings of captions: {level: [N, D] | [N, L', D], level_mask: [N, L']}."""
-        return self.text(input_ids, attention_mask)
-
-    def similarity(self, t: dict, v: dict) -> dict[str, torch.Tensor]:
-        """{level: [Nt, Nv]} plus "fused": the level_weights-weighted mean of the levels."""
-        sims = {lv.name: level_similarity(lv, t, v).float() for lv in self.level_specs}
-        total = sum(self.fusion_weights.values())
-        sims["fused"] = sum(self.fusion_weights[n] * sims[n] for n in self.levels) / total
-        return sims
 
     # ------------------------------------------------------------------ training
 
