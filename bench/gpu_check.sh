@@ -4,7 +4,10 @@
 #     frames vs the CPU loader's PyAV frames; `hiervl train` on NCCL + bf16 + ZeRO-2 + DALI `mixed`, then
 #     SIGTERM and an exact resume, then ZeRO-2 -> ZeRO-1 through a universal checkpoint;
 #  2. bench/model.py at configs/base.yaml (batch 64 x 12 frames x 224 px, `hit`) beside the plain ViT-B/16
-#     reference step, with and without activation checkpointing (peak memory both ways, MFU, clips/s ratio).
+#     reference step, with and without activation checkpointing (peak memory both ways, MFU, clips/s ratio);
+#  3. bench/feed.py at configs/base.yaml on base-shaped H.264 shards (.dev/feed-data/kf1): the loader's clips/s
+#     with DALI `mixed` alone and with DALI + PyAV decode processes (hybrid), beside the `hit` model's training
+#     clips/s in the same run (issue 14: the loader should deliver >= 2x; skipped without PyAV or the data).
 # Results: bench/out/gpu-check/*.json and the printed lines, for bench/RESULTS.md.
 #
 # Works with a venv (.venv) or with a bare python3 that has torch, as on the lent GPU machine: there,
@@ -36,7 +39,8 @@ fi
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('gpu-check on', torch.cuda.get_device_name(), 'torch', torch.__version__)" || exit 2
 
 status=0
-timeout 420 $PY -m pytest -m gpu tests/test_gpu.py -x -q -s -p no:cacheprovider -o addopts="" || status=1
+timeout 420 $PY -m pytest -m gpu tests/test_gpu.py tests/test_gpu_feed.py -x -q -s -p no:cacheprovider -o addopts="" \
+    || status=1
 echo "gpu-check: tests took $(( $(date +%s) - start )) s"
 
 for ac in false true; do
@@ -44,5 +48,15 @@ for ac in false true; do
       $([[ $ac == false ]] && echo --reference) --out "$OUT/model-ac-$ac.json" train.activation_checkpointing=$ac \
       || status=1
 done
+FEED=${HIERVL_FEED_DATA:-$PWD/.dev/feed-data/kf1}
+if [[ -f $FEED/manifest.parquet ]] && $PY -c "import av" 2>/dev/null; then
+  workers=$(( $($PY -c "import os; print(len(os.sched_getaffinity(0)))") - 2 )); (( workers > 12 )) && workers=12
+  (( workers < 1 )) && workers=1
+  timeout 300 $PY bench/feed.py --config configs/base.yaml --device cuda --data "$FEED" --decoders auto pyav \
+      --workers 0 "$workers" --min-seconds 10 --out "$OUT/feed.json" "model.text.path=$HIERVL_GPU_DATA/text" \
+      || status=1
+else
+  echo "gpu-check: bench/feed.py skipped (needs PyAV and $FEED: bash bench/gpu_prepare.sh)"
+fi
 echo "gpu-check: done in $(( $(date +%s) - start )) s, status $status"
 exit $status

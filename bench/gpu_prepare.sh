@@ -3,7 +3,9 @@
 #   bash bench/gpu_prepare.sh
 # Brings DALI + DeepSpeed wheels (../shared/tools/device-wheels.sh: .dev/dali1-4, .dev/whl), pytest and
 # pyarrow wheels for the GPU machine's Python 3.12 (.dev/whl2), and the test data (.dev/gpu-data:
-# H.264 shards, a small text model, a PyAV reference batch; bench/gpu_data.py). Then prints the calls.
+# H.264 shards, a small text model, a PyAV reference batch; bench/gpu_data.py), the PyAV wheel for the
+# loader's decode worker processes (.dev/av) and base.yaml-shaped H.264 shards for bench/feed.py
+# (.dev/feed-data/kf1: 64 videos of 10 s, 8 fps, 256 px, a keyframe every 8 frames). Then prints the calls.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 bash ../shared/tools/device-wheels.sh >/dev/null
@@ -12,6 +14,11 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform m
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 .venv/bin/pip download -q --no-deps "${plat[@]}" -d .dev/whl2 pytest pluggy iniconfig pygments
 .venv/bin/pip download -q --no-deps "${plat[@]}" -d .dev/pa pyarrow==26.0.1  # ~40 MiB: a call of its own
+mkdir -p .dev/av
+.venv/bin/pip download -q --no-deps "${plat[@]}" -d .dev/av av==18.1.0  # ~35 MiB (abi3): a call of its own
+[[ -f .dev/feed-data/kf1/manifest.parquet ]] || \
+  .venv/bin/python bench/feed.py --prepare-only --num-videos 64 --keyframe-intervals 1.0 --work .dev/feed-data
+rm -rf .dev/feed-data/corpus  # the synthetic sources: only the shards travel
 [[ -f .dev/gpu-data/reference.pt ]] || .venv/bin/python bench/gpu_data.py --out .dev/gpu-data
 du -sh .dev/* 
 cat <<'TXT'
@@ -19,6 +26,7 @@ cat <<'TXT'
 Device calls, back to back (the machine keeps /tmp only while warm):
   1-3. as ../shared/tools/device-wheels.sh prints (carry .dev/dali1, .dev/dali2, .dev/dali3)
   4. carry [".dev/pa"]  command: cp .dev/pa/*.whl /tmp/dw/   (skip if the machine's python3 imports pyarrow)
-  5. carry [".dev/dali4", ".dev/whl", ".dev/whl2", ".dev/gpu-data"]  timeout_s 600  command:
+  4b. carry [".dev/av"]  command: cp .dev/av/*.whl /tmp/dw/   (PyAV: the loader's decode worker processes)
+  5. carry [".dev/dali4", ".dev/whl", ".dev/whl2", ".dev/gpu-data", ".dev/feed-data/kf1"]  timeout_s 600  command:
      cp .dev/dali4/part_* /tmp/dw/ && cat /tmp/dw/part_0* > /tmp/dw/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl && rm /tmp/dw/part_0* && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/dw/*.whl .dev/whl/*.whl .dev/whl2/*.whl && make gpu-check
 TXT

@@ -66,6 +66,9 @@ class DataConfig:
     device: str = "auto"  # auto | cpu | gpu (DALI mixed decoding on gpu)
     num_threads: int = 2
     prefetch: int = 2  # batches decoded ahead of the training step
+    # PyAV decode worker processes (pipeline/data/decode_pool.py); 0 = PyAV in data.num_threads threads of
+    # the loader's process. With DALI (data.decoder=auto) both decode at once, split by what each delivers
+    decode_workers: int = 0
     seed: int = 0
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -74,6 +77,8 @@ class DataConfig:
         for name in ("batch_size", "num_frames", "size", "short_side", "max_words", "num_threads"):
             _check(getattr(self, name) >= 1, f"data.{name}={getattr(self, name)!r} must be >= 1")
         _positive("data.prefetch", self.prefetch, allow_zero=True)
+        _check(isinstance(self.decode_workers, int) and self.decode_workers >= 0,
+               f"data.decode_workers={self.decode_workers!r} must be an integer >= 0 (0 = decode in the loader's threads)")
         _check(self.short_side >= self.size, f"data.short_side={self.short_side} must be >= data.size={self.size}")
         _one_of("data.order", self.order, ("global", "block", "grouped"))
         _check(isinstance(self.group_chunk, int) and self.group_chunk >= 1,

@@ -359,3 +359,22 @@ def test_prep_into_s3_keeps_other_inputs_splits_and_refuses_a_clash(creds, tmp_p
     assert not any(n.endswith(".tmp") or n.endswith(".lock") for n in names)
     info = json.loads(storage.open_store(out, _opts(creds)).read("dataset.json"))
     assert info["counts"] == {"test": 2, "train": 2} and len(info["inputs"]) == 2
+
+
+def test_decode_worker_processes_read_from_s3(creds, local_and_remote):
+    """Issue 14's decode pool (data.decode_workers) over s3://: each worker opens its own store (with the
+    loader's credentials, whenever the fork server started) and the epoch equals the local in-process one."""
+    from pipeline.data.loader import VideoTextLoader
+
+    local, remote = local_and_remote
+    want = _epoch(_cfg(local, creds), world=1)
+    cfg = _cfg(remote, creds)
+    cfg.data = dataclasses.replace(cfg.data, decode_workers=2, prefetch=1)
+    loader = VideoTextLoader(cfg, rank=0, world_size=1)
+    try:
+        got = [(b["keys"], b["video"], b["position"], bool(b["valid"].all())) for b in loader]
+        assert loader.stats["pool_decoded"] == 18 and loader.stats["skipped"] == 0
+    finally:
+        loader.close()
+    assert [(k, p) for k, _, p, _ in got] == [(k, p) for _, k, _, p in want] and all(v for *_, v in got)
+    assert all(torch.equal(a, b) for (_, a, _, _), (_, _, b, _) in zip(got, want))

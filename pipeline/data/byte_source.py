@@ -59,7 +59,12 @@ class SampleByteSource:
 
     def read(self, i: int) -> bytes:
         """Sample i's bytes (blocking); OSError when they cannot be read whole."""
-        shard, size, offset = self.shards[i], int(self.sizes[i]), int(self.offsets[i])
+        return self.read_at(self.shards[i], int(self.offsets[i]), int(self.sizes[i]))
+
+    def read_at(self, shard: str, offset: int, size: int) -> bytes:
+        """`size` bytes of `shard` at `offset` (the shard cache, else one pread / ranged read); OSError
+        when they cannot be read whole. Also what a decode worker process reads through
+        (pipeline/data/decode_pool.py: each worker opens its own store and source)."""
         local = self._cached_shard(shard) if self.cache is not None else None
         if local is not None:
             with open(local, "rb") as f:

@@ -10,6 +10,11 @@ each rank takes its slots of each global batch. Video bytes are read by random a
 manifest's offsets (`os.pread` on the tar, no sequential scan; on an object store concurrent ranged
 GETs with read-ahead and retries: pipeline/data/byte_source.py, pipeline/storage.py), decoded by DALI or PyAV
 (pipeline/data/decode.py) in a background thread that keeps `data.prefetch` batches ready.
+With `data.decode_workers` > 0, PyAV runs in that many worker processes (decode_pool.py) that
+already decode the next `data.prefetch` batches' samples while this one is assembled; with DALI
+too (`data.decoder=auto`), DALI and the workers split each batch by what each delivers
+(schedule.py). Either way a sample's slot, and so the order and positions, are the sampler's.
+On a GPU the CPU-decoded clips of a batch reach the GPU in one pinned, asynchronous copy.
 
 Position: the number of global samples consumed in the epoch. After this rank has yielded k
 batches of an epoch started at position p0, `position = min(p0 + k * B * W, N)`; every batch
@@ -29,9 +34,12 @@ Must not touch: the manifest's schema (manifest.py) or the model.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
-from collections import Counter
+import time
+import weakref
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,6 +48,7 @@ import torch
 
 from pipeline.data.byte_source import SampleByteSource
 from pipeline.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
+from pipeline.data.decode_pool import DecodePool, TransformSpec
 from pipeline.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
 from pipeline.data.sampler import (
     PAD,
@@ -52,6 +61,7 @@ from pipeline.data.sampler import (
     sample_rng,
     stable_hash,
 )
+from pipeline.data.schedule import DecoderSplit
 from pipeline.errors import UserError
 from pipeline.log import get_logger
 from pipeline.model.text_model import load_tokenizer
@@ -178,7 +188,22 @@ class VideoTextLoader:
         self.position = 0
         self._dali: DaliVideoDecoder | None = None
         self.stats = {"decoded": 0, "skipped": 0, "padded": 0, "skipped_keys": [], "skipped_reasons": {},
-                      "decode_path": Counter()}
+                      "decode_path": Counter(), "pool_decoded": 0}
+        # PyAV in worker processes (decode_pool.py), started at the first batch; closed by close(),
+        # when the loader is collected, or at interpreter exit
+        self._pool: DecodePool | None = None
+        if self.cfg.decode_workers > 0:
+            spec = TransformSpec(self.cfg.num_frames, self.cfg.short_side, self.cfg.size, tuple(self.cfg.mean),
+                                 tuple(self.cfg.std), self.dtype)
+            # ring slots: the samples of the batches in flight (data.prefetch ahead + the one being assembled)
+            storage = getattr(cfg, "storage", None)  # storage hook: each worker opens its own store
+            self._pool = DecodePool(self.cfg.decode_workers, self.index.root, spec,
+                                    slots=(self.cfg.prefetch + 1) * self.batch_size,
+                                    storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage)
+            weakref.finalize(self, self._pool.close)
+        # DALI and the pool at once (decoder=auto with workers): the adaptive split of schedule.py
+        self.hybrid = self._pool is not None and self.cfg.decoder == "auto" and self.has_dali
+        self._split = DecoderSplit()
         if len(self) == 0:
             raise UserError(f"split '{self.split}' has {len(self.index)} samples, fewer than one global batch "
                             f"({self.batch_size} x {world_size} ranks); lower data.batch_size or set data.remainder=pad")
@@ -243,10 +268,13 @@ class VideoTextLoader:
         jobs = list(zip(plan.batches, plan.positions))
         self.index.source.schedule([sorted({int(i) for i in idx if i != PAD}) for idx in plan.batches])  # read-ahead
         if self.cfg.prefetch == 0:
-            for idx, pos in jobs:
-                batch = self._make_batch(idx, pos, epoch)
-                self.position = pos
-                yield batch
+            batches = self._batches(jobs, epoch, None)
+            try:
+                for batch in batches:
+                    self.position = batch["position"]
+                    yield batch
+            finally:
+                batches.close()
             return
         q: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch)
         stop = threading.Event()
@@ -261,14 +289,17 @@ class VideoTextLoader:
                     continue
 
         def produce() -> None:
+            batches = self._batches(jobs, epoch, stop)
             try:
-                for idx, pos in jobs:
+                for batch in batches:
                     if stop.is_set():
                         return
-                    put(self._make_batch(idx, pos, epoch))
+                    put(batch)
                 put(end)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
                 put(exc)
+            finally:
+                batches.close()
 
         worker = threading.Thread(target=produce, name=f"loader-rank{self.rank}", daemon=True)
         worker.start()
@@ -285,6 +316,33 @@ class VideoTextLoader:
             stop.set()
             worker.join(timeout=60)
 
+    def _batches(self, jobs: list, epoch: int, stop: threading.Event | None):
+        """This rank's batches for `jobs` [(indices, position)], in order.
+
+        With the process pool, the samples of the next `data.prefetch` batches are already
+        queued to the workers while this one is finished (DALI's share, assembly), so the
+        workers never wait for a batch boundary. Stopping early drops what was queued.
+        """
+        ahead = self.cfg.prefetch + 1 if self._pool is not None else 1
+        pending: deque = deque()
+        todo = iter(jobs)
+        try:
+            while True:
+                while len(pending) < ahead:
+                    job = next(todo, None)
+                    if job is None:
+                        break
+                    pending.append(self._start_batch(job[0], job[1], epoch))
+                if not pending:
+                    return
+                batch = self._finish_batch(pending.popleft(), stop)
+                if batch is None:  # stopped while waiting for the pool
+                    return
+                yield batch
+        finally:
+            if self._pool is not None:
+                self._pool.cancel_pending()
+
     # ------------------------------------------------------------------ one batch
 
     def _sample_plan(self, i: int, epoch: int) -> tuple[np.ndarray, tuple[float, float], bool]:
@@ -298,27 +356,48 @@ class VideoTextLoader:
         return frames, crop, flip
 
     def _log_path(self, backend: str, codec: str) -> None:
-        tag = f"{backend}:{codec}"
+        where = " in worker processes" if backend == "pyav" and self._pool is not None else ""
+        tag = f"{backend}:{codec}{where}"
         if tag not in _LOGGED_PATHS:
             _LOGGED_PATHS.add(tag)
             how = {"dali": f"DALI fn.decoders.video ({'mixed, GPU' if self.device == 'gpu' else 'cpu backend'})",
                    "pyav": "PyAV" + ("" if self.has_dali else " (nvidia-dali not installed)")}[backend]
-            log.info("decoding %s videos with %s", codec, how)
+            extra = (f" and PyAV in {self.cfg.decode_workers} worker processes (adaptive split)"
+                     if backend == "dali" and self.hybrid else "")
+            log.info("decoding %s videos with %s%s%s", codec, how, where, extra)
 
-    def _decode(self, slots: list[int], epoch: int) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
-        """Decode and transform the real samples `slots`; returns slot -> [T, 3, S, S], slot -> reason."""
+    def _start_batch(self, idx: np.ndarray, position: int, epoch: int) -> dict:
+        """Plan one batch and queue its pool share to the worker processes (returns at once)."""
+        real = sorted({int(i) for i in idx if i != PAD})
+        plans = {i: self._sample_plan(i, epoch) for i in real}
+        backend = {i: choose_backend(self.cfg.decoder, self.index.codecs[i], self.device, self.has_dali) for i in real}
+        for i in real:
+            self._log_path(backend[i], self.index.codecs[i])
+        tids: dict[int, int] = {}
+        if self._pool is not None:
+            to_pool = [i for i in real if backend[i] == "pyav"]
+            dali = [i for i in real if backend[i] == "dali"]
+            if self.hybrid and dali:
+                k = self._split.pool_share(len(dali), self._pool.clips_per_s())
+                for i in dali[len(dali) - k:]:
+                    backend[i] = "pyav"
+                to_pool += dali[len(dali) - k:]
+            ix = self.index
+            for i in to_pool:
+                tids[i] = self._pool.submit(ix.keys[i], ix.shards[i], ix.offsets[i], ix.sizes[i], *plans[i])
+        return {"idx": idx, "position": position, "epoch": epoch, "real": real, "plans": plans, "backend": backend,
+                "tids": tids}
+
+    def _decode_local(self, slots: list[int], plans: dict, backend: dict) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+        """Decode and transform `slots` in this process (DALI, PyAV in threads); slot -> [T, 3, S, S], slot -> reason."""
         out: dict[int, torch.Tensor] = {}
         errors: dict[int, str] = {}
-        plans = {i: self._sample_plan(i, epoch) for i in slots}
         blobs: dict[int, bytes] = {}
         for i, data in self.index.read_videos(slots).items():  # storage hook: byte_source.py
             if isinstance(data, OSError):
                 errors[i] = f"read failed: {data}"
             else:
                 blobs[i] = data
-        backend = {i: choose_backend(self.cfg.decoder, self.index.codecs[i], self.device, self.has_dali) for i in blobs}
-        for i in blobs:
-            self._log_path(backend[i], self.index.codecs[i])
         frames: dict[int, object] = {}
         dali_slots = [i for i in blobs if backend[i] == "dali"]
         if dali_slots:
@@ -343,25 +422,47 @@ class VideoTextLoader:
                 return i, None, f"{'PyAV' if i not in frames else 'transform'} failed: {type(exc).__name__}: {exc}"
 
         todo = [i for i in blobs if i not in errors]
-        with ThreadPoolExecutor(max_workers=self.cfg.num_threads) as pool:
-            for i, clip, err in pool.map(work, todo):
-                if err is None:
-                    out[i] = clip
-                    self.stats["decode_path"][backend[i]] += 1
-                else:
-                    errors[i] = err
+        if todo:
+            with ThreadPoolExecutor(max_workers=self.cfg.num_threads) as pool:
+                for i, clip, err in pool.map(work, todo):
+                    if err is None:
+                        out[i] = clip
+                        self.stats["decode_path"][backend[i]] += 1
+                    else:
+                        errors[i] = err
         return out, errors
 
-    def _make_batch(self, idx: np.ndarray, position: int, epoch: int) -> dict:
-        cfg, b, t = self.cfg, len(idx), self.cfg.num_frames
-        real = [int(i) for i in idx if i != PAD]
-        clips, errors = self._decode(sorted(set(real)), epoch)
+    def _finish_batch(self, work: dict, stop: threading.Event | None) -> dict | None:
+        """Decode this batch's local share, collect the pool's, assemble; None if `stop` came first."""
+        cfg, idx, epoch, tids = self.cfg, work["idx"], work["epoch"], work["tids"]
+        b, t = len(idx), cfg.num_frames
+        local = [i for i in work["real"] if i not in tids]
+        t0 = time.perf_counter()
+        clips, errors = self._decode_local(local, work["plans"], work["backend"])
+        if self.hybrid and local:
+            self._split.record_dali(len(local), time.perf_counter() - t0)  # local = DALI's share in hybrid mode
+        if tids:
+            results = self._pool.wait(list(tids.values()), stop)
+            if results is None:
+                return None
+            for i, tid in tids.items():
+                clip, reason = results[tid]
+                if clip is None:
+                    errors[i] = reason
+                else:
+                    clips[i] = clip
+                    self.stats["decode_path"]["pyav"] += 1
+                    self.stats["pool_decoded"] += 1
         dev = f"cuda:{self.device_id}" if self.device == "gpu" else "cpu"
-        video = torch.zeros(b, t, 3, cfg.size, cfg.size, dtype=self.dtype, device=dev)  # [B, T, 3, S, S]
+        # [B, T, 3, S, S]; every slot is written below (a clip, or zeros for padding and failures): no
+        # zero-fill of the whole batch first, which costs the main process CPU the decoders could use
+        video = torch.empty(b, t, 3, cfg.size, cfg.size, dtype=self.dtype, device=dev)
+        host_slots, host_clips = [], []  # CPU clips bound for the GPU: one pinned, asynchronous copy per batch
         valid = torch.zeros(b, dtype=torch.bool)
         keys, vids, texts, all_caps = [], [], [], []
         for slot, i in enumerate(int(x) for x in idx):
             if i == PAD:
+                video[slot].zero_()
                 keys.append("")
                 vids.append(-1)
                 texts.append("")
@@ -375,16 +476,28 @@ class VideoTextLoader:
             all_caps.append(list(caps))
             texts.append(choose_caption(caps, self.seed, epoch, key) if self.train else (caps[0] if caps else ""))
             if i in clips:
-                clip = clips[i]  # [T, 3, S, S]; PyAV clips are on the CPU: pinned for an async copy
-                video[slot] = clip.pin_memory().to(dev, non_blocking=True) if dev != "cpu" and not clip.is_cuda else clip
+                clip = clips[i]  # [T, 3, S, S]
+                if dev != "cpu" and not clip.is_cuda:
+                    host_slots.append(slot)
+                    host_clips.append(clip)
+                else:
+                    video[slot] = clip
                 valid[slot] = True
                 self.stats["decoded"] += 1
             else:
+                video[slot].zero_()
                 self._record_skip(key, errors.get(i, "unknown"))
+        if host_slots:
+            staged = torch.empty((len(host_clips), *host_clips[0].shape), dtype=self.dtype, pin_memory=True)
+            torch.stack(host_clips, out=staged)  # [n, T, 3, S, S] in page-locked memory
+            where = torch.tensor(host_slots, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
+            video.index_copy_(0, where, staged.to(dev, non_blocking=True))
+        if tids:
+            self._pool.release(tids.values())  # every pool clip has been copied out of its ring slot
         tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.max_words, return_tensors="pt")
         batch = {"video": video, "input_ids": tok["input_ids"].long(), "attention_mask": tok["attention_mask"].long(),
                  "keys": keys, "video_ids": torch.tensor(vids, dtype=torch.int64), "valid": valid,
-                 "epoch": epoch, "position": position}
+                 "epoch": epoch, "position": work["position"]}
         if not self.train:
             flat = [c for caps in all_caps for c in caps]
             index = [slot for slot, caps in enumerate(all_caps) for _ in caps]
@@ -406,6 +519,9 @@ class VideoTextLoader:
         log.warning("skipping sample %s (rank %d): %s", key, self.rank, reason)
 
     def close(self) -> None:
+        """Close the shard files and stop the decode workers."""
+        if self._pool is not None:
+            self._pool.close()
         self.index.close()
 
 
