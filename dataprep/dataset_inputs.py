@@ -19,6 +19,9 @@ the split, where it came from and the fix) when this run would
 With `--overwrite` the folder becomes this run's dataset alone: everything else is removed, with
 a warning naming each split removed.
 
+The folder is a `Store` (pipeline/storage.py): a local folder or an s3:// / gs:// prefix, so the
+records and the policy are the same for a dataset in object storage.
+
 Owns: input records and the add/keep/refuse/overwrite policy of a dataset folder.
 Must not touch: shard contents or the dataset-level tables' schema (pipeline/data/manifest.py).
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 
 from pipeline.data.manifest import DATASET_FILE
 from pipeline.errors import UserError
+from pipeline.storage import Store
 
 SHARD_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)-(?P<n>\d{6})\.(tar|idx|stats\.json)$")
 RECORD_FILE = re.compile(r"^input-[0-9a-f]{12}\.json$")
@@ -49,15 +53,16 @@ def record_name(identity: dict) -> str:
     return f"input-{digest}.json"
 
 
-def read_records(out: Path) -> dict[str, dict]:
-    """Every input record in `out`, by file name."""
+def read_records(store: Store, names: list[str]) -> dict[str, dict]:
+    """Every input record among `names` (the files in `store`), by file name."""
     records = {}
-    for p in sorted(out.iterdir()):
-        if RECORD_FILE.match(p.name):
+    for name in sorted(names):
+        if RECORD_FILE.match(name):
             try:
-                records[p.name] = json.loads(p.read_text())
-            except (OSError, ValueError):
-                raise UserError(f"{p} is unreadable; run again with --overwrite to rebuild {out}") from None
+                records[name] = json.loads(store.read(name))
+            except (FileNotFoundError, PermissionError, ValueError):  # a network failure says its own line
+                raise UserError(f"{store.url}/{name} is unreadable; run again with --overwrite to rebuild "
+                                f"{store.url}") from None
     return records
 
 
@@ -66,23 +71,26 @@ def _describe(identity: dict) -> str:
     return f"{identity['input']} (format {identity['format']}{opts})"
 
 
-def reconcile(out: Path, plan: list[dict], identity: dict, out_cfg: dict, overwrite: bool) -> dict:
-    """Decide what this run keeps and removes in `out`; raise UserError on a conflict unless `overwrite`.
+def reconcile(store: Store, plan: list[dict], identity: dict, out_cfg: dict, overwrite: bool) -> dict:
+    """Decide what this run keeps and removes in `store` (the --out folder or prefix); raise UserError
+    on a conflict unless `overwrite`.
 
     Returns {"keep": [records of other inputs, kept], "remove": [file names to delete]}.
     """
+    out = store.url
     mine = record_name(identity)
     plan_splits = {spec["split"] for spec in plan}
     plan_files = {f"{spec['name']}.{ext}" for spec in plan for ext in ("tar", "idx", "stats.json")}
-    records = read_records(out)
-    shard_files = sorted(p.name for p in out.iterdir() if SHARD_FILE.match(p.name))
+    names = store.list()
+    records = read_records(store, names)
+    shard_files = sorted(n for n in names if SHARD_FILE.match(n))
     problems, keep = [], []
 
     legacy = None
-    if not records and (out / DATASET_FILE).is_file():  # made before input records existed
+    if not records and DATASET_FILE in names:  # made before input records existed
         try:
-            legacy = json.loads((out / DATASET_FILE).read_text())
-        except ValueError:
+            legacy = json.loads(store.read(DATASET_FILE))
+        except (FileNotFoundError, ValueError):
             legacy = {}
     if legacy is not None:
         old_cfg = {k: v for k, v in legacy.get("prep_config", {}).items() if k in out_cfg}

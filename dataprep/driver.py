@@ -12,6 +12,10 @@ may hold splits other inputs made; they are kept (shards, rows, refusals, counts
 would replace or drop anything it does not own refuses unless `overwrite`
 (dataprep/dataset_inputs.py).
 
+`out_dir` may be an s3:// / gs:// prefix (pipeline/storage.py): the input records, the policy and
+the dataset-level files go through the same store; shards are staged locally and uploaded whole
+(worker.py). Such a prefix is not locked (see `_out_lock`): one prep at a time into it.
+
 Ray: a local cluster `ray.init(num_cpus=prep.num_workers, object_store_memory=...)` by default,
 an existing one with `ray_address` (workers there must have hiervl installed). An already
 initialised Ray (tests) is used as it is.
@@ -23,6 +27,7 @@ Must not touch: per-sample media work (transcode, worker) or the files' schema
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,7 +41,6 @@ from dataprep.out_lock import PrepLock, pid_alive
 from dataprep.plan import make_plan, output_config
 from dataprep.sources import check_samples, manifest_path, read_input
 from dataprep.worker import is_done, read_stats, write_shard
-from pipeline.atomic_write import write_atomic
 from pipeline.data.manifest import (
     DATASET_FILE,
     MANIFEST_FILE,
@@ -44,10 +48,11 @@ from pipeline.data.manifest import (
     QUARANTINE_FILE,
     QUARANTINE_SCHEMA,
     SCHEMA_VERSION,
-    write_table,
+    table_bytes,
 )
 from pipeline.errors import UserError
 from pipeline.log import get_logger
+from pipeline.storage import Store, is_remote, open_store, parent
 
 log = get_logger(__name__)
 
@@ -64,18 +69,60 @@ def _temp_writer_alive(name: str) -> bool:
     return bool(m) and pid_alive(int(m.group(1)))
 
 
-def _clean(out: Path, remove: list[str]) -> None:
-    """Remove temporary files of dead writers and the shard files `reconcile` gave up (named in `remove`)."""
+def _clean(store: Store, remove: list[str]) -> None:
+    """Remove temporary files of dead writers and the shard files `reconcile` gave up (named in `remove`).
+    `store`: the --out folder or object-store prefix (nothing temporary is ever written to a prefix:
+    worker.py stages shards locally and uploads them whole)."""
     by_split = Counter(SHARD_FILE.match(n)["split"] for n in remove if SHARD_FILE.match(n))
-    for p in out.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp") and not _temp_writer_alive(p.name):
-            p.unlink(missing_ok=True)
+    for name in store.list():
+        if name.startswith(".") and name.endswith(".tmp") and (store.remote or not _temp_writer_alive(name)):
+            store.delete(name)
     for name in remove:
         log.info("removing %s: not in the current plan", name)
-        (out / name).unlink(missing_ok=True)
+        store.delete(name)
     if by_split:
         log.warning("removed %s from %s", ", ".join(f"{n} files of split {s}" for s, n in sorted(by_split.items())),
-                    out)
+                    store.url)
+
+
+def _check_sources(samples: list, storage) -> None:
+    """Read access to the first remote source, so bad credentials or a missing bucket stop the run
+    with one line before any shard is transcoded (instead of every video being quarantined)."""
+    remote = next((s.video for s in samples if is_remote(s.video)), None)
+    if remote is not None:
+        open_store(parent(remote), storage).size(remote.rsplit("/", 1)[1])
+
+
+def _open_out(out_dir, storage) -> Store:
+    """The --out store, checked before any work: a local folder is created and must be writable; an
+    s3:// / gs:// prefix gets one listing and a probe object (one line for wrong credentials or a
+    missing bucket)."""
+    if is_remote(str(out_dir)):
+        store = open_store(str(out_dir), storage)
+        store.check(write=True)
+        return store
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except FileExistsError:
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the dataset") from None
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create or write the folder ({exc.strerror}); give a folder you "
+                        f"can write") from None
+    return open_store(out)
+
+
+def _out_lock(store: Store):
+    """The folder's lock (dataprep/out_lock.py) for a local --out. An object-store prefix is not
+    locked: the lock rests on an atomic create-if-absent, which pyarrow.fs does not offer for S3/GCS
+    (no conditional PUT, apache/arrow#44281), so two preps into one prefix at once are the user's
+    to avoid (README, "Storage")."""
+    if store.remote:
+        log.warning("%s: an object-store --out is not locked; run one `hiervl prep` at a time into it", store.url)
+        return contextlib.nullcontext()
+    return PrepLock(store.local_path(""))
 
 
 def _init_ray(prep, ray_address: str | None) -> bool:
@@ -91,14 +138,15 @@ def _init_ray(prep, ray_address: str | None) -> bool:
     return True
 
 
-def _run_shards(todo: list[dict], out_cfg: dict, out: Path, prep, ray_address, progress: bool) -> float:
+def _run_shards(todo: list[dict], out_cfg: dict, out: str, prep, ray_address, progress: bool,
+                storage: dict | None = None) -> float:
     """Run one Ray task per shard in `todo`; return the seconds spent on the tasks (after Ray start-up)."""
     import ray
     from tqdm import tqdm
     started = _init_ray(prep, ray_address)
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-        pending = [task.remote(spec, out_cfg, str(out)) for spec in todo]
+        pending = [task.remote(spec, out_cfg, out, storage) for spec in todo]
         bar = tqdm(total=len(todo), desc="prep shards", unit="shard", disable=not progress)
         t0, samples = time.time(), 0
         while pending:
@@ -124,35 +172,29 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
     figures are this run's; `dataset_counts` are the whole folder's."""
     prep = cfg.prep
     t0 = time.time()
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
-    except FileExistsError:
-        raise UserError(f"--out {out} is a file, not a folder; give a folder for the dataset") from None
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create or write the folder ({exc.strerror}); give a folder you "
-                        f"can write") from None
-    with PrepLock(out):
-        samples = read_input(input, fmt, videos_dir, **format_options)
+    storage = dataclasses.asdict(cfg.storage) if hasattr(cfg, "storage") else None
+    store = _open_out(out_dir, storage)  # a local folder or an s3:// / gs:// prefix (pipeline/storage.py)
+    out = store.url
+    with _out_lock(store):
+        samples = read_input(input, fmt, videos_dir, storage=storage, **format_options)
         if not samples:
             raise UserError(f"{input}: no samples found; check the file and --format")
         good, refused = check_samples(samples)
+        _check_sources(good, storage)
         plan = make_plan(good, prep)
         out_cfg = output_config(prep)
         named = input if fmt not in (None, "manifest") or "://" in str(input) else manifest_path(input)
         identity = input_identity(named, fmt, format_options)
-        state = reconcile(out, plan, identity, out_cfg, overwrite)
-        _clean(out, state["remove"])
+        state = reconcile(store, plan, identity, out_cfg, overwrite)
+        _clean(store, state["remove"])
         mine = {"identity": identity, "out_cfg": out_cfg, "splits": sorted({s["split"] for s in plan}),
                 "shards": [s["name"] for s in plan], "refused": [r.to_dict() for r in refused]}
-        write_atomic(out / record_name(identity), _dumps(mine))
-        todo = [spec for spec in plan if not is_done(out, spec)]
-        task_s = _run_shards(todo, out_cfg, out, prep, ray_address, progress) if todo else 0.0
+        store.put(record_name(identity), _dumps(mine))  # local: temp + rename; remote: one PUT
+        todo = [spec for spec in plan if not is_done(out, spec, storage)]
+        task_s = _run_shards(todo, out_cfg, out, prep, ray_address, progress, storage) if todo else 0.0
         wall = time.time() - t0
-        stats = _write_dataset(out, prep, {spec["name"]: spec["fingerprint"] for spec in plan},
-                               [mine, *state["keep"]])
+        stats, dataset = _write_dataset(store, prep, {spec["name"]: spec["fingerprint"] for spec in plan},
+                                        [mine, *state["keep"]], storage)
     run = [stats[spec["name"]] for spec in plan]
     rows = [r for st in run for r in st["rows"]]
     quarantine = mine["refused"] + [q for st in run for q in st["refused"]]
@@ -169,8 +211,7 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
             "videos_per_s": processed / wall if wall > 0 else 0.0,
             "videos_per_s_tasks": processed / task_s if task_s > 0 else 0.0,
             "realtime_factor": source_s_run / wall if wall > 0 else 0.0, "failure_rate": rate,
-            "ok": rate <= prep.max_failure_rate, "out_dir": str(out),
-            "dataset_counts": json.loads((out / DATASET_FILE).read_text())["counts"]}
+            "ok": rate <= prep.max_failure_rate, "out_dir": out, "dataset_counts": dataset["counts"]}
 
 
 def _dumps(obj) -> bytes:
@@ -182,25 +223,26 @@ def _shard_order(name: str) -> tuple[str, int]:
     return split, int(n)
 
 
-def _write_dataset(out: Path, prep, fingerprints: dict, records: list[dict]) -> dict:
+def _write_dataset(store: Store, prep, fingerprints: dict, records: list[dict], storage=None) -> tuple[dict, dict]:
     """Rebuild manifest.parquet, quarantine.parquet and dataset.json from every input record's
     shards, splits in sorted order (so the bytes do not depend on which run came first); return
-    the stats record of every shard by name. `fingerprints`: this run's plan, name -> fingerprint."""
+    (the stats record of every shard by name, dataset.json's content). `fingerprints`: this run's
+    plan, name -> fingerprint. In an object store each file is one PUT, dataset.json last."""
     records = sorted(records, key=lambda r: (r["splits"][:1], r["identity"]["input"]))
     names = sorted((name for r in records for name in r["shards"]), key=_shard_order)
     rows, quarantine, stats = [], [q for r in records for q in r["refused"]], {}
     for name in names:
-        st = read_stats(out, name)
+        st = read_stats(store.url, name, storage)
         if name in fingerprints and (st is None or st.get("fingerprint") != fingerprints[name]):
             raise RuntimeError(f"shard {name} has no valid stats record after its task ran")
         if st is None:
-            raise UserError(f"{out / name}.stats.json is missing or unreadable: that split is damaged; prepare "
+            raise UserError(f"{store.url}/{name}.stats.json is missing or unreadable: that split is damaged; prepare "
                             f"it again from its input, or use --overwrite")
         stats[name] = st
         rows += st["rows"]
         quarantine += st["refused"]
-    write_table(out / MANIFEST_FILE, rows, MANIFEST_SCHEMA)
-    write_table(out / QUARANTINE_FILE, quarantine, QUARANTINE_SCHEMA)
+    store.put(MANIFEST_FILE, table_bytes(rows, MANIFEST_SCHEMA))  # local: temp + rename; remote: one PUT
+    store.put(QUARANTINE_FILE, table_bytes(quarantine, QUARANTINE_SCHEMA))
     counts = dict(sorted(Counter(r["split"] for r in rows).items()))
     hours = sum(r["duration"] for r in rows) / 3600.0
     prep_cfg = {k: v for k, v in dataclasses.asdict(prep).items() if k not in ("num_workers", "object_store_mb")}
@@ -209,8 +251,8 @@ def _write_dataset(out: Path, prep, fingerprints: dict, records: list[dict]) -> 
                "hours": round(hours, 6), "bytes": sum(st["bytes"] for st in stats.values()),
                "num_samples": len(rows), "shards": [f"{n}.tar" for n in names if stats[n]["samples_out"]],
                "inputs": [{**r["identity"], "splits": r["splits"]} for r in records], "prep_config": prep_cfg}
-    write_atomic(out / DATASET_FILE, (json.dumps(dataset, indent=2, sort_keys=True) + "\n").encode())
-    return stats
+    store.put(DATASET_FILE, (json.dumps(dataset, indent=2, sort_keys=True) + "\n").encode())
+    return stats, dataset
 
 
 def summary_line(s: dict) -> str:

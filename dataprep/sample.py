@@ -14,7 +14,7 @@ from pipeline.data.manifest import quarantine_row
 
 @dataclass
 class Sample:
-    """One input: a video (or a clip of one) with its captions. `video` is a path or fsspec URL."""
+    """One input: a video (or a clip of one) with its captions. `video` is a local path or an s3://, gs://, http(s):// URL."""
 
     key: str
     video: str

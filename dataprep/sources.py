@@ -1,6 +1,6 @@
 """Inputs: a manifest (CSV/TSV, JSONL, JSON list, Parquet) or a benchmark's annotation files, read into `Sample`s.
 
-A manifest has columns `video` (local or fsspec path; relative paths resolve against the
+A manifest has columns `video` (a local path or an s3://, gs://, http(s):// URL; relative paths resolve against the
 manifest's folder, or `--videos DIR` when given), `caption` (a string, or a JSON list of
 strings) and optional `key`, `split`, `start`, `end` (seconds, a clip of a longer video) and
 `group` (a string naming a set of related samples, e.g. the clips of one source video or a set of
@@ -40,6 +40,7 @@ from pathlib import Path
 from dataprep.benchmarks import read_benchmark
 from dataprep.sample import Refusal, Sample
 from pipeline.errors import UserError
+from pipeline.storage import is_remote, join, open_store, parent
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -147,10 +148,10 @@ def _text_or_none(v, column: str) -> str | None:
     return text or None
 
 
-def _resolve(path: str, base: Path) -> str:
+def _resolve(path: str, base: str) -> str:
     if "://" in path or Path(path).is_absolute():
         return path
-    return str(base / path)
+    return join(base, path)  # base may be an s3:// / gs:// / http(s):// prefix
 
 
 def _structure_error(path: Path, where, what: str) -> UserError:
@@ -232,7 +233,7 @@ def _read_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
 _EXTRA = object()  # marks a CSV row with more cells than the header
 
 
-def _row_sample(row: dict, n: int, i: int, base: Path) -> Sample:
+def _row_sample(row: dict, n: int, i: int, base: str) -> Sample:
     """One manifest row -> a Sample; a bad cell makes a Sample carrying `invalid` (quarantined by
     `check_samples` with the row number and column), so one bad row never stops the others."""
     problems = []
@@ -263,10 +264,13 @@ def _row_sample(row: dict, n: int, i: int, base: Path) -> Sample:
                   start=start, end=end, group=group, invalid=invalid)
 
 
-def read_manifest(path: str | Path, videos_dir: str | Path | None = None) -> list[Sample]:
+def read_manifest(path: str | Path, videos_dir: str | Path | None = None, base: str | None = None) -> list[Sample]:
     """Read a CSV / TSV / JSONL / JSON (a list of objects) / Parquet manifest into samples (keys not yet
     checked). The file's structure is all-or-nothing (UserError naming file:row and the fix); a bad
-    cell only marks its row's sample `invalid`, quarantined with the row and column by check_samples."""
+    cell only marks its row's sample `invalid`, quarantined with the row and column by check_samples.
+
+    Relative video paths resolve against `videos_dir`, else `base` (the folder or URL prefix the
+    manifest came from, when `path` is a downloaded copy), else the manifest's folder."""
     path = Path(path)
     kind = MANIFEST_SUFFIXES.get(path.suffix.lower())
     if kind is None:
@@ -274,7 +278,7 @@ def read_manifest(path: str | Path, videos_dir: str | Path | None = None) -> lis
     if not path.is_file():
         raise UserError(f"{path}: manifest not found")
     rows = _read_rows(path, kind)
-    base = Path(videos_dir) if videos_dir else path.parent
+    base = str(videos_dir) if videos_dir else (base or str(path.parent))
     return [_row_sample(row, n, i, base) for i, (n, row) in enumerate(rows)]
 
 
@@ -334,9 +338,38 @@ def manifest_path(path: str | Path) -> Path:
 
 
 def read_input(path: str | Path, fmt: str | None = None, videos_dir: str | Path | None = None,
-               **options) -> list[Sample]:
+               storage=None, **options) -> list[Sample]:
     """Samples from a manifest (fmt None/'manifest') or a benchmark format (msrvtt, msvd, lsmdc,
-    didemo, activitynet). A folder given as a manifest means its manifest.{csv,jsonl,parquet}."""
+    didemo, activitynet). A folder given as a manifest means its manifest.{csv,jsonl,parquet}.
+    A manifest may be an s3:// / gs:// / http(s):// URL (file or prefix); it is read once into
+    memory and its relative video paths resolve against its URL prefix."""
+    if is_remote(str(path)):
+        return _read_remote_manifest(str(path), fmt, videos_dir, storage)
     if fmt in (None, "manifest"):
         return read_manifest(manifest_path(path), videos_dir)
     return read_benchmark(fmt, Path(path), videos_dir, **options)
+
+
+def _read_remote_manifest(url: str, fmt: str | None, videos_dir, storage) -> list[Sample]:
+    import tempfile
+
+    if fmt not in (None, "manifest"):
+        raise UserError(f"{url}: benchmark annotations (--format {fmt}) are read from a local file; copy them "
+                        "here (the videos, --videos, may stay in the object store)")
+    name = url.rstrip("/").rsplit("/", 1)[1]
+    if Path(name).suffix.lower() in MANIFEST_SUFFIXES:
+        folder = parent(url)
+    else:  # a prefix: its manifest.{csv,jsonl,parquet}
+        folder, store = url.rstrip("/"), open_store(url, storage)
+        name = next((n for n in ("manifest.csv", "manifest.jsonl", "manifest.parquet") if store.exists(n)), None)
+        if name is None:
+            raise UserError(f"{url}: no manifest.csv/.jsonl/.parquet under this prefix; give the file's URL")
+    store = open_store(folder, storage)
+    try:
+        data = store.read(name)
+    except FileNotFoundError:
+        raise UserError(f"{join(folder, name)}: manifest not found") from None
+    with tempfile.TemporaryDirectory(prefix="hiervl-manifest-") as tmp:
+        local = Path(tmp) / name
+        local.write_bytes(data)
+        return read_manifest(local, videos_dir, base=folder)

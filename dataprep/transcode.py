@@ -3,7 +3,8 @@
 `process_sample(sample, prep)` returns `(video_bytes, ext, meta)` or raises `SampleRefused`
 with the stage (`probe`, `validate`, `decode`, `transcode`) and a reason a user can act on.
 
-The source is streamed (FFmpeg reads the local file, or PyAV an fsspec file object, in blocks),
+The source is streamed (FFmpeg reads the local file, or PyAV a ranged-read file object from the
+store for an s3:// / gs:// / http(s):// URL, pipeline/storage.py, in blocks),
 never read whole, so memory does not grow with its size. Frames come out upright: a display
 matrix (a phone's rotation) is applied before resizing. Before a demuxer sees a local path it is
 checked: missing (the reason names the absolute path it looked for), a directory, a symlink loop,
@@ -30,6 +31,8 @@ from fractions import Fraction
 
 import av
 import numpy as np
+
+from pipeline.storage import is_remote, open_store, parent
 
 OUTPUT = {"vp9": ("libvpx-vp9", "webm", "webm"), "h264": ("libx264", "mp4", "mp4")}
 # container magic numbers: a file that starts like a video but will not open is truncated/corrupt
@@ -74,21 +77,26 @@ def _local_path(path: str) -> str:
 @contextmanager
 def open_source(path: str):
     """What `av.open` reads the source through: a local path (FFmpeg's file protocol reads it in
-    small blocks) or an open fsspec file (PyAV reads and seeks it). The source is never read whole
-    into memory, so a worker's memory does not grow with the source's size."""
-    if "://" in path and not path.startswith("file://"):
-        import fsspec
+    small blocks) or, for an s3:// / gs:// / http(s):// URL, a seekable file from the store
+    (pipeline/storage.py `open_input`: ranged reads with retries and credentials from the
+    environment; PyAV reads and seeks it). The source is never read whole into memory, so a
+    worker's memory does not grow with the source's size."""
+    if is_remote(path):  # a wrong key or a missing bucket is a UserError: it stops the run in one line
         try:
-            f = fsspec.open(path, "rb").open()
+            f = open_store(parent(path)).open_input(path.rsplit("/", 1)[1])
         except FileNotFoundError:
             raise SampleRefused("probe", f"missing file (looked for {path})") from None
-        except Exception as exc:  # network, auth, unknown protocol
-            raise SampleRefused("probe", f"cannot read ({type(exc).__name__}: {exc})") from None
+        except OSError as exc:  # retries exhausted
+            raise SampleRefused("probe", f"cannot read ({exc})") from None
         try:
             yield f
         finally:
             f.close()
         return
+    if "://" in path and not path.startswith("file://"):
+        scheme = path.split("://", 1)[0]
+        raise SampleRefused("probe", f"unsupported URL scheme {scheme}:// ({path}); give a local path or an "
+                                     "s3://, gs:// or http(s):// URL")
     yield _local_path(path[len("file://"):] if path.startswith("file://") else path)
 
 

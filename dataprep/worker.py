@@ -8,6 +8,11 @@ build the manifest from the records without touching the tars again. Everything 
 gives the same bytes. A sample's optional `group` goes into its JSON and its manifest row only
 when it has one, so the shards of inputs without groups are byte-identical to before the column.
 
+Object storage: with `out_dir` an s3:// / gs:// prefix the same files are written to a local temporary
+folder and then uploaded, each as one complete object under its final name (an object-store PUT is
+atomic: nothing partial is ever visible), the stats record last; `is_done` checks the uploaded tar's
+size against the record, so a rerun skips finished shards and rewrites the rest with the same bytes.
+
 Owns: one shard's work and its stats record (the done marker).
 Must not touch: Ray itself or the dataset-level files (driver).
 """
@@ -16,24 +21,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 from dataprep.shard_writer import ShardWriter, index_text
 from dataprep.transcode import SampleRefused, process_sample
 from pipeline.atomic_write import write_atomic
 from pipeline.data.manifest import manifest_row, quarantine_row
+from pipeline.storage import configure, is_remote, open_store
 
 
 def stats_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"{name}.stats.json"
 
 
-def read_stats(out_dir: str | Path, name: str) -> dict | None:
-    p = stats_path(out_dir, name)
-    if not p.is_file():
-        return None
+def read_stats(out_dir: str | Path, name: str, storage=None) -> dict | None:
+    """Shard `name`'s stats record in `out_dir` (a folder or an s3:// / gs:// prefix), None if absent."""
     try:
-        return json.loads(p.read_text())
+        return json.loads(open_store(str(out_dir), storage).read(f"{name}.stats.json"))
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -42,8 +47,28 @@ def _dumps(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def write_shard(spec: dict, out_cfg: dict, out_dir: str) -> dict:
-    """Process and write shard `spec`; return its stats record (also written as {name}.stats.json)."""
+def write_shard(spec: dict, out_cfg: dict, out_dir: str, storage: dict | None = None) -> dict:
+    """Process and write shard `spec`; return its stats record (also written as {name}.stats.json).
+
+    `out_dir` an object-store prefix (s3://, gs://): the shard is written to a local temporary folder
+    first, then uploaded file by file, each a complete object under its final name (a PUT is atomic),
+    the stats record last. `storage`: the StorageConfig fields (endpoint, retries), as a dict."""
+    if storage is not None:
+        configure(storage)  # this process's defaults: the remote sources this shard reads use them too
+    if not is_remote(out_dir):
+        return _write_shard(spec, out_cfg, out_dir)
+    store = open_store(out_dir, storage)
+    with tempfile.TemporaryDirectory(prefix=f"hiervl-{spec['name']}-") as stage:
+        stats = _write_shard(spec, out_cfg, stage)
+        for name in (stats["tar"], f"{spec['name']}.idx"):
+            if name and (Path(stage) / name).is_file():
+                store.put_file(name, Path(stage) / name)
+        store.put_file(stats_path(stage, spec["name"]).name, stats_path(stage, spec["name"]))  # the done marker
+    return stats
+
+
+def _write_shard(spec: dict, out_cfg: dict, out_dir: str) -> dict:
+    """`write_shard` into a local folder."""
     out = Path(out_dir)
     tar_name = f"{spec['name']}.tar"
     rows, refused, writer = [], [], None
@@ -89,12 +114,13 @@ def write_shard(spec: dict, out_cfg: dict, out_dir: str) -> dict:
     return stats
 
 
-def is_done(out_dir: str | Path, spec: dict) -> bool:
-    """A shard is done when its stats record exists, matches the plan and its files are there."""
-    st = read_stats(out_dir, spec["name"])
+def is_done(out_dir: str | Path, spec: dict, storage=None) -> bool:
+    """A shard is done when its stats record exists, matches the plan and its files are there
+    (the tar of the recorded size, the index), locally or in the object store."""
+    st = read_stats(out_dir, spec["name"], storage)
     if st is None or st.get("fingerprint") != spec["fingerprint"]:
         return False
     if st["samples_out"] == 0:
         return True
-    tar = Path(out_dir) / st["tar"]
-    return tar.is_file() and tar.stat().st_size == st["bytes"] and (Path(out_dir) / f"{spec['name']}.idx").is_file()
+    store = open_store(str(out_dir), storage)
+    return store.size(st["tar"]) == st["bytes"] and store.exists(f"{spec['name']}.idx")

@@ -27,7 +27,10 @@ from launch.processes import RANK_MODULE, REPO_ROOT, child_env, local_port, run_
 # Variables the ranks need on every node; DeepSpeed's pdsh runner exports what .deepspeed_env lists.
 PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                   "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED", "TORCH_EXTENSIONS_DIR", "NCCL_SOCKET_IFNAME",
-                  "GLOO_SOCKET_IFNAME")
+                  "GLOO_SOCKET_IFNAME",
+                  # object storage (pipeline/storage.py): where, never the keys (a file must not hold a secret;
+                  # each node brings its own AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws or instance role)
+                  "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 
 
 def rank_log_dir(out_dir) -> Path:

@@ -41,7 +41,7 @@ Example:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a training out_dir, its checkpoints/ folder, or one checkpoints/stepNNNNNNNN folder")
-    parser.add_argument("--data", metavar="DIR", help="prepared dataset directory (default: the checkpoint's data.path)")
+    parser.add_argument("--data", metavar="DIR", help="prepared dataset directory or s3:// / gs:// / http(s):// prefix (default: the checkpoint's data.path)")
     parser.add_argument("--split", default=None, help="split to evaluate (default: eval.split, 'test')")
     parser.add_argument("--out", metavar="DIR", help="where eval.json, eval.md and the index go")
     parser.add_argument("--no-export", action="store_true", help="do not write the embeddings / search index")
@@ -55,7 +55,8 @@ def merged_config(ckpt_cfg, cli_cfg, data: str | None):
     d = ckpt_cfg.data
     data_cfg = dataclasses.replace(d, path=data or d.path, decoder=cli_cfg.data.decoder, device=cli_cfg.data.device,
                                    num_threads=cli_cfg.data.num_threads)
-    return dataclasses.replace(ckpt_cfg, data=data_cfg, eval=cli_cfg.eval)
+    # storage (endpoint, retries, cache) is where this machine reads from now, not what the run used
+    return dataclasses.replace(ckpt_cfg, data=data_cfg, eval=cli_cfg.eval, storage=cli_cfg.storage)
 
 
 def main(args, cfg) -> int:

@@ -6,6 +6,8 @@ Must not touch: preparation logic (dataprep/).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.errors import UserError
 
 HELP = "prepare WebDataset shards (+ DALI index, manifest) from videos and captions, on Ray"
@@ -22,16 +24,20 @@ or another prep config refuses unless --overwrite.
 Input: a manifest (CSV/JSONL/Parquet: video, caption, [key, split, start, end]) or, with
 --format, benchmark annotations: msrvtt, msvd, lsmdc, didemo, activitynet (--videos DIR).
 
+Object storage: --input, --videos, --out and --verify take s3://BUCKET/PREFIX (also gs://; http(s)://
+for reading); credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the endpoint from
+storage.endpoint_url or AWS_ENDPOINT_URL.
+
 Example: hiervl prep --config configs/tiny.yaml --input runs/demo/corpus/manifest.csv --out runs/demo/shards"""
 
 FORMATS = ("manifest", "msrvtt", "msvd", "lsmdc", "didemo", "activitynet")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--input", metavar="PATH", help="manifest file/folder, or annotation file for --format")
+    parser.add_argument("--input", metavar="PATH", help="manifest file/folder (or s3:// gs:// http(s):// URL), or annotation file for --format")
     parser.add_argument("--format", choices=FORMATS, default=None, help="input format (default: manifest)")
-    parser.add_argument("--videos", metavar="DIR", help="folder holding the videos the input names")
-    parser.add_argument("--out", metavar="DIR", help="output dataset folder")
+    parser.add_argument("--videos", metavar="DIR", help="folder (or object-store prefix) holding the videos the input names")
+    parser.add_argument("--out", metavar="DIR", help="output dataset folder, or an s3:// / gs:// prefix")
     parser.add_argument("--ray-address", metavar="ADDR", help="join an existing Ray cluster instead of a local one")
     parser.add_argument("--segments", action="store_true",
                         help="didemo/activitynet: one clip per sentence instead of video-paragraph samples")
@@ -46,6 +52,9 @@ def add_arguments(parser) -> None:
 def main(args, cfg) -> int:
     if args.verify:
         from dataprep.verify import verify
+        from pipeline.storage import is_remote
+        if is_remote(args.verify):  # the stock readers (webdataset, DALI) read local files: a copy first
+            return _verify_remote(args, cfg)
         res = verify(args.verify, dali=not args.no_dali)
         for p in res["problems"]:
             print(f"verify: {p}")
@@ -53,6 +62,27 @@ def main(args, cfg) -> int:
         print(f"verify {status}: {res['samples']} samples in the manifest, webdataset read {res.get('webdataset')}, "
               f"DALI read {res.get('dali')}, {len(res['problems'])} problems")
         return 1 if res["problems"] else 0
+    return _prepare(args, cfg)
+
+
+def _verify_remote(args, cfg) -> int:
+    """`--verify s3://...`: download the dataset into a temporary folder, verify that copy."""
+    import tempfile
+
+    from pipeline.storage import open_store
+
+    store = open_store(args.verify, cfg.storage)
+    store.check()
+    with tempfile.TemporaryDirectory(prefix="hiervl-verify-") as tmp:
+        names = store.list()
+        for name in names:
+            (Path(tmp) / name).write_bytes(store.read(name))
+        print(f"verify: {len(names)} objects of {args.verify} copied to a temporary folder")
+        args.verify = tmp
+        return main(args, cfg)
+
+
+def _prepare(args, cfg) -> int:
     if not args.input or not args.out:
         raise UserError("prep needs --input PATH and --out DIR (or --verify DIR)")
     from dataprep.driver import prepare, summary_line

@@ -22,6 +22,7 @@ from launch import deepspeed_launch as ds
 from launch.processes import run_forwarding_signals
 from pipeline.atomic_write import write_atomic
 from pipeline.config import load_config, to_yaml
+from pipeline.storage import is_remote, open_store
 
 HELP = "train a model with DeepSpeed (local ranks; resumes automatically)"
 DESCRIPTION = """Train the hierarchical model on a prepared dataset (data.path) with DeepSpeed.
@@ -51,6 +52,8 @@ def main(args, cfg) -> int:
     if args.dry_run:
         print(ds.shell_join(cmd))
         return 0
+    if is_remote(cfg.data.path):  # wrong credentials / a missing bucket: one line before any rank starts
+        open_store(cfg.data.path, cfg.storage).check()
     write_atomic(config_path, to_yaml(cfg))
     return run_forwarding_signals(cmd, ds.rank_env(gpus=gpus))
 

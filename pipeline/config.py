@@ -346,6 +346,35 @@ class LaunchConfig:
 
 
 @dataclass
+class StorageConfig:
+    """Object-store access (pipeline/storage.py) for data paths that are URLs: s3://, gs://, http(s)://.
+
+    No credential lives here (nor in dataset.json or a checkpoint): S3 keys come from the environment
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or ~/.aws, GCS from its default chain.
+    """
+
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, SeaweedFS, ...); None: AWS_ENDPOINT_URL, else AWS
+    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    read_threads: int = 8  # concurrent ranged reads per loader (remote data only)
+    readahead: int = 2  # batches whose bytes are read ahead of the one being decoded (remote data only)
+    retries: int = 6  # retries after a connection error, timeout or 5xx, with exponential backoff
+    backoff_s: float = 0.25  # the first retry's wait; doubled each time, capped at 8 s
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 60.0
+    cache_dir: str | None = None  # remote shards downloaded whole here on first use, then read locally
+
+    def __post_init__(self):
+        _check(self.read_threads >= 1, f"storage.read_threads={self.read_threads} must be >= 1")
+        _positive("storage.readahead", self.readahead, allow_zero=True)
+        _positive("storage.retries", self.retries, allow_zero=True)
+        _positive("storage.backoff_s", self.backoff_s)
+        _positive("storage.connect_timeout_s", self.connect_timeout_s)
+        _positive("storage.request_timeout_s", self.request_timeout_s)
+        _check(self.endpoint_url is None or "://" in self.endpoint_url,
+               f"storage.endpoint_url={self.endpoint_url!r} needs a scheme, e.g. http://127.0.0.1:8333")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -356,6 +385,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self):
         """Checks across sections, at load: `hiervl train` refuses these before any rank starts.

@@ -22,6 +22,7 @@ from pipeline.atomic_write import temp_path
 from pipeline.config import Config
 from pipeline.data.loader import DatasetIndex
 from pipeline.errors import UserError
+from pipeline.storage import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -95,7 +96,7 @@ def test_lock_refuses_live_holder_takes_over_stale_and_clean_spares_live_writers
         dead = temp_path(out / "train-000001.tar").name.replace(f".{os.getpid()}.", f".{_dead_pid()}.")
         (out / live).write_bytes(b"being written")
         (out / dead).write_bytes(b"left by a killed run")
-        _clean(out, [])
+        _clean(open_store(out), [])
         assert (out / live).exists() and not (out / dead).exists()
     finally:
         sleeper.kill()

@@ -4,7 +4,10 @@ Threads share one interpreter, so PyAV in threads does not scale with cores (ben
 "Issue #14"); processes do. `DecodePool(workers, root, spec)` starts `workers` processes (start
 method `forkserver`, else `spawn`: safe with torch and DALI threads in the parent, never `fork`).
 Each task names a sample by (shard, offset, size) plus its frame indices, crop and flip; the
-worker reads the bytes itself (one `pread`, nothing large goes down a pipe), decodes with
+worker reads the bytes itself (nothing large goes down a pipe): it opens its own store for the
+dataset root (`open_store(data.path, storage)`, pipeline/storage.py: one `pread` on a local tar,
+a retried ranged GET on s3:// / gs:// / http(s)://, the shard cache of `storage.cache_dir` via
+pipeline/data/byte_source.py), never a store pickled from the parent; then it decodes with
 `decode_pyav`, applies `transform_clip` and writes the clip [T, 3, S, S] in the loader's dtype
 into its slot of a shared-memory ring (allocated once, `slots` clips; the result message carries
 only the slot number: no per-clip allocation, file descriptor or pickled pixels). The loader
@@ -79,18 +82,39 @@ def _parent_alive(parent_pid: int, parent_ppid_seen: int) -> bool:
     return True
 
 
-def decode_one(root: Path, fds: dict, task: tuple, spec: TransformSpec):
-    """One task -> (clip [T, 3, S, S] or None, reason or None). Same messages as the in-process path."""
+STORE_ENV = ("AWS_", "GOOGLE_")  # the variables the stores read credentials and endpoints from
+
+
+def store_env() -> dict:
+    """This process's store variables, for the workers: a forkserver child inherits the environment
+    of the fork server (from whenever it started), not the loader's at the time of the pool."""
+    return {k: v for k, v in os.environ.items() if k.startswith(STORE_ENV)}
+
+
+def open_source(root: str, storage: dict | None, env: dict | None = None):
+    """This process's reader of the dataset's bytes (its own store: clients and descriptors are not
+    shared across processes). `storage`: the StorageConfig fields as a dict, or None; `env`: the
+    loader's `store_env()` (kept in memory only, as the loader's own environment is)."""
+    from pipeline.data.byte_source import SampleByteSource
+    from pipeline.storage import configure, open_store
+
+    if env is not None:
+        for k in [k for k in os.environ if k.startswith(STORE_ENV) and k not in env]:
+            del os.environ[k]
+        os.environ.update(env)
+    if storage is not None:
+        configure(storage)
+    return SampleByteSource(open_store(root, storage), [], np.zeros(0, np.int64), np.zeros(0, np.int64), storage)
+
+
+def decode_one(source, task: tuple, spec: TransformSpec):
+    """One task -> (clip [T, 3, S, S] or None, reason or None). Same messages as the in-process path.
+    `source`: what `open_source` returns."""
     from pipeline.data.decode import decode_pyav, transform_clip
 
     _tid, shard, offset, size, frames, crop, flip = task
     try:
-        fd = fds.get(shard)
-        if fd is None:
-            fd = fds[shard] = os.open(root / shard, os.O_RDONLY)
-        data = os.pread(fd, int(size), int(offset))
-        if len(data) != size:
-            raise OSError(f"short read from {shard} ({len(data)} of {size} bytes): truncated shard")
+        data = source.read_at(shard, int(offset), int(size))
     except OSError as exc:
         return None, f"read failed: {exc}"
     try:
@@ -106,14 +130,13 @@ def decode_one(root: Path, fds: dict, task: tuple, spec: TransformSpec):
 
 
 def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, tasks, results, current, floor,
-                 parent_pid: int) -> None:
+                 parent_pid: int, storage: dict | None = None, env: dict | None = None) -> None:
     """A worker's loop: tasks (tid, slot, shard, offset, size, frames, crop, flip) -> (tid, ok, reason, seconds);
     a clip is written to ring[slot]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent closes us
     torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
     ppid = os.getppid()
-    fds: dict = {}
-    root_path = Path(root)
+    source = open_source(root, storage, env)
     while True:
         try:
             task = tasks.get(timeout=1.0)
@@ -129,7 +152,7 @@ def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, t
             continue
         current[wid] = tid
         t0 = time.perf_counter()
-        clip, reason = decode_one(root_path, fds, (tid, *task[2:]), spec)
+        clip, reason = decode_one(source, (tid, *task[2:]), spec)
         if clip is not None:
             ring[slot].copy_(clip)
         results.put((tid, clip is not None, reason, time.perf_counter() - t0))
@@ -147,10 +170,14 @@ class DecodePool:
     `clips_per_s` estimates what the pool delivers when all workers are busy (the hybrid split).
     """
 
-    def __init__(self, workers: int, root: str | Path, spec: TransformSpec, slots: int, method: str | None = None):
+    def __init__(self, workers: int, root: str | Path, spec: TransformSpec, slots: int, method: str | None = None,
+                 storage: dict | None = None):
+        """`root`: the dataset folder or URL; `storage`: the StorageConfig fields as a plain dict (each
+        worker opens its own store from them)."""
         if workers < 1 or slots < 1:
             raise ValueError(f"workers={workers} and slots={slots} must be >= 1")
         self.workers, self.root, self.spec, self.slots = workers, str(root), spec, slots
+        self.storage = dict(storage) if storage is not None else None
         self.method = method or start_method()
         self._procs: list = []
         self._next_tid = 0
@@ -186,7 +213,7 @@ class DecodePool:
         for wid in range(self.workers):
             p = ctx.Process(target=_worker_main, name=f"hiervl-decode-{wid}", daemon=True,
                             args=(wid, self.root, self.spec, self._ring, self._tasks, self._results, self._current,
-                                  self._floor, os.getpid()))
+                                  self._floor, os.getpid(), self.storage, store_env()))
             p.start()
             self._procs.append(p)
 

@@ -7,7 +7,8 @@
 
 How it works: the epoch's order is a pure function of (seed, epoch) (pipeline/data/sampler.py);
 each rank takes its slots of each global batch. Video bytes are read by random access at the
-manifest's offsets (`os.pread` on the tar, no sequential scan), decoded by DALI or PyAV
+manifest's offsets (`os.pread` on the tar, no sequential scan; on an object store concurrent ranged
+GETs with read-ahead and retries: pipeline/data/byte_source.py, pipeline/storage.py), decoded by DALI or PyAV
 (pipeline/data/decode.py) in a background thread that keeps `data.prefetch` batches ready.
 With `data.decode_workers` > 0, PyAV runs in that many worker processes (decode_pool.py) that
 already decode the next `data.prefetch` batches' samples while this one is assembled; with DALI
@@ -33,7 +34,7 @@ Must not touch: the manifest's schema (manifest.py) or the model.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import queue
 import threading
 import time
@@ -45,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.byte_source import SampleByteSource
 from pipeline.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
 from pipeline.data.decode_pool import DecodePool, TransformSpec
 from pipeline.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
@@ -63,6 +65,7 @@ from pipeline.data.schedule import DecoderSplit
 from pipeline.errors import UserError
 from pipeline.log import get_logger
 from pipeline.model.text_model import load_tokenizer
+from pipeline.storage import is_remote, join, open_store
 
 log = get_logger(__name__)
 _LOGGED_PATHS: set[str] = set()  # decode paths already announced in this process
@@ -77,21 +80,27 @@ class DatasetIndex:
     `group_ids` [N] int64: the same as codes, -1 = none (what `data.order=grouped` uses).
     """
 
-    def __init__(self, root: str | Path, split: str):
+    def __init__(self, root: str | Path, split: str, storage=None):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.root = Path(root)
-        manifest = self.root / MANIFEST_FILE
-        if not manifest.is_file():
+        # storage hook (issue 16): root may be a local folder or a URL (s3://, gs://, http(s)://);
+        # every read goes through the store, the sample bytes through `self.source` (byte_source.py)
+        self.root = root if is_remote(root) else Path(root)
+        self.store = open_store(root, storage)
+        manifest = join(str(root), MANIFEST_FILE)
+        if not self.store.exists(MANIFEST_FILE):
             raise UserError(f"{manifest} does not exist; set data.path to a directory made by "
                             "`hiervl prep --out DIR` (it holds manifest.parquet and the tars)")
-        read_dataset_info(self.root)  # refuses a dataset of another schema version, naming the fix
-        present = set(pq.read_schema(manifest).names)
+        read_dataset_info(root, self.store)  # refuses a dataset of another schema version, naming the fix
+        manifest_bytes = pa.BufferReader(self.store.read(MANIFEST_FILE))
+        present = set(pq.read_schema(manifest_bytes).names)
         # `group` (hard-negative group, dataprep/sources.py) is optional: manifests prepared before it have none
-        table = pq.read_table(manifest, columns=READ_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in present]).to_pandas()
+        table = pq.read_table(manifest_bytes, columns=READ_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in present])
+        table = table.to_pandas()
         table = table[table["split"] == split].sort_values(["shard", "index_in_shard"], kind="stable")
         if len(table) == 0:
-            splits = sorted(set(pq.read_table(manifest, columns=["split"]).column(0).to_pylist()))
+            splits = sorted(set(pq.read_table(manifest_bytes, columns=["split"]).column(0).to_pylist()))
             raise UserError(f"{manifest} has no samples of split '{split}' (it has: {', '.join(splits) or 'none'}); "
                             "set data.split / eval.split to one of those")
         self.split = split
@@ -111,29 +120,21 @@ class DatasetIndex:
         self.group_ids = group_codes(self.groups)  # int64 [N], -1 = no group (sampler.grouped_order)
         self.group_fingerprint = stable_hash("\n".join(g or "" for g in self.groups))
         self.fingerprint = stable_hash("\n".join(self.keys))
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self.source = SampleByteSource(self.store, self.shards, self.offsets, self.sizes, storage)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def read_video(self, i: int) -> bytes:
-        """The encoded video bytes of sample i (random access: one pread at the manifest offset)."""
-        shard = self.shards[i]
-        with self._lock:
-            fd = self._fds.get(shard)
-            if fd is None:
-                fd = self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
-        data = os.pread(fd, int(self.sizes[i]), int(self.offsets[i]))
-        if len(data) != self.sizes[i]:
-            raise OSError(f"short read from {shard} ({len(data)} of {self.sizes[i]} bytes): truncated shard")
-        return data
+        """The encoded video bytes of sample i (random access at the manifest offset: a pread or a ranged GET)."""
+        return self.source.read(i)
+
+    def read_videos(self, ids: list[int]) -> dict[int, bytes | OSError]:
+        """One batch's bytes, {i: bytes or OSError}; remote reads run concurrently, read ahead (byte_source.py)."""
+        return self.source.read_many(ids)
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self.source.close()
 
 
 def resolve_device(device: str) -> str:
@@ -165,7 +166,7 @@ class VideoTextLoader:
         self.rank, self.world_size = rank, world_size
         self.batch_size = batch_size or self.cfg.batch_size
         self.split = split or self.cfg.split
-        self.index = DatasetIndex(self.cfg.path, self.split)
+        self.index = DatasetIndex(self.cfg.path, self.split, getattr(cfg, "storage", None))
         self.tokenizer = load_tokenizer(cfg.model.text.path)
         self.seed = self.cfg.seed
         self.order_mode = self.cfg.order if train else "sequential"
@@ -195,8 +196,10 @@ class VideoTextLoader:
             spec = TransformSpec(self.cfg.num_frames, self.cfg.short_side, self.cfg.size, tuple(self.cfg.mean),
                                  tuple(self.cfg.std), self.dtype)
             # ring slots: the samples of the batches in flight (data.prefetch ahead + the one being assembled)
+            storage = getattr(cfg, "storage", None)  # storage hook: each worker opens its own store
             self._pool = DecodePool(self.cfg.decode_workers, self.index.root, spec,
-                                    slots=(self.cfg.prefetch + 1) * self.batch_size)
+                                    slots=(self.cfg.prefetch + 1) * self.batch_size,
+                                    storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage)
             weakref.finalize(self, self._pool.close)
         # DALI and the pool at once (decoder=auto with workers): the adaptive split of schedule.py
         self.hybrid = self._pool is not None and self.cfg.decoder == "auto" and self.has_dali
@@ -263,6 +266,7 @@ class VideoTextLoader:
         plan = rank_plan(self.order(), self.position, self.batch_size, self.rank, self.world_size, self.remainder)
         epoch = self.epoch
         jobs = list(zip(plan.batches, plan.positions))
+        self.index.source.schedule([sorted({int(i) for i in idx if i != PAD}) for idx in plan.batches])  # read-ahead
         if self.cfg.prefetch == 0:
             batches = self._batches(jobs, epoch, None)
             try:
@@ -389,11 +393,11 @@ class VideoTextLoader:
         out: dict[int, torch.Tensor] = {}
         errors: dict[int, str] = {}
         blobs: dict[int, bytes] = {}
-        for i in slots:
-            try:
-                blobs[i] = self.index.read_video(i)
-            except OSError as exc:
-                errors[i] = f"read failed: {exc}"
+        for i, data in self.index.read_videos(slots).items():  # storage hook: byte_source.py
+            if isinstance(data, OSError):
+                errors[i] = f"read failed: {data}"
+            else:
+                blobs[i] = data
         frames: dict[int, object] = {}
         dali_slots = [i for i in blobs if backend[i] == "dali"]
         if dali_slots:

@@ -67,24 +67,33 @@ def quarantine_row(source: str, key: str, stage: str, reason: str) -> dict:
     return {"source": source, "key": key, "stage": stage, "reason": reason}
 
 
-def write_table(path: str | Path, rows: list[dict], schema: pa.Schema) -> None:
-    """Write `rows` as a zstd parquet file with `schema`, atomically."""
+def table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+    """`rows` as the bytes of a zstd parquet file with `schema` (what `write_table` writes)."""
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd")
-    write_atomic(path, sink.getvalue().to_pybytes())
+    return sink.getvalue().to_pybytes()
 
 
-def read_dataset_info(root: str | Path) -> dict | None:
+def write_table(path: str | Path, rows: list[dict], schema: pa.Schema) -> None:
+    """Write `rows` as a zstd parquet file with `schema`, atomically."""
+    write_atomic(path, table_bytes(rows, schema))
+
+
+def read_dataset_info(root: str | Path, store=None) -> dict | None:
     """`dataset.json` of a prepared dataset, its schema version checked; None when there is none
-    (a manifest built by hand, as tests do)."""
-    path = Path(root) / DATASET_FILE
-    if not path.is_file():
+    (a manifest built by hand, as tests do). `store`: the dataset's pipeline.storage store (default:
+    a local folder `root`), so an s3:// dataset is read the same way."""
+    from pipeline.storage import join, open_store
+
+    store = store if store is not None else open_store(root)
+    path = join(str(root), DATASET_FILE)
+    if not store.exists(DATASET_FILE):
         return None
-    info = json.loads(path.read_text())
+    info = json.loads(store.read(DATASET_FILE))
     version = info.get("schema_version")
     if version != SCHEMA_VERSION:
         raise UserError(f"{path} has schema_version {version}, this hiervl reads {SCHEMA_VERSION}; "
-                        f"prepare the dataset again with this version (`hiervl prep --out {Path(root)}`)")
+                        f"prepare the dataset again with this version (`hiervl prep --out {root}`)")
     return info

@@ -51,6 +51,7 @@ from pipeline.eval.metrics import (
     rows_for_budget,
 )
 from pipeline.log import get_logger
+from pipeline.storage import is_remote
 
 log = get_logger(__name__)
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
@@ -236,7 +237,7 @@ def rank_split(model, split: EmbeddedSplit, eval_cfg, device: torch.device | str
     return result
 
 
-def load_groups(data_path: str | Path, split: str) -> dict[str, str]:
+def load_groups(data_path: str | Path, split: str, storage=None) -> dict[str, str]:
     """{key: group} of the samples of `split` that have a group (manifest column `group`).
 
     Empty when the dataset has no such column (prepared before it, or ungrouped data) or
@@ -245,6 +246,15 @@ def load_groups(data_path: str | Path, split: str) -> dict[str, str]:
     import pyarrow.parquet as pq
 
 
+    if is_remote(str(data_path)):  # an object-store dataset (pipeline/storage.py): DatasetIndex reads its groups
+        try:
+            index = DatasetIndex(str(data_path), split, storage)
+        except UserError:
+            return {}
+        try:
+            return {k: g for k, g in zip(index.keys, index.groups) if g}
+        finally:
+            index.close()
     manifest = Path(data_path) / MANIFEST_FILE
     if not manifest.is_file():
         return {}
@@ -294,7 +304,7 @@ def evaluate_model(model, cfg, split: str | None = None, device: torch.device | 
         result = None
         if rank == 0:
             t1 = time.time()
-            groups = load_groups(cfg.data.path, split) if diagnostics else None
+            groups = load_groups(cfg.data.path, split, getattr(cfg, "storage", None)) if diagnostics else None
             result = rank_split(model, gathered, cfg.eval, device, progress=True, groups=groups)
             result["seconds"] = {"embed": round(embed_s, 3), "rank": round(time.time() - t1, 3)}
             result["videos_per_s"] = round(len(gathered.keys) / max(embed_s, 1e-9), 2)
