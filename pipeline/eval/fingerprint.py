@@ -7,7 +7,7 @@ run) gives plausible-looking nonsense. So an index records
     {"preset", "levels", "config_sha", "weights_sha", "step"}
 
 - `config_sha`: sha256 of what shapes the embeddings besides the weights: the resolved `model`
-  section and the data settings a clip and a caption are preprocessed with (frames, size,
+  section (less where its initial weights came from: `pretrained`, `clip_path`) and the data settings a clip and a caption are preprocessed with (frames, size,
   short side, mean/std, max words).
 - `weights_sha`: sha256 of the level heads' weights (both towers): the last layers every
   embedding passes through, so two runs, or two steps of one run, never share it, while the same
@@ -33,9 +33,18 @@ from pipeline.errors import UserError
 PREPROCESSING_KEYS = ("num_frames", "size", "short_side", "max_words", "mean", "std")
 
 
+INIT_ONLY_KEYS = ("pretrained", "clip_path")  # where the initial weights came from: not the embedding space
+
+
+def _without_init_keys(tree):
+    if isinstance(tree, dict):
+        return {k: _without_init_keys(v) for k, v in tree.items() if k not in INIT_ONLY_KEYS}
+    return tree
+
+
 def config_sha(cfg) -> str:
     d = to_dict(cfg)
-    what = {"model": d["model"], "data": {k: d["data"][k] for k in PREPROCESSING_KEYS}}
+    what = {"model": _without_init_keys(d["model"]), "data": {k: d["data"][k] for k in PREPROCESSING_KEYS}}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
