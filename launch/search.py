@@ -15,7 +15,7 @@ from pathlib import Path
 
 HELP = "search videos by text (ANN + re-ranking), or index a folder/manifest of videos"
 DESCRIPTION = """Search: encode each sentence with the checkpoint that made the index (one model load,
-one forward pass for all queries), take the top --candidates videos of the global level from the
+a forward pass per 256 queries), take the top --candidates videos of the global level from the
 ANN index (exact below 65,536 videos, FAISS IVF-flat above), re-rank them by every level fused
 exactly as `hiervl eval` scores, and print the top k: rank, fused and per-level scores, key, path
 and first caption (--json: everything, one object per query). A contact sheet PNG shows frames of

@@ -243,7 +243,7 @@ def test_search_index_of_a_video_folder_equals_eval_embeddings_and_shows_paths(t
         assert r["hits"][0]["score"] >= r["hits"][1]["score"] >= r["hits"][2]["score"]
         assert all(h["path"] == str((folder / (h["key"][4:] + ".webm")).resolve()) for h in r["hits"])
         assert set(r["hits"][0]["levels"]) == set(model.levels)
-    assert main(["search", "clip 1 caption 0", "--index", str(out), "-k", "2"]) == 0
+    assert main(["search", "clip 1 caption 0", "--index", str(out), "-k", "2", "--candidates", "3"]) == 0  # ANN
     text = capsys.readouterr().out
     assert str(folder.resolve()) in text and "contact sheet:" in text and "2 of 2 videos with frames" in text
 
@@ -300,6 +300,13 @@ def test_an_index_from_another_model_is_refused_in_one_line(tmp_path, capsys):
                      "--no-sheet"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and what in err[0] and "hiervl search index" in err[0], err
+    # the same weights under another config hash (e.g. a newer hiervl's defaults): a warning, not a refusal
+    from pipeline.eval.fingerprint import check_fingerprint
+
+    fp = {**model_fingerprint(a, 1), "config_sha": "0" * 16}
+    assert "same weights" in check_fingerprint(fp, ["global"], a, str(run_a), "idx")
+    assert check_fingerprint(model_fingerprint(a, 1), ["global"], a, str(run_a), "idx") is None
+    assert "no model fingerprint" in check_fingerprint(None, ["global"], a, str(run_a), "idx")
 
 
 def test_eval_refuses_model_overrides_in_one_line(tmp_path, capsys):

@@ -14,7 +14,9 @@ run) gives plausible-looking nonsense. So an index records
   checkpoint loaded anywhere (CPU or GPU, another directory) always does.
 - `step`: the checkpoint's step when known (shown, not compared).
 
-`check_fingerprint` refuses a mismatch in one line that names what differs and how to fix it.
+`check_fingerprint` refuses another preset, other levels or other weights in one line that names
+what differs and how to fix it; the same weights under another config hash (the same checkpoint read
+by a hiervl whose config gained a key) only warn, since the embedding space is the weights'.
 
 Owns: computing and comparing model fingerprints.
 Must not touch: loading models or indexes.
@@ -84,11 +86,15 @@ def check_fingerprint(index_fp: dict | None, index_levels: list[str], model, che
         return (f"index {index_dir} has no model fingerprint (made before fingerprints): cannot check it was "
                 f"embedded by {checkpoint}")
     mine = model_fingerprint(model, step)
-    for key in ("preset", "config_sha", "weights_sha"):
+    for key in ("preset", "weights_sha"):
         if index_fp.get(key) != mine[key]:
             raise UserError(f"index {index_dir} was embedded by another model ({describe(index_fp)}) than "
                             f"checkpoint {checkpoint} ({describe(mine)}): its scores would mix two embedding "
                             f"spaces; {fix}")
+    if index_fp.get("config_sha") != mine["config_sha"]:  # same weights: e.g. a newer hiervl's config defaults
+        return (f"index {index_dir} was embedded by the same weights as {checkpoint} but under another resolved "
+                f"config (config {index_fp.get('config_sha')} vs {mine['config_sha']}); re-index if its "
+                "preprocessing (frames, size, words) changed")
     return None
 
 

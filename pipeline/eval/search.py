@@ -126,8 +126,8 @@ class SearchIndex:
         (exact flat below EXACT_BELOW videos: instant; an IVF above, logged, kept for this process)."""
         if level not in self._ann:
             info = self.meta.get("ann") or {}
-            path = self.directory / info.get("file", ANN_FILE) if self.directory else None
-            if info.get("level") == level and path is not None and path.is_file():
+            path = self.directory / (info.get("file") or ANN_FILE) if self.directory else None
+            if info.get("level") == level and info.get("file") and path is not None and path.is_file():
                 ann = AnnIndex.load(path, info["kind"])
                 if ann.ntotal != len(self.keys):
                     raise UserError(f"{path} holds {ann.ntotal} vectors but the index {len(self.keys)} videos; "
