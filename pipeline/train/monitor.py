@@ -71,9 +71,13 @@ class Monitor:
         if cfg.train.wandb:
             import wandb  # presence checked at config load (TrainConfig)
 
+            import hashlib
+
             mode = wandb_mode(cfg)
+            online = {"id": hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:16], "resume": "allow"} \
+                if mode == "online" else {}  # a requeued run (same out_dir) continues the same W&B run
             run = wandb.init(project=cfg.train.wandb, dir=str(out_dir), mode=mode, config=to_dict(cfg),
-                             name=out_dir.name, resume="allow" if mode == "online" else None)
+                             name=out_dir.name, **online)
             log.info("W&B run %s (%s mode) in %s", run.name, mode, out_dir / "wandb")
         return cls(out_dir, tb, run)
 
