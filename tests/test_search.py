@@ -248,6 +248,24 @@ def test_search_index_of_a_video_folder_equals_eval_embeddings_and_shows_paths(t
     assert str(folder.resolve()) in text and "contact sheet:" in text and "2 of 2 videos with frames" in text
 
 
+def test_a_large_eval_index_keeps_the_ann_index_it_builds(tmp_path, monkeypatch):
+    import pipeline.eval.ann as ann
+    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
+    from pipeline.eval.search import SearchIndex, search
+
+    monkeypatch.setattr(ann, "EXACT_BELOW", 4)  # "large" = 4 videos or more, so `auto` builds an IVF
+    model = flat_model()
+    t = encode(model, CAPTIONS)
+    export_embeddings(tmp_path, EmbeddedSplit([f"v{i}" for i in range(6)], {"global": t["global"]}, {},
+                                              torch.zeros(0)), {})
+    index = SearchIndex.load(tmp_path)
+    assert search(model, index, CAPTIONS[4], k=1, candidates=2)[0].key == "v4"
+    assert index.meta["ann"] == {"level": "global", "kind": "ivf", "file": "ann.faiss"}
+    again = SearchIndex.load(tmp_path)
+    assert again.meta["ann"]["kind"] == "ivf" and again.ann("global").kind == "ivf"
+    assert (tmp_path / "ann.faiss").is_file() and again.ann("global").ntotal == 6
+
+
 def test_manifest_index_keeps_captions_and_refuses_bad_cells(tmp_path):
     from pipeline.errors import UserError
     from pipeline.eval.video_index import list_videos

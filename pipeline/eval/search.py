@@ -133,12 +133,24 @@ class SearchIndex:
                     raise UserError(f"{path} holds {ann.ntotal} vectors but the index {len(self.keys)} videos; "
                                     "rebuild the index")
             else:
-                if len(self.keys) >= EXACT_BELOW:
-                    log.warning("index %s has no ANN file for level %s: building one now (rebuild it with "
-                                "`hiervl search index` to keep it)", self.directory, level)
                 ann = AnnIndex.build(self.videos[level].float().numpy())
+                if ann.kind != "flat" and self.directory is not None:
+                    self._keep_ann(ann, level)
             self._ann[level] = ann
         return self._ann[level]
+
+    def _keep_ann(self, ann: AnnIndex, level: str) -> None:
+        """Save an ANN index built at load (a large index `hiervl eval` exported) beside the embeddings,
+        so the next search reads it instead of building it again; a read-only index just logs."""
+        from pipeline.atomic_write import write_atomic
+
+        try:
+            ann.save(self.directory / ANN_FILE)
+            self.meta["ann"] = {"level": level, "kind": ann.kind, "file": ANN_FILE}
+            write_atomic(self.directory / INDEX_FILE, json.dumps(self.meta, indent=2) + "\n")
+            log.info("saved the %s ANN index of level %s to %s", ann.kind, level, self.directory / ANN_FILE)
+        except OSError as exc:
+            log.warning("could not save the ANN index to %s (%s): it is rebuilt at every search", self.directory, exc)
 
     def hit(self, i: int, score: float, levels: dict) -> Hit:
         path, captions = self.catalog.get(self.keys[i], (None, []))
