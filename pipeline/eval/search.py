@@ -39,7 +39,7 @@ from pipeline.data.decode import decode_pyav
 from pipeline.data.loader import DatasetIndex
 from pipeline.data.sampler import frame_indices
 from pipeline.errors import UserError
-from pipeline.eval.ann import EXACT_BELOW, AnnIndex
+from pipeline.eval.ann import AnnIndex
 from pipeline.eval.evaluate import CATALOG_FILE, EMBEDDINGS_FILE, INDEX_FILE
 from pipeline.log import get_logger
 from pipeline.model.text_model import load_tokenizer

@@ -69,9 +69,9 @@ class Monitor:
             tb = None
         run = None
         if cfg.train.wandb:
-            import wandb  # presence checked at config load (TrainConfig)
-
             import hashlib
+
+            import wandb  # presence checked at config load (TrainConfig)
 
             mode = wandb_mode(cfg)
             online = {"id": hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:16], "resume": "allow"} \
