@@ -30,6 +30,7 @@ Diagnostics, in a second table (and eval.json "order", "groups"):
   sibling R@1  within the caption's group, its own video scores highest (chance 1 / group size)
 --no-diagnostics skips them (and the second encoding).
 
+The model (preset, sizes, levels, frames, tokens) is the checkpoint's: `model.*` overrides are refused.
 Writes eval.json, eval.md and the video embeddings (embeddings.parquet + index.json, the
 index `hiervl search` reads) to --out (default: <checkpoint>/eval-<split>).
 
@@ -49,6 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip order sensitivity (the time-reversed second encoding) and group / sibling R@1")
 
 
+def refuse_model_overrides(overrides: list[str], command: str = "eval") -> None:
+    """The model's config comes from its checkpoint (the weights were trained with it): a `model.*`
+    override would be silently ignored, or, applied, describe other weights. Refused in one line."""
+    from pipeline.errors import UserError
+
+    bad = [o for o in overrides if o.split("=", 1)[0].strip() == "model" or o.startswith("model.")]
+    if bad:
+        raise UserError(f"{bad[0]}: `hiervl {command}` takes the model's config from the checkpoint (its weights were "
+                        "trained with it); drop the model.* override, or train a model with it")
+
+
 def merged_config(ckpt_cfg, cli_cfg, data: str | None):
     """The checkpoint's config (model, frames, tokens: what the weights expect), with the data
     path, the decoder settings and the eval section taken from the command line."""
@@ -64,9 +76,11 @@ def main(args, cfg) -> int:
 
     from pipeline import distributed as dist
     from pipeline.eval.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
+    from pipeline.eval.fingerprint import checkpoint_step
     from pipeline.log import setup_logging
     from pipeline.train.checkpoint import load_model_for_inference
 
+    refuse_model_overrides(args.overrides)  # before any rank starts work
     info = dist.init()
     setup_logging(info.rank)
     try:
@@ -77,7 +91,8 @@ def main(args, cfg) -> int:
         split = args.split or cfg.eval.split
         out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval-{split}"
         result = evaluate_model(model, run_cfg, split=split, out_dir=out, export=not args.no_export,
-                                meta={"checkpoint": str(Path(args.checkpoint).resolve())},
+                                meta={"checkpoint": str(Path(args.checkpoint).resolve()),
+                                      "checkpoint_step": checkpoint_step(args.checkpoint)},
                                 diagnostics=not args.no_diagnostics)
         if dist.is_main():
             print(format_table(result), end="")

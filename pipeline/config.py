@@ -259,6 +259,8 @@ class TrainConfig:
     log_every: int = 10
     log_samples: bool = False  # per rank, the keys of every sample consumed at every step
     seed: int = 0
+    wandb: str = ""  # a W&B project name: also log every metric to W&B (rank 0; "" = off; pip install wandb)
+    wandb_mode: str = ""  # offline | online | disabled; "" = $WANDB_MODE, else offline (pipeline/train/monitor.py)
 
     def __post_init__(self):
         _check(self.steps >= 1, "train.steps must be >= 1")
@@ -269,6 +271,12 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _one_of("train.wandb_mode", self.wandb_mode, ("", "offline", "online", "disabled"))
+        if self.wandb:
+            import importlib.util
+
+            _check(importlib.util.find_spec("wandb") is not None,
+                   f"train.wandb={self.wandb} needs the wandb package: pip install wandb (pinned in requirements-dev.txt)")
 
 
 @dataclass

@@ -115,6 +115,229 @@ def test_user_errors(tmp_path):
         search(model, SearchIndex.load(tmp_path), "   ")
 
 
+# ------------------------------------------------------------------------------ ANN, indexing, fingerprints
+
+
+def save_checkpoint(model, out: Path, step: int = 1) -> Path:
+    """`model` in the files `load_model_for_inference` reads from a DeepSpeed run (meta.json with the
+    resolved config, mp_rank_00_model_states.pt with the module's state_dict, `latest`)."""
+    from pipeline.config import to_dict
+
+    tag = out / "checkpoints" / f"step{step:08d}"
+    tag.mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, tag / "mp_rank_00_model_states.pt")
+    (tag / "meta.json").write_text(json.dumps({"config": to_dict(model.cfg), "zero_stage": 0, "step": step,
+                                               "tag": tag.name, "world_size": 1}))
+    (out / "checkpoints" / "latest").write_text(tag.name)
+    return out
+
+
+def test_ann_stage_flat_is_exact_and_ivf_finds_planted_neighbours(tmp_path):
+    from pipeline.eval.ann import EXACT_BELOW, AnnIndex, exact_top_k
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((50, 32)).astype(np.float32)
+    x = centres[rng.integers(0, 50, 5000)] + 0.15 * rng.standard_normal((5000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[rng.integers(0, 5000, 64)] + 0.05 * rng.standard_normal((64, 32)).astype(np.float32)
+    truth = exact_top_k(x, q, 10, block=777)  # blocks must not matter
+    ref = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+    assert (truth[:, 0] == ref[:, 0]).all()
+    assert AnnIndex.choose_kind(EXACT_BELOW - 1) == "flat" and AnnIndex.choose_kind(EXACT_BELOW) == "ivf"
+    flat = AnnIndex.build(x)
+    assert flat.kind == "flat"
+    scores, rows = flat.search(q, 10)
+    assert (rows[:, 0] == truth[:, 0]).all()
+    np.testing.assert_allclose(scores[:, 0], np.sum(q * x[truth[:, 0]], axis=1), rtol=1e-5)
+    ivf = AnnIndex.build(x, "ivf")
+    assert ivf.index.nlist == 71  # sqrt(5000)
+    ivf.nprobe = 8
+    _, got = ivf.search(q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
+    assert recall > 0.9, recall
+    ivf.nprobe = 1
+    _, one = ivf.search(q, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(one, truth)]) < recall  # nprobe is used
+    ivf.save(tmp_path / "ann.faiss")
+    back = AnnIndex.load(tmp_path / "ann.faiss", "ivf")
+    back.nprobe = 8
+    assert (back.search(q, 10)[1] == got).all()
+
+
+def test_ann_shortlist_is_reranked_by_every_level_exactly_as_eval_scores(tmp_path):
+    """An index `hiervl eval` exports from real shards (hit: a token level + the global one): the
+    hits are the ANN shortlist ranked by the fused score eval computes; a shortlist as large as the
+    index is brute force. (Top 1 == brute force on a trained run: the slow test below.)"""
+    from pipeline.config import load_config
+    from pipeline.eval.evaluate import evaluate_model
+    from pipeline.eval.search import SearchIndex, encode_queries, search_batch
+
+    data = write_shards(tmp_path / "shards", 24, "vp9", split="test", per_shard=8)
+    cfg = load_config(TINY, SMALL + [f"data.path={data}", "model.preset=hit", "data.decoder=pyav"])
+    model = make_model(cfg)
+    evaluate_model(model, cfg, split="test", out_dir=tmp_path / "idx", export=True, diagnostics=False)
+    index = SearchIndex.load(tmp_path / "idx")
+    assert index.fingerprint["levels"] == model.levels and len(index.keys) == 24
+    assert index.catalog["test00004"] == ("test00004.webm", ["clip 4 caption 0", "clip 4 caption 1"])
+    captions = [c for k in index.keys for c in index.catalog[k][1]]
+    with torch.no_grad():
+        sims = model.similarity(encode_queries(model, captions), index.videos)  # name -> [48, 24]
+    exact = search_batch(model, index, captions, k=5, exact=True)
+    approx = search_batch(model, index, captions, k=5, candidates=8)
+    everything = search_batch(model, index, captions, k=5, candidates=24)
+    for i, (a, e, full) in enumerate(zip(approx, exact, everything)):
+        assert [h.key for h in full] == [h.key for h in e]
+        assert [h.key for h in e] == [index.keys[j] for j in torch.topk(sims["fused"][i], 5).indices.tolist()]
+        shortlist = torch.topk(sims["semantic"][i], 8).indices  # the global level's top 8 (exact flat ANN)
+        within = shortlist[torch.argsort(sims["fused"][i][shortlist], descending=True)][:5]
+        assert [h.key for h in a] == [index.keys[j] for j in within.tolist()]
+        for h in a:
+            j = index.keys.index(h.key)
+            assert h.score == pytest.approx(float(sims["fused"][i, j]), abs=1e-5)
+            assert h.levels["feature"] == pytest.approx(float(sims["feature"][i, j]), abs=1e-5)
+    # one query alone gives the same hits as in the batch
+    assert [h.key for h in search_batch(model, index, captions[3:4], k=5, candidates=8)[0]] == \
+        [h.key for h in approx[3]]
+
+
+def test_search_index_of_a_video_folder_equals_eval_embeddings_and_shows_paths(tmp_path, capsys):
+    """`hiervl search index --videos DIR` (no captions) embeds each file as eval embeds the same
+    bytes from a shard; `hiervl search` prints paths, `--json` and `--queries` work."""
+    import tarfile
+
+    from launch.cli import main
+    from pipeline.config import load_config
+    from pipeline.eval.evaluate import evaluate_model
+    from pipeline.eval.search import SearchIndex
+
+    data = write_shards(tmp_path / "shards", 6, "vp9", split="test", per_shard=3)
+    cfg = load_config(TINY, SMALL + [f"data.path={data}", "model.preset=hcmi", "data.decoder=pyav"])
+    model = make_model(cfg)
+    run = save_checkpoint(model, tmp_path / "run")
+    evaluate_model(model, cfg, split="test", out_dir=tmp_path / "eval", export=True, diagnostics=False)
+    folder = tmp_path / "videos" / "sub"
+    folder.mkdir(parents=True)
+    for tar in sorted(data.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".webm"):
+                    (folder / m.name).write_bytes(t.extractfile(m).read())
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    out = tmp_path / "idx"
+    assert main(["search", "index", "--checkpoint", str(run), "--videos", str(tmp_path / "videos"),
+                 "--out", str(out)]) == 0
+    assert "indexed 6 videos (1 skipped, 0 with captions)" in capsys.readouterr().out
+    mine, ref = SearchIndex.load(out), SearchIndex.load(tmp_path / "eval")
+    assert mine.keys == [f"sub/test{i:05d}" for i in range(6)]
+    assert mine.meta["skipped_videos"][0]["key"] == "sub/broken"
+    for name in model.levels:
+        torch.testing.assert_close(mine.videos[name], ref.videos[name], rtol=1e-4, atol=1e-5)
+    assert mine.fingerprint == {**ref.fingerprint, "step": 1}
+    (tmp_path / "q.txt").write_text("clip 2 caption 0\n\nclip 5 caption 1\n")
+    assert main(["search", "clip 0 caption 0", "--queries", str(tmp_path / "q.txt"), "--index", str(out),
+                 "-k", "3", "--json", "--no-sheet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in res] == ["clip 0 caption 0", "clip 2 caption 0", "clip 5 caption 1"]
+    for r in res:
+        assert [h["rank"] for h in r["hits"]] == [1, 2, 3]
+        assert r["hits"][0]["score"] >= r["hits"][1]["score"] >= r["hits"][2]["score"]
+        assert all(h["path"] == str((folder / (h["key"][4:] + ".webm")).resolve()) for h in r["hits"])
+        assert set(r["hits"][0]["levels"]) == set(model.levels)
+    assert main(["search", "clip 1 caption 0", "--index", str(out), "-k", "2", "--candidates", "3"]) == 0  # ANN
+    text = capsys.readouterr().out
+    assert str(folder.resolve()) in text and "contact sheet:" in text and "2 of 2 videos with frames" in text
+
+
+def test_a_large_eval_index_keeps_the_ann_index_it_builds(tmp_path, monkeypatch):
+    import pipeline.eval.ann as ann
+    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
+    from pipeline.eval.search import SearchIndex, search
+
+    monkeypatch.setattr(ann, "EXACT_BELOW", 4)  # "large" = 4 videos or more, so `auto` builds an IVF
+    model = flat_model()
+    t = encode(model, CAPTIONS)
+    export_embeddings(tmp_path, EmbeddedSplit([f"v{i}" for i in range(6)], {"global": t["global"]}, {},
+                                              torch.zeros(0)), {})
+    index = SearchIndex.load(tmp_path)
+    assert search(model, index, CAPTIONS[4], k=1, candidates=2)[0].key == "v4"
+    assert index.meta["ann"] == {"level": "global", "kind": "ivf", "file": "ann.faiss"}
+    again = SearchIndex.load(tmp_path)
+    assert again.meta["ann"]["kind"] == "ivf" and again.ann("global").kind == "ivf"
+    assert (tmp_path / "ann.faiss").is_file() and again.ann("global").ntotal == 6
+
+
+def test_manifest_index_keeps_captions_and_refuses_bad_cells(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.eval.video_index import list_videos
+
+    (tmp_path / "a.webm").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text('\ufeffkey,video,caption\nk1,a.webm,a red dot\nk2,a.webm,\n'
+                                    'k3,a.webm,"[""one"", ""two""]"\n', encoding="utf-8")
+    entries = list_videos(manifest=tmp_path / "m.csv")
+    assert [(e.key, e.captions) for e in entries] == [("k1", ["a red dot"]), ("k2", []), ("k3", ["one", "two"])]
+    assert entries[0].path == str((tmp_path / "a.webm").resolve())
+    (tmp_path / "bad.jsonl").write_text('{"video": "a.webm", "caption": 42}\n')
+    with pytest.raises(UserError, match="row 1: caption 42"):
+        list_videos(manifest=tmp_path / "bad.jsonl")
+    (tmp_path / "dup.jsonl").write_text('{"video": "a.webm"}\n{"video": "a.webm"}\n')
+    with pytest.raises(UserError, match="two videos have the key 'a'"):
+        list_videos(manifest=tmp_path / "dup.jsonl")
+    (tmp_path / "clip.jsonl").write_text('{"video": "a.webm", "start": 1.0, "end": 2.0}\n')
+    with pytest.raises(UserError, match="start/end"):
+        list_videos(manifest=tmp_path / "clip.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no video files"):
+        list_videos(videos=tmp_path / "empty")
+    with pytest.raises(UserError, match="not a directory"):
+        list_videos(videos=tmp_path / "missing")
+
+
+def test_an_index_from_another_model_is_refused_in_one_line(tmp_path, capsys):
+    """Issue 15 item 8: another run of the same preset (other weights) or another preset."""
+    from launch.cli import main
+    from pipeline.config import load_config
+    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
+    from pipeline.eval.fingerprint import model_fingerprint
+
+    cfg = load_config(TINY, SMALL + ["model.preset=flat"])
+    a = make_model(cfg)
+    torch.manual_seed(1)
+    from pipeline.model.hierarchical import build_model
+
+    b = build_model(cfg).eval()  # the same preset and config, another run's weights
+    c = make_model(load_config(TINY, SMALL + ["model.preset=hit"]))
+    run_a, run_b, run_c = (save_checkpoint(m, tmp_path / n) for m, n in ((a, "a"), (b, "b"), (c, "c")))
+    t = encode(a, CAPTIONS)
+    export_embeddings(tmp_path / "idx", EmbeddedSplit([f"v{i}" for i in range(6)], {"global": t["global"]}, {},
+                                                     torch.zeros(0)), {"checkpoint": str(run_a),
+                                                                       "model": model_fingerprint(a, 1)})
+    assert main(["search", CAPTIONS[2], "--index", str(tmp_path / "idx"), "--no-sheet"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[3] == "v2"  # rank, score, global, key: its own checkpoint
+    for run, what in ((run_b, "embedded by another model"), (run_c, "has levels")):
+        assert main(["search", CAPTIONS[2], "--index", str(tmp_path / "idx"), "--checkpoint", str(run),
+                     "--no-sheet"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0] and "hiervl search index" in err[0], err
+    # the same weights under another config hash (e.g. a newer hiervl's defaults): a warning, not a refusal
+    from pipeline.eval.fingerprint import check_fingerprint
+
+    fp = {**model_fingerprint(a, 1), "config_sha": "0" * 16}
+    assert "same weights" in check_fingerprint(fp, ["global"], a, str(run_a), "idx")
+    assert check_fingerprint(model_fingerprint(a, 1), ["global"], a, str(run_a), "idx") is None
+    assert "no model fingerprint" in check_fingerprint(None, ["global"], a, str(run_a), "idx")
+
+
+def test_eval_refuses_model_overrides_in_one_line(tmp_path, capsys):
+    from launch.cli import main
+
+    for override in ("model.embed_dim=64", "model.preset=flat"):
+        assert main(["eval", "--checkpoint", str(tmp_path / "nope"), override]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and override in err[0] and "from the checkpoint" in err[0], err
+    assert main(["search", "a query", "--index", str(tmp_path), "model.preset=hit"]) == 1
+    assert "from the checkpoint" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
@@ -152,7 +375,14 @@ def test_train_then_eval_above_chance_and_search_finds_a_training_video(tmp_path
     index = SearchIndex.load(out)
     found = [r for r in train[:40] if search(model, index, r["captions"][0], k=1)[0].key == r["key"]]
     assert found, "no training caption finds its own video first"
+    # the ANN stage (a shortlist of 10 of the videos) + re-ranking returns brute force's top 1
+    from pipeline.eval.search import search_batch
+
+    queries = [r["captions"][0] for r in train[:40]]
+    approx = search_batch(model, index, queries, k=1, candidates=10)
+    exact = search_batch(model, index, queries, k=1, exact=True)
+    assert [h[0].key for h in approx] == [h[0].key for h in exact]
     pick = found[0]
-    assert main(["search", pick["captions"][0], "--index", str(out), "-k", "5"]) == 0
-    first = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("1 ")][0]
-    assert first.split()[-1] == pick["key"]
+    assert main(["search", pick["captions"][0], "--index", str(out), "-k", "5", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)[0]["hits"][0]
+    assert first["key"] == pick["key"] and pick["captions"][0] in first["captions"]

@@ -57,6 +57,7 @@ log = get_logger(__name__)
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
 EMBEDDINGS_FILE = "embeddings.parquet"
 INDEX_FILE = "index.json"
+CATALOG_FILE = "catalog.parquet"  # key, path, captions of every indexed video (shown with search hits)
 
 
 @dataclass
@@ -312,8 +313,12 @@ def evaluate_model(model, cfg, split: str | None = None, device: torch.device | 
             if out_dir is not None:
                 write_report(result, out_dir)
                 if export:
-                    export_embeddings(Path(out_dir), gathered, {**(meta or {}), "split": split,
-                                                                "data": str(cfg.data.path)})
+                    from pipeline.eval.fingerprint import model_fingerprint
+
+                    fp = model_fingerprint(model, (meta or {}).get("checkpoint_step"))  # checked by hiervl search
+                    export_embeddings(Path(out_dir), gathered, {**(meta or {}), "model": fp, "split": split,
+                                                                "data": str(cfg.data.path)},
+                                      catalog=split_catalog(gathered, cfg.data.path))
             log.info("eval %s: %d videos, %d captions; t2v fused R@1 %.1f, v2t fused R@1 %.1f (%.1fs)", split,
                      result["num_videos"], result["num_captions"], result["t2v"]["fused"]["R1"],
                      result["v2t"]["fused"]["R1"], time.time() - t0)
@@ -392,8 +397,23 @@ def write_report(result: dict, out_dir: str | Path) -> None:
     (out / "eval.md").write_text(text)
 
 
-def export_embeddings(out_dir: Path, split: EmbeddedSplit, meta: dict) -> Path:
-    """Write the video embeddings as Parquet (key, level, vector) plus index.json (shapes, meta)."""
+def split_catalog(split: EmbeddedSplit, data_path: str | Path) -> list[dict]:
+    """{key, path, captions} per embedded video: captions from the split, path = the manifest's source."""
+    import pyarrow.parquet as pq
+
+    caps: dict[str, list] = {k: [] for k in split.keys}
+    for c, v in zip(split.captions, split.caption_to_video.tolist()):
+        caps[split.keys[v]].append(c)
+    sources = {}
+    manifest = Path(data_path) / MANIFEST_FILE
+    if manifest.is_file() and "source" in pq.read_schema(manifest).names:
+        sources = dict(zip(*pq.read_table(manifest, columns=["key", "source"]).to_pydict().values()))
+    return [{"key": k, "path": sources.get(k), "captions": caps[k]} for k in split.keys]
+
+
+def export_embeddings(out_dir: Path, split: EmbeddedSplit, meta: dict, catalog: list[dict] | None = None) -> Path:
+    """Write the video embeddings as Parquet (key, level, vector) plus index.json (shapes, meta) and,
+    with `catalog` ({key, path, captions} per video), catalog.parquet (what search shows per hit)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -413,6 +433,12 @@ def export_embeddings(out_dir: Path, split: EmbeddedSplit, meta: dict) -> Path:
     path = out_dir / EMBEDDINGS_FILE
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp)
+    if catalog is not None:
+        cat = pa.table({"key": pa.array([c["key"] for c in catalog], pa.string()),
+                        "path": pa.array([c.get("path") for c in catalog], pa.string()),
+                        "captions": pa.array([list(c.get("captions") or []) for c in catalog], pa.list_(pa.string()))})
+        with atomic_output(out_dir / CATALOG_FILE) as tmp:
+            pq.write_table(cat, tmp)
     index = {"schema_version": 1, "count": n, "shapes": shapes, "dtypes": dtypes, "embeddings": EMBEDDINGS_FILE,
              **meta}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,16 +1,25 @@
-"""Text-to-video search over exported embeddings, with a contact sheet of the hits.
+"""Text-to-video search: an ANN stage on the global level, re-ranked by every level, fused.
 
-An index directory is what `hiervl eval` writes next to eval.json: `embeddings.parquet`
-(key, level, vector: one row per video and level, the vector flattened) and `index.json`
-(shapes per level, the checkpoint, the dataset and split the videos came from).
+An index directory holds `embeddings.parquet` (key, level, vector: one row per video and level,
+the vector flattened), `index.json` (shapes per level, the model fingerprint, the checkpoint, and
+for an index `hiervl eval` wrote, the dataset and split), `catalog.parquet` (key, path,
+captions: shown with each hit) and, for large indexes, `ann.faiss` (pipeline/eval/ann.py).
+`hiervl eval` writes one for a prepared split; `hiervl search index` for any folder or manifest
+of videos (pipeline/eval/video_index.py; captions optional).
 
     index = SearchIndex.load("runs/demo/train/eval-test")
-    hits = search(model, index, "a red circle slides left", k=10)   # [Hit(key, score, levels)]
-    contact_sheet(hits, index.data, index.split, "hits.png")
+    hits = search(model, index, "a red circle slides left", k=10)       # [Hit(key, score, levels, path, captions)]
+    many = search_batch(model, index, ["query one", "query two"], k=10)  # one list of hits per query
 
-The query is encoded by the same model (the checkpoint named in index.json, or one given),
-scored against every video with `model.similarity` (per level and fused, in blocks of videos
-so the token-level scores stay small), and the top k by the fused score are returned.
+A query is encoded once by the index's model (a batch of queries in one forward pass). Then:
+1. ANN: the global level's query vector against the videos' global vectors (inner product of
+   unit vectors = that level's cosine), top `candidates` (default 100) from FAISS: exact flat
+   search below 65,536 videos, IVF-flat above (`hiervl search index --ann`).
+2. Re-rank: `model.similarity` of the query against those candidates only, every level and
+   "fused" exactly as eval computes them (the level_weights-weighted mean); the top k by fused.
+With `candidates >= N` (or `exact=True`) every video is scored: the brute-force result. A video
+outside the global level's top `candidates` cannot be returned even if its fine levels would
+lift it: that is the approximation, measured by bench/search.py (recall of the ANN stage).
 
 Owns: the search index over exported embeddings, queries and contact sheets.
 Must not touch: training or evaluation.
@@ -20,7 +29,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +39,15 @@ from pipeline.data.decode import decode_pyav
 from pipeline.data.loader import DatasetIndex
 from pipeline.data.sampler import frame_indices
 from pipeline.errors import UserError
-from pipeline.eval.evaluate import EMBEDDINGS_FILE, INDEX_FILE
+from pipeline.eval.ann import AnnIndex
+from pipeline.eval.evaluate import CATALOG_FILE, EMBEDDINGS_FILE, INDEX_FILE
+from pipeline.log import get_logger
 from pipeline.model.text_model import load_tokenizer
+
+log = get_logger(__name__)
+ANN_FILE = "ann.faiss"
+DEFAULT_CANDIDATES = 100
+TEXT_CHUNK = 256  # queries encoded per forward pass
 
 
 @dataclass
@@ -39,6 +55,8 @@ class Hit:
     key: str
     score: float  # fused similarity
     levels: dict  # level -> similarity
+    path: str | None = None  # the video file (catalog), when the index knows it
+    captions: list[str] = field(default_factory=list)  # the video's captions, when it has any
 
 
 @dataclass
@@ -46,6 +64,9 @@ class SearchIndex:
     keys: list[str]  # [N]
     videos: dict[str, torch.Tensor]  # level -> [N, ...]
     meta: dict  # index.json
+    directory: Path | None = None
+    catalog: dict[str, tuple[str | None, list[str]]] = field(default_factory=dict)  # key -> (path, captions)
+    _ann: dict = field(default_factory=dict, repr=False)  # level -> AnnIndex (built or read once)
 
     @property
     def data(self) -> str | None:
@@ -55,6 +76,10 @@ class SearchIndex:
     def split(self) -> str | None:
         return self.meta.get("split")
 
+    @property
+    def fingerprint(self) -> dict | None:
+        return self.meta.get("model")
+
     @classmethod
     def load(cls, directory: str | Path) -> "SearchIndex":
         import pyarrow.parquet as pq
@@ -63,6 +88,7 @@ class SearchIndex:
         meta_path = directory / INDEX_FILE
         if not meta_path.is_file():
             raise UserError(f"{directory} is not a search index (no {INDEX_FILE}); make one with "
+                            "`hiervl search index --checkpoint RUN --videos DIR --out DIR` or "
                             "`hiervl eval --checkpoint RUN --data SHARDS --split SPLIT --out DIR`")
         meta = json.loads(meta_path.read_text())
         table = pq.read_table(directory / meta.get("embeddings", EMBEDDINGS_FILE))
@@ -75,53 +101,223 @@ class SearchIndex:
         for name, shape in meta["shapes"].items():
             rows = np.flatnonzero(levels_col == name)
             width = int(np.prod(shape)) if shape else 1
-            flat = np.stack([values[offsets[r]:offsets[r] + width] for r in rows]) if len(rows) else \
-                np.zeros((0, width), np.float32)
-            x = torch.from_numpy(flat.astype(np.float32)).reshape(len(rows), *shape)
+            starts = offsets[rows]
+            if len(rows) and np.all(offsets[rows + 1] - starts == width) and \
+                    np.all(np.diff(starts) == width):  # contiguous rows (how export writes them): one slice
+                flat = values[starts[0]:starts[0] + width * len(rows)].reshape(len(rows), width)
+            else:
+                flat = np.stack([values[o:o + width] for o in starts]) if len(rows) else \
+                    np.zeros((0, width), np.float32)
+            x = torch.from_numpy(np.array(flat, dtype=np.float32)).reshape(len(rows), *shape)  # a writable copy
             dtype = meta.get("dtypes", {}).get(name, "float32")
             videos[name] = x.to(getattr(torch, dtype))
             level_keys = [keys_col[r] for r in rows]
             if keys is not None and level_keys != keys:
                 raise UserError(f"{directory / EMBEDDINGS_FILE} lists other videos for level {name}; re-export it")
             keys = level_keys
-        return cls(keys or [], videos, meta)
+        catalog = {}
+        if (directory / CATALOG_FILE).is_file():
+            for r in pq.read_table(directory / CATALOG_FILE).to_pylist():
+                catalog[r["key"]] = (r.get("path"), list(r.get("captions") or []))
+        return cls(keys or [], videos, meta, directory, catalog)
+
+    def ann(self, level: str) -> AnnIndex:
+        """The ANN index of `level`: `ann.faiss` when it was built for that level, else built here
+        (exact flat below EXACT_BELOW videos: instant; an IVF above, logged, kept for this process)."""
+        if level not in self._ann:
+            info = self.meta.get("ann") or {}
+            path = self.directory / (info.get("file") or ANN_FILE) if self.directory else None
+            if info.get("level") == level and info.get("file") and path is not None and path.is_file():
+                ann = AnnIndex.load(path, info["kind"])
+                if ann.ntotal != len(self.keys):
+                    raise UserError(f"{path} holds {ann.ntotal} vectors but the index {len(self.keys)} videos; "
+                                    "rebuild the index")
+            else:
+                ann = AnnIndex.build(self.videos[level].float().numpy())
+                if ann.kind != "flat" and self.directory is not None:
+                    self._keep_ann(ann, level)
+            self._ann[level] = ann
+        return self._ann[level]
+
+    def _keep_ann(self, ann: AnnIndex, level: str) -> None:
+        """Save an ANN index built at load (a large index `hiervl eval` exported) beside the embeddings,
+        so the next search reads it instead of building it again; a read-only index just logs."""
+        from pipeline.atomic_write import write_atomic
+
+        try:
+            ann.save(self.directory / ANN_FILE)
+            self.meta["ann"] = {"level": level, "kind": ann.kind, "file": ANN_FILE}
+            write_atomic(self.directory / INDEX_FILE, json.dumps(self.meta, indent=2) + "\n")
+            log.info("saved the %s ANN index of level %s to %s", ann.kind, level, self.directory / ANN_FILE)
+        except OSError as exc:
+            log.warning("could not save the ANN index to %s (%s): it is rebuilt at every search", self.directory, exc)
+
+    def hit(self, i: int, score: float, levels: dict) -> Hit:
+        path, captions = self.catalog.get(self.keys[i], (None, []))
+        return Hit(self.keys[i], score, levels, path, captions)
+
+
+def global_level(model) -> str | None:
+    """The level the ANN stage searches: the preset's one global (vector) level."""
+    names = [lv.name for lv in model.level_specs if lv.kind == "global"]
+    return names[-1] if names else None
+
+
+def encode_queries(model, queries: list[str]) -> dict[str, torch.Tensor]:
+    """Query-encoder embeddings of `queries`: {level: [B, ...], level_mask: [B, L']} on the model's device."""
+    for q in queries:
+        if not isinstance(q, str) or not q.strip():
+            raise UserError("a search query is empty; give a sentence, e.g. \"a red circle slides left\"")
+    tokenizer = load_tokenizer(model.cfg.model.text.path)
+    device = next(model.parameters()).device
+    parts = []
+    for i in range(0, len(queries), TEXT_CHUNK):
+        tok = tokenizer(queries[i:i + TEXT_CHUNK], padding="max_length", truncation=True,
+                        max_length=model.cfg.data.max_words, return_tensors="pt")
+        parts.append(model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _scores(model, t: dict, videos: dict, rows: torch.Tensor | None, block: int, device) -> dict:
+    """{level and fused: [Bq, n]}: queries `t` against videos[rows] (all when rows is None), in blocks."""
+    n = len(rows) if rows is not None else len(next(iter(videos.values())))
+    parts: dict[str, list] = {}
+    for i in range(0, n, block):
+        sel = rows[i:i + block] if rows is not None else slice(i, i + block)
+        sims = model.similarity(t, {name: v[sel].to(device) for name, v in videos.items()})
+        for name, s in sims.items():
+            parts.setdefault(name, []).append(s.float().cpu())  # [Bq, b]
+    return {name: torch.cat(p, dim=1) for name, p in parts.items()}
 
 
 @torch.no_grad()
-def search(model, index: SearchIndex, query: str, k: int = 10, block: int = 4096) -> list[Hit]:
-    """The top `k` videos of `index` for the text `query`, by the fused similarity."""
-
-    if not query.strip():
-        raise UserError("the search query is empty; give a sentence, e.g. \"a red circle slides left\"")
+def search_batch(model, index: SearchIndex, queries: list[str], k: int = 10, block: int = 4096,
+                 candidates: int = DEFAULT_CANDIDATES, exact: bool = False) -> list[list[Hit]]:
+    """The top `k` videos of `index` for each query, by the fused similarity (see the module docstring)."""
     model.eval()
-    tok = load_tokenizer(model.cfg.model.text.path)(
-        [query], padding="max_length", truncation=True, max_length=model.cfg.data.max_words, return_tensors="pt")
-    device = next(model.parameters()).device
-    t = model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device))  # level -> [1, ...]
     n = len(index.keys)
-    parts: dict[str, list] = {}
-    for i in range(0, n, block):
-        sims = model.similarity(t, {name: v[i:i + block].to(device) for name, v in index.videos.items()})
-        for name, s in sims.items():
-            parts.setdefault(name, []).append(s[0].float().cpu())  # [b]
-    scores = {name: torch.cat(p) for name, p in parts.items()}  # level -> [N]
-    top = torch.topk(scores["fused"], min(k, n)).indices.tolist()
-    return [Hit(index.keys[i], float(scores["fused"][i]), {name: float(s[i]) for name, s in scores.items()
-                                                            if name != "fused"}) for i in top]
+    if n == 0:
+        raise UserError(f"index {index.directory} holds no videos")
+    missing = [name for name in model.levels if name not in index.videos]
+    if missing:
+        raise UserError(f"index {index.directory} has no level {missing[0]!r} (it has {sorted(index.videos)}): "
+                        "another preset's model made it; re-index with this checkpoint")
+    t = encode_queries(model, queries)  # level -> [B, ...]
+    device = next(model.parameters()).device
+    g = global_level(model)
+    shortlist = None  # [B, C] rows per query, or None: every video
+    if g is not None and not exact and max(candidates, k) < n:
+        _, rows = index.ann(g).search(t[g].float().cpu().numpy(), max(candidates, k))  # [B, C]
+        shortlist = rows
+    out = []
+    if shortlist is None:  # brute force: every query against every video, a chunk of queries at a time
+        for c in range(0, len(queries), TEXT_CHUNK):
+            s = _scores(model, {name: x[c:c + TEXT_CHUNK] for name, x in t.items()}, index.videos, None, block,
+                        device)  # name -> [b, N]
+            top = torch.topk(s["fused"], min(k, n), dim=1).indices  # [b, k]
+            out += [[index.hit(j, float(s["fused"][b, j]), {name: float(v[b, j]) for name, v in s.items()
+                                                          if name != "fused"}) for j in top[b].tolist()]
+                    for b in range(len(top))]
+        return out
+    for b in range(len(queries)):  # re-rank each query's shortlist by every level
+        rows = torch.from_numpy(shortlist[b][shortlist[b] >= 0].astype(np.int64))  # [C]
+        s = _scores(model, {name: x[b:b + 1] for name, x in t.items()}, index.videos, rows, block,
+                    device)  # name -> [1, C]
+        top = torch.topk(s["fused"][0], min(k, len(rows))).indices.tolist()
+        out.append([index.hit(int(rows[j]), float(s["fused"][0, j]),
+                              {name: float(v[0, j]) for name, v in s.items() if name != "fused"}) for j in top])
+    return out
 
 
-def format_hits(hits: list[Hit]) -> str:
+def search(model, index: SearchIndex, query: str, k: int = 10, block: int = 4096,
+           candidates: int = DEFAULT_CANDIDATES, exact: bool = False) -> list[Hit]:
+    """The top `k` videos of `index` for the text `query`, by the fused similarity."""
+    return search_batch(model, index, [query], k, block, candidates, exact)[0]
+
+
+def format_hits(hits: list[Hit], caption_width: int = 60) -> str:
+    """A table: rank, fused score, each level's score, key, path and the first caption."""
     levels = list(hits[0].levels) if hits else []
-    head = f"{'rank':>4}  {'score':>7}  " + "".join(f"{name[:12]:>13}" for name in levels) + "  key"
-    rows = [f"{i + 1:>4}  {h.score:7.4f}  " + "".join(f"{h.levels[n]:13.4f}" for n in levels) + f"  {h.key}"
-            for i, h in enumerate(hits)]
+    head = f"{'rank':>4}  {'score':>7}  " + "".join(f"{name[:12]:>13}" for name in levels) + "  key  path  caption"
+    rows = []
+    for i, h in enumerate(hits):
+        cap = h.captions[0] if h.captions else "-"
+        cap = cap if len(cap) <= caption_width else cap[:caption_width - 3] + "..."
+        more = f" (+{len(h.captions) - 1})" if len(h.captions) > 1 else ""
+        rows.append(f"{i + 1:>4}  {h.score:7.4f}  " + "".join(f"{h.levels[n]:13.4f}" for n in levels)
+                    + f"  {h.key}  {h.path or '-'}  {cap}{more}")
     return "\n".join([head] + rows)
+
+
+def hits_to_json(query: str, hits: list[Hit]) -> dict:
+    return {"query": query, "hits": [{"rank": i + 1, "key": h.key, "score": h.score, "levels": h.levels,
+                                      "path": h.path, "captions": h.captions} for i, h in enumerate(hits)]}
+
+
+def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Path | None = None,
+                      manifest: str | Path | None = None, ann: str = "auto", batch_size: int = 16,
+                      num_threads: int = 2, model=None) -> dict:
+    """Embed a folder or manifest of videos with `checkpoint` into a new index at `out`.
+
+    Writes embeddings.parquet, catalog.parquet, index.json (with the model fingerprint) and, unless
+    the ANN kind is exact flat (rebuilt at load in milliseconds), ann.faiss for the global level.
+    Returns a summary {count, skipped, captioned, ann, level}.
+    """
+    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
+    from pipeline.eval.fingerprint import checkpoint_step, model_fingerprint
+    from pipeline.eval.video_index import embed_videos, list_videos
+    from pipeline.train.checkpoint import load_model_for_inference
+
+    entries = list_videos(videos, manifest)  # user errors before the model loads
+    AnnIndex.choose_kind(len(entries), ann)
+    if model is None:
+        model, _ = load_model_for_inference(checkpoint)
+    keys, embedded, skipped = embed_videos(model, entries, batch_size=batch_size, num_threads=num_threads)
+    if not keys:
+        raise UserError(f"none of the {len(entries)} videos could be decoded (first: {skipped[0][0]}: "
+                        f"{skipped[0][1]}); nothing to index")
+    out = Path(out)
+    by_key = {e.key: e for e in entries}
+    catalog = [{"key": k, "path": by_key[k].path, "captions": by_key[k].captions} for k in keys]
+    g = global_level(model)
+    meta = {"checkpoint": str(Path(checkpoint).resolve()), "model": model_fingerprint(model, checkpoint_step(checkpoint)),
+            "source": str(Path(manifest or videos).resolve()), "skipped": len(skipped),
+            "skipped_videos": [{"key": k, "reason": r} for k, r in skipped[:1000]]}
+    kind = AnnIndex.choose_kind(len(keys), ann)
+    if g is not None:
+        meta["ann"] = {"level": g, "kind": kind, "file": ANN_FILE if kind != "flat" else None}
+    export_embeddings(out, EmbeddedSplit(keys, embedded, {}, torch.zeros(0, dtype=torch.long)), meta, catalog=catalog)
+    if g is not None and kind != "flat":
+        AnnIndex.build(embedded[g].numpy(), kind).save(out / ANN_FILE)
+    elif (out / ANN_FILE).exists():
+        (out / ANN_FILE).unlink()  # a stale file from an earlier, larger index in the same folder
+    return {"count": len(keys), "skipped": len(skipped), "captioned": sum(1 for c in catalog if c["captions"]),
+            "ann": kind, "level": g}
+
+
+def frames_for_hits(index: SearchIndex, hits: list[Hit], count: int = 4, data: str | None = None) -> dict:
+    """Contact-sheet frames of each hit: from the dataset's tars (an eval index) or the video files."""
+    data = data or index.data
+    frames = load_frames(data, index.split, [h.key for h in hits], count=count) if data and index.split else {}
+    from pipeline.eval.video_index import count_packets
+
+    for h in hits:
+        if h.key not in frames and h.path and Path(h.path).is_file():
+            try:
+                raw = Path(h.path).read_bytes()
+                frames[h.key] = decode_pyav(raw, frame_indices(count_packets(raw), count, None))
+            except Exception:  # noqa: BLE001 - a thumbnail must not fail the search
+                continue
+    return frames
 
 
 def load_frames(data: str | Path, split: str, keys: list[str], count: int = 4) -> dict[str, np.ndarray]:
     """`count` frames spread over each video, uint8 [count, H, W, 3], read from the dataset's tars."""
 
-    ds = DatasetIndex(data, split)
+    try:
+        ds = DatasetIndex(data, split)
+    except (UserError, OSError):  # the dataset moved or is elsewhere: hits are shown without frames
+        return {}
     where = {key: i for i, key in enumerate(ds.keys)}
     out = {}
     try:

@@ -123,6 +123,7 @@ class Trainer:
         self.momentum_updates = 0  # key-encoder EMA updates: one per optimizer step
         self.best = None
         self.stop_signal = None
+        self.engine_grad_norm = None  # does DeepSpeed's optimizer report the grad norm? (known after a step)
         self.resume_seconds, self.save_seconds = None, None  # for status.json (bench/train.py reads them)
         self.saved_step = None  # the step of the newest checkpoint on disk (so a finished run never rewrites it)
         if plan:
@@ -252,7 +253,18 @@ class Trainer:
             return None
         self.bad_steps = 0
         self.engine.backward(loss)
+        # grad norm, on the last micro-batch of a log step only: DeepSpeed's ZeRO and bf16 optimizers
+        # compute it in step() (get_global_grad_norm); otherwise (plain AdamW, ZeRO-0 fp32) one fused
+        # norm of the averaged gradients before step() frees them, left on the device until the log
+        log_norm = self._logs_this_step() and self.engine.is_gradient_accumulation_boundary()
+        if log_norm and self.engine_grad_norm is not True:
+            window["grad_norm"] = self._local_grad_norm()
         self.engine.step()  # DeepSpeed steps the optimizer (and LR) on the last micro-batch of a step
+        if log_norm and self.engine_grad_norm is not False:
+            norm = self.engine.get_global_grad_norm()
+            self.engine_grad_norm = norm is not None  # decided at the first log step
+            if norm is not None:
+                window["grad_norm"] = norm
         window["loss"] = window["loss"] + loss.detach().float()
         for name, value in out["losses"].items():
             window["losses"][name] = window["losses"].get(name, 0.0) + value.detach().float()
@@ -281,8 +293,25 @@ class Trainer:
 
     def _new_window(self) -> dict:
         """Accumulators between two log steps (device tensors: no sync until they are logged)."""
-        return {"start": time.perf_counter(), "steps": 0, "micro": 0, "data_s": 0.0,
+        return {"start": time.perf_counter(), "steps": 0, "micro": 0, "data_s": 0.0, "paused_s": 0.0,
                 "loss": torch.zeros((), device=self.device), "losses": {}}
+
+    def _eval_due(self) -> bool:
+        return bool(self.cfg.eval.every_steps) and self.step % self.cfg.eval.every_steps == 0
+
+    def _logs_this_step(self, done: bool = False) -> bool:
+        """Whether the optimizer step under way (or, `done`, just taken) ends with a log line."""
+        step = self.step if done else self.step + 1
+        every = self.cfg.eval.every_steps
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or bool(every and step % every == 0)
+
+    def _local_grad_norm(self) -> torch.Tensor:
+        """The L2 norm of all gradients (before clipping), on the device: one fused norm, no host sync.
+        With ZeRO-0 every rank holds the averaged full gradients after the boundary backward."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
     def fit(self) -> int:
         """Steps until train.steps, a signal, or too many non-finite losses; then a final checkpoint.
@@ -293,7 +322,7 @@ class Trainer:
         self.stop_requested = False
         self._install_signal_handlers()
         self._iter = iter(self.loader)
-        tb, bar = self._open_outputs()
+        monitor, bar = self._open_outputs()
         exit_code, reason = EXIT_OK, "finished"
         window = self._new_window()
         try:
@@ -302,11 +331,14 @@ class Trainer:
                 window["steps"] += 1
                 if bar is not None:
                     bar.update(1)
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps or self.stop_requested:
-                    self._log_window(tb, bar, window)
+                evaluation = None
+                if self._eval_due():  # before the log line, which carries its R@k (its time is not counted)
+                    t0 = time.perf_counter()
+                    evaluation = self._evaluate()
+                    window["paused_s"] += time.perf_counter() - t0
+                if self._logs_this_step(done=True) or self.stop_requested:
+                    self._log_window(monitor, bar, window, evaluation)
                     window = self._new_window()
-                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-                    self._evaluate()
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.train.steps:
                     self.save()
                 if self.stop_requested:
@@ -321,30 +353,28 @@ class Trainer:
                 bar.close()
         # the final checkpoint, unless this step's is already on disk (a rerun of a finished run)
         tag = self.save() if self.saved_step != self.step else ckpt.tag_for(self.step)
-        if tb is not None:
-            tb.close()
+        if monitor is not None:
+            monitor.close()
         self._write_status(reason, tag, exit_code)
         return exit_code
 
     def _open_outputs(self):
-        """TensorBoard writer and progress bar (rank 0 only)."""
+        """The monitor (metrics.jsonl, TensorBoard, W&B) and progress bar (rank 0 only)."""
         if self.rank != 0:
             return None, None
         from tqdm import tqdm
 
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from pipeline.train.monitor import Monitor
 
-            tb = SummaryWriter(str(self.out / "tensorboard"))
-        except ImportError:  # e.g. a bare GPU image: metrics.jsonl still has every figure
-            log.warning("tensorboard is not installed: metrics go to %s only", self.out / "metrics.jsonl")
-            tb = None
+        monitor = Monitor.open(self.cfg, self.out)
         bar = tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=2)
-        return tb, bar
+        return monitor, bar
 
-    def _log_window(self, tb, bar, window: dict) -> None:
-        """Reduce the window's losses over ranks (the log step's sync) and write one metrics line:
-        losses are means over the window's micro-batches; samples/s and data-wait share over its wall time."""
+    def _log_window(self, monitor, bar, window: dict, evaluation: dict | None = None) -> None:
+        """Reduce the window's losses over ranks (the log step's sync) and write one metrics record:
+        losses are means over the window's micro-batches; samples/s and data-wait share over its wall
+        time (an evaluation's excluded); the grad norm and temperatures of this step; and, when this
+        step evaluated, eval R@1/5/10, MdR, MnR per level and fused, both directions."""
         micro = max(window["micro"], 1)
         names = sorted(window["losses"])
         local = torch.stack([window["loss"].reshape(())] + [window["losses"][n].reshape(()) for n in names]) / micro
@@ -352,28 +382,28 @@ class Trainer:
         total, losses = values[0], dict(zip(names, values[1:]))
         if self.rank != 0:
             return
-        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        elapsed = max(time.perf_counter() - window["start"] - window["paused_s"], 1e-9)
         lr = self._lr()
         samples = window["steps"] * self.cfg.data.batch_size * self.world * self.cfg.train.grad_accum
+        grad_norm = window.get("grad_norm")
+        temperature = (1.0 / self.model.logit_scale.detach().float().exp()).tolist()  # [n_levels]; hinge: unused
         record = {
             "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen, "loss": total,
             "losses": losses, "lr": lr, "samples_per_s": samples / elapsed,
             "data_wait_share": min(window["data_s"] / elapsed, 1.0),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "temperature": dict(zip(self.model.levels, temperature)) if self.cfg.model.loss == "infonce" else {},
             "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total, "time": time.time(),
         }
-        self._append_jsonl(self.out / "metrics.jsonl", record)
-        if tb is not None:
-            tb.add_scalar("loss/total", total, self.step)
-            for name, value in losses.items():
-                tb.add_scalar(f"loss/{name}", value, self.step)
-            tb.add_scalar("lr", lr, self.step)
-            tb.add_scalar("samples_per_s", record["samples_per_s"], self.step)
-            tb.add_scalar("data_wait_share", record["data_wait_share"], self.step)
+        if evaluation is not None:
+            record["eval"] = {d: {name: {m: evaluation[d][name][m] for m in ("R1", "R5", "R10", "MdR", "MnR")}
+                                  for name in evaluation[d]} for d in ("t2v", "v2t")}
+        monitor.log(record)
         if bar is not None:
             bar.set_postfix(loss=f"{total:.3f}", sps=f"{record['samples_per_s']:.0f}", lr=f"{lr:.2e}", refresh=False)
 
-    def _evaluate(self) -> None:
-        """Evaluation hook: R@1/5/10 on eval.split; the best checkpoint (by R@sum) is kept."""
+    def _evaluate(self) -> dict:
+        """Evaluation hook: R@1/5/10 on eval.split; the best checkpoint (by R@sum) is kept. Returns the result."""
         from pipeline.eval.evaluate import evaluate_model
 
         self.model.eval()
@@ -389,6 +419,7 @@ class Trainer:
             self.save()
             if self.rank == 0:
                 (self.out / "best.json").write_text(json.dumps(self.best, indent=2) + "\n")
+        return result
 
     def _write_status(self, reason: str, tag: str, exit_code: int) -> None:
         if self.rank == 0:
