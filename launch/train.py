@@ -46,7 +46,8 @@ def main(args, cfg) -> int:
     with absolute paths, then start the ranks; --dry-run prints the command and creates nothing."""
     import torch
 
-    from pipeline.train.preflight import absolute_paths, check_training_run
+    from pipeline.run_paths import absolute_paths
+    from pipeline.train.preflight import check_training_run
 
     check_training_run(cfg, world_size=cfg.train.ranks)
     cfg = absolute_paths(cfg)  # the run folder's config.yaml and every checkpoint work from any directory
@@ -72,7 +73,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     from pipeline.train.trainer import run
 
     try:
-        from pipeline.train.preflight import absolute_paths
+        from pipeline.run_paths import absolute_paths
 
         cfg = absolute_paths(load_config(args.config, args.overrides))  # as `hiervl train` stores it
         return run(cfg)

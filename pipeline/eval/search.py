@@ -32,6 +32,7 @@ from pipeline.data.sampler import frame_indices
 from pipeline.errors import UserError
 from pipeline.eval.evaluate import EMBEDDINGS_FILE, INDEX_FILE
 from pipeline.model.text_model import load_tokenizer
+from pipeline.run_paths import find_recorded
 
 
 @dataclass
@@ -65,6 +66,7 @@ class SearchIndex:
             raise UserError(f"{directory} is not a search index (no {INDEX_FILE}); make one with "
                             "`hiervl eval --checkpoint RUN --data SHARDS --split SPLIT --out DIR`")
         meta = json.loads(meta_path.read_text())
+        meta["data"] = find_recorded(meta.get("data"), directory)  # a relative path of an older index
         table = pq.read_table(directory / meta.get("embeddings", EMBEDDINGS_FILE))
         keys_col = table.column("key").to_pylist()
         levels_col = np.array(table.column("level").to_pylist())

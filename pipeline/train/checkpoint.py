@@ -395,6 +395,10 @@ def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
     path = Path(path)
     if (path / META).is_file():
         tag_dir = path
+        problem = verify(path.parent, path.name)
+        if problem is not None:
+            raise UserError(f"checkpoint {path} is damaged ({problem}); point --checkpoint at its run folder "
+                            "to take the newest intact checkpoint")
     else:
         ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         tag = find_latest(ckpt_dir) if ckpt_dir.is_dir() else None

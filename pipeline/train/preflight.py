@@ -4,48 +4,20 @@
 wrong `train.resume`, a `data.path` that is not a prepared dataset (or has too few samples of
 `data.split` for one global batch), a missing `eval.split` and a DeepSpeed JSON that disagrees
 with the config are one line and exit 2 within a second, not a traceback per rank half a minute
-later. (Checks within the config alone run at load: `Config.__post_init__`.) `absolute_paths`
-makes the local paths of a config absolute, so the config stored in the run folder and in every
-checkpoint works from any directory.
+later. (Checks within the config alone run at load: `Config.__post_init__`.)
 
-Owns: the parent's checks of a training run; making a config's local paths absolute.
+Owns: the parent's checks of a training run.
 Must not touch: what the ranks do (pipeline/train/trainer.py), the checkpoint format (checkpoint.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError
+from pipeline.run_paths import is_url
 from pipeline.train.checkpoint import META, checkpoint_dir
 from pipeline.train.deepspeed_config import build_deepspeed_config
-
-
-def is_url(path: str) -> bool:
-    """An object-store or web address (`s3://`, `gs://`, `http(s)://`): left as written."""
-    return "://" in str(path)
-
-
-def absolute(path: str | None) -> str | None:
-    """`path` made absolute (from the current directory) unless it is None, a URL or already absolute."""
-    if path is None or is_url(path) or Path(path).is_absolute():
-        return path
-    return str(Path(path).resolve())
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """A copy of `cfg` whose local paths are absolute: data.path, train.out_dir,
-    train.deepspeed_config, a train.resume path, model.vision.clip_path and a model.text.path."""
-    t, m = cfg.train, cfg.model
-    resume = t.resume if t.resume in ("auto", "never") else absolute(t.resume)
-    text_path = m.text.path if m.text.path == "default" else absolute(m.text.path)
-    return dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
-        train=dataclasses.replace(t, out_dir=absolute(t.out_dir), deepspeed_config=absolute(t.deepspeed_config),
-                                  resume=resume),
-        model=dataclasses.replace(m, vision=dataclasses.replace(m.vision, clip_path=absolute(m.vision.clip_path)),
-                                  text=dataclasses.replace(m.text, path=text_path)))
 
 
 def check_resume(resume: str) -> None:
