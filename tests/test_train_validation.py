@@ -85,6 +85,8 @@ def _refused(res, out, *needles):
     (["train.resume=latest"], ["train.resume=latest", "did you mean auto?"]),
     (["train.resume={tmp}"], ["no complete checkpoint there"]),
     (["data.path={tmp}/nowhere"], ["data.path=", "does not exist", "hiervl prep"]),
+    (["data.path={data}/manifest.parquet"], ["is a file, not a dataset folder"]),
+    (["train.out_dir={data}/manifest.parquet/run"], ["manifest.parquet is a file, so the folder cannot be made"]),
     (["data.path={tmp}"], ["is not a prepared dataset (no manifest.parquet"]),
     (["data.path={data}", "data.batch_size=8"], ["has 8 samples, fewer than one global batch", "x 2 ranks"]),
     (["data.path={data}", "data.split=val"], ["no samples of data.split=val", "train (8)"]),

@@ -233,9 +233,13 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
     if dist.is_main():
         try:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if tag_dir.exists() and read_meta(ckpt_dir, tag) is None:
-                shutil.rmtree(tag_dir)  # a half-written one from a killed run at the same step
-            tag_dir.mkdir(exist_ok=True)
+            # A folder of this step is stale: half-written by a killed run, or damaged and skipped at
+            # resume. Its files (another world size's rank and optimizer files) must not outlive it,
+            # nor its universal conversion.
+            if tag_dir.exists():
+                shutil.rmtree(tag_dir)
+            shutil.rmtree(ckpt_dir / f"{tag}_universal", ignore_errors=True)
+            tag_dir.mkdir()
         except Exception as exc:  # noqa: BLE001 - classified below; anything else re-raised
             problem = _write_error(exc, tag_dir, ckpt_dir)
             if problem is None:

@@ -1,10 +1,11 @@
 """Checks of a training run that need the filesystem, made before DeepSpeed starts any rank.
 
-`hiervl train` (and `hiervl submit local`) call `check_training_run` in the parent process, so a
-wrong `train.resume`, a `data.path` that is not a prepared dataset (or has too few samples of
-`data.split` for one global batch), a missing `eval.split` and a DeepSpeed JSON that disagrees
-with the config are one line and exit 2 within a second, not a traceback per rank half a minute
-later. (Checks within the config alone run at load: `Config.__post_init__`.)
+`hiervl train` calls `check_training_run` in the parent process, so a wrong `train.resume`, a
+`train.out_dir` that is a file or not writable, a `data.path` that is not a prepared dataset (or
+has too few samples of `data.split` for one global batch), a missing `eval.split` and a DeepSpeed
+JSON that disagrees with the config are one line and exit 2 within seconds, not a traceback per
+rank half a minute later. (Checks within the config alone run at load: `Config.__post_init__`.)
+`hiervl submit` does not call it: a cluster's paths need not exist where the job is submitted.
 
 Owns: the parent's checks of a training run.
 Must not touch: what the ranks do (pipeline/train/trainer.py), the checkpoint format (checkpoint.py).
@@ -12,6 +13,7 @@ Must not touch: what the ranks do (pipeline/train/trainer.py), the checkpoint fo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError
@@ -60,7 +62,8 @@ def check_dataset(cfg: Config, world_size: int) -> None:
     root = Path(d.path)
     make = "make one with `hiervl prep --input MANIFEST --out DIR` and set data.path=DIR"
     if not root.is_dir():
-        raise ConfigError(f"data.path={d.path} does not exist; {make}")
+        what = "is a file, not a dataset folder" if root.exists() else "does not exist"
+        raise ConfigError(f"data.path={d.path} {what}; {make}")
     if not (root / MANIFEST_FILE).is_file():
         raise ConfigError(f"data.path={d.path} is not a prepared dataset (no {MANIFEST_FILE}, dataset.json); {make}")
     read_dataset_info(root)  # a dataset of another schema version is refused, naming the fix
@@ -78,8 +81,21 @@ def check_dataset(cfg: Config, world_size: int) -> None:
                           f"{d.path} does not have (it has: {have}); set eval.split or eval.every_steps=0")
 
 
+def check_out_dir(out_dir: str) -> None:
+    """train.out_dir is a folder, or can be made as one, that this user may write."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"train.out_dir={out_dir} is a file; give a folder for the run (it is created if missing)")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"train.out_dir={out_dir}: {existing} is a file, so the folder cannot be made; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.out_dir={out_dir}: {existing} is not writable by this user; give a folder you can write")
+
+
 def check_training_run(cfg: Config, world_size: int) -> None:
     """Everything a training run of `world_size` ranks can be refused for before a rank starts."""
+    check_out_dir(cfg.train.out_dir)
     check_resume(cfg.train.resume)
     check_dataset(cfg, world_size)
     build_deepspeed_config(cfg, world_size)  # a user DeepSpeed JSON that disagrees with the config
