@@ -110,6 +110,17 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(two_checkpoints)
         ckpt.plan_resume("auto", two_checkpoints.parent, world_size=1, zero_stage=0)
 
 
+@pytest.mark.parametrize("meta_text", ["{not json", json.dumps({"world_size": 1, "zero_stage": 0,
+                                                                     "files": {"rank0.pt": 5}})])
+def test_a_garbled_meta_json_falls_back_too(two_checkpoints, warnings_logged, meta_text):
+    """meta.json itself unreadable (incomplete) or its manifest edited into nonsense (damaged): no traceback."""
+    (two_checkpoints / "step00000006" / ckpt.META).write_text(meta_text)
+    assert ckpt.find_latest(two_checkpoints) == "step00000003"
+    warnings = warnings_logged()
+    assert len(warnings) == 1 and "step00000006" in warnings[0], warnings
+    assert ("incomplete" if meta_text.startswith("{not") else "malformed manifest entry for 'rank0.pt'") in warnings[0]
+
+
 def test_a_checkpoint_from_before_manifests_still_resumes(tmp_path):
     tag_dir = tmp_path / "checkpoints" / "step00000004"
     tag_dir.mkdir(parents=True)
@@ -119,6 +130,16 @@ def test_a_checkpoint_from_before_manifests_still_resumes(tmp_path):
 
 
 # ------------------------------------------------------------------------------ a full disk
+
+
+def _free_port() -> str:
+    """launch.master_port for a run: a port free now, not the shared default 29500 (runs of other
+    checkouts on this machine that picked it too would join this run's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"launch.master_port={sock.getsockname()[1]}"
 
 
 def _tmpfs(path: Path, size: str) -> bool:
@@ -188,7 +209,7 @@ def test_full_disk_during_a_two_rank_checkpoint_is_one_line_and_keeps_the_previo
     out = small_disk / "run"
     cmd = [sys.executable, "-m", "launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *SMALL,
            f"data.path={shards}", f"train.out_dir={out}", "train.ranks=2", "train.steps=3",
-           "checkpoint.every_steps=1", "checkpoint.keep=5", "model.text.freeze_embeddings=true"]
+           "checkpoint.every_steps=1", "checkpoint.keep=5", "model.text.freeze_embeddings=true", _free_port()]
     res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-5000:]
     _assert_disk_full_reported(res, out / "checkpoints", out)

@@ -91,6 +91,7 @@ def _refused(res, out, *needles):
     (["data.path={data}", "data.batch_size=8"], ["has 8 samples, fewer than one global batch", "x 2 ranks"]),
     (["data.path={data}", "data.split=val"], ["no samples of data.split=val", "train (8)"]),
     (["data.path={data}", "eval.every_steps=5"], ["eval.split=test", "eval.every_steps=0"]),
+    (["data.path={data}", "train.deepspeed_config={tmp}"], ["train.deepspeed_config=", "is not a file"]),
     (["data.path={data}", "data.num_frames=100"], ["data.num_frames=100 exceeds model.max_frames=64"]),
     (["data.path={data}", "data.size=28", "data.short_side=36"], ["not a multiple of model.vision.patch_size=8"]),
     (["data.path={data}", "model.level_weights={{bogus: 1.0}}"], ["model.level_weights names ['bogus']"]),
@@ -230,6 +231,16 @@ def test_recorded_relative_paths_are_found_from_the_run_folder(tmp_path, monkeyp
     assert cfg.train.resume == "auto" and cfg.model.text.path == "default"
 
 
+def _free_port() -> str:
+    """launch.master_port for a run: a port free now, not the shared default 29500 (runs of other
+    checkouts on this machine that picked it too would join this run's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"launch.master_port={sock.getsockname()[1]}"
+
+
 @pytest.fixture(scope="module")
 def relative_run(tmp_path_factory):
     """`hiervl train` from directory A with relative data.path, train.out_dir and a user DeepSpeed
@@ -244,7 +255,7 @@ def relative_run(tmp_path_factory):
     res = hiervl("train", "--config", TINY, f"data.path={os.path.relpath(shards, a)}", "train.out_dir=runs/r",
                  "train.deepspeed_config=ds.json", "train.ranks=1", "data.batch_size=4", "train.steps=4",
                  "train.log_every=1", "optimizer.warmup_steps=2", "eval.every_steps=2", "checkpoint.every_steps=2",
-                 "eval.split=test", "eval.batch_size=8", cwd=a, timeout=900)
+                 "eval.split=test", "eval.batch_size=8", _free_port(), cwd=a, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return {"root": root, "out": a / "runs/r", "shards": shards.resolve()}
 

@@ -104,6 +104,8 @@ def verify(ckpt_dir: Path, tag: str, meta: dict | None = None) -> str | None:
         return None  # written before checkpoints carried a manifest: nothing to check against
     tag_dir = ckpt_dir / tag
     for name, want in sorted(files.items()):  # sizes first: a truncated file is found without reading
+        if not (isinstance(want, dict) and isinstance(want.get("size"), int) and isinstance(want.get("sha256"), str)):
+            return f"{tag_dir / META} has a malformed manifest entry for {name!r}"
         path = tag_dir / name
         if not path.is_file():
             return f"{path} is missing"

@@ -37,7 +37,8 @@ def use_bf16(cfg: Config) -> bool:
 def _user_deepspeed_json(cfg: Config) -> dict:
     path = Path(cfg.train.deepspeed_config)
     if not path.is_file():
-        raise ConfigError(f"train.deepspeed_config={path} does not exist; give a DeepSpeed JSON file or null")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"train.deepspeed_config={path} {what}; give a DeepSpeed JSON file or null")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
