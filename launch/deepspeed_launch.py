@@ -17,7 +17,9 @@ Must not touch: child environments and signals (launch/processes.py) or training
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -67,18 +69,59 @@ def hostfile_text(hosts, slots: int) -> str:
     return "".join(f"{h} slots={slots}\n" for h in hosts)
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def check_host(name: str, where: str) -> str:
+    """`name` when it is a host name (dot-separated labels of letters, digits, '-', '_') or an IP
+    address; else a ValueError naming `where` (argparse turns it into its usage error)."""
+    try:
+        ipaddress.ip_address(name)
+        return name
+    except ValueError:
+        pass
+    if not name or len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"{where}: {name!r} is not a host name or IP address (letters, digits, '-', '.', e.g. node1 "
+                         "or 10.0.0.1)")
+    return name
+
+
+def _read_hostfile(path: Path) -> list[str]:
+    """Host names of a DeepSpeed hostfile (`host slots=N` lines, `#` comments), each line checked."""
+    from pipeline.errors import UserError
+
+    names = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        words = line.split()
+        try:
+            check_host(words[0], f"{path} line {number}")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if len(words) > 2 or (len(words) == 2 and not re.fullmatch(r"slots=[1-9][0-9]*", words[1])):
+            raise UserError(f"{path} line {number}: {line!r} is not `host slots=N` (N >= 1)")
+        if words[0] in names:
+            raise UserError(f"{path} line {number}: host {words[0]} is listed twice; each node once")
+        names.append(words[0])
+    if not names:
+        raise UserError(f"hostfile {path} names no hosts; give `host slots=N` lines")
+    return names
+
+
 def resolve_hosts(hostfile, hosts, default_path, slots: int):
-    """(hosts, hostfile path, hostfile text to write or None) from --hostfile FILE or --hosts a,b."""
+    """(hosts, hostfile path, hostfile text to write or None) from --hostfile FILE or --hosts a,b
+    (a list already checked by `check_host`, or a comma-separated string)."""
     from pipeline.errors import UserError
 
     if hostfile:
         path = Path(hostfile).resolve()
         if not path.is_file():
             raise UserError(f"hostfile {path} does not exist; give `host slots=N` lines, or use --hosts a,b")
-        names = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        return names, path, None
+        return _read_hostfile(path), path, None
     if hosts:
-        names = [h.strip() for h in hosts.split(",") if h.strip()]
+        names = [h.strip() for h in hosts.split(",") if h.strip()] if isinstance(hosts, str) else list(hosts)
         return names, Path(default_path), hostfile_text(names, slots)
     raise UserError("submit deepspeed needs --hosts a,b or --hostfile FILE")
 

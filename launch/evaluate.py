@@ -61,11 +61,16 @@ def refuse_model_overrides(overrides: list[str], command: str = "eval") -> None:
                         "trained with it); drop the model.* override, or train a model with it")
 
 
-def merged_config(ckpt_cfg, cli_cfg, data: str | None):
+def merged_config(ckpt_cfg, cli_cfg, data: str | None, checkpoint: str | None = None):
     """The checkpoint's config (model, frames, tokens: what the weights expect), with the data
-    path, the decoder settings and the eval section taken from the command line."""
+    path, the decoder settings and the eval section taken from the command line. The data path is
+    absolute (it goes into index.json): --data from here, else the checkpoint's data.path (a
+    relative one, from a run older than absolute paths, found from the checkpoint's folder)."""
+    from pipeline.run_paths import absolute, find_recorded
+
     d = ckpt_cfg.data
-    data_cfg = dataclasses.replace(d, path=data or d.path, decoder=cli_cfg.data.decoder, device=cli_cfg.data.device,
+    path = absolute(data) if data else absolute(find_recorded(d.path, checkpoint or "."))
+    data_cfg = dataclasses.replace(d, path=path, decoder=cli_cfg.data.decoder, device=cli_cfg.data.device,
                                    num_threads=cli_cfg.data.num_threads)
     # storage (endpoint, retries, cache) is where this machine reads from now, not what the run used
     return dataclasses.replace(ckpt_cfg, data=data_cfg, eval=cli_cfg.eval, storage=cli_cfg.storage)
@@ -85,7 +90,7 @@ def main(args, cfg) -> int:
     setup_logging(info.rank)
     try:
         model, ckpt_cfg = load_model_for_inference(args.checkpoint)
-        run_cfg = merged_config(ckpt_cfg, cfg, args.data)
+        run_cfg = merged_config(ckpt_cfg, cfg, args.data, args.checkpoint)
         if torch.cuda.is_available():
             model = model.to(f"cuda:{info.local_rank % torch.cuda.device_count()}")
         split = args.split or cfg.eval.split

@@ -10,6 +10,7 @@ Must not touch: launcher argv (deepspeed_launch), environments and signals (proc
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -32,16 +33,50 @@ Example: hiervl submit slurm --config configs/base.yaml --nodes 2 --gpus-per-nod
 ACTIONS = ("local", "deepspeed", "slurm", "ray", "status", "cancel")
 
 
+def _count(minimum: int, what: str):
+    """An argparse type: an integer >= minimum (argparse reports anything else, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} {what}; give {minimum} or more")
+        return value
+    return parse
+
+
+def _host_list(text: str) -> list[str]:
+    """An argparse type: comma-separated host names or addresses, none empty, none twice."""
+    names = [h.strip() for h in text.split(",")]
+    if any(not h for h in names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty host name; give names like node1,node2")
+    for name in names:
+        _host(name)
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names a host twice; each node once")
+    return names
+
+
+def _host(text: str) -> str:
+    """An argparse type: one host name or IP address."""
+    try:
+        return ds.check_host(text.strip(), "host")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("host: ")) from None
+
+
 def add_arguments(p) -> None:
     p.add_argument("action", choices=ACTIONS)
     p.add_argument("job", nargs="?", help="status/cancel: the SLURM job id")
-    p.add_argument("--nodes", type=int, help="launch.nodes"), p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--nodes", type=_count(1, "nodes is too few"), help="launch.nodes (>= 1)")
+    p.add_argument("--gpus-per-node", type=_count(0, "GPUs per node is negative"), help="launch.gpus_per_node (0: CPU ranks)")
     p.add_argument("--dry-run", action="store_true", help="print the script/commands and exit")
-    p.add_argument("--hosts", help="deepspeed: comma-separated hosts (first = master)")
+    p.add_argument("--hosts", type=_host_list, help="deepspeed: comma-separated hosts (first = master)")
     p.add_argument("--hostfile", help="deepspeed: an existing hostfile (`host slots=N` lines)")
     p.add_argument("--no-ssh", action="store_true", help="deepspeed: one launcher per node, no pdsh")
-    p.add_argument("--node-rank", type=int, help="deepspeed --no-ssh: run this node's launcher")
-    p.add_argument("--master-addr", help="deepspeed: master address (default: the first host)")
+    p.add_argument("--node-rank", type=_count(0, "is not a node rank"), help="deepspeed --no-ssh: run this node's launcher")
+    p.add_argument("--master-addr", type=_host, help="deepspeed: master address (default: the first host)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"), help="ray: dashboard address")
     p.add_argument("--input", help="ray prep: manifest"), p.add_argument("--out", help="ray prep: output folder")
     p.add_argument("--train", action="store_true", help="ray: submit training instead of prep")
@@ -66,7 +101,7 @@ def main(args, cfg) -> int:
         return 0
     if args.job:  # argparse put the first KEY=VALUE override into `job`: apply it too
         cfg = load_config(args.config, [args.job] + list(args.overrides))
-    cfg.launch.nodes = args.nodes or cfg.launch.nodes
+    cfg.launch.nodes = cfg.launch.nodes if args.nodes is None else args.nodes
     cfg.launch.gpus_per_node = cfg.launch.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
     gpus = cfg.launch.gpus_per_node > 0
     if args.action == "ray":
@@ -103,6 +138,9 @@ def main(args, cfg) -> int:
     env["DS_ENV_FILE"] = str(out / ".deepspeed_env")
     if not args.no_ssh:
         return _run_or_print(args, [ds.pdsh_command(cfg, config_path, hostfile, master_addr=master, log_dir=log_dir)], env)
+    if args.node_rank is not None and args.node_rank >= len(hosts):
+        raise UserError(f"--node-rank {args.node_rank} but the hostfile names {len(hosts)} hosts (ranks 0 to "
+                        f"{len(hosts) - 1}); give one of those")
     ranks = range(len(hosts)) if args.node_rank is None else [args.node_rank]
     cmds = [ds.node_command(cfg, config_path, hostfile, node_rank=r, master_addr=master, log_dir=log_dir) for r in ranks]
     if args.node_rank is None and not args.dry_run:

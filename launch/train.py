@@ -15,6 +15,7 @@ launch/processes.py), or training (pipeline/train/).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,11 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args, cfg) -> int:
+    """Check the run here (one line, exit 2, before any rank starts), write the resolved config
+    with absolute paths, then start the ranks; --dry-run prints the command and creates nothing."""
     import torch
 
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "config.yaml"
+    from pipeline.run_paths import absolute_paths
+    from pipeline.train.preflight import check_training_run
+
+    check_training_run(cfg, world_size=cfg.train.ranks)
+    cfg = absolute_paths(cfg)  # the run folder's config.yaml and every checkpoint work from any directory
+    config_path = Path(cfg.train.out_dir) / "config.yaml"
     gpus = torch.cuda.is_available()
     cmd = ds.local_command(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
     if args.dry_run:
@@ -70,10 +76,14 @@ def rank_main(argv: list[str] | None = None) -> int:
     from pipeline.train.trainer import run
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        from pipeline.run_paths import absolute_paths
+
+        cfg = absolute_paths(load_config(args.config, args.overrides))  # as `hiervl train` stores it
         return run(cfg)
     except (ConfigError, UserError) as exc:
-        print(f"hiervl train: error: {exc}", file=sys.stderr)
+        # an error every rank raised alike (a checkpoint write, a resume plan) is reported by rank 0 alone
+        if not getattr(exc, "same_on_every_rank", False) or os.environ.get("RANK", "0") == "0":
+            print(f"hiervl train: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
 
 

@@ -282,7 +282,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 100  # 0 = only at the end
-    keep: int = 2  # newest complete checkpoints kept
+    keep: int = 2  # newest complete checkpoints kept (>= 2: a resume can fall back past a damaged newest one)
 
     def __post_init__(self):
         _positive("checkpoint.every_steps", self.every_steps, allow_zero=True)

@@ -3,7 +3,9 @@
 Owns: `injected(name, step)`, true when the environment variable HIERVL_FAULT names the fault
 (and, when given, HIERVL_FAULT_AFTER is below `step`). tests/test_train.py sets them to prove that a
 run killed while writing a checkpoint resumes from the last complete one (`kill-during-checkpoint`)
-and that a non-finite loss is skipped and counted (`nan-loss`). Unset, every call is false.
+and that a non-finite loss is skipped and counted (`nan-loss`); tests/test_checkpoint_integrity.py
+sets `disk-full-during-checkpoint` (ENOSPC raised at the per-rank checkpoint write, for machines
+where a real full filesystem cannot be mounted). Unset, every call is false.
 Must not touch: anything else; the caller decides what the fault does.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-FAULTS = ("kill-during-checkpoint", "nan-loss")
+FAULTS = ("kill-during-checkpoint", "nan-loss", "disk-full-during-checkpoint")
 
 
 def injected(name: str, step: int | None = None) -> bool:

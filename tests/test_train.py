@@ -105,6 +105,47 @@ def test_kill_during_checkpoint_then_resume_is_identical(shards, straight, tmp_p
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=0), key
 
 
+def _assert_same_as_straight(straight, out):
+    """Per-step losses, LRs, every rank's sample keys, final weights and queues equal the straight run's."""
+    ref, got = _metrics(straight), _metrics(out)
+    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(ref)
+    for step in range(1, STEPS + 1):
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-6), step
+        assert got[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-9), step
+    for rank in (0, 1):
+        ref_keys, got_keys = _samples(straight, rank), _samples(out, rank)
+        assert [got_keys[s]["keys"] for s in range(1, STEPS + 1)] == [ref_keys[s]["keys"] for s in range(1, STEPS + 1)]
+    tag = f"step{STEPS:08d}"
+    a, b = _module_state(straight, tag), _module_state(out, tag)
+    assert a.keys() == b.keys() and any("queue" in k for k in a)
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=0), key
+
+
+def test_a_corrupted_newest_checkpoint_resumes_from_the_previous_one_and_equals_a_straight_run(
+        shards, straight, tmp_path):
+    """Checkpoints 3 and 6 complete, then killed while writing 9; step 6's model states are then
+    truncated (a disk error, a bad copy). The same command warns once, naming the file, resumes
+    from step 3 and ends exactly where the straight run does (no crash loop on requeue)."""
+    out = tmp_path / "corrupted"
+    res = _train(shards, out, env=_env(HIERVL_FAULT="kill-during-checkpoint", HIERVL_FAULT_AFTER="6"))
+    assert res.returncode != 0
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step00000006"
+    bad = ckpts / "step00000006" / "mp_rank_00_model_states.pt"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:len(data) // 2])
+
+    res = _train(shards, out)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    log = res.stdout + res.stderr
+    damaged = [line for line in log.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1, damaged
+    assert str(bad) in damaged[0] and "(truncated)" in damaged[0] and "resuming from step00000003" in damaged[0]
+    assert "Traceback" not in log and "at step 3 (epoch" in log
+    _assert_same_as_straight(straight, out)
+
+
 def _train_keys(shards):
     table = pq.read_table(shards / "manifest.parquet", columns=["key", "split"]).to_pylist()
     return sorted(r["key"] for r in table if r["split"] == "train")

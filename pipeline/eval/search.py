@@ -43,6 +43,7 @@ from pipeline.eval.ann import AnnIndex
 from pipeline.eval.evaluate import CATALOG_FILE, EMBEDDINGS_FILE, INDEX_FILE
 from pipeline.log import get_logger
 from pipeline.model.text_model import load_tokenizer
+from pipeline.run_paths import find_recorded
 
 log = get_logger(__name__)
 ANN_FILE = "ann.faiss"
@@ -91,6 +92,7 @@ class SearchIndex:
                             "`hiervl search index --checkpoint RUN --videos DIR --out DIR` or "
                             "`hiervl eval --checkpoint RUN --data SHARDS --split SPLIT --out DIR`")
         meta = json.loads(meta_path.read_text())
+        meta["data"] = find_recorded(meta.get("data"), directory)  # a relative path of an older index
         table = pq.read_table(directory / meta.get("embeddings", EMBEDDINGS_FILE))
         keys_col = table.column("key").to_pylist()
         levels_col = np.array(table.column("level").to_pylist())

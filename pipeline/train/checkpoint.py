@@ -3,12 +3,19 @@
 Layout under `<train.out_dir>/checkpoints/`:
   step00000100/                 DeepSpeed's files (model, optimizer, scheduler, engine state)
   step00000100/rank{R}.pt       per-rank state: RNG (Python, NumPy, torch) and the loader state
-  step00000100/meta.json        written by rank 0 after EVERY rank finished: the completion mark
+  step00000100/meta.json        written by rank 0 after EVERY rank finished: the completion mark,
+                                with the manifest ("files": size and sha256 of every other file)
   step00000100_universal/       DeepSpeed universal checkpoint, made on a world-size change
   latest                        tag of the newest complete checkpoint (pipeline/atomic_write.py)
 
 A checkpoint directory without `meta.json` is incomplete (a kill during the write) and is never
 resumed from; `latest` moves only after the mark is written, so it always names a loadable one.
+A complete checkpoint whose files no longer match its manifest (truncated, overwritten, deleted)
+is damaged: resume and inference skip it with one warning naming the file and take the newest
+intact one before it, so a requeued job never crash-loops on a bad newest checkpoint.
+A write that fails (a full disk, no permission) is one `CheckpointWriteError` on every rank
+("No space left on device while writing <dir>"): the partial directory is removed, `latest` and
+the previous checkpoint are untouched.
 
 Owns: checkpoint layout, save with the `latest` commit, resume planning, universal conversion,
 loading for inference.
@@ -17,6 +24,8 @@ Must not touch: the training loop.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -41,6 +50,17 @@ log = get_logger(__name__)
 META = "meta.json"
 
 
+HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a checkpoint file
+LOW_SPACE = 64 << 20  # a write error with less than this free on the filesystem is a full disk
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, permission): raised alike on every rank, so
+    only rank 0 reports it (`same_on_every_rank`)."""
+
+    same_on_every_rank = True
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
@@ -59,18 +79,77 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict | None:
         return None
 
 
-def find_latest(ckpt_dir: str | Path) -> str | None:
-    """Tag of the newest complete checkpoint: `latest` if it is complete, else the newest marked one."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_manifest(tag_dir: Path) -> dict:
+    """{path relative to tag_dir: {"size", "sha256"}} for every file of a checkpoint but meta.json."""
+    files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != META)
+    return {p.relative_to(tag_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def verify(ckpt_dir: Path, tag: str, meta: dict | None = None) -> str | None:
+    """None when every file in the checkpoint's manifest has its recorded size and sha256, else
+    what is wrong with the first file that does not (a checkpoint written before manifests passes)."""
+    meta = read_meta(ckpt_dir, tag) if meta is None else meta
+    if meta is None:
+        return f"{ckpt_dir / tag / META} is missing or unreadable"
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return None  # written before checkpoints carried a manifest: nothing to check against
+    tag_dir = ckpt_dir / tag
+    for name, want in sorted(files.items()):  # sizes first: a truncated file is found without reading
+        if not (isinstance(want, dict) and isinstance(want.get("size"), int) and isinstance(want.get("sha256"), str)):
+            return f"{tag_dir / META} has a malformed manifest entry for {name!r}"
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path} has {size} bytes, its manifest says {want['size']}" + (" (truncated)" if size < want["size"] else "")
+    for name, want in sorted(files.items()):
+        if _sha256(tag_dir / name) != want["sha256"]:
+            return f"{tag_dir / name} does not match its sha256 in {META} (corrupted)"
+    return None
+
+
+def _complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags with a readable meta.json, oldest first."""
+    return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir() and not p.name.endswith("_universal")
+                  and read_meta(ckpt_dir, p.name) is not None)
+
+
+def find_latest(ckpt_dir: str | Path, check: bool = True) -> str | None:
+    """Tag of the newest complete, intact checkpoint: `latest` if it is one, else the newest before it.
+
+    With `check`, each candidate's files are verified against its manifest; a damaged one is skipped
+    with one warning naming the bad file. When checkpoints exist but every one is damaged, a
+    UserError says so (starting over silently would throw the run away).
+    """
     ckpt_dir = Path(ckpt_dir)
     latest = ckpt_dir / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if read_meta(ckpt_dir, tag) is not None:
+    named = latest.read_text().strip() if latest.is_file() else None
+    complete = _complete_tags(ckpt_dir)
+    if named is not None and named not in complete:
+        log.warning("checkpoint %s named by %s is incomplete; looking for an older complete one", named, latest)
+    candidates = ([named] if named in complete else []) + [t for t in reversed(complete) if t != named]
+    damaged = []
+    for tag in candidates:
+        problem = verify(ckpt_dir, tag) if check else None
+        if problem is None:
+            for bad_tag, bad in damaged:
+                log.warning("checkpoint %s is damaged: %s; resuming from %s instead", ckpt_dir / bad_tag, bad, tag)
             return tag
-        log.warning("checkpoint %s named by %s is incomplete; looking for an older complete one", tag, latest)
-    complete = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir() and not p.name.endswith("_universal")
-                      and read_meta(ckpt_dir, p.name) is not None)
-    return complete[-1] if complete else None
+        damaged.append((tag, problem))
+    if damaged:
+        raise UserError(f"every checkpoint under {ckpt_dir} is damaged (newest, {damaged[0][0]}: {damaged[0][1]}); "
+                        "move the folder away to start over, or point train.resume at an intact checkpoint")
+    return None
 
 
 def rng_state() -> dict:
@@ -90,37 +169,124 @@ def _write_json_atomic(path: Path, data) -> None:
     write_atomic(path, json.dumps(data, indent=2) if not isinstance(data, str) else data)
 
 
+def _write_error(exc: BaseException, path: Path, ckpt_dir: Path) -> str | None:
+    """The one line for a failed checkpoint write, or None when `exc` is not a write failure (a bug).
+
+    An OSError says what went wrong itself (ENOSPC, EDQUOT, EACCES...). torch.save's C++ writer
+    does not: it raises RuntimeError("unexpected pos ...", from "basic_ios::clear: iostream
+    error"), so a torch write error is a full disk when the filesystem has under LOW_SPACE left.
+    """
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    oserr = next((e for e in chain if isinstance(e, OSError) and e.errno is not None), None)
+    torch_write = any(isinstance(e, RuntimeError) and any(s in str(e) for s in
+                                                          ("inline_container", "PytorchStreamWriter", "iostream error"))
+                      for e in chain)
+    if oserr is None and not torch_write:
+        return None
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:
+        free = None
+    latest = ckpt_dir / "latest"
+    kept = (f"; {latest} still names {latest.read_text().strip()}, which is intact" if latest.is_file()
+            else "; no earlier checkpoint exists")
+    full = (oserr is not None and oserr.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        oserr is None and free is not None and free < LOW_SPACE)
+    if full:
+        left = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
+        return (f"No space left on device while writing checkpoint {path}{left}: free space on that disk or set "
+                f"train.out_dir to one with room{kept}")
+    if oserr is not None:
+        return f"{oserr.strerror} while writing checkpoint {path} ({oserr.filename or path}): fix that or set train.out_dir{kept}"
+    return None  # a torch write error with space left: not ours to explain, keep the traceback
+
+
+def _agree(problem: str | None) -> str | None:
+    """Every rank's write problem (or None), in rank order: the first one, the same on every rank."""
+    return next((p for p in dist.all_gather_object(problem) if p), None)
+
+
 def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state: dict, meta: dict,
          keep: int, protect: tuple = ()) -> str:
-    """Save on every rank; returns the tag. `latest` moves only after all ranks finished."""
+    """Save on every rank; returns the tag. `latest` moves only after all ranks finished and rank 0
+    wrote the manifest (meta.json, sizes and sha256 of every file).
+
+    Three phases, each ending in a collective in this function, so a write error on one rank
+    never leaves the others waiting: rank 0 prepares the directory; every rank writes (a rank
+    whose DeepSpeed save raised still joins DeepSpeed's closing barrier); rank 0 hashes and commits.
+    A failure in any phase removes the partial directory and raises CheckpointWriteError on every rank.
+    """
     ckpt_dir = checkpoint_dir(out_dir)
     tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+
+    def fail_on_every_rank(problem: str | None) -> None:
+        if problem is None:
+            return
+        if dist.is_main():
+            shutil.rmtree(tag_dir, ignore_errors=True)  # never leave a partial one taking the space
+        dist.barrier()
+        raise CheckpointWriteError(problem)
+
+    problem = None
     if dist.is_main():
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        stale = ckpt_dir / tag
-        if stale.exists() and read_meta(ckpt_dir, tag) is None:
-            shutil.rmtree(stale)  # a half-written one from a killed run at the same step
-    dist.barrier()
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            # A folder of this step is stale: half-written by a killed run, or damaged and skipped at
+            # resume. Its files (another world size's rank and optimizer files) must not outlive it,
+            # nor its universal conversion.
+            if tag_dir.exists():
+                shutil.rmtree(tag_dir)
+            shutil.rmtree(ckpt_dir / f"{tag}_universal", ignore_errors=True)
+            tag_dir.mkdir()
+        except Exception as exc:  # noqa: BLE001 - classified below; anything else re-raised
+            problem = _write_error(exc, tag_dir, ckpt_dir)
+            if problem is None:
+                raise
+    fail_on_every_rank(dist.broadcast_object(problem))
+
     t0 = time.time()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rank_state, ckpt_dir / tag / f"rank{dist.get_rank()}.pt")
+    problem, deepspeed_done = None, False
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        deepspeed_done = True
+        rank_file = tag_dir / f"rank{dist.get_rank()}.pt"
+        if faults.injected("disk-full-during-checkpoint", step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rank_file))
+        torch.save(rank_state, rank_file)
+    except Exception as exc:  # noqa: BLE001
+        problem = _write_error(exc, tag_dir, ckpt_dir)
+        if problem is None:
+            raise
+        if not deepspeed_done:
+            dist.barrier()  # DeepSpeed's save ends in a barrier the other ranks are waiting in
     if faults.injected("kill-during-checkpoint", step):
         os._exit(9)  # die after writing files, before the commit
-    dist.barrier()  # every rank has written its part
+    fail_on_every_rank(_agree(problem))  # every rank has written its part (or said why not)
+
+    problem = None
     if dist.is_main():
-        _write_json_atomic(ckpt_dir / tag / META, {**meta, "tag": tag, "step": step, "saved_at": time.time(),
-                                                     "save_seconds": round(time.time() - t0, 3)})
-        _write_json_atomic(ckpt_dir / "latest", tag)
-        prune(ckpt_dir, keep, protect=protect + (tag,))
-    dist.barrier()
+        try:
+            files = file_manifest(tag_dir)
+            _write_json_atomic(tag_dir / META, {**meta, "tag": tag, "step": step, "saved_at": time.time(),
+                                                "save_seconds": round(time.time() - t0, 3), "files": files})
+            _write_json_atomic(ckpt_dir / "latest", tag)
+        except Exception as exc:  # noqa: BLE001
+            problem = _write_error(exc, tag_dir, ckpt_dir)
+            if problem is None:
+                raise
+        else:
+            prune(ckpt_dir, keep, protect=protect + (tag,))
+    fail_on_every_rank(dist.broadcast_object(problem))
     return tag
 
 
 def prune(ckpt_dir: Path, keep: int, protect: tuple = ()) -> None:
     """Keep the newest `keep` complete checkpoints (and protected ones, e.g. the best); drop the rest."""
-    complete = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir() and not p.name.endswith("_universal")
-                      and read_meta(ckpt_dir, p.name) is not None)
-    for tag in complete[:-keep]:
+    for tag in _complete_tags(ckpt_dir)[:-keep]:
         if tag in protect:
             continue
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
@@ -146,6 +312,10 @@ def plan_resume(resume: str, out_dir: str | Path, world_size: int, zero_stage: i
         path = Path(resume)
         if (path / META).is_file():
             ckpt_dir, tag = path.parent, path.name
+            problem = verify(ckpt_dir, tag)
+            if problem is not None:
+                raise UserError(f"train.resume={resume}: that checkpoint is damaged ({problem}); point train.resume "
+                                "at another one, or at its run folder to take the newest intact one")
         elif path.is_dir():
             ckpt_dir, tag = (path / "checkpoints" if (path / "checkpoints").is_dir() else path), None
             tag = find_latest(ckpt_dir)
@@ -166,6 +336,22 @@ def plan_resume(resume: str, out_dir: str | Path, world_size: int, zero_stage: i
     universal = (saved_ws != world_size or saved_stage != zero_stage) and not (saved_stage == 0 and zero_stage == 0)
     return {"dir": str(ckpt_dir), "tag": tag, "load_tag": f"{tag}_universal" if universal else tag,
             "universal": universal, "meta": meta}
+
+
+def plan_resume_on_main(resume: str, out_dir: str | Path, world_size: int, zero_stage: int) -> dict | None:
+    """`plan_resume` on rank 0 only (it hashes the candidates and logs what it skipped, once), its
+    plan, or its UserError, sent to every rank."""
+    result = None
+    if dist.is_main():
+        try:
+            result = plan_resume(resume, out_dir, world_size, zero_stage)
+        except UserError as exc:
+            result = exc
+    result = dist.broadcast_object(result)
+    if isinstance(result, UserError):
+        result.same_on_every_rank = True  # rank 0 reports it
+        raise result
+    return result
 
 
 def ensure_universal(plan: dict) -> None:
@@ -215,6 +401,10 @@ def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
     path = Path(path)
     if (path / META).is_file():
         tag_dir = path
+        problem = verify(path.parent, path.name)
+        if problem is not None:
+            raise UserError(f"checkpoint {path} is damaged ({problem}); point --checkpoint at its run folder "
+                            "to take the newest intact checkpoint")
     else:
         ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         tag = find_latest(ckpt_dir) if ckpt_dir.is_dir() else None

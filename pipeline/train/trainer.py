@@ -90,8 +90,7 @@ class Trainer:
                                    else "cpu")
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
-        plan = ckpt.plan_resume(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
-        plan = dist.broadcast_object(plan)
+        plan = ckpt.plan_resume_on_main(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
         t0 = time.time()
         ckpt.ensure_universal(plan)
         self.convert_seconds = round(time.time() - t0, 3) if plan and plan["universal"] else None
@@ -339,7 +338,8 @@ class Trainer:
                 if self._logs_this_step(done=True) or self.stop_requested:
                     self._log_window(monitor, bar, window, evaluation)
                     window = self._new_window()
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.train.steps:
+                if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+                        and self.step < cfg.train.steps and self.saved_step != self.step):  # eval may have saved it
                     self.save()
                 if self.stop_requested:
                     reason = f"stopped by {self.stop_signal or 'a signal on another rank'}"

@@ -1,0 +1,101 @@
+"""Checks of a training run that need the filesystem, made before DeepSpeed starts any rank.
+
+`hiervl train` calls `check_training_run` in the parent process, so a wrong `train.resume`, a
+`train.out_dir` that is a file or not writable, a `data.path` that is not a prepared dataset (or
+has too few samples of `data.split` for one global batch), a missing `eval.split` and a DeepSpeed
+JSON that disagrees with the config are one line and exit 2 within seconds, not a traceback per
+rank half a minute later. (Checks within the config alone run at load: `Config.__post_init__`.)
+`hiervl submit` does not call it: a cluster's paths need not exist where the job is submitted.
+
+Owns: the parent's checks of a training run.
+Must not touch: what the ranks do (pipeline/train/trainer.py), the checkpoint format (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError
+from pipeline.run_paths import is_url
+from pipeline.train.checkpoint import META, checkpoint_dir
+from pipeline.train.deepspeed_config import build_deepspeed_config
+
+
+def check_resume(resume: str) -> None:
+    """train.resume is auto, never, a checkpoint folder (stepNNNNNNNN with meta.json) or a run
+    folder / checkpoints folder holding a complete one."""
+    if resume in ("auto", "never"):
+        return
+    path = Path(resume)
+    hint = "use auto (the newest checkpoint in train.out_dir), never, or the path of a run or checkpoint folder"
+    if not path.is_dir():
+        guess = " (did you mean auto?)" if resume.lower() in ("latest", "last", "newest", "true", "yes") else ""
+        raise ConfigError(f"train.resume={resume}: no such checkpoint directory{guess}; {hint}")
+    if (path / META).is_file():
+        return
+    ckpt_dir = checkpoint_dir(path) if (path / "checkpoints").is_dir() else path
+    if not any((p / META).is_file() for p in ckpt_dir.glob("step*") if not p.name.endswith("_universal")):
+        raise ConfigError(f"train.resume={resume}: no complete checkpoint there (no stepNNNNNNNN/{META}); {hint}")
+
+
+def _split_counts(root: Path) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    from pipeline.data.manifest import MANIFEST_FILE
+
+    counts: dict[str, int] = {}
+    for split in pq.read_table(root / MANIFEST_FILE, columns=["split"]).column(0).to_pylist():
+        counts[split] = counts.get(split, 0) + 1
+    return counts
+
+
+def check_dataset(cfg: Config, world_size: int) -> None:
+    """data.path is a prepared dataset with at least one global batch of data.split (and eval.split
+    when training evaluates); an object-store URL is left to the loader."""
+    from pipeline.data.manifest import MANIFEST_FILE, read_dataset_info
+    from pipeline.data.sampler import num_batches
+
+    d = cfg.data
+    if is_url(d.path):
+        return
+    root = Path(d.path)
+    make = "make one with `hiervl prep --input MANIFEST --out DIR` and set data.path=DIR"
+    if not root.is_dir():
+        what = "is a file, not a dataset folder" if root.exists() else "does not exist"
+        raise ConfigError(f"data.path={d.path} {what}; {make}")
+    if not (root / MANIFEST_FILE).is_file():
+        raise ConfigError(f"data.path={d.path} is not a prepared dataset (no {MANIFEST_FILE}, dataset.json); {make}")
+    read_dataset_info(root)  # a dataset of another schema version is refused, naming the fix
+    counts = _split_counts(root)
+    have = ", ".join(f"{s} ({n})" for s, n in sorted(counts.items())) or "none"
+    n = counts.get(d.split, 0)
+    if n == 0:
+        raise ConfigError(f"data.path={d.path} has no samples of data.split={d.split} (it has: {have})")
+    if num_batches(n, d.batch_size, world_size, d.remainder) == 0:
+        raise ConfigError(f"data.split={d.split} of {d.path} has {n} samples, fewer than one global batch "
+                          f"(data.batch_size={d.batch_size} x {world_size} ranks); lower data.batch_size "
+                          "or set data.remainder=pad")
+    if cfg.eval.every_steps and counts.get(cfg.eval.split, 0) == 0:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} evaluates eval.split={cfg.eval.split}, which "
+                          f"{d.path} does not have (it has: {have}); set eval.split or eval.every_steps=0")
+
+
+def check_out_dir(out_dir: str) -> None:
+    """train.out_dir is a folder, or can be made as one, that this user may write."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"train.out_dir={out_dir} is a file; give a folder for the run (it is created if missing)")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"train.out_dir={out_dir}: {existing} is a file, so the folder cannot be made; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.out_dir={out_dir}: {existing} is not writable by this user; give a folder you can write")
+
+
+def check_training_run(cfg: Config, world_size: int) -> None:
+    """Everything a training run of `world_size` ranks can be refused for before a rank starts."""
+    check_out_dir(cfg.train.out_dir)
+    check_resume(cfg.train.resume)
+    check_dataset(cfg, world_size)
+    build_deepspeed_config(cfg, world_size)  # a user DeepSpeed JSON that disagrees with the config
