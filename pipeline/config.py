@@ -224,6 +224,8 @@ class OptimizerConfig:
     weight_decay: float = 0.05
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
+    # DeepSpeed's WarmupCosineLR always warms up (over max(2, warmup_steps) steps), so 0 is refused;
+    # a run shorter than its warmup warms up over train.steps - 1 steps (at least 1).
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 = off
@@ -235,7 +237,9 @@ class OptimizerConfig:
     def __post_init__(self):
         _one_of("optimizer.impl", self.impl, ("torch", "deepspeed"))
         _positive("optimizer.weight_decay", self.weight_decay, allow_zero=True)
-        _positive("optimizer.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 1,
+               f"optimizer.warmup_steps must be an integer >= 1 (got {self.warmup_steps!r}): DeepSpeed's "
+               "WarmupCosineLR always warms up, over at least 2 steps")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio must be in [0, 1]")
         _positive("optimizer.grad_clip", self.grad_clip, allow_zero=True)
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas needs two values in [0, 1)")

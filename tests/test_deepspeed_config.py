@@ -50,3 +50,19 @@ def test_a_users_json_with_an_optimizer_keeps_it(tmp_path):
     ds = build_deepspeed_config(cfg, world_size=2)
     assert ds["optimizer"]["type"] == "Adam" and "train_batch_size" not in ds
     assert build_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, torch.device("cpu"), ds) is None
+
+
+def test_a_one_step_run_gets_a_schedule_deepspeed_accepts_and_zero_warmup_is_refused():
+    """train.steps=1 used to give warmup_num_steps=0, which WarmupCosineLR refuses (a crash in every
+    rank); optimizer.warmup_steps=0 cannot be expressed by that scheduler and is refused at load."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    cfg = load_config("configs/tiny.yaml", ["train.steps=1"])
+    params = build_deepspeed_config(cfg, 1)["scheduler"]["params"]
+    assert params["warmup_num_steps"] == 1 and params["total_num_steps"] == 1
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    WarmupCosineLR(opt, **params)  # raised ValueError before
+    assert build_deepspeed_config(load_config("configs/tiny.yaml", ["train.steps=5"]), 1)["scheduler"]["params"][
+        "warmup_num_steps"] == 4
+    with pytest.raises(ConfigError, match="warmup_steps must be an integer >= 1"):
+        load_config("configs/tiny.yaml", ["optimizer.warmup_steps=0"])

@@ -86,7 +86,8 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict:
     """
     opt = cfg.optimizer
     total = cfg.train.steps
-    warmup = min(opt.warmup_steps, max(total - 1, 0))
+    # WarmupCosineLR refuses a warmup of 0 (a 1-step run would crash inside DeepSpeed): at least 1.
+    warmup = max(1, min(opt.warmup_steps, total - 1))
     ds: dict = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
