@@ -301,13 +301,13 @@ def frames_for_hits(index: SearchIndex, hits: list[Hit], count: int = 4, data: s
     """Contact-sheet frames of each hit: from the dataset's tars (an eval index) or the video files."""
     data = data or index.data
     frames = load_frames(data, index.split, [h.key for h in hits], count=count) if data and index.split else {}
-    from pipeline.eval.video_index import count_packets
+    from pipeline.api import probe_video
 
     for h in hits:
         if h.key not in frames and h.path and Path(h.path).is_file():
             try:
                 raw = Path(h.path).read_bytes()
-                frames[h.key] = decode_pyav(raw, frame_indices(count_packets(raw), count, None))
+                frames[h.key] = decode_pyav(raw, frame_indices(probe_video(raw, h.path)[0], count, None))
             except Exception:  # noqa: BLE001 - a thumbnail must not fail the search
                 continue
     return frames

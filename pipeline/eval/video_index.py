@@ -137,22 +137,12 @@ def _read_manifest(path: Path, base: Path | None) -> list[CatalogEntry]:
     return out
 
 
-def count_packets(data: bytes) -> int:
-    import io
-
-    import av
-
-    with av.open(io.BytesIO(data), mode="r") as container:
-        stream = container.streams.video[0]
-        return sum(1 for p in container.demux(stream) if p.size > 0 and p.pts is not None)
-
-
 def load_clip(path: str, data_cfg) -> torch.Tensor:
     """One whole video as the model's eval input, float32 [T, 3, S, S] (see the module docstring)."""
+    from pipeline.api import probe_video  # frames counted as decode_pyav indexes them
+
     data = Path(path).read_bytes()
-    n = count_packets(data)
-    if n == 0:
-        raise ValueError("no video frames")
+    n, _codec = probe_video(data, path)  # UserError: no video stream / unreadable / no frames
     frames = decode_pyav(data, frame_indices(n, data_cfg.num_frames, None))  # uint8 [T, H, W, 3]
     return transform_clip(frames, data_cfg.short_side, data_cfg.size, (0.5, 0.5), False, data_cfg.mean, data_cfg.std)
 
