@@ -36,17 +36,16 @@ def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
     query's own group, its video scores highest (order and direction right; chance = mean of
     1 / group size, 25% for full groups). Groups come from the manifest's `group` column; a
     dataset prepared before it falls back to the synthetic corpus's layout (key synthNNNNNN,
-    group = N // dataprep.synth.GROUP).
+    group = N // hiervl.dataprep.synth.GROUP).
     """
     import dataclasses
 
     import torch
-
-    from dataprep.synth import GROUP
-    from pipeline.data.loader import iter_eval
-    from pipeline.eval.evaluate import embed_batches, load_groups
-    from pipeline.eval.metrics import group_metrics
-    from pipeline.train.checkpoint import load_model_for_inference
+    from hiervl.data.loader import iter_eval
+    from hiervl.dataprep.synth import GROUP
+    from hiervl.eval.evaluate import embed_batches, load_groups
+    from hiervl.eval.metrics import group_metrics
+    from hiervl.train.checkpoint import load_model_for_inference
 
     model, cfg = load_model_for_inference(run)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(shards)))

@@ -30,30 +30,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from pipeline.config import Config  # noqa: E402
-from pipeline.data.decode import transform_clip  # noqa: E402
+from hiervl.config import Config  # noqa: E402
+from hiervl.data.decode import transform_clip  # noqa: E402
 
 T, SIZE, SHORT, B = 8, 32, 36, 8
 
 
 def make_shards(work: Path, codec: str, n: int, seconds: float) -> Path:
-    """Synthetic corpus (dataprep.synth) packed to the shard contract; reused when present."""
+    """Synthetic corpus (hiervl.dataprep.synth) packed to the shard contract; reused when present."""
     out = work / codec / "shards"
     if (out / "manifest.parquet").is_file():
         return out
-    from dataprep import synth
+    from hiervl.dataprep import synth
 
     manifest = synth.make_corpus(work / codec / "corpus", n, seed=0, codec=codec, size=64, seconds=seconds)
     try:
-        from dataprep import driver
+        from hiervl.dataprep import driver
 
         cfg = Config()
         cfg.prep.codec, cfg.prep.short_side, cfg.prep.shard_max_samples = "copy", 64, 8
         driver.prepare(cfg, str(manifest), str(out))
         return out
-    except Exception as exc:  # noqa: BLE001 - dataprep.driver not there: pack ourselves, same contract
-        print(f"(packing shards in the benchmark: dataprep.driver.prepare unavailable: {exc})")
+    except Exception as exc:  # noqa: BLE001 - hiervl.dataprep.driver not there: pack ourselves, same contract
+        print(f"(packing shards in the benchmark: hiervl.dataprep.driver.prepare unavailable: {exc})")
     import csv
 
     import av
@@ -81,7 +80,7 @@ def make_shards(work: Path, codec: str, n: int, seconds: float) -> Path:
 
 
 def run_loader(shards: Path, decoder: str, threads: int, min_seconds: float) -> dict:
-    from pipeline.data.loader import VideoTextLoader
+    from hiervl.data.loader import VideoTextLoader
 
     cfg = Config()
     d = cfg.data

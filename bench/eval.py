@@ -7,7 +7,7 @@ Embedding: the tiny config's model (configs/tiny.yaml: ViT 2 layers width 128 on
 32x32, MiniLM cut to 2 layers) encoding random clips and 12-word captions, batch 64, no decoding
 (the loader has its own benchmark). Ranking: N captions x N videos of unit vectors (D=128, one
 caption per video, a planted match so ranks are realistic), the global level, through
-`pipeline.eval.metrics.blocked_ranks` exactly as `hiervl eval` runs it: pass 1 (t2v ranks, each
+`hiervl.eval.metrics.blocked_ranks` exactly as `hiervl eval` runs it: pass 1 (t2v ranks, each
 video's best caption), pass 2 (v2t counts). Each size runs in a fresh subprocess; its peak
 resident memory during ranking is VmHWM after resetting it just before (Linux clear_refs), next
 to the RSS before ranking (torch + embeddings) and the size the full N x N matrix would have.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from launch.processes import child_env  # noqa: E402
+from hiervl.launch.processes import child_env  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -55,9 +55,8 @@ def reset_peak() -> bool:
 
 def bench_embed(batches: int, batch_size: int) -> dict:
     import torch
-
-    from pipeline.config import load_config
-    from pipeline.model.hierarchical import build_model
+    from hiervl.config import load_config
+    from hiervl.model.hierarchical import build_model
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.text.pretrained=false"])
     torch.manual_seed(0)
@@ -86,10 +85,9 @@ def bench_rank(n: int, dim: int, budget_mb: int, dsl: bool) -> dict:
     """One size, in this process: returns time and peak RSS."""
     import numpy as np
     import torch
-
-    from pipeline.config import EvalConfig
-    from pipeline.eval.evaluate import block_rows_for
-    from pipeline.eval.metrics import blocked_ranks, metrics_from_ranks
+    from hiervl.config import EvalConfig
+    from hiervl.eval.evaluate import block_rows_for
+    from hiervl.eval.metrics import blocked_ranks, metrics_from_ranks
 
     g = torch.Generator().manual_seed(0)
     v = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)  # [N, D]

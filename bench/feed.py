@@ -5,7 +5,7 @@
     python3 bench/feed.py --config configs/base.yaml --device cuda --data .dev/feed-data/kf1.0 \
         --workers 0 4 8 --decoders dali auto              # GPU: DALI mixed alone, then DALI + PyAV processes
 
-Data: synthetic videos (`dataprep.synth`) prepared by the real `hiervl prep` path (Ray, PyAV) as
+Data: synthetic videos (`hiervl.dataprep.synth`) prepared by the real `hiervl prep` path (Ray, PyAV) as
 base.yaml prepares them: H.264, 8 fps, 256 px short side, `--seconds` long (10 s = 80 frames),
 one dataset per `prep.keyframe_interval` (`--keyframe-intervals`; 1.0 s = a keyframe every 8
 frames, base.yaml's default). `--codec vp9` prepares VP9 instead, which DALI's CPU backend decodes:
@@ -49,8 +49,8 @@ def prepare(work: Path, keyframe_interval: float, num_videos: int, seconds: floa
     out = work / (f"kf{keyframe_interval:g}" + ("" if codec == "h264" else f"-{codec}"))
     if (out / "manifest.parquet").is_file():
         return out
-    from dataprep import driver, synth
-    from pipeline.config import load_config
+    from hiervl.config import load_config
+    from hiervl.dataprep import driver, synth
 
     corpus = work / "corpus" / "manifest.csv"
     if not corpus.is_file():
@@ -85,8 +85,8 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def run_loader(cfg_path: str, overrides: list[str], data: Path, decoder: str, workers: int, device: str,
                min_seconds: float) -> dict:
-    from pipeline.config import load_config
-    from pipeline.data.loader import VideoTextLoader
+    from hiervl.config import load_config
+    from hiervl.data.loader import VideoTextLoader
 
     cfg = load_config(cfg_path, overrides + [f"data.path={data}", f"data.decoder={decoder}",
                                              f"data.decode_workers={workers}", "data.remainder=pad",

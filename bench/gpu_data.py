@@ -23,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from launch.processes import child_env  # noqa: E402
+from hiervl.launch.processes import child_env  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,18 +33,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     env = child_env()
-    hiervl = [sys.executable, "-m", "launch.cli"]
+    hiervl = [sys.executable, "-m", "hiervl.launch.cli"]
     subprocess.run(hiervl + ["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos),
                              "--codec", "h264"], check=True, cwd=ROOT, env=env)
     subprocess.run(hiervl + ["prep", "--config", "configs/tiny.yaml", "--input", str(out / "corpus/manifest.csv"),
                              "--out", str(out / "shards"), "prep.codec=h264", "prep.num_workers=2"],
                    check=True, cwd=ROOT, env=env)
 
+    from hiervl.config import load_config
+    from hiervl.data.loader import iter_eval
+    from hiervl.model.text_model import load_tokenizer
     from transformers import BertConfig, BertModel
-
-    from pipeline.config import load_config
-    from pipeline.data.loader import iter_eval
-    from pipeline.model.text_model import load_tokenizer
 
     tok = load_tokenizer("default")
     torch.manual_seed(0)

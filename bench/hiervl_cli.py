@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from launch.processes import child_env  # noqa: E402
+from hiervl.launch.processes import child_env  # noqa: E402
 
 
 def run_hiervl(argv: list[str], quiet: bool = False) -> float:
@@ -20,7 +20,7 @@ def run_hiervl(argv: list[str], quiet: bool = False) -> float:
     env = child_env()
     print(f"+ hiervl {' '.join(argv)}", flush=True)
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "launch.cli", *argv], env=env, check=True, cwd=ROOT,
+    subprocess.run([sys.executable, "-m", "hiervl.launch.cli", *argv], env=env, check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL if quiet else None)
     return time.time() - t0
 

@@ -7,7 +7,7 @@ A step is what the trainer does: forward, backward, AdamW step, momentum_update,
 synthetic batch of the configured shape (data.batch_size x data.num_frames x 3 x size x size,
 captions of data.max_words tokens). Each (preset, world size) runs in fresh processes, so the
 peak resident memory (CPU) or peak allocated memory (CUDA) is that preset's alone. At W=2
-(gloo, one thread per rank) every call into pipeline.distributed's collectives is timed: the
+(gloo, one thread per rank) every call into hiervl.distributed's collectives is timed: the
 all-gather share of the step is their total over the step time. On CUDA the model FLOPs of one
 step are counted with torch's FlopCounterMode (key-encoder forwards included) for MFU.
 Prints a table and writes bench/out/model.json.
@@ -81,9 +81,9 @@ def _time_steps(prepare, step, args, device):
 def _measure(rank, world, port, args, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    from pipeline import distributed as D
-    from pipeline.config import load_config
-    from pipeline.model.hierarchical import build_model
+    from hiervl import distributed as D
+    from hiervl.config import load_config
+    from hiervl.model.hierarchical import build_model
 
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -139,7 +139,7 @@ def _reference(rank, world, port, args, out):
     """The plain reference step (see the module docstring) on `args.device`, one process."""
     import copy
 
-    from pipeline.config import load_config
+    from hiervl.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     device = torch.device(args.device)

@@ -1,6 +1,6 @@
 """Shard-preparation throughput: hiervl prep (Ray) vs video2dataset, same inputs, same transcode.
 
-Inputs: the synthetic corpus as VP9/webm and as H.264/mp4 (`dataprep.synth`). Transcode: short
+Inputs: the synthetic corpus as VP9/webm and as H.264/mp4 (`hiervl.dataprep.synth`). Transcode: short
 side 48, 8 fps (configs/tiny.yaml), to VP9/webm (our default) and to H.264/mp4 (what
 video2dataset's resolution + fps subsamplers write: ffmpeg's default libx264 into .mp4), with 1
 and 2 workers. video2dataset runs from its own venv (default /tmp/v2d/bin/video2dataset,
@@ -32,9 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 def run_ours(manifest: Path, out: Path, workers: int, codec: str, seconds_per_video: float) -> dict:
     import ray
-
-    from dataprep.driver import prepare
-    from pipeline.config import load_config
+    from hiervl.config import load_config
+    from hiervl.dataprep.driver import prepare
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"prep.num_workers={workers}", f"prep.codec={codec}",
                                                       "prep.shard_max_samples=16"])
     shutil.rmtree(out, ignore_errors=True)
@@ -125,7 +124,7 @@ def main() -> int:
     ap.add_argument("--v2d", default="/tmp/v2d/bin/video2dataset", help="video2dataset executable ('' to skip)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from dataprep.synth import make_corpus
+    from hiervl.dataprep.synth import make_corpus
     work = Path(args.work_dir)
     sources = {}
     for codec in ("vp9", "h264"):

@@ -10,7 +10,7 @@ noise x sqrt(D)), renormalised. Queries are fresh draws from random clusters, so
 N / clusters true neighbours mixed among many near-misses.
 
 Measured in one run, on the same vectors and queries:
-- build time of the ANN index `pipeline.eval.ann.AnnIndex.build` (kind ivf: what `auto` picks
+- build time of the ANN index `hiervl.eval.ann.AnnIndex.build` (kind ivf: what `auto` picks
   above 65,536 vectors; and HNSW with --hnsw);
 - query latency of the ANN stage, p50 / p95 of batch 1 (one query per call) and batch 64;
 - the reference: exact brute force (FAISS IndexFlatIP, the `flat` kind `auto` uses for small
@@ -85,8 +85,7 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import faiss
-
-    from pipeline.eval.ann import AnnIndex
+    from hiervl.eval.ann import AnnIndex
 
     faiss.omp_set_num_threads(args.threads)
     k = 10

@@ -78,11 +78,10 @@ def main() -> None:
     import dataclasses
 
     import s3_server
-
-    from dataprep import driver, synth
-    from pipeline import storage
-    from pipeline.config import Config
-    from pipeline.data.loader import DatasetIndex, VideoTextLoader
+    from hiervl import storage
+    from hiervl.config import Config
+    from hiervl.data.loader import DatasetIndex, VideoTextLoader
+    from hiervl.dataprep import driver, synth
 
     work = Path(args.work or f"/tmp/hiervl-bench-storage-{args.num_videos}")
     shards = work / "shards"

@@ -14,3 +14,6 @@
   split of a folder, and when a run must refuse (or `--overwrite`).
 The dataset files' schema is `pipeline/data/manifest.py`'s; dataprep imports no training code.
 """
+
+if __name__ != "hiervl.dataprep":  # imported as a top-level `dataprep` from the repository root
+    raise ImportError(f"this folder is the package `hiervl.dataprep`, not `{__name__}`: `import hiervl.dataprep`")

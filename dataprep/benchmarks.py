@@ -40,8 +40,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from dataprep.sample import Sample
-from pipeline.errors import UserError
+from hiervl.dataprep.sample import Sample
+from hiervl.errors import UserError
 
 FORMATS = ("msrvtt", "msvd", "lsmdc", "didemo", "activitynet")
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".wmv", ".3gp")

@@ -33,9 +33,9 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.data.manifest import DATASET_FILE
-from pipeline.errors import UserError
-from pipeline.storage import Store
+from hiervl.data.manifest import DATASET_FILE
+from hiervl.errors import UserError
+from hiervl.storage import Store
 
 SHARD_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)-(?P<n>\d{6})\.(tar|idx|stats\.json)$")
 RECORD_FILE = re.compile(r"^input-[0-9a-f]{12}\.json$")

@@ -36,12 +36,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from dataprep.dataset_inputs import SHARD_FILE, input_identity, reconcile, record_name
-from dataprep.out_lock import PrepLock, pid_alive
-from dataprep.plan import make_plan, output_config
-from dataprep.sources import check_samples, manifest_path, read_input
-from dataprep.worker import is_done, read_stats, write_shard
-from pipeline.data.manifest import (
+from hiervl.data.manifest import (
     DATASET_FILE,
     MANIFEST_FILE,
     MANIFEST_SCHEMA,
@@ -50,9 +45,14 @@ from pipeline.data.manifest import (
     SCHEMA_VERSION,
     table_bytes,
 )
-from pipeline.errors import UserError
-from pipeline.log import get_logger
-from pipeline.storage import Store, is_remote, open_store, parent
+from hiervl.dataprep.dataset_inputs import SHARD_FILE, input_identity, reconcile, record_name
+from hiervl.dataprep.out_lock import PrepLock, pid_alive
+from hiervl.dataprep.plan import make_plan, output_config
+from hiervl.dataprep.sources import check_samples, manifest_path, read_input
+from hiervl.dataprep.worker import is_done, read_stats, write_shard
+from hiervl.errors import UserError
+from hiervl.log import get_logger
+from hiervl.storage import Store, is_remote, open_store, parent
 
 log = get_logger(__name__)
 

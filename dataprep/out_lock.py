@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.atomic_write import temp_path
-from pipeline.errors import UserError
-from pipeline.log import get_logger
+from hiervl.atomic_write import temp_path
+from hiervl.errors import UserError
+from hiervl.log import get_logger
 
 log = get_logger(__name__)
 LOCK_FILE = ".hiervl-prep.lock"

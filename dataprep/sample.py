@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.data.manifest import quarantine_row
+from hiervl.data.manifest import quarantine_row
 
 
 @dataclass

@@ -20,7 +20,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from pipeline.atomic_write import temp_path
+from hiervl.atomic_write import temp_path
 
 INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes
 

@@ -37,10 +37,10 @@ import math
 import re
 from pathlib import Path
 
-from dataprep.benchmarks import read_benchmark
-from dataprep.sample import Refusal, Sample
-from pipeline.errors import UserError
-from pipeline.storage import is_remote, join, open_store, parent
+from hiervl.dataprep.benchmarks import read_benchmark
+from hiervl.dataprep.sample import Refusal, Sample
+from hiervl.errors import UserError
+from hiervl.storage import is_remote, join, open_store, parent
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")

@@ -38,8 +38,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-
-from pipeline.atomic_write import atomic_output
+from hiervl.atomic_write import atomic_output
 
 # Colours chosen to be far apart in RGB and from the (muted) backgrounds.
 COLOURS = {

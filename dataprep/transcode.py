@@ -31,8 +31,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
-
-from pipeline.storage import is_remote, open_store, parent
+from hiervl.storage import is_remote, open_store, parent
 
 OUTPUT = {"vp9": ("libvpx-vp9", "webm", "webm"), "h264": ("libx264", "mp4", "mp4")}
 # container magic numbers: a file that starts like a video but will not open is truncated/corrupt

@@ -19,8 +19,7 @@ import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
-from dataprep.shard_writer import index_text
+from hiervl.dataprep.shard_writer import index_text
 
 
 def _sha(b) -> str:

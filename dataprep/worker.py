@@ -24,11 +24,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from dataprep.shard_writer import ShardWriter, index_text
-from dataprep.transcode import SampleRefused, process_sample
-from pipeline.atomic_write import write_atomic
-from pipeline.data.manifest import manifest_row, quarantine_row
-from pipeline.storage import configure, is_remote, open_store
+from hiervl.atomic_write import write_atomic
+from hiervl.data.manifest import manifest_row, quarantine_row
+from hiervl.dataprep.shard_writer import ShardWriter, index_text
+from hiervl.dataprep.transcode import SampleRefused, process_sample
+from hiervl.storage import configure, is_remote, open_store
 
 
 def stats_path(out_dir: str | Path, name: str) -> Path:

@@ -15,15 +15,15 @@ import argparse
 import importlib
 import sys
 
-from pipeline.config import ConfigError, load_config, to_yaml
-from pipeline.errors import UserError
+from hiervl.config import ConfigError, load_config, to_yaml
+from hiervl.errors import UserError
 
 SUBCOMMANDS = ("synth", "prep", "train", "eval", "search", "export", "submit", "demo")
-_MODULES = {"eval": "launch.evaluate"}  # `eval` is a builtin name; its module is evaluate.py
+_MODULES = {"eval": "hiervl.launch.evaluate"}  # `eval` is a builtin name; its module is evaluate.py
 
 
 def _module_name(name: str) -> str:
-    return _MODULES.get(name, f"launch.{name}")
+    return _MODULES.get(name, f"hiervl.launch.{name}")
 
 
 def available_subcommands() -> dict:

@@ -4,7 +4,7 @@ Every command is an argv list (never a shell string): the resolved config travel
 (`<out_dir>/config.yaml`), so override values never pass through a shell. `shell_join` renders an
 argv for printing (`--dry-run`) or for a script, quoting every word with `shlex.quote`.
 
-`python -m launch.deepspeed_launch node --hostfile H --master-addr A --config C` is the per-node
+`python -m hiervl.launch.deepspeed_launch node --hostfile H --master-addr A --config C` is the per-node
 task of a SLURM job: it takes the node rank from SLURM_NODEID, runs DeepSpeed's launcher with
 `--no_ssh`, and passes SIGTERM/SIGUSR1 straight to the rank processes (which finish the step,
 checkpoint and exit 0) instead of letting the launcher kill them.
@@ -24,7 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from launch.processes import RANK_MODULE, REPO_ROOT, child_env, local_port, run_forwarding_signals
+from hiervl.launch.processes import RANK_MODULE, child_env, local_port, run_forwarding_signals
 
 # Variables the ranks need on every node; DeepSpeed's pdsh runner exports what .deepspeed_env lists.
 PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -88,7 +88,7 @@ def check_host(name: str, where: str) -> str:
 
 def _read_hostfile(path: Path) -> list[str]:
     """Host names of a DeepSpeed hostfile (`host slots=N` lines, `#` comments), each line checked."""
-    from pipeline.errors import UserError
+    from hiervl.errors import UserError
 
     names = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -113,7 +113,7 @@ def _read_hostfile(path: Path) -> list[str]:
 def resolve_hosts(hostfile, hosts, default_path, slots: int):
     """(hosts, hostfile path, hostfile text to write or None) from --hostfile FILE or --hosts a,b
     (a list already checked by `check_host`, or a comma-separated string)."""
-    from pipeline.errors import UserError
+    from hiervl.errors import UserError
 
     if hostfile:
         path = Path(hostfile).resolve()
@@ -143,7 +143,7 @@ def node_command(cfg, config_path, hostfile, *, node_rank: int, master_addr: str
 def deepspeed_env_text(env: dict | None = None) -> str:
     """`.deepspeed_env` lines (KEY=VALUE) for the variables the ranks need on the other nodes."""
     env = os.environ if env is None else env
-    lines = [f"PYTHONPATH={REPO_ROOT}"] + [f"{k}={env[k]}" for k in PROPAGATED_ENV if k in env and k != "PYTHONPATH"]
+    lines = [f"{k}={env[k]}" for k in PROPAGATED_ENV if k in env]
     return "\n".join(lines) + "\n"
 
 
@@ -156,14 +156,14 @@ def rank_env(env: dict | None = None, gpus: bool = False) -> dict:
 
 def node_main(argv: list[str] | None = None) -> int:
     """SLURM per-node task: node rank from SLURM_NODEID, then DeepSpeed's launcher with --no_ssh."""
-    p = argparse.ArgumentParser(prog="python -m launch.deepspeed_launch node")
+    p = argparse.ArgumentParser(prog="python -m hiervl.launch.deepspeed_launch node")
     p.add_argument("--hostfile", required=True)
     p.add_argument("--master-addr", required=True)
     p.add_argument("--config", required=True)
     p.add_argument("--log-dir", default=None)
     p.add_argument("--echo", action="store_true", help="print the launcher command instead of running it")
     args = p.parse_args(argv)
-    from pipeline.config import load_config
+    from hiervl.config import load_config
 
     cfg = load_config(args.config)
     node_rank = int(os.environ.get("SLURM_NODEID", "0"))
@@ -178,5 +178,5 @@ def node_main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "node":
         sys.exit(node_main(sys.argv[2:]))
-    print("usage: python -m launch.deepspeed_launch node --hostfile H --master-addr A --config C", file=sys.stderr)
+    print("usage: python -m hiervl.launch.deepspeed_launch node --hostfile H --master-addr A --config C", file=sys.stderr)
     sys.exit(2)

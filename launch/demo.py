@@ -1,6 +1,6 @@
 """`hiervl demo`: the whole pipeline on the embedded synthetic corpus, ending in a report.
 
-Each stage runs as a subprocess of the real CLI (`python -m launch.cli STAGE ...`), exactly as a
+Each stage runs as a subprocess of the real CLI (`python -m hiervl.launch.cli STAGE ...`), exactly as a
 user would type it, all reading one resolved config written to <out>/config.yaml; the searches
 and the report use the Python APIs (pipeline/eval/report.py).
 
@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from launch.processes import child_env
-from pipeline.errors import UserError
+from hiervl.config import packaged_config
+from hiervl.errors import UserError
+from hiervl.launch.processes import child_env
 
 HELP = "run the whole pipeline on the synthetic corpus (synth, prep, train, eval, search) and write a report"
 DESCRIPTION = """Synthetic corpus (hiervl synth) -> WebDataset shards on Ray (hiervl prep) -> training
@@ -30,8 +31,7 @@ Example:
   hiervl demo --out runs/demo train.steps=200
 """
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = packaged_config("demo")
 
 
 def add_arguments(parser) -> None:
@@ -45,7 +45,7 @@ def add_arguments(parser) -> None:
 def _stage(n: int, name: str, argv: list[str], timings: dict) -> None:
     print(f"\n=== [demo {n}/6] {name}: hiervl {' '.join(argv)}", flush=True)
     t0 = time.time()
-    code = subprocess.call([sys.executable, "-m", "launch.cli", *argv], env=child_env())
+    code = subprocess.call([sys.executable, "-m", "hiervl.launch.cli", *argv], env=child_env())
     timings[name] = time.time() - t0
     if code != 0:
         raise UserError(f"demo stage '{name}' failed (exit {code}); its output is above. Fix it and rerun "
@@ -57,9 +57,8 @@ def main(args, cfg) -> int:
     import shutil
 
     import torch
-
-    from pipeline.config import load_config, to_yaml
-    from pipeline.eval.report import pick_queries, retrieval_table, run_searches, summary_row, write_report
+    from hiervl.config import load_config, to_yaml
+    from hiervl.eval.report import pick_queries, retrieval_table, run_searches, summary_row, write_report
 
     out = Path(args.out)
     if args.num_videos < 8:

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def refuse_model_overrides(overrides: list[str], command: str = "eval") -> None:
     """The model's config comes from its checkpoint (the weights were trained with it): a `model.*`
     override would be silently ignored, or, applied, describe other weights. Refused in one line."""
-    from pipeline.errors import UserError
+    from hiervl.errors import UserError
 
     bad = [o for o in overrides if o.split("=", 1)[0].strip() == "model" or o.startswith("model.")]
     if bad:
@@ -66,7 +66,7 @@ def merged_config(ckpt_cfg, cli_cfg, data: str | None, checkpoint: str | None = 
     path, the decoder settings and the eval section taken from the command line. The data path is
     absolute (it goes into index.json): --data from here, else the checkpoint's data.path (a
     relative one, from a run older than absolute paths, found from the checkpoint's folder)."""
-    from pipeline.run_paths import absolute, find_recorded
+    from hiervl.run_paths import absolute, find_recorded
 
     d = ckpt_cfg.data
     path = absolute(data) if data else absolute(find_recorded(d.path, checkpoint or "."))
@@ -78,12 +78,11 @@ def merged_config(ckpt_cfg, cli_cfg, data: str | None, checkpoint: str | None = 
 
 def main(args, cfg) -> int:
     import torch
-
-    from pipeline import distributed as dist
-    from pipeline.eval.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
-    from pipeline.eval.fingerprint import checkpoint_step
-    from pipeline.log import setup_logging
-    from pipeline.train.checkpoint import load_model_for_inference
+    from hiervl import distributed as dist
+    from hiervl.eval.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
+    from hiervl.eval.fingerprint import checkpoint_step
+    from hiervl.log import setup_logging
+    from hiervl.train.checkpoint import load_model_for_inference
 
     refuse_model_overrides(args.overrides)  # before any rank starts work
     info = dist.init()

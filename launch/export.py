@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def checkpoint_source(run: Path) -> dict:
     """Which checkpoint a run path names (the tag load_model_for_inference reads), for the export's record."""
-    from pipeline.train.checkpoint import META, find_latest, read_meta
+    from hiervl.train.checkpoint import META, find_latest, read_meta
 
     if (run / META).is_file():
         ckpt_dir, tag = run.parent, run.name
@@ -48,8 +48,7 @@ def checkpoint_source(run: Path) -> dict:
 def round_trip_difference(model, cfg, out: Path) -> float:
     """Largest |difference| between the checkpoint's and the export's embeddings of one caption and one clip."""
     import numpy as np
-
-    from pipeline.api import HierVLModel, load, resolve_device
+    from hiervl.api import HierVLModel, load, resolve_device
 
     ckpt = HierVLModel(model, cfg, resolve_device("cpu"))
     exported = load(out, device="cpu")
@@ -67,9 +66,9 @@ def round_trip_difference(model, cfg, out: Path) -> float:
 
 
 def main(args, cfg) -> int:
-    from pipeline.errors import UserError
-    from pipeline.export import write_export
-    from pipeline.train.checkpoint import load_model_for_inference
+    from hiervl.errors import UserError
+    from hiervl.export import write_export
+    from hiervl.train.checkpoint import load_model_for_inference
 
     if args.overrides or args.config:
         raise UserError("export takes no --config or KEY=VALUE overrides: it writes the checkpoint's own config "

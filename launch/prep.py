@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import UserError
+from hiervl.errors import UserError
 
 HELP = "prepare WebDataset shards (+ DALI index, manifest) from videos and captions, on Ray"
 DESCRIPTION = """Probe, validate and transcode every input video per the prep config, and write
@@ -51,8 +51,8 @@ def add_arguments(parser) -> None:
 
 def main(args, cfg) -> int:
     if args.verify:
-        from dataprep.verify import verify
-        from pipeline.storage import is_remote
+        from hiervl.dataprep.verify import verify
+        from hiervl.storage import is_remote
         if is_remote(args.verify):  # the stock readers (webdataset, DALI) read local files: a copy first
             return _verify_remote(args, cfg)
         res = verify(args.verify, dali=not args.no_dali)
@@ -69,7 +69,7 @@ def _verify_remote(args, cfg) -> int:
     """`--verify s3://...`: download the dataset into a temporary folder, verify that copy."""
     import tempfile
 
-    from pipeline.storage import open_store
+    from hiervl.storage import open_store
 
     store = open_store(args.verify, cfg.storage)
     store.check()
@@ -85,7 +85,7 @@ def _verify_remote(args, cfg) -> int:
 def _prepare(args, cfg) -> int:
     if not args.input or not args.out:
         raise UserError("prep needs --input PATH and --out DIR (or --verify DIR)")
-    from dataprep.driver import prepare, summary_line
+    from hiervl.dataprep.driver import prepare, summary_line
     options = {}
     if args.segments:
         if args.format not in ("didemo", "activitynet"):

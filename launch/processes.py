@@ -1,6 +1,6 @@
 """Child processes of `hiervl`: their environment, the local master port, and signal forwarding.
 
-Owns: `child_env` (the repository on PYTHONPATH, Hugging Face offline, no tokenizer threads, no Ray
+Owns: `child_env` (Hugging Face offline, no tokenizer threads, no Ray
 usage stats: what every `hiervl` subprocess needs, set only where the caller's environment has not
 set them), `local_port` (the master port of a one-machine launch), `signal_ranks` and
 `run_forwarding_signals` (SIGTERM/SIGUSR1 go to the rank processes, which checkpoint and exit 0,
@@ -15,19 +15,16 @@ import os
 import signal
 import socket
 import subprocess
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RANK_MODULE = "launch.train"  # what every training rank runs: `python -m launch.train --config FILE`
+RANK_MODULE = "hiervl.launch.train"  # what every training rank runs: `python -m hiervl.launch.train --config FILE`
 OFFLINE_ENV = (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
                ("RAY_USAGE_STATS_ENABLED", "0"))
 
 
 def child_env(env: dict | None = None, **extra: str) -> dict:
-    """`env` (default: this process's) with the repository first on PYTHONPATH, the OFFLINE_ENV
-    defaults where unset, then `extra` set as given."""
+    """`env` (default: this process's) with the OFFLINE_ENV defaults where unset, then `extra` set
+    as given. The children import the installed `hiervl` (no source tree on PYTHONPATH)."""
     env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     for key, value in OFFLINE_ENV:
         env.setdefault(key, value)
     env.update(extra)

@@ -68,9 +68,9 @@ def _split_overrides(args) -> list[str]:
 
 
 def main(args, cfg) -> int:
-    from launch.evaluate import refuse_model_overrides
-    from pipeline.config import load_config
-    from pipeline.errors import UserError
+    from hiervl.config import load_config
+    from hiervl.errors import UserError
+    from hiervl.launch.evaluate import refuse_model_overrides
 
     overrides = _split_overrides(args)
     if overrides:
@@ -85,8 +85,8 @@ def main(args, cfg) -> int:
 
 
 def build_index(args, cfg) -> int:
-    from pipeline.errors import UserError
-    from pipeline.eval.search import build_video_index
+    from hiervl.errors import UserError
+    from hiervl.eval.search import build_video_index
 
     if not (args.videos or args.manifest):
         raise UserError("`hiervl search index` needs --videos DIR or --manifest FILE")
@@ -103,7 +103,7 @@ def build_index(args, cfg) -> int:
 
 
 def read_queries(args) -> list[str]:
-    from pipeline.errors import UserError
+    from hiervl.errors import UserError
 
     queries = list(args.query)
     if args.queries:
@@ -117,9 +117,9 @@ def read_queries(args) -> list[str]:
 
 
 def run_search(args) -> int:
-    from pipeline.errors import UserError
-    from pipeline.eval.fingerprint import check_fingerprint, checkpoint_step
-    from pipeline.eval.search import (
+    from hiervl.errors import UserError
+    from hiervl.eval.fingerprint import check_fingerprint, checkpoint_step
+    from hiervl.eval.search import (
         SearchIndex,
         contact_sheet,
         format_hits,
@@ -127,8 +127,8 @@ def run_search(args) -> int:
         hits_to_json,
         search_batch,
     )
-    from pipeline.log import get_logger
-    from pipeline.train.checkpoint import load_model_for_inference
+    from hiervl.log import get_logger
+    from hiervl.train.checkpoint import load_model_for_inference
 
     if not args.index:
         raise UserError("--index DIR is required (an index from `hiervl search index` or `hiervl eval`)")

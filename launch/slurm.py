@@ -1,7 +1,7 @@
 """SLURM: an sbatch script rendered from the config, submitted with `sbatch`; status and cancel.
 
 The script runs one DeepSpeed launcher per node (`srun --ntasks-per-node=1`, each a
-`python -m launch.deepspeed_launch node` task taking its node rank from SLURM_NODEID), writes the
+`python -m hiervl.launch.deepspeed_launch node` task taking its node rank from SLURM_NODEID), writes the
 hostfile from `scontrol show hostnames`, and takes the first node as the master. Preemption:
 `#SBATCH --signal=B:SIGTERM@120` signals the batch shell, whose trap passes SIGTERM to srun
 (srun forwards it to the node tasks, which forward it to the ranks: finish the step, checkpoint,
@@ -19,9 +19,8 @@ import shlex
 import subprocess
 import sys
 
-from launch.deepspeed_launch import deepspeed_env_text, rank_log_dir
-from launch.processes import REPO_ROOT
-from pipeline.errors import UserError
+from hiervl.errors import UserError
+from hiervl.launch.deepspeed_launch import deepspeed_env_text, rank_log_dir
 
 q = shlex.quote
 
@@ -59,14 +58,14 @@ def render_sbatch(cfg, config_path, out_dir, *, python: str = sys.executable) ->
     slots = max(1, int(L.gpus_per_node)) if L.gpus_per_node > 0 else max(1, int(cfg.train.ranks))
     env_lines = "".join(f"export {q(line.split('=', 1)[0])}={q(line.split('=', 1)[1])}\n"
                         for line in deepspeed_env_text().splitlines() if "=" in line)
-    node_task = [python, "-u", "-m", "launch.deepspeed_launch", "node", "--hostfile", "$HOSTFILE",
+    node_task = [python, "-u", "-m", "hiervl.launch.deepspeed_launch", "node", "--hostfile", "$HOSTFILE",
                  "--master-addr", "$MASTER_ADDR", "--config", str(config_path), "--log-dir", str(rank_log_dir(out))]
     node_line = " ".join('"$HOSTFILE"' if a == "$HOSTFILE" else '"$MASTER_ADDR"' if a == "$MASTER_ADDR" else q(a)
                          for a in node_task)
     body = f"""
 set -uo pipefail
 OUT_DIR={q(out)}
-cd {q(str(REPO_ROOT))}
+cd "${{SLURM_SUBMIT_DIR:-.}}"  # relative paths mean what they meant where sbatch ran
 {env_lines}export DS_ACCELERATOR={'cuda' if L.gpus_per_node > 0 else 'cpu'}
 mkdir -p {q(str(rank_log_dir(out)))}
 

@@ -14,11 +14,11 @@ import argparse
 import os
 from pathlib import Path
 
-from launch import deepspeed_launch as ds
-from launch.processes import run_forwarding_signals
-from pipeline.atomic_write import write_atomic
-from pipeline.config import load_config, to_yaml
-from pipeline.errors import UserError
+from hiervl.atomic_write import write_atomic
+from hiervl.config import load_config, to_yaml
+from hiervl.errors import UserError
+from hiervl.launch import deepspeed_launch as ds
+from hiervl.launch.processes import run_forwarding_signals
 
 HELP = "submit training (local, DeepSpeed hostfile, SLURM) or shard prep (Ray job); status/cancel SLURM jobs"
 DESCRIPTION = """Render one config to a backend and run it (or print it with --dry-run):
@@ -94,7 +94,7 @@ def _run_or_print(args, cmds, env=None) -> int:
 
 def main(args, cfg) -> int:
     if args.action in ("status", "cancel"):
-        from launch import slurm
+        from hiervl.launch import slurm
         if not args.job:
             raise UserError(f"submit {args.action} needs a job id: hiervl submit {args.action} 12345")
         print(slurm.status(args.job) if args.action == "status" else slurm.cancel(args.job))
@@ -105,7 +105,7 @@ def main(args, cfg) -> int:
     cfg.launch.gpus_per_node = cfg.launch.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
     gpus = cfg.launch.gpus_per_node > 0
     if args.action == "ray":
-        from launch import ray_job
+        from hiervl.launch import ray_job
         return ray_job.submit_cli(args, cfg)
     out = Path(cfg.train.out_dir).resolve()
     config_path, log_dir = out / "config.yaml", ds.rank_log_dir(out)
@@ -116,7 +116,7 @@ def main(args, cfg) -> int:
         nranks = cfg.launch.gpus_per_node if gpus else cfg.train.ranks
         return _run_or_print(args, [ds.local_command(cfg, config_path, nranks=nranks, gpus=gpus, log_dir=log_dir)], env)
     if args.action == "slurm":
-        from launch import slurm
+        from hiervl.launch import slurm
         script = slurm.render_sbatch(cfg, config_path, out)
         if args.dry_run:
             print(script, end="")

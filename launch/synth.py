@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline.errors import UserError
+from hiervl.errors import UserError
 
 HELP = "write the synthetic corpus: tiny videos of moving shapes with ordered, paraphrased captions"
 DESCRIPTION = """Write real video files of coloured shapes doing things in order, each with several
@@ -46,7 +46,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args, cfg) -> int:
-    from dataprep.synth import make_corpus
+    from hiervl.dataprep.synth import make_corpus
 
     if args.num_videos < 1:
         raise UserError(f"--num-videos {args.num_videos}: need at least 1")

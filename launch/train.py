@@ -1,7 +1,7 @@
-"""`hiervl train`: start training under DeepSpeed's launcher; `python -m launch.train`: one rank.
+"""`hiervl train`: start training under DeepSpeed's launcher; `python -m hiervl.launch.train`: one rank.
 
 `hiervl train` resolves the config, writes it to <out_dir>/config.yaml and starts
-`train.ranks` local ranks with DeepSpeed's launcher, each running `python -m launch.train`: the same
+`train.ranks` local ranks with DeepSpeed's launcher, each running `python -m hiervl.launch.train`: the same
 launcher command, environment and port as `hiervl submit local` (launch/deepspeed_launch.py,
 launch/processes.py).
 SIGTERM/SIGUSR1 sent to `hiervl train` are passed to the ranks themselves, which finish the
@@ -19,11 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-from launch import deepspeed_launch as ds
-from launch.processes import run_forwarding_signals
-from pipeline.atomic_write import write_atomic
-from pipeline.config import load_config, to_yaml
-from pipeline.storage import is_remote, open_store
+from hiervl.atomic_write import write_atomic
+from hiervl.config import load_config, to_yaml
+from hiervl.launch import deepspeed_launch as ds
+from hiervl.launch.processes import run_forwarding_signals
+from hiervl.storage import is_remote, open_store
 
 HELP = "train a model with DeepSpeed (local ranks; resumes automatically)"
 DESCRIPTION = """Train the hierarchical model on a prepared dataset (data.path) with DeepSpeed.
@@ -46,9 +46,8 @@ def main(args, cfg) -> int:
     """Check the run here (one line, exit 2, before any rank starts), write the resolved config
     with absolute paths, then start the ranks; --dry-run prints the command and creates nothing."""
     import torch
-
-    from pipeline.run_paths import absolute_paths
-    from pipeline.train.preflight import check_training_run
+    from hiervl.run_paths import absolute_paths
+    from hiervl.train.preflight import check_training_run
 
     check_training_run(cfg, world_size=cfg.train.ranks)
     cfg = absolute_paths(cfg)  # the run folder's config.yaml and every checkpoint work from any directory
@@ -65,18 +64,18 @@ def main(args, cfg) -> int:
 
 
 def rank_main(argv: list[str] | None = None) -> int:
-    """One rank: `python -m launch.train --config FILE [overrides]`."""
-    parser = argparse.ArgumentParser(prog="python -m launch.train", description="run one training rank")
+    """One rank: `python -m hiervl.launch.train --config FILE [overrides]`."""
+    parser = argparse.ArgumentParser(prog="python -m hiervl.launch.train", description="run one training rank")
     parser.add_argument("--config", required=True)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    from pipeline.config import ConfigError
-    from pipeline.errors import UserError
-    from pipeline.train.trainer import run
+    from hiervl.config import ConfigError
+    from hiervl.errors import UserError
+    from hiervl.train.trainer import run
 
     try:
-        from pipeline.run_paths import absolute_paths
+        from hiervl.run_paths import absolute_paths
 
         cfg = absolute_paths(load_config(args.config, args.overrides))  # as `hiervl train` stores it
         return run(cfg)

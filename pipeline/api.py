@@ -9,8 +9,8 @@
 
 Preprocessing is the evaluation's, built in and read from the model's own config: a video's
 `data.num_frames` frames are the centres of that many equal segments of the whole clip
-(`pipeline.data.sampler.frame_indices`), decoded by DALI or PyAV exactly as the eval loader picks
-them (`pipeline.data.decode.choose_backend`), then `transform_clip` resizes the short side to
+(`hiervl.data.sampler.frame_indices`), decoded by DALI or PyAV exactly as the eval loader picks
+them (`hiervl.data.decode.choose_backend`), then `transform_clip` resizes the short side to
 `data.short_side`, centre-crops `data.size`, and normalises with `data.mean` / `data.std`; frame
 differences and the rest of the video tower's inputs are made inside the model. Captions are
 tokenized like the eval loader's (padded to `data.max_words`, truncated). So for a video of a
@@ -35,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline.errors import UserError
+from hiervl.errors import UserError
 
 __all__ = ["HierVLModel", "Preprocessing", "load"]
 
@@ -124,7 +123,7 @@ class HierVLModel:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from pipeline.model.text_model import load_tokenizer
+            from hiervl.model.text_model import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.cfg.model.text.path)
         return self._tokenizer
@@ -152,7 +151,7 @@ class HierVLModel:
 
     def _decode(self, data: bytes, frames: np.ndarray, codec: str, name: str):
         """Frames `frames` of an encoded video, uint8 [T, H, W, 3], by the eval loader's decoder choice."""
-        from pipeline.data.decode import DaliVideoDecoder, choose_backend, decode_pyav
+        from hiervl.data.decode import DaliVideoDecoder, choose_backend, decode_pyav
 
         where = "gpu" if self.device.type == "cuda" else "cpu"
         try:
@@ -174,8 +173,8 @@ class HierVLModel:
     def preprocess_video(self, video) -> torch.Tensor:
         """One video (a path, encoded bytes, or uint8 frames [T, H, W, 3] of the whole clip) ->
         the model's input [num_frames, 3, size, size] float32, as the eval loader makes it."""
-        from pipeline.data.decode import transform_clip
-        from pipeline.data.sampler import frame_indices
+        from hiervl.data.decode import transform_clip
+        from hiervl.data.sampler import frame_indices
 
         p = self.preprocessing
         if isinstance(video, (str, Path, bytes, bytearray)):
@@ -251,7 +250,7 @@ def load(path: str | Path, device="auto", decoder: str = "auto") -> HierVLModel:
     (as data.decoder: auto picks DALI where it can decode the codec, PyAV otherwise). An export loads
     with neither DeepSpeed nor the checkpoint.
     """
-    from pipeline.export import is_export, load_export
+    from hiervl.export import is_export, load_export
 
     dev = resolve_device(device)
     if decoder not in ("auto", "dali", "pyav"):
@@ -263,7 +262,7 @@ def load(path: str | Path, device="auto", decoder: str = "auto") -> HierVLModel:
     if is_export(path):
         towers, cfg = load_export(path)
     else:
-        from pipeline.train.checkpoint import load_model_for_inference
+        from hiervl.train.checkpoint import load_model_for_inference
 
         towers, cfg = load_model_for_inference(path)
     return HierVLModel(towers, cfg, dev, decoder, source=str(path))

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from pipeline.errors import UserError
-from pipeline.presets import PRESETS, level_names
+from hiervl.errors import UserError
+from hiervl.presets import PRESETS, level_names
 
 
 class ConfigError(UserError, ValueError):
@@ -542,11 +541,31 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def packaged_config(name: str) -> Path:
+    """The path of a config shipped inside the package (`tiny`, `base`, `demo`, `presets/hit`, ...):
+    `configs/` in a source tree, `site-packages/hiervl/configs/` in an installed wheel."""
+    from importlib.resources import files
+
+    name = name.removeprefix("configs/")
+    return Path(str(files("hiervl.configs"))) / (name if name.endswith(".yaml") else f"{name}.yaml")
+
+
+def _config_path(path: str | Path) -> Path:
+    """`path` as given when it names a file; else a packaged config of that name (`tiny`,
+    `configs/tiny.yaml` run from another folder), so the commands in the README work anywhere."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    packaged = packaged_config(str(path))
+    return packaged if packaged.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (with optional `defaults: [other.yaml]` includes) plus overrides."""
+    """Load a YAML config (with optional `defaults: [other.yaml]` includes) plus overrides.
+    `path` is a file, or the name of a packaged config (`tiny`, `base`, `demo`)."""
     tree: dict = {}
     if path is not None:
-        tree = _read_yaml(Path(path))
+        tree = _read_yaml(_config_path(path))
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     return _build(Config, tree)
@@ -554,7 +573,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (configs live in configs/, e.g. configs/tiny.yaml)")
+        raise ConfigError(f"config file {path} does not exist (give a YAML file, or a packaged config: tiny, base, demo)")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through 'defaults'")
     try:

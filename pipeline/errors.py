@@ -1,7 +1,7 @@
 """Errors a user can cause at run time (a missing file, an empty dataset, ...).
 
 The CLI prints them as one line naming the thing and the fix, and exits 1; a traceback is for
-bugs. Configuration mistakes are `pipeline.config.ConfigError` (exit 2).
+bugs. Configuration mistakes are `hiervl.config.ConfigError` (exit 2).
 
 Owns: `UserError`.
 Must not touch: anything else.

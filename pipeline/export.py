@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 import yaml
-
-from pipeline.config import ConfigError, from_dict, to_yaml
-from pipeline.errors import UserError
+from hiervl.config import ConfigError, from_dict, to_yaml
+from hiervl.errors import UserError
 
 EXPORT_FILE = "hiervl-export.json"
 FORMAT, VERSION = "hiervl-export", 1
@@ -49,10 +48,9 @@ def tower_state(model) -> dict[str, torch.Tensor]:
 
 def write_export(model, cfg, out: str | Path, source: dict | None = None, overwrite: bool = False) -> Path:
     """Write `model`'s query towers (a HierarchicalModel or QueryTowers built from `cfg`) to `out`."""
+    from hiervl.api import Preprocessing
+    from hiervl.model.text_model import load_tokenizer
     from safetensors.torch import save_file
-
-    from pipeline.api import Preprocessing
-    from pipeline.model.text_model import load_tokenizer
 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -116,11 +114,10 @@ def export_config(path: Path):
 
 def load_export(path: str | Path):
     """(QueryTowers in eval mode, cfg) from an export directory. Imports no DeepSpeed."""
+    from hiervl.api import Preprocessing
+    from hiervl.model.hierarchical import QueryTowers
     from safetensors.torch import load_file
     from transformers import CLIPVisionConfig
-
-    from pipeline.api import Preprocessing
-    from pipeline.model.hierarchical import QueryTowers
 
     path = Path(path).expanduser()
     info = read_export_info(path)

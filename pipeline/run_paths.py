@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.config import Config
+from hiervl.config import Config
 
 
 def is_url(path: str) -> bool:

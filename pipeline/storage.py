@@ -40,9 +40,9 @@ import uuid
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.atomic_write import write_atomic
-from pipeline.errors import UserError
-from pipeline.log import get_logger
+from hiervl.atomic_write import write_atomic
+from hiervl.errors import UserError
+from hiervl.log import get_logger
 
 log = get_logger(__name__)
 REMOTE_SCHEMES = ("s3", "gs", "http", "https")

@@ -42,7 +42,7 @@ def extract_videos(shards: Path, out: Path, split: str = "test") -> dict[str, Pa
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from pipeline.config import load_config
+    from hiervl.config import load_config
 
     root = tmp_path_factory.mktemp("api")
     data = write_shards(root / "shards", NUM_VIDEOS, "vp9", split="test", per_shard=4)
@@ -53,8 +53,8 @@ def setup(tmp_path_factory):
 
 
 def eval_embeddings(model, cfg):
-    from pipeline.data.loader import iter_eval
-    from pipeline.eval.evaluate import embed_batches
+    from hiervl.data.loader import iter_eval
+    from hiervl.eval.evaluate import embed_batches
 
     return embed_batches(model, iter_eval(cfg, split="test"))
 
@@ -106,7 +106,7 @@ def test_frames_equal_the_same_videos_file_and_one_video_is_accepted(setup):
 def test_an_export_equals_its_checkpoint_and_needs_no_deepspeed(setup, tmp_path):
     import subprocess
 
-    from launch.cli import main
+    from hiervl.launch.cli import main
 
     _, _, run, _, paths = setup
     out = tmp_path / "model"
@@ -149,8 +149,7 @@ def test_an_export_equals_its_checkpoint_and_needs_no_deepspeed(setup, tmp_path)
 
 def test_user_errors_are_one_line(setup, tmp_path):
     import hiervl
-
-    from pipeline.errors import UserError
+    from hiervl.errors import UserError
 
     _, _, run, _, paths = setup
     api = hiervl.load(run, device="cpu")
@@ -205,7 +204,7 @@ def test_the_readme_example_runs(setup, tmp_path, monkeypatch):
     runs/demo/model, a held-out video of runs/demo/corpus), against the tiny model."""
     import shutil
 
-    from launch.cli import main
+    from hiervl.launch.cli import main
 
     _, model, run, _, paths = setup
     code = readme_example()

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pipeline.errors import UserError
-from pipeline.train import checkpoint as ckpt
+from hiervl.errors import UserError
+from hiervl.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.preset=hit", "data.batch_size=4", "train.log_every=1", "optimizer.warmup_steps=1",
@@ -177,7 +176,7 @@ def test_torch_write_error_on_a_full_filesystem_is_named(small_disk, tmp_path):
 
 def _env(**extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+               DS_ACCELERATOR="cpu")
     env.update(extra)
     return env
 
@@ -207,7 +206,7 @@ def test_full_disk_during_a_two_rank_checkpoint_is_one_line_and_keeps_the_previo
     2's does not. Rank 0 fails inside DeepSpeed's save while rank 1 is already in its closing
     barrier: both end, the error once (rank 0), exit 1, `latest` still on step 1."""
     out = small_disk / "run"
-    cmd = [sys.executable, "-m", "launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *SMALL,
+    cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *SMALL,
            f"data.path={shards}", f"train.out_dir={out}", "train.ranks=2", "train.steps=3",
            "checkpoint.every_steps=1", "checkpoint.keep=5", "model.text.freeze_embeddings=true", _free_port()]
     res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -218,7 +217,7 @@ def test_full_disk_during_a_two_rank_checkpoint_is_one_line_and_keeps_the_previo
 @pytest.mark.integration
 def test_injected_enospc_at_the_rank_write_is_one_line_and_keeps_the_previous(shards, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *SMALL,
+    cmd = [sys.executable, "-m", "hiervl.launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *SMALL,
            f"data.path={shards}", f"train.out_dir={out}", "train.steps=3", "checkpoint.every_steps=1"]
     res = subprocess.run(cmd, env=_env(HIERVL_FAULT="disk-full-during-checkpoint", HIERVL_FAULT_AFTER="1"),
                          cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -69,8 +69,8 @@ def saved_weights(clip_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def build(clip_dir: Path, *extra: str):
-    from pipeline.config import load_config
-    from pipeline.model.hierarchical import build_model
+    from hiervl.config import load_config
+    from hiervl.model.hierarchical import build_model
 
     cfg = load_config(TINY, SMALL + ["model.text.pretrained=true", *extra])
     torch.manual_seed(0)
@@ -79,7 +79,7 @@ def build(clip_dir: Path, *extra: str):
 
 @pytest.mark.parametrize("how", ["clip_path", "both_keys"])
 def test_one_clip_directory_loads_both_towers_and_the_tokenizer(clip_dir, how):
-    from pipeline.model.text_model import load_tokenizer
+    from hiervl.model.text_model import load_tokenizer
 
     keys = ([f"model.clip_path={clip_dir}"] if how == "clip_path"
             else [f"model.vision.clip_path={clip_dir}", f"model.text.path={clip_dir}"])
@@ -124,23 +124,23 @@ def test_one_clip_directory_loads_both_towers_and_the_tokenizer(clip_dir, how):
 
 
 def test_conflicting_paths_and_too_long_captions_are_refused(clip_dir, tmp_path):
-    from pipeline.config import ConfigError, load_config
-    from pipeline.errors import UserError
+    from hiervl.config import ConfigError, load_config
+    from hiervl.errors import UserError
 
     with pytest.raises(ConfigError, match="model.clip_path=.* sets model.text.path"):
         load_config(TINY, SMALL + [f"model.clip_path={clip_dir}", f"model.text.path={tmp_path}"])
     with pytest.raises(UserError, match=f"data.max_words=40 .* has {POSITIONS} positions"):
         build(clip_dir, f"model.clip_path={clip_dir}", "data.max_words=40")
     (tmp_path / "config.json").write_text((clip_dir / "config.json").read_text())  # weights, no tokenizer
-    from pipeline.model.text_model import load_tokenizer
+    from hiervl.model.text_model import load_tokenizer
 
     with pytest.raises(UserError, match="has no tokenizer files"):
         load_tokenizer(str(tmp_path))
 
 
 def test_export_of_a_clip_model_loads_without_the_clip_directory(clip_dir, tmp_path):
-    from pipeline.api import HierVLModel, load, resolve_device
-    from pipeline.export import write_export
+    from hiervl.api import HierVLModel, load, resolve_device
+    from hiervl.export import write_export
 
     moved = tmp_path / "clip"
     shutil.copytree(clip_dir, moved)

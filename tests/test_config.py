@@ -5,8 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from pipeline.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+from hiervl.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -67,7 +66,7 @@ def test_roundtrip_through_dict_and_yaml():
 
 
 def _hiervl(*args):
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "hiervl.launch.cli", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_cli_print_config_applies_override():
@@ -85,7 +84,7 @@ def test_cli_config_error_exits_2_with_one_line():
 
 
 def test_cli_help_lists_only_existing_subcommands():
-    from launch.cli import available_subcommands
+    from hiervl.launch.cli import available_subcommands
 
     res = _hiervl("--help")
     assert res.returncode == 0
@@ -109,7 +108,7 @@ def test_cross_section_checks_run_at_load(overrides, message):
 
 def test_every_preset_file_is_the_tiny_config_with_its_preset():
     root = Path(__file__).resolve().parents[1] / "configs"
-    from pipeline.presets import PRESETS
+    from hiervl.presets import PRESETS
 
     for name in PRESETS:
         cfg = load_config(root / "presets" / f"{name}.yaml")

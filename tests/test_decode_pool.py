@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hiervl.config import Config, ConfigError
+from hiervl.data.decode import dali_available
+from hiervl.data.decode_pool import DecodeWorkerError
+from hiervl.data.loader import VideoTextLoader
+from hiervl.data.schedule import DecoderSplit
 from test_loader import global_keys, make_cfg, run_epoch
 from test_loader_fixture import prepared_dataset
-
-from pipeline.config import Config, ConfigError
-from pipeline.data.decode import dali_available
-from pipeline.data.decode_pool import DecodeWorkerError
-from pipeline.data.loader import VideoTextLoader
-from pipeline.data.schedule import DecoderSplit
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -152,8 +151,8 @@ def test_a_killed_worker_with_prefetch_raises_in_the_consumer(dataset):
 WORKER_SCRIPT = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from pipeline.config import Config
-from pipeline.data.loader import VideoTextLoader
+from hiervl.config import Config
+from hiervl.data.loader import VideoTextLoader
 
 if __name__ == "__main__":  # worker processes import the main module (spawn / forkserver)
     cfg = Config()

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pipeline.config import ConfigError, load_config
-from pipeline.train.deepspeed_config import build_deepspeed_config, build_optimizer
+from hiervl.config import ConfigError, load_config
+from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

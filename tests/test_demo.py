@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "launch.cli", "demo", "--out", str(out), "--num-videos", "48", "--searches", "2",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "hiervl.launch.cli", "demo", "--out", str(out), "--num-videos", "48", "--searches", "2",
            "train.steps=12", "checkpoint.every_steps=0", "queue.size=64", "data.batch_size=8",
            "optimizer.warmup_steps=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)

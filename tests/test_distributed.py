@@ -6,8 +6,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from pipeline import distributed as D
+from hiervl import distributed as D
 
 
 @pytest.mark.parametrize("env, expect", [

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pipeline.config import ConfigError, load_config
-from pipeline.errors import UserError
-from pipeline.model.encoders import TextEncoder, VideoEncoder, frame_differences
+from hiervl.config import ConfigError, load_config
+from hiervl.errors import UserError
+from hiervl.model.encoders import TextEncoder, VideoEncoder, frame_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

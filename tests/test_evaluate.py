@@ -1,4 +1,4 @@
-"""pipeline.eval.evaluate on a tiny model and a tiny real dataset (real loader, real decoding):
+"""hiervl.eval.evaluate on a tiny model and a tiny real dataset (real loader, real decoding):
 blocked == one full similarity matrix, captions mapped to their videos, failed/padded slots
 dropped, 2 gloo ranks == 1 rank, reports and exported embeddings, and the `hiervl eval` CLI."""
 
@@ -28,13 +28,13 @@ PLAIN = ("R1", "R5", "R10", "MdR", "MnR", "queries", "tied_queries")
 
 
 def make_cfg(data: Path, *extra: str):
-    from pipeline.config import load_config
+    from hiervl.config import load_config
 
     return load_config(TINY, SMALL + [f"data.path={data}", *extra])
 
 
 def make_model(cfg):
-    from pipeline.model.hierarchical import build_model
+    from hiervl.model.hierarchical import build_model
 
     torch.manual_seed(0)
     return build_model(cfg).eval()
@@ -56,9 +56,9 @@ def expected_captions() -> dict:
 
 
 def test_blocked_eval_equals_full_matrix_and_maps_captions(hit, data, tmp_path):
-    from pipeline.data.loader import iter_eval
-    from pipeline.eval.evaluate import embed_batches, evaluate_model
-    from pipeline.eval.metrics import multi_caption_metrics
+    from hiervl.data.loader import iter_eval
+    from hiervl.eval.evaluate import embed_batches, evaluate_model
+    from hiervl.eval.metrics import multi_caption_metrics
 
     cfg, model = hit
     res = evaluate_model(model, cfg, split="test", out_dir=tmp_path, export=True)
@@ -80,8 +80,8 @@ def test_blocked_eval_equals_full_matrix_and_maps_captions(hit, data, tmp_path):
 
 
 def test_reports_mark_dsl_and_export_round_trips(hit, tmp_path):
-    from pipeline.eval.evaluate import evaluate_model
-    from pipeline.eval.search import SearchIndex
+    from hiervl.eval.evaluate import evaluate_model
+    from hiervl.eval.search import SearchIndex
 
     cfg, model = hit
     res = evaluate_model(model, cfg, split="test", out_dir=tmp_path, export=True, meta={"checkpoint": "ck"})
@@ -96,8 +96,8 @@ def test_reports_mark_dsl_and_export_round_trips(hit, tmp_path):
     index = SearchIndex.load(tmp_path)
     assert sorted(index.keys) == sorted(expected_captions())
     assert index.videos["feature"].shape == (NUM_VIDEOS, 4, 32) and index.videos["semantic"].shape == (NUM_VIDEOS, 32)
-    from pipeline.data.loader import iter_eval
-    from pipeline.eval.evaluate import embed_batches
+    from hiervl.data.loader import iter_eval
+    from hiervl.eval.evaluate import embed_batches
 
     emb = embed_batches(model, iter_eval(cfg, split="test"))
     order = [emb.keys.index(k) for k in index.keys]
@@ -119,7 +119,7 @@ def fake_batch(keys, valid, captions, seed=0):
 
 
 def test_failed_and_padded_slots_leave_with_their_captions(hit):
-    from pipeline.eval.evaluate import embed_batches
+    from hiervl.eval.evaluate import embed_batches
 
     _, model = hit
     batches = [fake_batch(["a", "broken", ""], [True, False, False], [["a0", "a1"], ["b0"], []]),
@@ -138,8 +138,8 @@ def _free_port() -> int:
 
 
 def _rank_worker(rank, port, data, out):
-    from pipeline import distributed as D
-    from pipeline.eval.evaluate import evaluate_model
+    from hiervl import distributed as D
+    from hiervl.eval.evaluate import evaluate_model
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -153,7 +153,7 @@ def _rank_worker(rank, port, data, out):
 
 @pytest.mark.integration
 def test_two_gloo_ranks_equal_one_rank(hit, data):
-    from pipeline.eval.evaluate import evaluate_model
+    from hiervl.eval.evaluate import evaluate_model
 
     cfg, model = hit
     single = evaluate_model(model, cfg, split="test")
@@ -173,7 +173,7 @@ def test_two_gloo_ranks_equal_one_rank(hit, data):
 
 def write_fake_checkpoint(model, cfg, run_dir: Path) -> Path:
     """The files `load_model_for_inference` reads, as the trainer's DeepSpeed save lays them out."""
-    from pipeline.config import to_dict
+    from hiervl.config import to_dict
 
     tag = run_dir / "checkpoints" / "step00000001"
     tag.mkdir(parents=True)
@@ -185,8 +185,8 @@ def write_fake_checkpoint(model, cfg, run_dir: Path) -> Path:
 
 
 def test_eval_and_search_cli_on_a_checkpoint(hit, data, tmp_path, capsys):
-    from launch.cli import main
-    from pipeline.eval.evaluate import evaluate_model
+    from hiervl.eval.evaluate import evaluate_model
+    from hiervl.launch.cli import main
 
     cfg, model = hit
     run = write_fake_checkpoint(model, cfg, tmp_path / "run")
@@ -209,15 +209,15 @@ def test_eval_and_search_cli_on_a_checkpoint(hit, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", ["eval.dsl_scale=0", "eval.block_mb=0"])
 def test_eval_config_refuses_bad_values(bad):
-    from pipeline.config import ConfigError, load_config
+    from hiervl.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=bad.split("=")[0]):
         load_config(None, [bad])
 
 
 def test_block_rows_respect_the_memory_budget():
-    from pipeline.config import EvalConfig
-    from pipeline.eval.evaluate import block_rows_for
+    from hiervl.config import EvalConfig
+    from hiervl.eval.evaluate import block_rows_for
 
     assert block_rows_for(100_000, 4, EvalConfig(block_size=4096, block_mb=64)) * 100_000 * (4 * 4 + 8) <= 64 * 2**20
     assert block_rows_for(10, 4, EvalConfig(block_size=7, block_mb=64)) == 7
@@ -247,8 +247,8 @@ def flipped(batches):
 
 
 def test_order_pairs_are_own_video_forward_and_reversed(hit):
-    from pipeline.data.loader import iter_eval
-    from pipeline.eval.evaluate import embed_batches
+    from hiervl.data.loader import iter_eval
+    from hiervl.eval.evaluate import embed_batches
 
     cfg, model = hit
     emb = embed_batches(model, iter_eval(cfg, split="test"), reverse=True)
@@ -268,9 +268,9 @@ def test_order_pairs_are_own_video_forward_and_reversed(hit):
 
 
 def test_eval_cli_reports_order_and_group_diagnostics(hit, data, tmp_path, capsys):
-    from launch.cli import main
-    from pipeline.data.loader import iter_eval
-    from pipeline.eval.evaluate import embed_batches
+    from hiervl.data.loader import iter_eval
+    from hiervl.eval.evaluate import embed_batches
+    from hiervl.launch.cli import main
 
     cfg, model = hit
     grouped = grouped_copy(data, tmp_path / "grouped")

@@ -31,9 +31,9 @@ def trained(tmp_path_factory):
     write_shards(shards, 5, "vp9", split="test", per_shard=4)
     run = root / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+               DS_ACCELERATOR="cpu")
     small = [o for o in SMALL if not o.startswith(("data.size", "data.short_side"))]
-    cmd = [sys.executable, "-m", "launch.cli", "train", "--config", TINY, *small, "data.size=32",
+    cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", TINY, *small, "data.size=32",
            "data.short_side=36", "data.batch_size=4", f"data.path={shards}", f"train.out_dir={run}",
            "train.ranks=1", "train.steps=3", "checkpoint.every_steps=0", "train.log_every=1"]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -45,12 +45,11 @@ def trained(tmp_path_factory):
 def test_export_embeds_and_scores_exactly_as_eval_on_the_checkpoint(trained, capsys):
     import hiervl
     import pyarrow.parquet as pq
-
-    from launch.cli import main
-    from pipeline.config import Config
-    from pipeline.eval.evaluate import EmbeddedSplit, rank_split
-    from pipeline.eval.search import SearchIndex
-    from pipeline.train.checkpoint import load_model_for_inference
+    from hiervl.config import Config
+    from hiervl.eval.evaluate import EmbeddedSplit, rank_split
+    from hiervl.eval.search import SearchIndex
+    from hiervl.launch.cli import main
+    from hiervl.train.checkpoint import load_model_for_inference
 
     shards, run, root = trained
     model_dir, eval_dir = root / "model", root / "eval"

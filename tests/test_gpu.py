@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 
 def test_nccl_collectives_take_cpu_and_cuda_tensors(monkeypatch):
-    from pipeline import distributed as D
+    from hiervl import distributed as D
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -67,8 +67,8 @@ def test_nccl_collectives_take_cpu_and_cuda_tensors(monkeypatch):
 
 
 def test_dali_mixed_frames_match_the_cpu_loaders_pyav_frames(data):
-    from pipeline.config import load_config
-    from pipeline.data.loader import iter_eval
+    from hiervl.config import load_config
+    from hiervl.data.loader import iter_eval
 
     ref = torch.load(data / "reference.pt", weights_only=False)
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.path={data / 'shards'}", "data.device=gpu",
@@ -83,12 +83,11 @@ def test_dali_mixed_frames_match_the_cpu_loaders_pyav_frames(data):
 
 
 def _env():
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def _cmd(data, out, extra=()):
-    return [sys.executable, "-m", "launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *TRAIN,
+    return [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *TRAIN,
             f"data.path={data / 'shards'}", f"model.text.path={data / 'text'}", f"train.out_dir={out}",
             "train.ranks=1", *extra]
 

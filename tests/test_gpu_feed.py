@@ -19,8 +19,8 @@ DATA = Path(os.environ.get("HIERVL_GPU_DATA", ROOT / ".dev" / "gpu-data"))
 
 def test_dali_mixed_and_pyav_processes_fill_one_gpu_batch_that_matches_the_cpu_reference():
     pytest.importorskip("av", reason="PyAV is not installed here: carry .dev/av (bench/gpu_prepare.sh)")
-    from pipeline.config import load_config
-    from pipeline.data.loader import VideoTextLoader
+    from hiervl.config import load_config
+    from hiervl.data.loader import VideoTextLoader
 
     if not (DATA / "reference.pt").is_file():
         pytest.fail(f"no GPU test data at {DATA}: run `.venv/bin/python bench/gpu_data.py` on a CPU machine")

@@ -6,11 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hiervl.config import Config
+from hiervl.data.loader import DatasetIndex, VideoTextLoader, iter_eval
+from hiervl.errors import UserError
 from test_loader_fixture import prepared_dataset
-
-from pipeline.config import Config
-from pipeline.data.loader import DatasetIndex, VideoTextLoader, iter_eval
-from pipeline.errors import UserError
 
 pytestmark = pytest.mark.integration
 

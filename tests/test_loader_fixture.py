@@ -1,7 +1,7 @@
 """Tiny prepared datasets for the loader tests (a helper module: it holds no tests).
 
-`prepared_dataset(root, n, codec)` uses the real path, `dataprep.synth.make_corpus` +
-`dataprep.driver.prepare`, when both exist; otherwise it writes shards to the same contract
+`prepared_dataset(root, n, codec)` uses the real path, `hiervl.dataprep.synth.make_corpus` +
+`hiervl.dataprep.driver.prepare`, when both exist; otherwise it writes shards to the same contract
 itself (common.md: `{split}-{n:06d}.tar` + manifest.parquet with member offsets), from small
 videos encoded with PyAV.
 """
@@ -84,7 +84,7 @@ def write_shards(root: Path, n: int, codec: str = "vp9", split: str = "train", p
 
 def have_dataprep() -> bool:
     try:
-        from dataprep import driver, synth  # noqa: F401
+        from hiervl.dataprep import driver, synth  # noqa: F401
     except Exception:  # noqa: BLE001 - not there yet (or broken): fall back to our own shards
         return False
     return hasattr(synth, "make_corpus") and hasattr(driver, "prepare")
@@ -93,8 +93,8 @@ def have_dataprep() -> bool:
 def prepared_dataset(root: Path, n: int, codec: str = "vp9", seed: int = 0) -> tuple[Path, str]:
     """A prepared dataset of about n samples; returns (directory, how it was made)."""
     if have_dataprep():
-        from dataprep import driver, synth
-        from pipeline.config import Config
+        from hiervl.config import Config
+        from hiervl.dataprep import driver, synth
 
         manifest = synth.make_corpus(root / "corpus", n, seed=seed, codec=codec)
         cfg = Config()

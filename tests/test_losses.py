@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-
-from pipeline.model import losses as L
-from pipeline.model.levels import token_similarity
+from hiervl.model import losses as L
+from hiervl.model.levels import token_similarity
 
 SIM = torch.tensor([[0.9, 0.2, 0.5, -0.1],
                     [0.3, 0.1, 0.8, 0.4]])
@@ -97,8 +96,8 @@ def _unit(*degrees):
 def _objective(recipe, extra=()):
     from pathlib import Path
 
-    from pipeline.config import load_config
-    from pipeline.model.objective import HierarchicalContrastiveLoss
+    from hiervl.config import load_config
+    from hiervl.model.objective import HierarchicalContrastiveLoss
 
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     cfg = load_config(tiny, ["model.preset=flat", "model.embed_dim=2", "queue.enabled=true", "queue.size=4",

@@ -7,9 +7,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from dataprep.sources import Sample, check_samples, read_manifest
-from pipeline.errors import UserError
+from hiervl.dataprep.sources import Sample, check_samples, read_manifest
+from hiervl.errors import UserError
 
 
 def _reasons(path):
@@ -117,8 +116,8 @@ def test_more_hostile_manifests_refuse_in_one_line(tmp_path):
     (bad,) = check_samples(read_manifest(tmp_path / "u.csv"))[1]
     assert bad.key == "k\\udcff" and bad.reason.startswith("bad manifest cell (row 2, column start")
     pa.Table.from_pylist([bad.to_dict()])  # would raise on a lone surrogate
-    from dataprep.driver import prepare
-    from pipeline.config import Config
+    from hiervl.config import Config
+    from hiervl.dataprep.driver import prepare
     (tmp_path / "m.csv").write_text("video,caption\na.webm,x\n")
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(UserError, match="is a file, not a folder"):

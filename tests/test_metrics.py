@@ -1,4 +1,4 @@
-"""pipeline.eval.metrics against independent references: CLIP4Clip's compute_metrics (tie-free),
+"""hiervl.eval.metrics against independent references: CLIP4Clip's compute_metrics (tie-free),
 brute-force pessimistic ranks (ties), blocked == unblocked, multi-caption and DSL by hand."""
 
 from __future__ import annotations
@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from pipeline.eval.metrics import (
+from hiervl.eval.metrics import (
     blocked_ranks,
     dual_softmax,
     metrics_from_ranks,
@@ -196,7 +195,7 @@ def test_nan_scores_with_dsl_rank_pessimistically():
 
 
 def test_order_sensitivity_hand_made():
-    from pipeline.eval.metrics import order_sensitivity
+    from hiervl.eval.metrics import order_sensitivity
 
     fwd = np.array([0.9, 0.5, 0.3, 0.7, 0.2])
     back = np.array([0.1, 0.5, 0.4, np.nan, 0.1])
@@ -228,7 +227,7 @@ GROUP_SIM = np.array([
 
 @pytest.mark.parametrize("block", [1, 2, 100])
 def test_group_and_sibling_r1_hand_made_with_pessimistic_ties(block):
-    from pipeline.eval.metrics import group_metrics
+    from hiervl.eval.metrics import group_metrics
 
     got = group_metrics(GROUP_SIM, GROUP_C2V, GROUP_OF_VIDEO, block_rows=block)
     assert got["queries"] == 5 and got["groups"] == 2
@@ -240,7 +239,7 @@ def test_group_and_sibling_r1_hand_made_with_pessimistic_ties(block):
 
 
 def test_group_metrics_nan_ungrouped_and_integer_codes():
-    from pipeline.eval.metrics import group_metrics
+    from hiervl.eval.metrics import group_metrics
 
     x = GROUP_SIM.copy()
     x[0, 0] = np.nan  # c0's own score unknown: both hits fail (NaN = -inf)
@@ -256,7 +255,7 @@ def test_group_metrics_nan_ungrouped_and_integer_codes():
 
 def test_group_metrics_match_argmax_on_tie_free_scores():
     """Without ties the pessimistic counts equal the plain argmax definitions."""
-    from pipeline.eval.metrics import group_metrics
+    from hiervl.eval.metrics import group_metrics
 
     rng = np.random.default_rng(3)
     nv, nc = 40, 120

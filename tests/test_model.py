@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.model.hierarchical import build_model
+from hiervl.config import load_config
+from hiervl.errors import UserError
+from hiervl.model.hierarchical import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -77,7 +76,7 @@ def test_levels_per_preset_and_key_encoders_are_frozen():
     state = model.state_dict()  # the queues are the objective's (pipeline/model/objective.py), in every checkpoint
     assert "objective.queues.frame_word_text.emb" in state and "objective.queues.frame_word_text.ptr" in state
     for preset in ("hit", "hanet", "flat"):
-        assert [lv.name for lv in __import__("pipeline.model.levels").model.levels.preset_levels(preset)] == expected[preset]
+        assert [lv.name for lv in __import__("hiervl.model.levels").model.levels.preset_levels(preset)] == expected[preset]
 
 
 def test_momentum_update_matches_hand_computation():
@@ -191,7 +190,7 @@ socket.socket.connect = refuse
 socket.create_connection = refuse
 import torch
 from safetensors.torch import load_file
-from pipeline.model.text_model import load_text_model, load_tokenizer, resolve_text_model_path
+from hiervl.model.text_model import load_text_model, load_tokenizer, resolve_text_model_path
 model = load_text_model("default", pretrained=True, num_layers=2)
 tok = load_tokenizer("default")
 ref = load_file(str(resolve_text_model_path("default") / "model.safetensors"))
@@ -297,7 +296,7 @@ def test_no_queue_no_momentum_high_lr_trains_instead_of_collapsing(recipe):
 
 
 def test_queue_objective_settings_are_validated():
-    from pipeline.config import ConfigError
+    from hiervl.config import ConfigError
 
     with pytest.raises(ConfigError, match="queue.objective='clip' is not allowed; choose one of momentum, symmetric"):
         _cfg("flat", ["queue.objective=clip"])
@@ -305,7 +304,7 @@ def test_queue_objective_settings_are_validated():
         _cfg("flat", ["queue.objective=symmetric", "queue.gather_batch_with_grad=true"])
     with pytest.raises(ConfigError, match="leaves no negatives"):
         _cfg("flat", ["queue.enabled=false", "queue.batch_negatives=false"])
-    from pipeline.config import QueueConfig
+    from hiervl.config import QueueConfig
 
     assert QueueConfig().objective == "momentum"  # the dataclass default is HiT's; configs/*.yaml pick theirs
 

@@ -65,8 +65,8 @@ def tensorboard_scalars(out_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def test_monitor_writes_each_number_to_jsonl_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
-    from pipeline.config import load_config
-    from pipeline.train.monitor import Monitor, flatten
+    from hiervl.config import load_config
+    from hiervl.train.monitor import Monitor, flatten
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = load_config(TINY, ["train.wandb=hiervl-test"])  # mode: offline by default
@@ -96,8 +96,8 @@ def test_monitor_writes_each_number_to_jsonl_tensorboard_and_offline_wandb(tmp_p
 def test_wandb_settings_are_checked_at_load(monkeypatch):
     import importlib.util
 
-    from pipeline.config import ConfigError, load_config
-    from pipeline.train.monitor import wandb_mode
+    from hiervl.config import ConfigError, load_config
+    from hiervl.train.monitor import wandb_mode
 
     with pytest.raises(ConfigError, match="train.wandb_mode='cloud'"):
         load_config(TINY, ["train.wandb_mode=cloud"])
@@ -124,9 +124,9 @@ def shards(tmp_path_factory):
 
 def _train(shards, out, *extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+               DS_ACCELERATOR="cpu")
     env.pop("WANDB_MODE", None)
-    cmd = [sys.executable, "-m", "launch.cli", "train", "--config", TINY, f"data.path={shards}",
+    cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", TINY, f"data.path={shards}",
            f"train.out_dir={out}", "train.ranks=1", "model.preset=hit", "data.batch_size=4", "train.log_every=2",
            "checkpoint.every_steps=0", "model.text.num_layers=1", "eval.batch_size=8", "launch.master_port=29731",
            *extra]

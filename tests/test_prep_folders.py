@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from dataprep.driver import _clean, prepare
-from dataprep.out_lock import LOCK_FILE, PrepLock
-from dataprep.synth import make_corpus
-from pipeline.atomic_write import temp_path
-from pipeline.config import Config
-from pipeline.data.loader import DatasetIndex
-from pipeline.errors import UserError
-from pipeline.storage import open_store
+from hiervl.atomic_write import temp_path
+from hiervl.config import Config
+from hiervl.data.loader import DatasetIndex
+from hiervl.dataprep.driver import _clean, prepare
+from hiervl.dataprep.out_lock import LOCK_FILE, PrepLock
+from hiervl.dataprep.synth import make_corpus
+from hiervl.errors import UserError
+from hiervl.storage import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -111,7 +110,7 @@ def test_second_prep_into_the_same_out_refuses_and_the_first_finishes_intact(ray
     ref = tmp_path / "ref"
     prepare(_cfg(), manifest, ref, progress=False)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "launch.cli", "prep", "--input", str(manifest), "--out", str(out),
+    cmd = [sys.executable, "-m", "hiervl.launch.cli", "prep", "--input", str(manifest), "--out", str(out),
            "prep.short_side=32", "prep.fps=4", "prep.shard_max_samples=2", "prep.num_workers=1"]
     first = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)

@@ -12,8 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-
-from dataprep.transcode import SampleRefused, process_sample
+from hiervl.dataprep.transcode import SampleRefused, process_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 PREP = {"codec": "vp9", "fps": 4.0, "short_side": 32, "max_seconds": 30.0, "min_seconds": 0.5,
@@ -120,7 +119,7 @@ def test_quarantine_reasons_say_what_is_wrong(tmp_path):
 
 _MEASURE = """
 import sys
-from dataprep.transcode import process_sample
+from hiervl.dataprep.transcode import process_sample
 prep = {"codec": "vp9", "fps": 4.0, "short_side": 32, "max_seconds": 2.0, "min_seconds": 0.5,
         "keyframe_interval": 1.0, "crf": 32}
 def kib(field):  # from /proc/self/status: VmRSS (now), VmHWM (peak since the last reset)

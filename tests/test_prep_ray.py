@@ -18,11 +18,10 @@ import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from dataprep.driver import prepare
-from dataprep.synth import make_corpus
-from dataprep.verify import verify
-from pipeline.config import Config
+from hiervl.config import Config
+from hiervl.dataprep.driver import prepare
+from hiervl.dataprep.synth import make_corpus
+from hiervl.dataprep.verify import verify
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +126,7 @@ def test_bad_inputs_quarantined_good_land_rerun_noop_verify(ray_cluster, corpus,
     assert any(m[5]["key"] in p for p in bad) and any("webdataset reader" in p for p in bad)
     assert any("DALI reader" in p for p in bad)
     # and the CLI exits non-zero on it
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "prep", "--verify", str(out), "--no-dali"],
+    r = subprocess.run([sys.executable, "-m", "hiervl.launch.cli", "prep", "--verify", str(out), "--no-dali"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert r.returncode == 1 and "FAILED" in r.stdout
 
@@ -138,7 +137,7 @@ def test_sigkill_half_way_then_rerun_gives_same_bytes(ray_cluster, tmp_path_fact
     ref = root / "ref"
     prepare(_cfg(shard_max_samples=2), manifest, ref, progress=False)  # uninterrupted, 2 workers
     out = root / "out"
-    cmd = [sys.executable, "-m", "launch.cli", "prep", "--input", str(manifest), "--out", str(out),
+    cmd = [sys.executable, "-m", "hiervl.launch.cli", "prep", "--input", str(manifest), "--out", str(out),
            "prep.short_side=32", "prep.fps=4", "prep.shard_max_samples=2", "prep.num_workers=1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # its own process group: its Ray cluster can be cleaned up

@@ -9,14 +9,13 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-
-from dataprep.plan import make_plan
-from dataprep.shard_writer import ShardWriter, index_text, read_index
-from dataprep.sources import Sample, check_samples
-from dataprep.synth import make_corpus
-from dataprep.transcode import SampleRefused, process_sample
-from dataprep.worker import is_done, write_shard
-from pipeline.config import PrepConfig
+from hiervl.config import PrepConfig
+from hiervl.dataprep.plan import make_plan
+from hiervl.dataprep.shard_writer import ShardWriter, index_text, read_index
+from hiervl.dataprep.sources import Sample, check_samples
+from hiervl.dataprep.synth import make_corpus
+from hiervl.dataprep.transcode import SampleRefused, process_sample
+from hiervl.dataprep.worker import is_done, write_shard
 
 WDS2IDX = Path(sys.executable).with_name("wds2idx")
 PREP = {"codec": "vp9", "fps": 4.0, "short_side": 32, "max_seconds": 30.0, "min_seconds": 0.5,
@@ -136,8 +135,8 @@ def test_group_goes_into_the_sample_json_and_row_only_when_set(corpus, tmp_path)
 
 def test_loader_refuses_dataset_of_other_schema_version(tmp_path):
     """dataset.json's schema_version is checked where the dataset is read, with the fix named."""
-    from pipeline.data.manifest import SCHEMA_VERSION, read_dataset_info
-    from pipeline.errors import UserError
+    from hiervl.data.manifest import SCHEMA_VERSION, read_dataset_info
+    from hiervl.errors import UserError
 
     assert read_dataset_info(tmp_path) is None  # a hand-built manifest has no dataset.json
     (tmp_path / "dataset.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION}))

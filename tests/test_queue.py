@@ -1,8 +1,7 @@
 """MomentumQueue: ring-buffer writes, wrap-around, fill tracking and checkpointing, by hand."""
 
 import torch
-
-from pipeline.model.queue import MomentumQueue
+from hiervl.model.queue import MomentumQueue
 
 
 def _queue(size):
@@ -67,8 +66,8 @@ def test_hit_objective_has_four_banks_with_token_and_global_shapes():
     """HiT's memory banks: 2 levels x 2 modalities, owned by the objective, every one a checkpointed buffer."""
     from pathlib import Path
 
-    from pipeline.config import load_config
-    from pipeline.model.objective import HierarchicalContrastiveLoss
+    from hiervl.config import load_config
+    from hiervl.model.objective import HierarchicalContrastiveLoss
 
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     for recipe in ("momentum", "symmetric"):

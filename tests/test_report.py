@@ -6,8 +6,7 @@ import json
 import math
 
 import pytest
-
-from pipeline.eval.report import SearchResult, chance_levels, read_metrics, retrieval_table, summary_row, write_report
+from hiervl.eval.report import SearchResult, chance_levels, read_metrics, retrieval_table, summary_row, write_report
 
 
 def _metrics(r1, r5, r10, mdr, mnr):

@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from pipeline.data.sampler import (
+from hiervl.data.sampler import (
     PAD,
     choose_caption,
     epoch_order,
@@ -144,7 +143,7 @@ def test_grouped_order_keeps_groups_in_one_batch():
 
 
 def test_grouped_order_config_is_validated():
-    from pipeline.config import ConfigError, DataConfig
+    from hiervl.config import ConfigError, DataConfig
 
     assert DataConfig(order="grouped", group_chunk=8).group_chunk == 8
     for bad in ({"group_chunk": 0}, {"group_chunk": 2.5}, {"order": "groups"}):

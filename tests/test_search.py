@@ -1,4 +1,4 @@
-"""pipeline.eval.search: a known-answer index, ordering and scores equal to model.similarity, the
+"""hiervl.eval.search: a known-answer index, ordering and scores equal to model.similarity, the
 contact sheet from real frames, user errors; and (slow) the end-to-end train -> eval -> search."""
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ CAPTIONS = ["a red circle slides left", "a blue square jumps up", "a green trian
 
 
 def flat_model():
-    from pipeline.config import load_config
+    from hiervl.config import load_config
 
     return make_model(load_config(TINY, SMALL + ["model.preset=flat"]))
 
 
 def encode(model, texts):
-    from pipeline.model.text_model import load_tokenizer
+    from hiervl.model.text_model import load_tokenizer
 
     tok = load_tokenizer(model.cfg.model.text.path)(texts, padding="max_length", truncation=True,
                                                      max_length=model.cfg.data.max_words, return_tensors="pt")
@@ -35,8 +35,8 @@ def encode(model, texts):
 
 
 def test_known_answer_index_returns_the_matching_video_first(tmp_path):
-    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
-    from pipeline.eval.search import SearchIndex, search
+    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
+    from hiervl.eval.search import SearchIndex, search
 
     model = flat_model()
     # videos whose embeddings are the captions' own text embeddings: caption i must find video i
@@ -56,9 +56,9 @@ def test_known_answer_index_returns_the_matching_video_first(tmp_path):
 
 
 def test_hierarchical_scores_equal_model_similarity(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
-    from pipeline.eval.search import SearchIndex, search
+    from hiervl.config import load_config
+    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
+    from hiervl.eval.search import SearchIndex, search
 
     model = make_model(load_config(TINY, SMALL + ["model.preset=hcmi"]))
     g = torch.Generator().manual_seed(0)
@@ -83,9 +83,8 @@ def test_hierarchical_scores_equal_model_similarity(tmp_path):
 
 
 def test_contact_sheet_shows_the_hits_frames(tmp_path):
+    from hiervl.eval.search import Hit, contact_sheet, load_frames
     from PIL import Image
-
-    from pipeline.eval.search import Hit, contact_sheet, load_frames
 
     data = write_shards(tmp_path / "shards", 3, "vp9", split="test", per_shard=2)
     frames = load_frames(data, "test", ["test00002", "test00000", "missing"], count=3)
@@ -103,9 +102,9 @@ def test_contact_sheet_shows_the_hits_frames(tmp_path):
 
 
 def test_user_errors(tmp_path):
-    from pipeline.errors import UserError
-    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
-    from pipeline.eval.search import SearchIndex, search
+    from hiervl.errors import UserError
+    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
+    from hiervl.eval.search import SearchIndex, search
 
     with pytest.raises(UserError, match="hiervl eval"):
         SearchIndex.load(tmp_path / "nope")
@@ -121,7 +120,7 @@ def test_user_errors(tmp_path):
 def save_checkpoint(model, out: Path, step: int = 1) -> Path:
     """`model` in the files `load_model_for_inference` reads from a DeepSpeed run (meta.json with the
     resolved config, mp_rank_00_model_states.pt with the module's state_dict, `latest`)."""
-    from pipeline.config import to_dict
+    from hiervl.config import to_dict
 
     tag = out / "checkpoints" / f"step{step:08d}"
     tag.mkdir(parents=True)
@@ -133,7 +132,7 @@ def save_checkpoint(model, out: Path, step: int = 1) -> Path:
 
 
 def test_ann_stage_flat_is_exact_and_ivf_finds_planted_neighbours(tmp_path):
-    from pipeline.eval.ann import EXACT_BELOW, AnnIndex, exact_top_k
+    from hiervl.eval.ann import EXACT_BELOW, AnnIndex, exact_top_k
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((50, 32)).astype(np.float32)
@@ -168,9 +167,9 @@ def test_ann_shortlist_is_reranked_by_every_level_exactly_as_eval_scores(tmp_pat
     """An index `hiervl eval` exports from real shards (hit: a token level + the global one): the
     hits are the ANN shortlist ranked by the fused score eval computes; a shortlist as large as the
     index is brute force. (Top 1 == brute force on a trained run: the slow test below.)"""
-    from pipeline.config import load_config
-    from pipeline.eval.evaluate import evaluate_model
-    from pipeline.eval.search import SearchIndex, encode_queries, search_batch
+    from hiervl.config import load_config
+    from hiervl.eval.evaluate import evaluate_model
+    from hiervl.eval.search import SearchIndex, encode_queries, search_batch
 
     data = write_shards(tmp_path / "shards", 24, "vp9", split="test", per_shard=8)
     cfg = load_config(TINY, SMALL + [f"data.path={data}", "model.preset=hit", "data.decoder=pyav"])
@@ -205,10 +204,10 @@ def test_search_index_of_a_video_folder_equals_eval_embeddings_and_shows_paths(t
     bytes from a shard; `hiervl search` prints paths, `--json` and `--queries` work."""
     import tarfile
 
-    from launch.cli import main
-    from pipeline.config import load_config
-    from pipeline.eval.evaluate import evaluate_model
-    from pipeline.eval.search import SearchIndex
+    from hiervl.config import load_config
+    from hiervl.eval.evaluate import evaluate_model
+    from hiervl.eval.search import SearchIndex
+    from hiervl.launch.cli import main
 
     data = write_shards(tmp_path / "shards", 6, "vp9", split="test", per_shard=3)
     cfg = load_config(TINY, SMALL + [f"data.path={data}", "model.preset=hcmi", "data.decoder=pyav"])
@@ -249,9 +248,9 @@ def test_search_index_of_a_video_folder_equals_eval_embeddings_and_shows_paths(t
 
 
 def test_a_large_eval_index_keeps_the_ann_index_it_builds(tmp_path, monkeypatch):
-    import pipeline.eval.ann as ann
-    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
-    from pipeline.eval.search import SearchIndex, search
+    import hiervl.eval.ann as ann
+    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
+    from hiervl.eval.search import SearchIndex, search
 
     monkeypatch.setattr(ann, "EXACT_BELOW", 4)  # "large" = 4 videos or more, so `auto` builds an IVF
     model = flat_model()
@@ -267,8 +266,8 @@ def test_a_large_eval_index_keeps_the_ann_index_it_builds(tmp_path, monkeypatch)
 
 
 def test_manifest_index_keeps_captions_and_refuses_bad_cells(tmp_path):
-    from pipeline.errors import UserError
-    from pipeline.eval.video_index import list_videos
+    from hiervl.errors import UserError
+    from hiervl.eval.video_index import list_videos
 
     (tmp_path / "a.webm").write_bytes(b"x")
     (tmp_path / "m.csv").write_text('\ufeffkey,video,caption\nk1,a.webm,a red dot\nk2,a.webm,\n'
@@ -294,15 +293,15 @@ def test_manifest_index_keeps_captions_and_refuses_bad_cells(tmp_path):
 
 def test_an_index_from_another_model_is_refused_in_one_line(tmp_path, capsys):
     """Issue 15 item 8: another run of the same preset (other weights) or another preset."""
-    from launch.cli import main
-    from pipeline.config import load_config
-    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
-    from pipeline.eval.fingerprint import model_fingerprint
+    from hiervl.config import load_config
+    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
+    from hiervl.eval.fingerprint import model_fingerprint
+    from hiervl.launch.cli import main
 
     cfg = load_config(TINY, SMALL + ["model.preset=flat"])
     a = make_model(cfg)
     torch.manual_seed(1)
-    from pipeline.model.hierarchical import build_model
+    from hiervl.model.hierarchical import build_model
 
     b = build_model(cfg).eval()  # the same preset and config, another run's weights
     c = make_model(load_config(TINY, SMALL + ["model.preset=hit"]))
@@ -319,7 +318,7 @@ def test_an_index_from_another_model_is_refused_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and what in err[0] and "hiervl search index" in err[0], err
     # the same weights under another config hash (e.g. a newer hiervl's defaults): a warning, not a refusal
-    from pipeline.eval.fingerprint import check_fingerprint
+    from hiervl.eval.fingerprint import check_fingerprint
 
     fp = {**model_fingerprint(a, 1), "config_sha": "0" * 16}
     assert "same weights" in check_fingerprint(fp, ["global"], a, str(run_a), "idx")
@@ -328,7 +327,7 @@ def test_an_index_from_another_model_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_eval_refuses_model_overrides_in_one_line(tmp_path, capsys):
-    from launch.cli import main
+    from hiervl.launch.cli import main
 
     for override in ("model.embed_dim=64", "model.preset=flat"):
         assert main(["eval", "--checkpoint", str(tmp_path / "nope"), override]) == 1
@@ -345,10 +344,10 @@ def test_eval_refuses_model_overrides_in_one_line(tmp_path, capsys):
 @pytest.mark.integration
 def test_train_then_eval_above_chance_and_search_finds_a_training_video(tmp_path, capsys):
     """synth -> prep -> a short tiny-config training run -> hiervl eval -> hiervl search."""
-    synth = pytest.importorskip("dataprep.synth")
-    driver = pytest.importorskip("dataprep.driver")
-    from launch.cli import main
-    from pipeline.config import load_config
+    synth = pytest.importorskip("hiervl.dataprep.synth")
+    driver = pytest.importorskip("hiervl.dataprep.driver")
+    from hiervl.config import load_config
+    from hiervl.launch.cli import main
 
     cfg = load_config(TINY, ["prep.num_workers=2"])
     manifest = synth.make_corpus(tmp_path / "corpus", 240, seed=0)
@@ -368,15 +367,15 @@ def test_train_then_eval_above_chance_and_search_finds_a_training_video(tmp_path
 
     rows = pq.read_table(tmp_path / "shards" / "manifest.parquet", columns=["key", "split", "captions"]).to_pylist()
     train = [r for r in rows if r["split"] == "train"]
-    from pipeline.eval.search import SearchIndex, search
-    from pipeline.train.checkpoint import load_model_for_inference
+    from hiervl.eval.search import SearchIndex, search
+    from hiervl.train.checkpoint import load_model_for_inference
 
     model, _ = load_model_for_inference(run)
     index = SearchIndex.load(out)
     found = [r for r in train[:40] if search(model, index, r["captions"][0], k=1)[0].key == r["key"]]
     assert found, "no training caption finds its own video first"
     # the ANN stage (a shortlist of 10 of the videos) + re-ranking returns brute force's top 1
-    from pipeline.eval.search import search_batch
+    from hiervl.eval.search import search_batch
 
     queries = [r["captions"][0] for r in train[:40]]
     approx = search_batch(model, index, queries, k=1, candidates=10)

@@ -6,10 +6,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from dataprep.benchmarks import read_activitynet, read_didemo, read_msrvtt, read_msvd
-from dataprep.sources import Sample, check_samples, read_input, read_manifest, safe_key
-from pipeline.errors import UserError
+from hiervl.dataprep.benchmarks import read_activitynet, read_didemo, read_msrvtt, read_msvd
+from hiervl.dataprep.sources import Sample, check_samples, read_input, read_manifest, safe_key
+from hiervl.errors import UserError
 
 FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason="shared/fixtures not beside the repo")

@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 import s3_server
 import torch
-
-from pipeline import storage
-from pipeline.config import Config
-from pipeline.errors import UserError
+from hiervl import storage
+from hiervl.config import Config
+from hiervl.errors import UserError
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +70,7 @@ def _cfg(path: str, server, **storage_kw) -> Config:
 
 def _epoch(cfg, world: int = 2) -> list[tuple[int, list[str], torch.Tensor, int]]:
     """(rank, keys, video, position) for every batch of epoch 0 across `world` ranks."""
-    from pipeline.data.loader import VideoTextLoader
+    from hiervl.data.loader import VideoTextLoader
 
     out = []
     for rank in range(world):
@@ -97,8 +96,8 @@ def test_url_helpers():
 
 
 def test_video_paths_resolve_under_urls(tmp_path):
-    from dataprep.benchmarks import find_video
-    from dataprep.sources import read_manifest
+    from hiervl.dataprep.benchmarks import find_video
+    from hiervl.dataprep.sources import read_manifest
 
     assert find_video("s3://b/vids", "v1.mp4") == "s3://b/vids/v1.mp4"
     (tmp_path / "m.csv").write_text("video,caption\nvideos/a.webm,a cat\n/abs/b.webm,a dog\ns3://o/c.webm,a cow\n")
@@ -126,7 +125,7 @@ def test_store_operations(creds):
 
 
 def test_wrong_credentials_one_line(creds, monkeypatch, tmp_path):
-    from dataprep.driver import prepare
+    from hiervl.dataprep.driver import prepare
 
     creds.make_bucket("creds")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
@@ -145,7 +144,7 @@ def test_wrong_credentials_one_line(creds, monkeypatch, tmp_path):
 
 def test_cli_prints_one_line_for_storage_errors(creds, monkeypatch, tmp_path, capsys):
     """`hiervl prep` with a wrong key and `hiervl train` on a missing bucket: exit 1, one line, no rank started."""
-    from launch.cli import main
+    from hiervl.launch.cli import main
 
     ep = f"storage.endpoint_url={creds.endpoint}"
     creds.make_bucket("creds")
@@ -162,8 +161,8 @@ def test_cli_prints_one_line_for_storage_errors(creds, monkeypatch, tmp_path, ca
 
 
 def test_missing_bucket_one_line(creds, tmp_path, local_and_remote):
-    from dataprep.driver import prepare
-    from pipeline.data.loader import DatasetIndex
+    from hiervl.data.loader import DatasetIndex
+    from hiervl.dataprep.driver import prepare
 
     cfg = Config()
     cfg.storage.endpoint_url = creds.endpoint
@@ -186,7 +185,7 @@ def test_loader_from_s3_matches_local(creds, local_and_remote):
 
 
 def test_cache_downloads_each_shard_once(creds, local_and_remote, tmp_path):
-    from pipeline.data.loader import VideoTextLoader
+    from hiervl.data.loader import VideoTextLoader
 
     _, remote = local_and_remote
     cfg = _cfg(remote, creds, cache_dir=str(tmp_path / "cache"))
@@ -210,7 +209,7 @@ def test_cache_downloads_each_shard_once(creds, local_and_remote, tmp_path):
 
 
 def test_server_restart_mid_epoch_loses_and_repeats_nothing(creds, local_and_remote):
-    from pipeline.data.loader import VideoTextLoader
+    from hiervl.data.loader import VideoTextLoader
 
     local, remote = local_and_remote
     reference = VideoTextLoader(_cfg(local, creds), rank=0, world_size=1)
@@ -286,8 +285,8 @@ def test_remote_source_is_streamed_by_ranged_reads(creds, tmp_path, monkeypatch)
     """A source video at an s3:// URL (dataprep/transcode.py `open_source`) is read through the store in
     ranged reads, never one whole-object GET, and gives the same sample bytes as the local file (also
     for prep.codec=copy, which seeks back to the start); a missing one is refused naming its URL."""
-    from dataprep.synth import make_corpus
-    from dataprep.transcode import SampleRefused, process_sample
+    from hiervl.dataprep.synth import make_corpus
+    from hiervl.dataprep.transcode import SampleRefused, process_sample
 
     manifest = make_corpus(tmp_path / "corpus", 1, seed=5)
     video = next((manifest.parent / "videos").iterdir())
@@ -321,9 +320,8 @@ def test_prep_into_s3_keeps_other_inputs_splits_and_refuses_a_clash(creds, tmp_p
     import csv
 
     import ray
-
-    from dataprep.driver import prepare
-    from dataprep.synth import make_corpus
+    from hiervl.dataprep.driver import prepare
+    from hiervl.dataprep.synth import make_corpus
 
     corpus = make_corpus(tmp_path / "corpus", 4, seed=3)
     rows = list(csv.DictReader(open(corpus, encoding="utf-8")))
@@ -364,7 +362,7 @@ def test_prep_into_s3_keeps_other_inputs_splits_and_refuses_a_clash(creds, tmp_p
 def test_decode_worker_processes_read_from_s3(creds, local_and_remote):
     """Issue 14's decode pool (data.decode_workers) over s3://: each worker opens its own store (with the
     loader's credentials, whenever the fork server started) and the epoch equals the local in-process one."""
-    from pipeline.data.loader import VideoTextLoader
+    from hiervl.data.loader import VideoTextLoader
 
     local, remote = local_and_remote
     want = _epoch(_cfg(local, creds), world=1)

@@ -40,7 +40,7 @@ def env(server):
     old = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     yield dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+               DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0")
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
@@ -52,9 +52,8 @@ def env(server):
 def datasets(server, env, tmp_path_factory):
     """(local dir, s3 URL, summaries): the same corpus prepared to both with `hiervl prep`, in one Ray."""
     import ray
-
-    from dataprep.synth import make_corpus
-    from launch.cli import main
+    from hiervl.dataprep.synth import make_corpus
+    from hiervl.launch.cli import main
 
     root = tmp_path_factory.mktemp("e2e")
     manifest = make_corpus(root / "corpus", 20, seed=3)
@@ -101,7 +100,7 @@ def test_prep_to_s3_gives_the_local_bytes_and_reruns_idempotently(server, datase
         assert first[name] == local[name], name
     assert rerun == first
     assert SECRET not in b"".join(first.values())
-    from launch.cli import main
+    from hiervl.launch.cli import main
     # --verify on the s3:// dataset: webdataset and DALI re-read a downloaded copy against the manifest
     assert main(["prep", "--verify", datasets[1], f"storage.endpoint_url={server.endpoint}"]) == 0
 
@@ -126,7 +125,7 @@ def _free_port() -> int:
 
 
 def _train(data: str, out: Path, env: dict, extra=()) -> dict:
-    cmd = [sys.executable, "-m", "launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *TRAIN,
+    cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *TRAIN,
            f"data.path={data}", f"train.out_dir={out}", "train.ranks=1",
            f"launch.master_port={_free_port()}", *extra]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -137,7 +136,7 @@ def _train(data: str, out: Path, env: dict, extra=()) -> dict:
 
 
 def test_train_and_eval_from_s3_equal_local(server, datasets, env, tmp_path, capsys):
-    from launch.cli import main
+    from hiervl.launch.cli import main
 
     root, url = datasets[0], datasets[1]
     local = _train(str(root / "local"), tmp_path / "local-run", env)
@@ -168,10 +167,9 @@ def test_prep_to_s3_killed_half_way_then_rerun_gives_the_same_bytes(server, env,
     import time
 
     import ray
-
-    from dataprep.driver import prepare
-    from dataprep.synth import make_corpus
-    from pipeline.config import load_config
+    from hiervl.config import load_config
+    from hiervl.dataprep.driver import prepare
+    from hiervl.dataprep.synth import make_corpus
 
     manifest = make_corpus(tmp_path / "corpus", 20, seed=5)
     over = ["prep.short_side=32", "prep.fps=4", "prep.shard_max_samples=2", "prep.num_workers=1",
@@ -182,7 +180,7 @@ def test_prep_to_s3_killed_half_way_then_rerun_gives_the_same_bytes(server, env,
     try:
         prepare(cfg, str(manifest), str(tmp_path / "ref"), progress=False)  # the reference, transcoded (vp9)
         ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir() if p.is_file()}
-        cmd = [sys.executable, "-m", "launch.cli", "prep", "--config", str(ROOT / "configs/tiny.yaml"),
+        cmd = [sys.executable, "-m", "hiervl.launch.cli", "prep", "--config", str(ROOT / "configs/tiny.yaml"),
                "--input", str(manifest), "--out", "s3://crash/ds", *over]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)

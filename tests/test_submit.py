@@ -19,13 +19,13 @@ PY = sys.executable
 
 def _env(**extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+               RAY_USAGE_STATS_ENABLED="0")
     env.update(extra)
     return env
 
 
 def hiervl(*args, env=None, check=True):
-    res = subprocess.run([PY, "-m", "launch.cli", "submit", *args], cwd=ROOT, env=env or _env(),
+    res = subprocess.run([PY, "-m", "hiervl.launch.cli", "submit", *args], cwd=ROOT, env=env or _env(),
                          capture_output=True, text=True, timeout=120)
     if check:
         assert res.returncode == 0, res.stdout + res.stderr
@@ -41,7 +41,7 @@ def test_local_dry_run_prints_the_launcher_and_writes_nothing(tmp_path):
     res = hiervl("local", "--config", TINY, "--dry-run", f"train.out_dir={out}", "train.ranks=3",
                  "launch.master_port=29611")
     expected = _runner("--master_port", "29611", "--num_accelerators", "3", "--enable_each_rank_log",
-                       str(out / "logs" / "stdout"), "--module", "launch.train", "--config", str(out / "config.yaml"))
+                       str(out / "logs" / "stdout"), "--module", "hiervl.launch.train", "--config", str(out / "config.yaml"))
     assert shlex.split(res.stdout.strip()) == expected
     assert not out.exists()
 
@@ -62,7 +62,7 @@ def test_deepspeed_no_ssh_dry_run_one_launcher_per_node(tmp_path):
     for rank, line in enumerate(lines):
         assert shlex.split(line) == _runner(
             "--master_port", "29612", "--hostfile", str(out / "hostfile"), "--no_ssh", "--node_rank", str(rank),
-            "--master_addr", "nodeA", "--enable_each_rank_log", str(out / "logs" / "stdout"), "--module", "launch.train",
+            "--master_addr", "nodeA", "--enable_each_rank_log", str(out / "logs" / "stdout"), "--module", "hiervl.launch.train",
             "--config", str(out / "config.yaml"))
 
 
@@ -79,11 +79,11 @@ def test_deepspeed_pdsh_dry_run_and_node_count_check(tmp_path):
 
 
 def test_deepspeed_env_file_and_hostfile_are_written(tmp_path):
-    from launch import deepspeed_launch as ds
+    from hiervl.launch import deepspeed_launch as ds
 
     assert ds.hostfile_text(["a", "b"], 4) == "a slots=4\nb slots=4\n"
     text = ds.deepspeed_env_text({"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "UNRELATED": "x"})
-    assert text.splitlines() == [f"PYTHONPATH={ROOT}", "DS_ACCELERATOR=cpu", "HF_HUB_OFFLINE=1"]
+    assert text.splitlines() == ["DS_ACCELERATOR=cpu", "HF_HUB_OFFLINE=1"]  # no source tree: nodes import the installed hiervl
 
 
 def test_slurm_dry_run_script(tmp_path):
@@ -166,7 +166,7 @@ def test_sbatch_script_starts_one_launcher_per_node(tmp_path, fake_slurm):
         argv = shlex.split(line.split(": ", 1)[1])
         assert argv == _runner("--master_port", "29613", "--hostfile", str(out / "hostfile-4242"), "--no_ssh",
                                "--node_rank", str(rank), "--master_addr", "gpu01", "--enable_each_rank_log",
-                               str(out / "logs" / "stdout"), "--module", "launch.train", "--config", str(out / "config.yaml"))
+                               str(out / "logs" / "stdout"), "--module", "hiervl.launch.train", "--config", str(out / "config.yaml"))
     assert not any(c.startswith("scontrol requeue") for c in calls)  # finished normally: no requeue
 
 

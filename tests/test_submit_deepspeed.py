@@ -28,7 +28,7 @@ def shards(tmp_path_factory):
 
 
 def test_two_no_ssh_launchers_train_together(tmp_path, shards):
-    from pipeline.train.checkpoint import find_latest
+    from hiervl.train.checkpoint import find_latest
 
     out = tmp_path / "run 1"
     args = ["--config", str(ROOT / "configs/tiny.yaml"), "--hosts", "127.0.0.1,localhost", "--nodes", "2",
@@ -36,8 +36,8 @@ def test_two_no_ssh_launchers_train_together(tmp_path, shards):
             "train.ranks=1", "data.batch_size=4", "train.steps=2", "train.log_every=1", "checkpoint.every_steps=2",
             "queue.size=16", "optimizer.warmup_steps=1", f"launch.master_port={_free_port()}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-m", "launch.cli", "submit", "deepspeed", *args, "--node-rank", str(r)],
+               DS_ACCELERATOR="cpu")
+    procs = [subprocess.Popen([sys.executable, "-m", "hiervl.launch.cli", "submit", "deepspeed", *args, "--node-rank", str(r)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
     outputs = []
@@ -51,7 +51,7 @@ def test_two_no_ssh_launchers_train_together(tmp_path, shards):
     for r, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"node {r}:\n{text[-4000:]}"
     assert (out / "hostfile").read_text() == "127.0.0.1 slots=1\nlocalhost slots=1\n"
-    assert "PYTHONPATH=" in (out / ".deepspeed_env").read_text()
+    assert "DS_ACCELERATOR=cpu" in (out / ".deepspeed_env").read_text().splitlines()
     stdio = sorted(p.name.rsplit("_", 1)[-1] for p in (out / "logs" / "stdout").glob("*.log"))  # DeepSpeed's
     assert stdio == ["rank0.log", "rank1.log"], stdio  # per-rank stdout/stderr, one from each launcher
     assert (out / "logs" / "rank0.log").exists() and (out / "logs" / "rank1.log").exists()  # the trainer's

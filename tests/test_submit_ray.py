@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 def _env(**extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+               RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     env.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local head: no token auth
     env.update(extra)
@@ -80,12 +80,12 @@ def ray_head():
 
 
 def _submit(*args):
-    return subprocess.run([PY, "-m", "launch.cli", "submit", "ray", *args], cwd=ROOT, env=_env(),
+    return subprocess.run([PY, "-m", "hiervl.launch.cli", "submit", "ray", *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
 
 
 def test_ray_prep_job_succeeds_and_shards_verify(tmp_path, ray_head):
-    from dataprep.synth import make_corpus
+    from hiervl.dataprep.synth import make_corpus
 
     manifest = make_corpus(tmp_path / "corpus dir", 12)
     out = tmp_path / "shards $(x)"
@@ -99,7 +99,7 @@ def test_ray_prep_job_succeeds_and_shards_verify(tmp_path, ray_head):
     assert pq.read_table(out / "manifest.parquet").num_rows == 12
     tars = sorted(p.name for p in out.glob("*.tar"))
     assert len(tars) >= 3, tars  # 12 samples, at most 4 per shard
-    verify = subprocess.run([PY, "-m", "launch.cli", "prep", "--verify", str(out), "--no-dali"], cwd=ROOT,
+    verify = subprocess.run([PY, "-m", "hiervl.launch.cli", "prep", "--verify", str(out), "--no-dali"], cwd=ROOT,
                             env=_env(), capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0 and "verify ok" in verify.stdout, verify.stdout + verify.stderr
 

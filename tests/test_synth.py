@@ -7,8 +7,7 @@ import json
 import av
 import numpy as np
 import pytest
-
-from dataprep.synth import (
+from hiervl.dataprep.synth import (
     _VERBS,
     COLOURS,
     EVENT_OBJECTS,
@@ -209,7 +208,7 @@ def test_events_kind_whole_groups_per_split(tmp_path):
 
 
 def test_synth_help_documents_the_kinds(capsys):
-    from launch.cli import main
+    from hiervl.launch.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["synth", "--help"])
@@ -220,7 +219,7 @@ def test_synth_help_documents_the_kinds(capsys):
 
 
 def test_synth_cli_writes_the_events_kind(tmp_path, capsys):
-    from launch.cli import main
+    from hiervl.launch.cli import main
 
     assert main(["synth", "--kind", "events", "--out", str(tmp_path), "--num-videos", "4", "--size", "32"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "manifest.csv")))

@@ -19,8 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from pipeline.train.checkpoint import find_latest
+from hiervl.train.checkpoint import find_latest
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +38,13 @@ def shards(tmp_path_factory):
 
 def _env(**extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+               DS_ACCELERATOR="cpu")
     env.update(extra)
     return env
 
 
 def _cmd(shards, out, ranks=2, extra=()):
-    return [sys.executable, "-m", "launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
+    return [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
             f"data.path={shards}", f"train.out_dir={out}", f"train.ranks={ranks}", *extra]
 
 
@@ -192,9 +191,9 @@ def test_sigterm_checkpoints_and_resumes_on_one_rank_at_exact_position(shards, s
 
 
 def test_single_process_non_finite_losses_stop_with_checkpoint(shards, tmp_path):
-    """`python -m launch.train` runs one rank directly; N non-finite losses in a row stop the run."""
+    """`python -m hiervl.launch.train` runs one rank directly; N non-finite losses in a row stop the run."""
     out = tmp_path / "nan"
-    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
+    cmd = [sys.executable, "-m", "hiervl.launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
            f"data.path={shards}", f"train.out_dir={out}", "train.max_bad_steps=2"]
     res = subprocess.run(cmd, env=_env(HIERVL_FAULT="nan-loss"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 3, res.stderr[-4000:]
@@ -246,8 +245,8 @@ def test_zero2_two_ranks_resume_on_one_rank_zero1_through_a_universal_checkpoint
 
 @pytest.mark.parametrize("saved,now,ok", [(2, 1, True), (0, 2, True), (3, 3, True), (2, 3, False), (3, 1, False)])
 def test_resume_plan_converts_within_zero_families_and_refuses_across(tmp_path, saved, now, ok):
-    from pipeline.config import ConfigError
-    from pipeline.train.checkpoint import plan_resume
+    from hiervl.config import ConfigError
+    from hiervl.train.checkpoint import plan_resume
 
     tag = tmp_path / "checkpoints" / "step00000010"
     tag.mkdir(parents=True)
@@ -269,7 +268,7 @@ def test_gradient_accumulation_counts_optimizer_steps(shards, tmp_path):
     3 x 2 x 4 = 24), and each logged step consumed 8 samples."""
     out = tmp_path / "accum"
     extra = ["train.steps=3", "train.grad_accum=2", "queue.size=100", "checkpoint.every_steps=0"]
-    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
+    cmd = [sys.executable, "-m", "hiervl.launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
            f"data.path={shards}", f"train.out_dir={out}", *extra]
     res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
@@ -296,7 +295,7 @@ def test_log_every_sets_how_often_metrics_are_written(shards, tmp_path):
     window's mean, so it is finite and positive."""
     out = tmp_path / "logevery"
     extra = ["train.steps=5", "train.log_every=2", "checkpoint.every_steps=0"]
-    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
+    cmd = [sys.executable, "-m", "hiervl.launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
            f"data.path={shards}", f"train.out_dir={out}", *extra]
     res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]

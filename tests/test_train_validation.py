@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from pipeline.config import ConfigError, load_config
+from hiervl.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny.yaml")
@@ -31,13 +30,13 @@ PY = sys.executable
 
 def _env(**extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+               DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0")
     env.update(extra)
     return env
 
 
 def hiervl(*args, cwd=ROOT, timeout=300):
-    return subprocess.run([PY, "-m", "launch.cli", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
+    return subprocess.run([PY, "-m", "hiervl.launch.cli", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -49,7 +48,7 @@ class Result:
 @pytest.fixture
 def cli(capsys):
     """`hiervl ARGS` in this process (the parent a user's command runs): returncode, stdout, stderr."""
-    from launch.cli import main
+    from hiervl.launch.cli import main
 
     def run(*args):
         capsys.readouterr()
@@ -124,7 +123,7 @@ def test_train_refuses_a_deepspeed_json_whose_batch_disagrees(tmp_path, small_da
     ([1, 2], "must hold a JSON object"),
 ])
 def test_a_deepspeed_json_that_disagrees_with_the_config_is_refused(tmp_path, user, needle):
-    from pipeline.train.deepspeed_config import build_deepspeed_config
+    from hiervl.train.deepspeed_config import build_deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
@@ -137,8 +136,7 @@ def test_a_deepspeed_json_without_optimizer_keeps_our_adamw_and_schedule(tmp_pat
     """Sections the JSON names replace ours; the rest (scheduler, batch, stage) come from the config,
     and agreeing values (train_batch_size = 16 x 1 x 2) are kept."""
     import torch
-
-    from pipeline.train.deepspeed_config import build_deepspeed_config, build_optimizer
+    from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 0, "reduce_bucket_size": 5e7},
@@ -216,7 +214,7 @@ def test_submit_nodes_option_is_used_as_given(tmp_path, cli):
 
 def test_recorded_relative_paths_are_found_from_the_run_folder(tmp_path, monkeypatch):
     """A run older than absolute paths recorded `runs/demo/shards`: found from the checkpoint's ancestors."""
-    from pipeline.run_paths import absolute_paths, find_recorded
+    from hiervl.run_paths import absolute_paths, find_recorded
 
     (tmp_path / "runs/demo/shards").mkdir(parents=True)
     ckpt = tmp_path / "runs/demo/train/checkpoints/step00000004"

@@ -27,9 +27,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
-from pipeline.atomic_write import atomic_output
-from pipeline.storage import Store
+from hiervl.atomic_write import atomic_output
+from hiervl.storage import Store
 
 CHUNK = 8 * 1024 * 1024  # cache downloads in ranged reads of this size (each retried on its own)
 

@@ -40,8 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline.errors import UserError
+from hiervl.errors import UserError
 
 _CANCELLED = "cancelled"
 
@@ -95,8 +94,8 @@ def open_source(root: str, storage: dict | None, env: dict | None = None):
     """This process's reader of the dataset's bytes (its own store: clients and descriptors are not
     shared across processes). `storage`: the StorageConfig fields as a dict, or None; `env`: the
     loader's `store_env()` (kept in memory only, as the loader's own environment is)."""
-    from pipeline.data.byte_source import SampleByteSource
-    from pipeline.storage import configure, open_store
+    from hiervl.data.byte_source import SampleByteSource
+    from hiervl.storage import configure, open_store
 
     if env is not None:
         for k in [k for k in os.environ if k.startswith(STORE_ENV) and k not in env]:
@@ -110,7 +109,7 @@ def open_source(root: str, storage: dict | None, env: dict | None = None):
 def decode_one(source, task: tuple, spec: TransformSpec):
     """One task -> (clip [T, 3, S, S] or None, reason or None). Same messages as the in-process path.
     `source`: what `open_source` returns."""
-    from pipeline.data.decode import decode_pyav, transform_clip
+    from hiervl.data.decode import decode_pyav, transform_clip
 
     _tid, shard, offset, size, frames, crop, flip = task
     try:
@@ -198,7 +197,7 @@ class DecodePool:
         ctx = mp.get_context(self.method)
         if self.method == "forkserver":
             # the fork server imports these once; each worker then starts in milliseconds
-            ctx.set_forkserver_preload(["torch", "av", "pipeline.data.decode", "pipeline.data.decode_pool"])
+            ctx.set_forkserver_preload(["torch", "av", "hiervl.data.decode", "hiervl.data.decode_pool"])
         shape = (self.slots, self.spec.num_frames, 3, self.spec.size, self.spec.size)
         try:
             self._ring = torch.empty(shape, dtype=self.spec.dtype).share_memory_()  # [slots, T, 3, S, S]

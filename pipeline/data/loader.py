@@ -45,12 +45,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline.data.byte_source import SampleByteSource
-from pipeline.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
-from pipeline.data.decode_pool import DecodePool, TransformSpec
-from pipeline.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
-from pipeline.data.sampler import (
+from hiervl.data.byte_source import SampleByteSource
+from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
+from hiervl.data.decode_pool import DecodePool, TransformSpec
+from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
+from hiervl.data.sampler import (
     PAD,
     choose_caption,
     epoch_order,
@@ -61,11 +60,11 @@ from pipeline.data.sampler import (
     sample_rng,
     stable_hash,
 )
-from pipeline.data.schedule import DecoderSplit
-from pipeline.errors import UserError
-from pipeline.log import get_logger
-from pipeline.model.text_model import load_tokenizer
-from pipeline.storage import is_remote, join, open_store
+from hiervl.data.schedule import DecoderSplit
+from hiervl.errors import UserError
+from hiervl.log import get_logger
+from hiervl.model.text_model import load_tokenizer
+from hiervl.storage import is_remote, join, open_store
 
 log = get_logger(__name__)
 _LOGGED_PATHS: set[str] = set()  # decode paths already announced in this process

@@ -3,7 +3,7 @@
 Owns: the schema version, the two parquet schemas, the one function that builds a manifest row
 (`manifest_row`) and a quarantine row (`quarantine_row`), the columns the loader reads, writing
 those tables, and reading `dataset.json` with its schema version checked (`read_dataset_info`).
-`dataprep/` writes through it, `pipeline.data.loader` reads through it, so both sides agree.
+`dataprep/` writes through it, `hiervl.data.loader` reads through it, so both sides agree.
 Must not touch: shards' bytes, decoding, sampling; it imports nothing of the model or training.
 """
 
@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
-
-from pipeline.atomic_write import write_atomic
-from pipeline.errors import UserError
+from hiervl.atomic_write import write_atomic
+from hiervl.errors import UserError
 
 SCHEMA_VERSION = 1  # of dataset.json and the tables beside it; bump when a reader must change
 MANIFEST_FILE, QUARANTINE_FILE, DATASET_FILE = "manifest.parquet", "quarantine.parquet", "dataset.json"
@@ -83,9 +82,9 @@ def write_table(path: str | Path, rows: list[dict], schema: pa.Schema) -> None:
 
 def read_dataset_info(root: str | Path, store=None) -> dict | None:
     """`dataset.json` of a prepared dataset, its schema version checked; None when there is none
-    (a manifest built by hand, as tests do). `store`: the dataset's pipeline.storage store (default:
+    (a manifest built by hand, as tests do). `store`: the dataset's hiervl.storage store (default:
     a local folder `root`), so an s3:// dataset is read the same way."""
-    from pipeline.storage import join, open_store
+    from hiervl.storage import join, open_store
 
     store = store if store is not None else open_store(root)
     path = join(str(root), DATASET_FILE)

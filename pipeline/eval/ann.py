@@ -5,7 +5,7 @@
     ann.save(path); AnnIndex.load(path)
 
 Inner product on normalised vectors is the cosine the global level scores with
-(`pipeline.model.levels.global_similarity`), so the ANN stage ranks exactly like eval would on
+(`hiervl.model.levels.global_similarity`), so the ANN stage ranks exactly like eval would on
 that level, up to the approximation. Kinds:
 - `flat`: exact (`IndexFlatIP`), brute force; what `auto` picks below `EXACT_BELOW` vectors,
   where a scan of every vector costs a few milliseconds and an approximation buys nothing.
@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from pipeline.errors import UserError
-from pipeline.log import get_logger
+from hiervl.errors import UserError
+from hiervl.log import get_logger
 
 log = get_logger(__name__)
 
@@ -115,7 +114,7 @@ class AnnIndex:
         return self.index.search(q, k)
 
     def save(self, path: str | Path) -> Path:
-        from pipeline.atomic_write import atomic_output
+        from hiervl.atomic_write import atomic_output
 
         path = Path(path)
         with atomic_output(path) as tmp:

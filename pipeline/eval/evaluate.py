@@ -3,12 +3,12 @@
     result = evaluate_model(model, cfg, split="test")       # every rank calls it (collectives)
     result["t2v"]["fused"]["R1"], result["v2t_dsl"]["semantic"]["MnR"], ...
 
-1. Embed: every rank takes its slice of the split (`pipeline.data.loader.iter_eval`: each video once
+1. Embed: every rank takes its slice of the split (`hiervl.data.loader.iter_eval`: each video once
    across ranks, padding slots flagged invalid) and encodes its videos and *all* their captions.
    Videos that failed to decode (valid=False) leave the gallery with their captions.
-2. Gather: embeddings of all ranks, in rank order, on every rank (`pipeline.distributed`).
+2. Gather: embeddings of all ranks, in rank order, on every rank (`hiervl.distributed`).
 3. Rank (rank 0): text rows in blocks against every video, per level and fused, both
-   directions, plain and DSL (`pipeline.eval.metrics.blocked_ranks`): never more than one block of
+   directions, plain and DSL (`hiervl.eval.metrics.blocked_ranks`): never more than one block of
    `rows x videos` scores per matrix, so 100k x 100k runs in bounded memory. The result is
    broadcast, so every rank returns the same dict (the trainer keeps its best checkpoint by it).
 4. Report: `eval.json` (everything), `eval.md` (the table; DSL rows marked), and the video
@@ -35,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline import distributed as dist
-from pipeline.atomic_write import atomic_output
-from pipeline.data.loader import DatasetIndex, iter_eval
-from pipeline.data.manifest import MANIFEST_FILE
-from pipeline.errors import UserError
-from pipeline.eval.metrics import (
+from hiervl import distributed as dist
+from hiervl.atomic_write import atomic_output
+from hiervl.data.loader import DatasetIndex, iter_eval
+from hiervl.data.manifest import MANIFEST_FILE
+from hiervl.errors import UserError
+from hiervl.eval.metrics import (
     blocked_group_hits,
     blocked_ranks,
     group_chance,
@@ -50,8 +49,8 @@ from pipeline.eval.metrics import (
     order_sensitivity,
     rows_for_budget,
 )
-from pipeline.log import get_logger
-from pipeline.storage import is_remote
+from hiervl.log import get_logger
+from hiervl.storage import is_remote
 
 log = get_logger(__name__)
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
@@ -313,7 +312,7 @@ def evaluate_model(model, cfg, split: str | None = None, device: torch.device | 
             if out_dir is not None:
                 write_report(result, out_dir)
                 if export:
-                    from pipeline.eval.fingerprint import model_fingerprint
+                    from hiervl.eval.fingerprint import model_fingerprint
 
                     fp = model_fingerprint(model, (meta or {}).get("checkpoint_step"))  # checked by hiervl search
                     export_embeddings(Path(out_dir), gathered, {**(meta or {}), "model": fp, "split": split,

@@ -28,9 +28,8 @@ import hashlib
 import json
 
 import torch
-
-from pipeline.config import to_dict
-from pipeline.errors import UserError
+from hiervl.config import to_dict
+from hiervl.errors import UserError
 
 PREPROCESSING_KEYS = ("num_frames", "size", "short_side", "max_words", "mean", "std")
 
@@ -102,7 +101,7 @@ def checkpoint_step(path) -> int | None:
     """The step of the checkpoint `path` names (a run, its checkpoints/ or one tag folder), for display."""
     from pathlib import Path
 
-    from pipeline.train.checkpoint import META, find_latest
+    from hiervl.train.checkpoint import META, find_latest
 
     path = Path(path)
     try:

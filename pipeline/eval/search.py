@@ -34,16 +34,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline.data.decode import decode_pyav
-from pipeline.data.loader import DatasetIndex
-from pipeline.data.sampler import frame_indices
-from pipeline.errors import UserError
-from pipeline.eval.ann import AnnIndex
-from pipeline.eval.evaluate import CATALOG_FILE, EMBEDDINGS_FILE, INDEX_FILE
-from pipeline.log import get_logger
-from pipeline.model.text_model import load_tokenizer
-from pipeline.run_paths import find_recorded
+from hiervl.data.decode import decode_pyav
+from hiervl.data.loader import DatasetIndex
+from hiervl.data.sampler import frame_indices
+from hiervl.errors import UserError
+from hiervl.eval.ann import AnnIndex
+from hiervl.eval.evaluate import CATALOG_FILE, EMBEDDINGS_FILE, INDEX_FILE
+from hiervl.log import get_logger
+from hiervl.model.text_model import load_tokenizer
+from hiervl.run_paths import find_recorded
 
 log = get_logger(__name__)
 ANN_FILE = "ann.faiss"
@@ -144,7 +143,7 @@ class SearchIndex:
     def _keep_ann(self, ann: AnnIndex, level: str) -> None:
         """Save an ANN index built at load (a large index `hiervl eval` exported) beside the embeddings,
         so the next search reads it instead of building it again; a read-only index just logs."""
-        from pipeline.atomic_write import write_atomic
+        from hiervl.atomic_write import write_atomic
 
         try:
             ann.save(self.directory / ANN_FILE)
@@ -265,10 +264,10 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
     the ANN kind is exact flat (rebuilt at load in milliseconds), ann.faiss for the global level.
     Returns a summary {count, skipped, captioned, ann, level}.
     """
-    from pipeline.eval.evaluate import EmbeddedSplit, export_embeddings
-    from pipeline.eval.fingerprint import checkpoint_step, model_fingerprint
-    from pipeline.eval.video_index import embed_videos, list_videos
-    from pipeline.train.checkpoint import load_model_for_inference
+    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
+    from hiervl.eval.fingerprint import checkpoint_step, model_fingerprint
+    from hiervl.eval.video_index import embed_videos, list_videos
+    from hiervl.train.checkpoint import load_model_for_inference
 
     entries = list_videos(videos, manifest)  # user errors before the model loads
     AnnIndex.choose_kind(len(entries), ann)
@@ -301,7 +300,7 @@ def frames_for_hits(index: SearchIndex, hits: list[Hit], count: int = 4, data: s
     """Contact-sheet frames of each hit: from the dataset's tars (an eval index) or the video files."""
     data = data or index.data
     frames = load_frames(data, index.split, [h.key for h in hits], count=count) if data and index.split else {}
-    from pipeline.api import probe_video
+    from hiervl.api import probe_video
 
     for h in hits:
         if h.key not in frames and h.path and Path(h.path).is_file():

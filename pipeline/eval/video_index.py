@@ -29,11 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline.data.decode import decode_pyav, transform_clip
-from pipeline.data.sampler import frame_indices
-from pipeline.errors import UserError
-from pipeline.log import get_logger
+from hiervl.data.decode import decode_pyav, transform_clip
+from hiervl.data.sampler import frame_indices
+from hiervl.errors import UserError
+from hiervl.log import get_logger
 
 log = get_logger(__name__)
 
@@ -139,7 +138,7 @@ def _read_manifest(path: Path, base: Path | None) -> list[CatalogEntry]:
 
 def load_clip(path: str, data_cfg) -> torch.Tensor:
     """One whole video as the model's eval input, float32 [T, 3, S, S] (see the module docstring)."""
-    from pipeline.api import probe_video  # frames counted as decode_pyav indexes them
+    from hiervl.api import probe_video  # frames counted as decode_pyav indexes them
 
     data = Path(path).read_bytes()
     n, _codec = probe_video(data, path)  # UserError: no video stream / unreadable / no frames

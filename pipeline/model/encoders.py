@@ -42,12 +42,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from hiervl.config import Config
+from hiervl.errors import UserError
+from hiervl.model.text_model import load_text_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.model.text_model import load_text_model
 
 RGB = 3  # input channels of a frame; frame_diff doubles them
 

@@ -23,14 +23,13 @@ import copy
 import math
 
 import torch
+from hiervl import distributed as dist
+from hiervl.config import Config
+from hiervl.model.encoders import TextEncoder, VideoEncoder
+from hiervl.model.levels import LevelHeads, feature_layers, level_similarity, level_weights
+from hiervl.model.objective import HierarchicalContrastiveLoss
+from hiervl.presets import learns_temperature, preset_levels
 from torch import nn
-
-from pipeline import distributed as dist
-from pipeline.config import Config
-from pipeline.model.encoders import TextEncoder, VideoEncoder
-from pipeline.model.levels import LevelHeads, feature_layers, level_similarity, level_weights
-from pipeline.model.objective import HierarchicalContrastiveLoss
-from pipeline.presets import learns_temperature, preset_levels
 
 
 class VideoTower(nn.Module):

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from hiervl.config import Config
+from hiervl.errors import UserError
+from hiervl.presets import Level, level_names, preset_levels
 from torch import nn
-
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.presets import Level, level_names, preset_levels
 
 
 def feature_layers(cfg: Config, video_layers: int, text_layers: int) -> tuple[int, int]:

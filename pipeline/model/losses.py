@@ -14,7 +14,7 @@ when it logs) gives sum_{all valid i} l_i / N_valid_global: exactly the loss one
 compute on the whole global batch, padded samples and uneven valid counts included.
 
 Owns: per-sample InfoNCE and hinge losses and the batch mean.
-Must not touch: queues, levels or collectives beyond pipeline.distributed.
+Must not touch: queues, levels or collectives beyond hiervl.distributed.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from pipeline import distributed as dist
+from hiervl import distributed as dist
 
 
 def infonce(sim: torch.Tensor, target: torch.Tensor, neg_mask: torch.Tensor, scale: torch.Tensor,

@@ -59,15 +59,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from hiervl import distributed as dist
+from hiervl.config import Config
+from hiervl.errors import UserError
+from hiervl.model import losses as L
+from hiervl.model.levels import level_similarity, token_count
+from hiervl.model.queue import MomentumQueue
+from hiervl.presets import preset_levels
 from torch import nn
-
-from pipeline import distributed as dist
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.model import losses as L
-from pipeline.model.levels import level_similarity, token_count
-from pipeline.model.queue import MomentumQueue
-from pipeline.presets import preset_levels
 
 
 class HierarchicalContrastiveLoss(nn.Module):

@@ -17,9 +17,8 @@ Must not touch: gathering (the objective does it) or losses.
 from __future__ import annotations
 
 import torch
+from hiervl.errors import UserError
 from torch import nn
-
-from pipeline.errors import UserError
 
 
 class MomentumQueue(nn.Module):

@@ -15,7 +15,7 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.errors import UserError
+from hiervl.errors import UserError
 
 # a tokenizer's vocabulary, in one of the forms transformers saves (fast, WordPiece, BPE, SentencePiece)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",

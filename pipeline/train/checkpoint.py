@@ -37,14 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline import distributed as dist
-from pipeline import faults
-from pipeline.atomic_write import write_atomic
-from pipeline.config import ConfigError, from_dict
-from pipeline.errors import UserError
-from pipeline.log import get_logger
-from pipeline.model.hierarchical import build_model
+from hiervl import distributed as dist
+from hiervl import faults
+from hiervl.atomic_write import write_atomic
+from hiervl.config import ConfigError, from_dict
+from hiervl.errors import UserError
+from hiervl.log import get_logger
+from hiervl.model.hierarchical import build_model
 
 log = get_logger(__name__)
 META = "meta.json"

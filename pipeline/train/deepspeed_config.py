@@ -21,8 +21,7 @@ import json
 from pathlib import Path
 
 import torch
-
-from pipeline.config import Config, ConfigError
+from hiervl.config import Config, ConfigError
 
 
 def use_bf16(cfg: Config) -> bool:

@@ -23,8 +23,8 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.config import to_dict
-from pipeline.log import get_logger
+from hiervl.config import to_dict
+from hiervl.log import get_logger
 
 log = get_logger(__name__)
 SKIP = ("step", "time", "epoch")  # kept in metrics.jsonl, not plotted

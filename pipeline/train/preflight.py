@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError
-from pipeline.run_paths import is_url
-from pipeline.train.checkpoint import META, checkpoint_dir
-from pipeline.train.deepspeed_config import build_deepspeed_config
+from hiervl.config import Config, ConfigError
+from hiervl.run_paths import is_url
+from hiervl.train.checkpoint import META, checkpoint_dir
+from hiervl.train.deepspeed_config import build_deepspeed_config
 
 
 def check_resume(resume: str) -> None:
@@ -41,8 +41,7 @@ def check_resume(resume: str) -> None:
 
 def _split_counts(root: Path) -> dict[str, int]:
     import pyarrow.parquet as pq
-
-    from pipeline.data.manifest import MANIFEST_FILE
+    from hiervl.data.manifest import MANIFEST_FILE
 
     counts: dict[str, int] = {}
     for split in pq.read_table(root / MANIFEST_FILE, columns=["split"]).column(0).to_pylist():
@@ -53,8 +52,8 @@ def _split_counts(root: Path) -> dict[str, int]:
 def check_dataset(cfg: Config, world_size: int) -> None:
     """data.path is a prepared dataset with at least one global batch of data.split (and eval.split
     when training evaluates); an object-store URL is left to the loader."""
-    from pipeline.data.manifest import MANIFEST_FILE, read_dataset_info
-    from pipeline.data.sampler import num_batches
+    from hiervl.data.manifest import MANIFEST_FILE, read_dataset_info
+    from hiervl.data.sampler import num_batches
 
     d = cfg.data
     if is_url(d.path):

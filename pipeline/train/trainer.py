@@ -2,7 +2,7 @@
 
 data -> forward -> losses -> backward/step -> momentum update -> enqueue -> log -> checkpoint
 
-Run one process per rank (DeepSpeed's launcher, SLURM or a single `python -m launch.train`).
+Run one process per rank (DeepSpeed's launcher, SLURM or a single `python -m hiervl.launch.train`).
 Resume is automatic: a run pointed at an out_dir with checkpoints continues from the newest
 complete one: the same step, LR, optimizer state, queues and data position, also at another
 world size (through DeepSpeed universal checkpoints). SIGTERM/SIGUSR1 finish the current step,
@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline import distributed as dist
-from pipeline import faults
-from pipeline.config import Config, to_dict, to_yaml
-from pipeline.log import get_logger, setup_logging
-from pipeline.train import checkpoint as ckpt
-from pipeline.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
+from hiervl import distributed as dist
+from hiervl import faults
+from hiervl.config import Config, to_dict, to_yaml
+from hiervl.log import get_logger, setup_logging
+from hiervl.train import checkpoint as ckpt
+from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
 
 log = get_logger(__name__)
 
@@ -46,14 +45,14 @@ def queue_state(model) -> dict:
     They are also in the module's state_dict; the copy in the client state is what survives a
     universal-checkpoint conversion (the queue is replicated, so rank 0's copy is the whole state).
     """
-    from pipeline.model.queue import MomentumQueue
+    from hiervl.model.queue import MomentumQueue
 
     return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
             for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
 
 
 def load_queue_state(model, state: dict) -> None:
-    from pipeline.model.queue import MomentumQueue
+    from hiervl.model.queue import MomentumQueue
 
     queues = {name: m for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
     # checkpoints written before the objective became its own module name the queues `queues.*`
@@ -76,9 +75,8 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg: Config):
         import deepspeed
-
-        from pipeline.data.loader import VideoTextLoader
-        from pipeline.model.hierarchical import build_model
+        from hiervl.data.loader import VideoTextLoader
+        from hiervl.model.hierarchical import build_model
 
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
@@ -113,7 +111,7 @@ class Trainer:
         self.loader = VideoTextLoader(cfg, split=cfg.data.split, train=True, rank=self.rank, world_size=self.world,
                                       dtype=self.dtype)
         if len(self.loader) == 0:
-            from pipeline.errors import UserError
+            from hiervl.errors import UserError
 
             raise UserError(f"dataset {cfg.data.path} split '{cfg.data.split}' has fewer samples than one global "
                             f"batch ({cfg.data.batch_size} x {self.world} ranks); lower data.batch_size")
@@ -362,9 +360,8 @@ class Trainer:
         """The monitor (metrics.jsonl, TensorBoard, W&B) and progress bar (rank 0 only)."""
         if self.rank != 0:
             return None, None
+        from hiervl.train.monitor import Monitor
         from tqdm import tqdm
-
-        from pipeline.train.monitor import Monitor
 
         monitor = Monitor.open(self.cfg, self.out)
         bar = tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=2)
@@ -404,7 +401,7 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         """Evaluation hook: R@1/5/10 on eval.split; the best checkpoint (by R@sum) is kept. Returns the result."""
-        from pipeline.eval.evaluate import evaluate_model
+        from hiervl.eval.evaluate import evaluate_model
 
         self.model.eval()
         result = evaluate_model(self.model, self.cfg, split=self.cfg.eval.split, device=self.device, diagnostics=False)
@@ -435,7 +432,7 @@ class Trainer:
 
 
 def run(cfg: Config) -> int:
-    """Train with `cfg` in this process (one rank); the entry point of `python -m launch.train`."""
+    """Train with `cfg` in this process (one rank); the entry point of `python -m hiervl.launch.train`."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)))

@@ -1,0 +1,1 @@
+"""The packaged YAML configs (tiny, base, demo, DeepSpeed JSON): read with `hiervl.config.packaged_config`."""

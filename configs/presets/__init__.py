@@ -1,0 +1,1 @@
+"""The model presets as YAML includes (hit, hcmi, hanet, flat)."""
