@@ -45,7 +45,7 @@ def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
     from hiervl.dataprep.synth import GROUP
     from hiervl.eval.evaluate import embed_batches, load_groups
     from hiervl.eval.metrics import group_metrics
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import load_model_for_inference
 
     model, cfg = load_model_for_inference(run)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(shards)))

@@ -118,7 +118,7 @@ def read_queries(args) -> list[str]:
 
 def run_search(args) -> int:
     from hiervl.errors import UserError
-    from hiervl.eval.fingerprint import check_fingerprint, checkpoint_step
+    from hiervl.eval.fingerprint import check_fingerprint
     from hiervl.eval.search import (
         SearchIndex,
         contact_sheet,
@@ -128,7 +128,7 @@ def run_search(args) -> int:
         search_batch,
     )
     from hiervl.log import get_logger
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import checkpoint_step, load_model_for_inference
 
     if not args.index:
         raise UserError("--index DIR is required (an index from `hiervl search index` or `hiervl eval`)")

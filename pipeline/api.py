@@ -262,7 +262,7 @@ def load(path: str | Path, device="auto", decoder: str = "auto") -> HierVLModel:
     if is_export(path):
         towers, cfg = load_export(path)
     else:
-        from hiervl.train.checkpoint import load_model_for_inference
+        from hiervl.run_dir import load_model_for_inference
 
         towers, cfg = load_model_for_inference(path)
     return HierVLModel(towers, cfg, dev, decoder, source=str(path))

@@ -368,7 +368,7 @@ def test_train_then_eval_above_chance_and_search_finds_a_training_video(tmp_path
     rows = pq.read_table(tmp_path / "shards" / "manifest.parquet", columns=["key", "split", "captions"]).to_pylist()
     train = [r for r in rows if r["split"] == "train"]
     from hiervl.eval.search import SearchIndex, search
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import load_model_for_inference
 
     model, _ = load_model_for_inference(run)
     index = SearchIndex.load(out)

@@ -95,20 +95,3 @@ def check_fingerprint(index_fp: dict | None, index_levels: list[str], model, che
                 f"config (config {index_fp.get('config_sha')} vs {mine['config_sha']}); re-index if its "
                 "preprocessing (frames, size, words) changed")
     return None
-
-
-def checkpoint_step(path) -> int | None:
-    """The step of the checkpoint `path` names (a run, its checkpoints/ or one tag folder), for display."""
-    from pathlib import Path
-
-    from hiervl.train.checkpoint import META, find_latest
-
-    path = Path(path)
-    try:
-        if (path / META).is_file():
-            return int(json.loads((path / META).read_text())["step"])
-        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        tag = find_latest(ckpt_dir) if ckpt_dir.is_dir() else None
-        return int(tag[4:]) if tag and tag.startswith("step") else None
-    except (OSError, ValueError, KeyError):
-        return None

@@ -42,7 +42,7 @@ from hiervl.eval.ann import AnnIndex
 from hiervl.eval.evaluate import CATALOG_FILE, EMBEDDINGS_FILE, INDEX_FILE
 from hiervl.log import get_logger
 from hiervl.model.text_model import load_tokenizer
-from hiervl.run_paths import find_recorded
+from hiervl.run_dir import find_recorded
 
 log = get_logger(__name__)
 ANN_FILE = "ann.faiss"
@@ -265,9 +265,9 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
     Returns a summary {count, skipped, captioned, ann, level}.
     """
     from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
-    from hiervl.eval.fingerprint import checkpoint_step, model_fingerprint
+    from hiervl.eval.fingerprint import model_fingerprint
     from hiervl.eval.video_index import embed_videos, list_videos
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import checkpoint_step, load_model_for_inference
 
     entries = list_videos(videos, manifest)  # user errors before the model loads
     AnnIndex.choose_kind(len(entries), ann)

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 from hiervl.config import Config, ConfigError
-from hiervl.run_paths import is_url
-from hiervl.train.checkpoint import META, checkpoint_dir
+from hiervl.run_dir import resolve_checkpoint
+from hiervl.storage import is_remote
 from hiervl.train.deepspeed_config import build_deepspeed_config
 
 
@@ -32,11 +32,7 @@ def check_resume(resume: str) -> None:
     if not path.is_dir():
         guess = " (did you mean auto?)" if resume.lower() in ("latest", "last", "newest", "true", "yes") else ""
         raise ConfigError(f"train.resume={resume}: no such checkpoint directory{guess}; {hint}")
-    if (path / META).is_file():
-        return
-    ckpt_dir = checkpoint_dir(path) if (path / "checkpoints").is_dir() else path
-    if not any((p / META).is_file() for p in ckpt_dir.glob("step*") if not p.name.endswith("_universal")):
-        raise ConfigError(f"train.resume={resume}: no complete checkpoint there (no stepNNNNNNNN/{META}); {hint}")
+    resolve_checkpoint(path, check=False, setting="train.resume", error=ConfigError, hint=hint)  # no hashing here
 
 
 def _split_counts(root: Path) -> dict[str, int]:
@@ -56,7 +52,7 @@ def check_dataset(cfg: Config, world_size: int) -> None:
     from hiervl.data.sampler import num_batches
 
     d = cfg.data
-    if is_url(d.path):
+    if is_remote(d.path):
         return
     root = Path(d.path)
     make = "make one with `hiervl prep --input MANIFEST --out DIR` and set data.path=DIR"
