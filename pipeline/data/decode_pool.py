@@ -1,14 +1,14 @@
 """PyAV decoding in worker *processes*: the loader's CPU decoders, one per core, beside DALI.
 
 Threads share one interpreter, so PyAV in threads does not scale with cores (bench/RESULTS.md
-"Issue #14"); processes do. `DecodePool(workers, root, spec)` starts `workers` processes (start
+"Issue #14"); processes do. `DecodePool(workers, root, prep, dtype, slots)` starts `workers` processes (start
 method `forkserver`, else `spawn`: safe with torch and DALI threads in the parent, never `fork`).
 Each task names a sample by (shard, offset, size) plus its frame indices, crop and flip; the
 worker reads the bytes itself (nothing large goes down a pipe): it opens its own store for the
 dataset root (`open_store(data.path, storage)`, pipeline/storage.py: one `pread` on a local tar,
 a retried ranged GET on s3:// / gs:// / http(s)://, the shard cache of `storage.cache_dir` via
 pipeline/data/byte_source.py), never a store pickled from the parent; then it decodes with
-`decode_pyav`, applies `transform_clip` and writes the clip [T, 3, S, S] in the loader's dtype
+`decode_pyav`, applies `Preprocessing.clip` (data/preprocess.py) and writes the clip [T, 3, S, S] in the loader's dtype
 into its slot of a shared-memory ring (allocated once, `slots` clips; the result message carries
 only the slot number: no per-clip allocation, file descriptor or pickled pixels). The loader
 copies each result out into its batch slot, then releases the ring slot. So the loader's,
@@ -35,11 +35,11 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from hiervl.data.preprocess import Preprocessing
 from hiervl.errors import UserError
 
 _CANCELLED = "cancelled"
@@ -47,18 +47,6 @@ _CANCELLED = "cancelled"
 
 class DecodeWorkerError(RuntimeError):
     """A decode worker process died; the loader cannot go on without the samples it held."""
-
-
-@dataclass(frozen=True)
-class TransformSpec:
-    """What every clip becomes: `transform_clip(frames, short_side, size, crop, flip, mean, std, dtype)`."""
-
-    num_frames: int
-    short_side: int
-    size: int
-    mean: tuple
-    std: tuple
-    dtype: torch.dtype
 
 
 def start_method() -> str:
@@ -106,10 +94,10 @@ def open_source(root: str, storage: dict | None, env: dict | None = None):
     return SampleByteSource(open_store(root, storage), [], np.zeros(0, np.int64), np.zeros(0, np.int64), storage)
 
 
-def decode_one(source, task: tuple, spec: TransformSpec):
-    """One task -> (clip [T, 3, S, S] or None, reason or None). Same messages as the in-process path.
-    `source`: what `open_source` returns."""
-    from hiervl.data.decode import decode_pyav, transform_clip
+def decode_one(source, task: tuple, prep: Preprocessing, dtype: torch.dtype):
+    """One task -> (clip [T, 3, S, S] in `dtype` or None, reason or None). Same messages as the
+    in-process path. `source`: what `open_source` returns."""
+    from hiervl.data.decode import decode_pyav
 
     _tid, shard, offset, size, frames, crop, flip = task
     try:
@@ -118,17 +106,15 @@ def decode_one(source, task: tuple, spec: TransformSpec):
         return None, f"read failed: {exc}"
     try:
         clip = decode_pyav(data, frames)
-        if len(clip) != spec.num_frames:
-            raise ValueError(f"decoder returned {len(clip)} frames, wanted {spec.num_frames}")
     except Exception as exc:  # noqa: BLE001 - a corrupt video must not stop the run
         return None, f"PyAV failed: {type(exc).__name__}: {exc}"
     try:
-        return transform_clip(clip, spec.short_side, spec.size, crop, flip, spec.mean, spec.std, spec.dtype), None
+        return prep.clip(clip, crop, flip, dtype), None
     except Exception as exc:  # noqa: BLE001
         return None, f"transform failed: {type(exc).__name__}: {exc}"
 
 
-def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, tasks, results, current, floor,
+def _worker_main(wid: int, root: str, prep: Preprocessing, dtype: torch.dtype, ring: torch.Tensor, tasks, results, current, floor,
                  parent_pid: int, storage: dict | None = None, env: dict | None = None) -> None:
     """A worker's loop: tasks (tid, slot, shard, offset, size, frames, crop, flip) -> (tid, ok, reason, seconds);
     a clip is written to ring[slot]."""
@@ -151,7 +137,7 @@ def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, t
             continue
         current[wid] = tid
         t0 = time.perf_counter()
-        clip, reason = decode_one(source, (tid, *task[2:]), spec)
+        clip, reason = decode_one(source, (tid, *task[2:]), prep, dtype)
         if clip is not None:
             ring[slot].copy_(clip)
         results.put((tid, clip is not None, reason, time.perf_counter() - t0))
@@ -169,13 +155,14 @@ class DecodePool:
     `clips_per_s` estimates what the pool delivers when all workers are busy (the hybrid split).
     """
 
-    def __init__(self, workers: int, root: str | Path, spec: TransformSpec, slots: int, method: str | None = None,
+    def __init__(self, workers: int, root: str | Path, prep: Preprocessing, dtype: torch.dtype, slots: int, method: str | None = None,
                  storage: dict | None = None):
         """`root`: the dataset folder or URL; `storage`: the StorageConfig fields as a plain dict (each
         worker opens its own store from them)."""
         if workers < 1 or slots < 1:
             raise ValueError(f"workers={workers} and slots={slots} must be >= 1")
-        self.workers, self.root, self.spec, self.slots = workers, str(root), spec, slots
+        self.workers, self.root, self.slots = workers, str(root), slots
+        self.prep, self.dtype = prep, dtype  # what every clip becomes (data/preprocess.py), in the loader's dtype
         self.storage = dict(storage) if storage is not None else None
         self.method = method or start_method()
         self._procs: list = []
@@ -198,11 +185,11 @@ class DecodePool:
         if self.method == "forkserver":
             # the fork server imports these once; each worker then starts in milliseconds
             ctx.set_forkserver_preload(["torch", "av", "hiervl.data.decode", "hiervl.data.decode_pool"])
-        shape = (self.slots, self.spec.num_frames, 3, self.spec.size, self.spec.size)
+        shape = (self.slots, self.prep.num_frames, 3, self.prep.size, self.prep.size)
         try:
-            self._ring = torch.empty(shape, dtype=self.spec.dtype).share_memory_()  # [slots, T, 3, S, S]
+            self._ring = torch.empty(shape, dtype=self.dtype).share_memory_()  # [slots, T, 3, S, S]
         except (RuntimeError, OSError) as exc:
-            mib = torch.empty((), dtype=self.spec.dtype).element_size() * int(np.prod(shape)) / 2**20
+            mib = torch.empty((), dtype=self.dtype).element_size() * int(np.prod(shape)) / 2**20
             raise UserError(f"cannot allocate {mib:.0f} MiB of shared memory for data.decode_workers ({exc}); "
                             "give the machine a larger /dev/shm (docker --shm-size) or lower data.prefetch / "
                             "data.batch_size, or set data.decode_workers=0") from None
@@ -211,7 +198,7 @@ class DecodePool:
         self._floor = ctx.Value("q", 0, lock=False)  # tasks below this tid are dropped
         for wid in range(self.workers):
             p = ctx.Process(target=_worker_main, name=f"hiervl-decode-{wid}", daemon=True,
-                            args=(wid, self.root, self.spec, self._ring, self._tasks, self._results, self._current,
+                            args=(wid, self.root, self.prep, self.dtype, self._ring, self._tasks, self._results, self._current,
                                   self._floor, os.getpid(), self.storage, store_env()))
             p.start()
             self._procs.append(p)

@@ -46,14 +46,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from hiervl.data.byte_source import SampleByteSource
-from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
-from hiervl.data.decode_pool import DecodePool, TransformSpec
+from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav
+from hiervl.data.decode_pool import DecodePool
 from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
+from hiervl.data.preprocess import Preprocessing
 from hiervl.data.sampler import (
     PAD,
     choose_caption,
     epoch_order,
-    frame_indices,
     group_codes,
     num_batches,
     rank_plan,
@@ -167,6 +167,7 @@ class VideoTextLoader:
         self.split = split or self.cfg.split
         self.index = DatasetIndex(self.cfg.path, self.split, getattr(cfg, "storage", None))
         self.tokenizer = load_tokenizer(cfg.model.text.path)
+        self.prep = Preprocessing.from_config(self.cfg)  # frame plan, clip transform, tokenising
         self.seed = self.cfg.seed
         self.order_mode = self.cfg.order if train else "sequential"
         self.block_window, self.group_chunk = self.cfg.block_window, self.cfg.group_chunk  # order parameters
@@ -192,11 +193,9 @@ class VideoTextLoader:
         # when the loader is collected, or at interpreter exit
         self._pool: DecodePool | None = None
         if self.cfg.decode_workers > 0:
-            spec = TransformSpec(self.cfg.num_frames, self.cfg.short_side, self.cfg.size, tuple(self.cfg.mean),
-                                 tuple(self.cfg.std), self.dtype)
             # ring slots: the samples of the batches in flight (data.prefetch ahead + the one being assembled)
             storage = getattr(cfg, "storage", None)  # storage hook: each worker opens its own store
-            self._pool = DecodePool(self.cfg.decode_workers, self.index.root, spec,
+            self._pool = DecodePool(self.cfg.decode_workers, self.index.root, self.prep, self.dtype,
                                     slots=(self.cfg.prefetch + 1) * self.batch_size,
                                     storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage)
             weakref.finalize(self, self._pool.close)
@@ -346,13 +345,8 @@ class VideoTextLoader:
 
     def _sample_plan(self, i: int, epoch: int) -> tuple[np.ndarray, tuple[float, float], bool]:
         """Frame indices, crop position and flip of sample i: a pure function of (seed, epoch, key)."""
-        if not self.train:
-            return frame_indices(self.index.num_frames[i], self.cfg.num_frames, None), (0.5, 0.5), False
-        rng = sample_rng(self.seed, epoch, self.index.keys[i])
-        frames = frame_indices(self.index.num_frames[i], self.cfg.num_frames, rng)
-        crop = (float(rng.random()), float(rng.random()))
-        flip = bool(self.cfg.flip and rng.random() < 0.5)
-        return frames, crop, flip
+        rng = sample_rng(self.seed, epoch, self.index.keys[i]) if self.train else None
+        return self.prep.plan(self.index.num_frames[i], rng, flip=self.cfg.flip)
 
     def _log_path(self, backend: str, codec: str) -> None:
         where = " in worker processes" if backend == "pyav" and self._pool is not None else ""
@@ -413,10 +407,7 @@ class VideoTextLoader:
         def work(i: int):
             try:
                 clip = frames[i] if i in frames else decode_pyav(blobs[i], plans[i][0])
-                if len(clip) != self.cfg.num_frames:
-                    raise ValueError(f"decoder returned {len(clip)} frames, wanted {self.cfg.num_frames}")
-                return i, transform_clip(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2],
-                                         self.cfg.mean, self.cfg.std, dtype), None
+                return i, self.prep.clip(clip, plans[i][1], plans[i][2], dtype), None
             except Exception as exc:  # noqa: BLE001 - a corrupt video must not stop the run
                 return i, None, f"{'PyAV' if i not in frames else 'transform'} failed: {type(exc).__name__}: {exc}"
 
@@ -493,17 +484,16 @@ class VideoTextLoader:
             video.index_copy_(0, where, staged.to(dev, non_blocking=True))
         if tids:
             self._pool.release(tids.values())  # every pool clip has been copied out of its ring slot
-        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.max_words, return_tensors="pt")
-        batch = {"video": video, "input_ids": tok["input_ids"].long(), "attention_mask": tok["attention_mask"].long(),
+        tok = self.prep.tokenize(self.tokenizer, texts)  # [B, L] each
+        batch = {"video": video, "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
                  "keys": keys, "video_ids": torch.tensor(vids, dtype=torch.int64), "valid": valid,
                  "epoch": epoch, "position": work["position"]}
         if not self.train:
             flat = [c for caps in all_caps for c in caps]
             index = [slot for slot, caps in enumerate(all_caps) for _ in caps]
-            ctok = self.tokenizer(flat or [""], padding="max_length", truncation=True, max_length=cfg.max_words,
-                                  return_tensors="pt")
-            batch.update(captions=all_caps, caption_input_ids=ctok["input_ids"][:len(flat)].long(),
-                         caption_attention_mask=ctok["attention_mask"][:len(flat)].long(),
+            ctok = self.prep.tokenize(self.tokenizer, flat)  # [Nc, L] each
+            batch.update(captions=all_caps, caption_input_ids=ctok["input_ids"],
+                         caption_attention_mask=ctok["attention_mask"],
                          caption_index=torch.tensor(index, dtype=torch.int64))
         if self.device == "gpu":
             for name in ("input_ids", "attention_mask", "video_ids", "valid"):

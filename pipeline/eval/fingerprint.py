@@ -29,10 +29,8 @@ import json
 
 import torch
 from hiervl.config import to_dict
+from hiervl.data.preprocess import Preprocessing
 from hiervl.errors import UserError
-
-PREPROCESSING_KEYS = ("num_frames", "size", "short_side", "max_words", "mean", "std")
-
 
 INIT_ONLY_KEYS = ("pretrained", "clip_path")  # where the initial weights came from: not the embedding space
 
@@ -45,7 +43,7 @@ def _without_init_keys(tree):
 
 def config_sha(cfg) -> str:
     d = to_dict(cfg)
-    what = {"model": _without_init_keys(d["model"]), "data": {k: d["data"][k] for k in PREPROCESSING_KEYS}}
+    what = {"model": _without_init_keys(d["model"]), "data": {k: d["data"][k] for k in Preprocessing.fields()}}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

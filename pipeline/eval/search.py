@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from hiervl.data.decode import decode_pyav
 from hiervl.data.loader import DatasetIndex
+from hiervl.data.preprocess import Preprocessing, probe_video
 from hiervl.data.sampler import frame_indices
 from hiervl.errors import UserError
 from hiervl.eval.ann import AnnIndex
@@ -170,11 +171,11 @@ def encode_queries(model, queries: list[str]) -> dict[str, torch.Tensor]:
         if not isinstance(q, str) or not q.strip():
             raise UserError("a search query is empty; give a sentence, e.g. \"a red circle slides left\"")
     tokenizer = load_tokenizer(model.cfg.model.text.path)
+    prep = Preprocessing.from_config(model.cfg)
     device = next(model.parameters()).device
     parts = []
     for i in range(0, len(queries), TEXT_CHUNK):
-        tok = tokenizer(queries[i:i + TEXT_CHUNK], padding="max_length", truncation=True,
-                        max_length=model.cfg.data.max_words, return_tensors="pt")
+        tok = prep.tokenize(tokenizer, queries[i:i + TEXT_CHUNK])  # [b, L] each, as the eval loader's
         parts.append(model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -300,8 +301,6 @@ def frames_for_hits(index: SearchIndex, hits: list[Hit], count: int = 4, data: s
     """Contact-sheet frames of each hit: from the dataset's tars (an eval index) or the video files."""
     data = data or index.data
     frames = load_frames(data, index.split, [h.key for h in hits], count=count) if data and index.split else {}
-    from hiervl.api import probe_video
-
     for h in hits:
         if h.key not in frames and h.path and Path(h.path).is_file():
             try:

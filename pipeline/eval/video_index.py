@@ -4,11 +4,10 @@
     entries = list_videos(manifest="videos.csv")           # columns video (+ key, caption: optional)
     keys, embeddings, skipped = embed_videos(model, entries)
 
-Each video is read whole and preprocessed exactly like an evaluation clip (pipeline/data/loader.py
-with train=False): `data.num_frames` frames at the centres of equal segments of the whole video
-(`frame_indices(n, T, None)`), the short side resized to `data.short_side`, a centre crop of
-`data.size`, the training mean/std, decoded with PyAV (any codec FFmpeg reads). The settings are
-the checkpoint's, so the embeddings match what eval computes on the same clip once prepared.
+Each video is read whole and preprocessed exactly like an evaluation clip, by the one owner of
+preprocessing (pipeline/data/preprocess.py: the eval frame plan and clip transform, decoded with
+PyAV, any codec FFmpeg reads). The settings are the checkpoint's, so the embeddings match what
+eval computes on the same clip once prepared.
 
 A manifest is CSV/TSV, JSONL or Parquet with a `video` column (a path, relative to the
 manifest's folder or to `videos` when given), and optionally `key` (default: the path's stem)
@@ -29,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hiervl.data.decode import decode_pyav, transform_clip
-from hiervl.data.sampler import frame_indices
+from hiervl.data.preprocess import Preprocessing
 from hiervl.errors import UserError
 from hiervl.log import get_logger
 
@@ -136,16 +134,6 @@ def _read_manifest(path: Path, base: Path | None) -> list[CatalogEntry]:
     return out
 
 
-def load_clip(path: str, data_cfg) -> torch.Tensor:
-    """One whole video as the model's eval input, float32 [T, 3, S, S] (see the module docstring)."""
-    from hiervl.api import probe_video  # frames counted as decode_pyav indexes them
-
-    data = Path(path).read_bytes()
-    n, _codec = probe_video(data, path)  # UserError: no video stream / unreadable / no frames
-    frames = decode_pyav(data, frame_indices(n, data_cfg.num_frames, None))  # uint8 [T, H, W, 3]
-    return transform_clip(frames, data_cfg.short_side, data_cfg.size, (0.5, 0.5), False, data_cfg.mean, data_cfg.std)
-
-
 @torch.no_grad()
 def embed_videos(model, entries: list[CatalogEntry], batch_size: int = 16, num_threads: int = 2,
                  progress: bool = True) -> tuple[list[str], dict[str, torch.Tensor], list[tuple[str, str]]]:
@@ -157,12 +145,12 @@ def embed_videos(model, entries: list[CatalogEntry], batch_size: int = 16, num_t
     from tqdm import tqdm
 
     param = next(model.parameters())
-    cfg = model.cfg.data
+    prep = Preprocessing.from_config(model.cfg)
     keys, parts, skipped = [], [], []
 
     def work(e: CatalogEntry):
         try:
-            return e, load_clip(e.path, cfg), None
+            return e, prep.clip_from_bytes(Path(e.path).read_bytes(), e.path), None  # [T, 3, S, S] float32
         except FileNotFoundError:
             return e, None, "file not found"
         except Exception as exc:  # noqa: BLE001 - one bad video must not stop the index
