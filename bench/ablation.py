@@ -23,6 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from hiervl.model.text_model import load_tokenizer
 from hiervl_cli import run_hiervl, write_results
 
 PRESETS = ("flat", "hit", "hcmi", "hanet")
@@ -51,7 +52,7 @@ def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(shards)))
     with torch.no_grad():
         split = embed_batches(model, iter_eval(cfg, split=split_name, rank=0, world_size=1,
-                                               batch_size=cfg.eval.batch_size))
+                                               batch_size=cfg.eval.batch_size, tokenizer=load_tokenizer(cfg.model.text.path)))
         sim = model.similarity(split.texts, split.videos)["fused"]  # [captions, videos]
     groups = load_groups(shards, split_name)
     video_group = [groups.get(k) if groups else int(k.removeprefix("synth")) // GROUP for k in split.keys]

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hiervl.config import Config  # noqa: E402
 from hiervl.data.decode import transform_clip  # noqa: E402
+from hiervl.model.text_model import load_tokenizer
 
 T, SIZE, SHORT, B = 8, 32, 36, 8
 
@@ -86,7 +87,7 @@ def run_loader(shards: Path, decoder: str, threads: int, min_seconds: float) -> 
     d = cfg.data
     d.path, d.batch_size, d.num_frames, d.size, d.short_side = str(shards), B, T, SIZE, SHORT
     d.decoder, d.num_threads, d.prefetch, d.remainder = decoder, threads, 2, "pad"
-    loader = VideoTextLoader(cfg, split="train")
+    loader = VideoTextLoader(cfg, split="train", tokenizer=load_tokenizer(cfg.model.text.path))
     next(iter(loader))  # warm-up: DALI pipeline build, tokenizer
     clips, epoch, start = 0, 0, time.perf_counter()
     while time.perf_counter() - start < min_seconds:

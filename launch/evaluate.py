@@ -77,7 +77,6 @@ def merged_config(ckpt_cfg, cli_cfg, data: str | None, checkpoint: str | None = 
 
 
 def main(args, cfg) -> int:
-    import torch
     from hiervl import distributed as dist
     from hiervl.eval.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
     from hiervl.log import setup_logging
@@ -89,8 +88,7 @@ def main(args, cfg) -> int:
     try:
         model, ckpt_cfg = load_model_for_inference(args.checkpoint)
         run_cfg = merged_config(ckpt_cfg, cfg, args.data, args.checkpoint)
-        if torch.cuda.is_available():
-            model = model.to(f"cuda:{info.local_rank % torch.cuda.device_count()}")
+        model = model.to(dist.resolve_device("auto", info.local_rank))
         split = args.split or cfg.eval.split
         out = Path(args.out) if args.out else eval_dir(args.checkpoint, split)
         result = evaluate_model(model, run_cfg, split=split, out_dir=out, export=not args.no_export,

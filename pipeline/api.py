@@ -35,24 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from hiervl.data.preprocess import Preprocessing, probe_video
+from hiervl.distributed import resolve_device
 from hiervl.errors import UserError
 
-__all__ = ["HierVLModel", "Preprocessing", "load", "probe_video"]
-
-
-def resolve_device(device) -> torch.device:
-    """'auto' (CUDA when there is one), 'cpu', 'cuda', 'cuda:N' or a torch.device."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={device!r} but CUDA is not available here; use device='cpu' (or 'auto')")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"device={device!r}: only 'cpu' and 'cuda' are supported")
-    return dev
+__all__ = ["HierVLModel", "Preprocessing", "load", "probe_video", "resolve_device"]
 
 
 class HierVLModel:

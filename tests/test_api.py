@@ -17,6 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hiervl.model.text_model import load_tokenizer
 from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint  # noqa: E402
 from test_loader_fixture import write_shards  # noqa: E402
 
@@ -56,7 +57,7 @@ def eval_embeddings(model, cfg):
     from hiervl.data.loader import iter_eval
     from hiervl.eval.evaluate import embed_batches
 
-    return embed_batches(model, iter_eval(cfg, split="test"))
+    return embed_batches(model, iter_eval(cfg, split="test", tokenizer=load_tokenizer(cfg.model.text.path)))
 
 
 def test_files_and_captions_embed_as_eval_does(setup):
@@ -247,8 +248,8 @@ def test_one_clip_is_the_same_tensor_through_every_path(setup):
     cfg, model, run, _, paths = setup
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decoder="pyav", prefetch=0))
     pooled = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decode_workers=1))
-    loaded = next(iter_eval(cfg, split="test", batch_size=NUM_VIDEOS))
-    from_pool = next(iter_eval(pooled, split="test", batch_size=NUM_VIDEOS))
+    loaded = next(iter_eval(cfg, split="test", batch_size=NUM_VIDEOS, tokenizer=load_tokenizer(cfg.model.text.path)))
+    from_pool = next(iter_eval(pooled, split="test", batch_size=NUM_VIDEOS, tokenizer=load_tokenizer(pooled.model.text.path)))
     key = loaded["keys"][1]
     clip = loaded["video"][1]  # [T, 3, S, S] float32
     assert clip.shape == (cfg.data.num_frames, 3, cfg.data.size, cfg.data.size) and clip.abs().sum() > 0

@@ -1,6 +1,6 @@
 """The training and evaluation loader over a prepared dataset (manifest.parquet + tars).
 
-    loader = VideoTextLoader(cfg, split="train", train=True, rank=r, world_size=w)
+    loader = VideoTextLoader(cfg, split="train", train=True, rank=r, world_size=w, tokenizer=tok)
     loader.set_epoch(e)
     for batch in loader: ...        # one dict per step, see `VideoTextLoader`
     state = loader.state_dict()     # after a step; resume with loader.load_state_dict(state)
@@ -61,9 +61,9 @@ from hiervl.data.sampler import (
     stable_hash,
 )
 from hiervl.data.schedule import DecoderSplit
+from hiervl.distributed import resolve_device
 from hiervl.errors import UserError
 from hiervl.log import get_logger
-from hiervl.model.text_model import load_tokenizer
 from hiervl.storage import is_remote, join, open_store
 
 log = get_logger(__name__)
@@ -136,14 +136,6 @@ class DatasetIndex:
         self.source.close()
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if device == "gpu" and not torch.cuda.is_available():
-        raise UserError("data.device=gpu but CUDA is not available; set data.device=auto or cpu")
-    return device
-
-
 class VideoTextLoader:
     """Batches of (video, caption) for one rank of `world_size`; see the module docstring.
 
@@ -158,7 +150,7 @@ class VideoTextLoader:
     """
 
     def __init__(self, cfg, split: str | None = None, train: bool = True, rank: int = 0, world_size: int = 1,
-                 batch_size: int | None = None, dtype: torch.dtype = torch.float32):
+                 batch_size: int | None = None, dtype: torch.dtype = torch.float32, *, tokenizer):
 
         self.cfg = cfg.data
         self.train = train
@@ -166,7 +158,7 @@ class VideoTextLoader:
         self.batch_size = batch_size or self.cfg.batch_size
         self.split = split or self.cfg.split
         self.index = DatasetIndex(self.cfg.path, self.split, getattr(cfg, "storage", None))
-        self.tokenizer = load_tokenizer(cfg.model.text.path)
+        self.tokenizer = tokenizer  # the model's (model/text_model.load_tokenizer), passed in: data/ has no model
         self.prep = Preprocessing.from_config(self.cfg)  # frame plan, clip transform, tokenising
         self.seed = self.cfg.seed
         self.order_mode = self.cfg.order if train else "sequential"
@@ -180,7 +172,7 @@ class VideoTextLoader:
                             "so more groups straddle two batches; choose a group_chunk that divides it",
                             self.batch_size, world_size, self.group_chunk)
         self.remainder = self.cfg.remainder if train else "pad"  # eval sees every video
-        self.device = resolve_device(self.cfg.device)
+        self.device = "gpu" if resolve_device(self.cfg.device, setting="data.device").type == "cuda" else "cpu"
         self.device_id = torch.cuda.current_device() if self.device == "gpu" else None
         self.dtype = dtype  # of the video tensor: the trainer's compute dtype (it owns precision)
         self.has_dali = dali_available()
@@ -514,14 +506,15 @@ class VideoTextLoader:
         self.index.close()
 
 
-def iter_eval(cfg, split: str | None = None, rank: int = 0, world_size: int = 1, batch_size: int | None = None):
+def iter_eval(cfg, split: str | None = None, rank: int = 0, world_size: int = 1, batch_size: int | None = None, *,
+              tokenizer):
     """Every sample of `split` (default cfg.eval.split) exactly once across ranks, in manifest order.
 
     Centre frames and centre crop, no flip, all captions per video (see VideoTextLoader). The
     last global batch is padded (valid=False), so every rank yields the same number of batches.
     """
     loader = VideoTextLoader(cfg, split=split or cfg.eval.split, train=False, rank=rank, world_size=world_size,
-                             batch_size=batch_size or cfg.eval.batch_size)
+                             batch_size=batch_size or cfg.eval.batch_size, tokenizer=tokenizer)
     try:
         yield from loader
     finally:

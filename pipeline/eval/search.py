@@ -21,7 +21,8 @@ With `candidates >= N` (or `exact=True`) every video is scored: the brute-force 
 outside the global level's top `candidates` cannot be returned even if its fine levels would
 lift it: that is the approximation, measured by bench/search.py (recall of the ANN stage).
 
-Owns: the search index over exported embeddings, queries and contact sheets.
+Owns: the search-index format (writing it: `write_index`, reading it: `SearchIndex.load`),
+queries and contact sheets.
 Must not touch: training or evaluation.
 """
 
@@ -34,18 +35,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hiervl.atomic_write import atomic_output
 from hiervl.data.decode import decode_pyav
 from hiervl.data.loader import DatasetIndex
 from hiervl.data.preprocess import Preprocessing, probe_video
 from hiervl.data.sampler import frame_indices
 from hiervl.errors import UserError
 from hiervl.eval.ann import AnnIndex
-from hiervl.eval.evaluate import CATALOG_FILE, EMBEDDINGS_FILE, INDEX_FILE
 from hiervl.log import get_logger
 from hiervl.model.text_model import load_tokenizer
 from hiervl.run_dir import find_recorded
 
 log = get_logger(__name__)
+EMBEDDINGS_FILE = "embeddings.parquet"
+INDEX_FILE = "index.json"
+CATALOG_FILE = "catalog.parquet"  # key, path, captions of every indexed video (shown with search hits)
 ANN_FILE = "ann.faiss"
 DEFAULT_CANDIDATES = 100
 TEXT_CHUNK = 256  # queries encoded per forward pass
@@ -144,12 +148,10 @@ class SearchIndex:
     def _keep_ann(self, ann: AnnIndex, level: str) -> None:
         """Save an ANN index built at load (a large index `hiervl eval` exported) beside the embeddings,
         so the next search reads it instead of building it again; a read-only index just logs."""
-        from hiervl.atomic_write import write_atomic
-
         try:
             ann.save(self.directory / ANN_FILE)
             self.meta["ann"] = {"level": level, "kind": ann.kind, "file": ANN_FILE}
-            write_atomic(self.directory / INDEX_FILE, json.dumps(self.meta, indent=2) + "\n")
+            write_meta(self.directory, self.meta)
             log.info("saved the %s ANN index of level %s to %s", ann.kind, level, self.directory / ANN_FILE)
         except OSError as exc:
             log.warning("could not save the ANN index to %s (%s): it is rebuilt at every search", self.directory, exc)
@@ -265,7 +267,6 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
     the ANN kind is exact flat (rebuilt at load in milliseconds), ann.faiss for the global level.
     Returns a summary {count, skipped, captioned, ann, level}.
     """
-    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
     from hiervl.eval.fingerprint import model_fingerprint
     from hiervl.eval.video_index import embed_videos, list_videos
     from hiervl.run_dir import checkpoint_step, load_model_for_inference
@@ -288,13 +289,58 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
     kind = AnnIndex.choose_kind(len(keys), ann)
     if g is not None:
         meta["ann"] = {"level": g, "kind": kind, "file": ANN_FILE if kind != "flat" else None}
-    export_embeddings(out, EmbeddedSplit(keys, embedded, {}, torch.zeros(0, dtype=torch.long)), meta, catalog=catalog)
+    write_index(out, keys, embedded, meta, catalog=catalog)
     if g is not None and kind != "flat":
         AnnIndex.build(embedded[g].numpy(), kind).save(out / ANN_FILE)
     elif (out / ANN_FILE).exists():
         (out / ANN_FILE).unlink()  # a stale file from an earlier, larger index in the same folder
     return {"count": len(keys), "skipped": len(skipped), "captioned": sum(1 for c in catalog if c["captions"]),
             "ann": kind, "level": g}
+
+
+def write_index(out_dir: str | Path, keys: list[str], videos: dict[str, torch.Tensor], meta: dict,
+                catalog: list[dict] | None = None) -> Path:
+    """Write an index: the video embeddings `videos` (level -> [N, ...], rows in `keys` order) as
+    Parquet (key, level, vector), index.json (shapes, dtypes, `meta`) and, with `catalog` ({key,
+    path, captions} per video), catalog.parquet (what search shows per hit). index.json is last."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(keys)
+    row_keys = keys
+    shapes, dtypes, keys, levels, offsets, values = {}, {}, [], [], [0], []
+    for name, x in videos.items():
+        flat = x.reshape(n, -1).float().numpy()  # [N, prod(shape)]
+        shapes[name], dtypes[name] = list(x.shape[1:]), str(x.dtype).replace("torch.", "")
+        keys += row_keys
+        levels += [name] * n
+        values.append(flat.ravel())
+        offsets += (offsets[-1] + flat.shape[1] * np.arange(1, n + 1)).tolist()
+    vector = pa.ListArray.from_arrays(pa.array(offsets, pa.int64() if offsets[-1] > 2**31 - 1 else pa.int32()),
+                                      pa.array(np.concatenate(values), pa.float32()))
+    table = pa.table({"key": pa.array(keys, pa.string()), "level": pa.array(levels, pa.string()), "vector": vector})
+    path = out_dir / EMBEDDINGS_FILE
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)
+    if catalog is not None:
+        cat = pa.table({"key": pa.array([c["key"] for c in catalog], pa.string()),
+                        "path": pa.array([c.get("path") for c in catalog], pa.string()),
+                        "captions": pa.array([list(c.get("captions") or []) for c in catalog], pa.list_(pa.string()))})
+        with atomic_output(out_dir / CATALOG_FILE) as tmp:
+            pq.write_table(cat, tmp)
+    index = {"schema_version": 1, "count": n, "shapes": shapes, "dtypes": dtypes, "embeddings": EMBEDDINGS_FILE,
+             **meta}
+    write_meta(out_dir, index)
+    return path
+
+
+def write_meta(directory: Path, meta: dict) -> None:
+    """index.json of the index at `directory` (replaced atomically)."""
+    from hiervl.atomic_write import write_atomic
+
+    write_atomic(Path(directory) / INDEX_FILE, json.dumps(meta, indent=2) + "\n")
 
 
 def frames_for_hits(index: SearchIndex, hits: list[Hit], count: int = 4, data: str | None = None) -> dict:

@@ -68,6 +68,7 @@ class Trainer:
         import deepspeed
         from hiervl.data.loader import VideoTextLoader
         from hiervl.model.hierarchical import build_model
+        from hiervl.model.text_model import load_tokenizer
 
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
@@ -78,8 +79,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup_logging(self.rank, self.out / run_dir.LOGS)
         # the trainer owns device and precision: the loader delivers video in `self.dtype` on its device
-        self.device = torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available()
-                                   else "cpu")
+        self.device = dist.resolve_device("auto", info.local_rank)
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
         plan = ckpt.plan_resume_on_main(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
@@ -101,13 +101,9 @@ class Trainer:
                                                                  optimizer=optimizer, config=ds_config)
         self.model = self.engine.module
 
+        # (a split with fewer samples than one global batch is refused by the loader itself)
         self.loader = VideoTextLoader(cfg, split=cfg.data.split, train=True, rank=self.rank, world_size=self.world,
-                                      dtype=self.dtype)
-        if len(self.loader) == 0:
-            from hiervl.errors import UserError
-
-            raise UserError(f"dataset {cfg.data.path} split '{cfg.data.split}' has fewer samples than one global "
-                            f"batch ({cfg.data.batch_size} x {self.world} ranks); lower data.batch_size")
+                                      dtype=self.dtype, tokenizer=load_tokenizer(cfg.model.text.path))
         self.step, self.epoch, self.bad_steps, self.bad_total = 0, 0, 0, 0
         self.samples_seen = 0
         self.momentum_updates = 0  # key-encoder EMA updates: one per optimizer step
