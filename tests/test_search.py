@@ -261,24 +261,26 @@ def test_a_large_eval_index_keeps_the_ann_index_it_builds(tmp_path, monkeypatch)
 
 
 def test_manifest_index_keeps_captions_and_refuses_bad_cells(tmp_path):
+    """A manifest for `search index` is read by dataprep/sources.py (the one manifest reader), captions optional."""
     from hiervl.errors import UserError
     from hiervl.eval.video_index import list_videos
+    from hiervl.launch.search import manifest_entries
 
     (tmp_path / "a.webm").write_bytes(b"x")
     (tmp_path / "m.csv").write_text('\ufeffkey,video,caption\nk1,a.webm,a red dot\nk2,a.webm,\n'
                                     'k3,a.webm,"[""one"", ""two""]"\n', encoding="utf-8")
-    entries = list_videos(manifest=tmp_path / "m.csv")
+    entries = list_videos(entries=manifest_entries(str(tmp_path / "m.csv")))
     assert [(e.key, e.captions) for e in entries] == [("k1", ["a red dot"]), ("k2", []), ("k3", ["one", "two"])]
     assert entries[0].path == str((tmp_path / "a.webm").resolve())
     (tmp_path / "bad.jsonl").write_text('{"video": "a.webm", "caption": 42}\n')
-    with pytest.raises(UserError, match="row 1: caption 42"):
-        list_videos(manifest=tmp_path / "bad.jsonl")
+    with pytest.raises(UserError, match=r"row 1, column caption: a number \(42\) is not a caption"):
+        manifest_entries(str(tmp_path / "bad.jsonl"))
     (tmp_path / "dup.jsonl").write_text('{"video": "a.webm"}\n{"video": "a.webm"}\n')
     with pytest.raises(UserError, match="two videos have the key 'a'"):
-        list_videos(manifest=tmp_path / "dup.jsonl")
+        list_videos(entries=manifest_entries(str(tmp_path / "dup.jsonl")))
     (tmp_path / "clip.jsonl").write_text('{"video": "a.webm", "start": 1.0, "end": 2.0}\n')
     with pytest.raises(UserError, match="start/end"):
-        list_videos(manifest=tmp_path / "clip.jsonl")
+        manifest_entries(str(tmp_path / "clip.jsonl"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no video files"):
         list_videos(videos=tmp_path / "empty")

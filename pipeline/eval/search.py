@@ -259,9 +259,11 @@ def hits_to_json(query: str, hits: list[Hit]) -> dict:
 
 
 def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Path | None = None,
-                      manifest: str | Path | None = None, ann: str = "auto", batch_size: int = 16,
-                      num_threads: int = 2, model=None) -> dict:
-    """Embed a folder or manifest of videos with `checkpoint` into a new index at `out`.
+                      entries: list | None = None, source: str | Path | None = None, ann: str = "auto",
+                      batch_size: int = 16, num_threads: int = 2, model=None) -> dict:
+    """Embed a folder of videos, or `entries` (video_index.CatalogEntry: a manifest's rows, read by
+    `hiervl search index` with dataprep/sources.py; `source` names the manifest) with `checkpoint`
+    into a new index at `out`.
 
     Writes embeddings.parquet, catalog.parquet, index.json (with the model fingerprint) and, unless
     the ANN kind is exact flat (rebuilt at load in milliseconds), ann.faiss for the global level.
@@ -271,7 +273,7 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
     from hiervl.eval.video_index import embed_videos, list_videos
     from hiervl.run_dir import checkpoint_step, load_model_for_inference
 
-    entries = list_videos(videos, manifest)  # user errors before the model loads
+    entries = list_videos(videos, entries)  # user errors before the model loads
     AnnIndex.choose_kind(len(entries), ann)
     if model is None:
         model, _ = load_model_for_inference(checkpoint)
@@ -284,7 +286,7 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
     catalog = [{"key": k, "path": by_key[k].path, "captions": by_key[k].captions} for k in keys]
     g = global_level(model)
     meta = {"checkpoint": str(Path(checkpoint).resolve()), "model": model_fingerprint(model, checkpoint_step(checkpoint)),
-            "source": str(Path(manifest or videos).resolve()), "skipped": len(skipped),
+            "source": str(Path(source or videos).resolve()), "skipped": len(skipped),
             "skipped_videos": [{"key": k, "reason": r} for k, r in skipped[:1000]]}
     kind = AnnIndex.choose_kind(len(keys), ann)
     if g is not None:
