@@ -40,7 +40,7 @@ from pathlib import Path
 from hiervl.dataprep.benchmarks import read_benchmark
 from hiervl.dataprep.sample import Refusal, Sample
 from hiervl.errors import UserError
-from hiervl.storage import is_remote, join, open_store, parent
+from hiervl.storage import as_local_path, is_remote, join, open_store, parent
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -149,7 +149,7 @@ def _text_or_none(v, column: str) -> str | None:
 
 
 def _resolve(path: str, base: str) -> str:
-    if "://" in path or Path(path).is_absolute():
+    if is_remote(path) or Path(as_local_path(path)).is_absolute():
         return path
     return join(base, path)  # base may be an s3:// / gs:// / http(s):// prefix
 
