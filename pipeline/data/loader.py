@@ -83,7 +83,7 @@ class DatasetIndex:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        # storage hook (issue 16): root may be a local folder or a URL (s3://, gs://, http(s)://);
+        # root may be a local folder or a URL (s3://, gs://, http(s)://);
         # every read goes through the store, the sample bytes through `self.source` (byte_source.py)
         self.root = root if is_remote(root) else Path(root)
         self.store = open_store(root, storage)
