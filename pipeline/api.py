@@ -7,10 +7,10 @@
     v = model.encode_video(["clip.webm", frames])         # paths, or uint8 frames [T, H, W, 3]
     s = model.similarity(t, v)                            # {level: [1, 2], "fused": [1, 2]}
 
-Preprocessing is the evaluation's, built in and read from the model's own config: a video's
-`data.num_frames` frames are the centres of that many equal segments of the whole clip
-(`hiervl.data.sampler.frame_indices`), decoded by DALI or PyAV exactly as the eval loader picks
-them (`hiervl.data.decode.choose_backend`), then `transform_clip` resizes the short side to
+Preprocessing is the evaluation's, the same code as the eval loader's (`hiervl.data.preprocess`),
+read from the model's own config: a video's `data.num_frames` frames are the centres of that many
+equal segments of the whole clip, decoded by DALI or PyAV exactly as the eval loader picks
+them (`hiervl.data.decode.choose_backend`), then the clip transform resizes the short side to
 `data.short_side`, centre-crops `data.size`, and normalises with `data.mean` / `data.std`; frame
 differences and the rest of the video tower's inputs are made inside the model. Captions are
 tokenized like the eval loader's (padded to `data.max_words`, truncated). So for a video of a
