@@ -91,10 +91,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_manifest(tag_dir: Path) -> dict:
-    """{path relative to tag_dir: {"size", "sha256"}} for every file of a checkpoint but meta.json."""
-    files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != META)
-    return {p.relative_to(tag_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+def file_manifest(tag_dir: Path, known: dict | None = None) -> dict:
+    """{path relative to tag_dir: {"size", "sha256"}} for every file of a checkpoint but meta.json.
+
+    `known`: entries hashed while they were written (train/checkpoint_hash.py); only the other files are
+    read to hash them (and a known entry whose file now has another size is re-read)."""
+    known = known or {}
+    out = {}
+    for p in sorted(p for p in Path(tag_dir).rglob("*") if p.is_file() and p.name != META):
+        name, size = p.relative_to(tag_dir).as_posix(), p.stat().st_size
+        entry = known.get(name)
+        out[name] = entry if entry is not None and entry["size"] == size else {"size": size, "sha256": _sha256(p)}
+    return out
 
 
 def verify(ckpt_dir: Path, tag: str, meta: dict | None = None) -> str | None:
