@@ -356,8 +356,11 @@ class PrepConfig:
     crf: int = 32
     shard_max_samples: int = 64
     shard_max_bytes: int = 256 * 1024 * 1024
-    num_workers: int = 2  # Ray CPUs used on a local cluster
-    object_store_mb: int = 256
+    num_workers: int = 2  # worker processes: the local pool's, or the CPUs of a local Ray cluster
+    object_store_mb: int = 256  # a local Ray cluster's object store
+    # where shard tasks run (dataprep/distribute.py): local = a process pool on this machine, ray = Ray
+    # tasks, auto = Ray with --ray-address or from AUTO_RAY_MIN_SAMPLES samples on, the pool below
+    distributor: str = "auto"
     max_failure_rate: float = 0.2  # exit non-zero past this share of refused inputs
 
     def __post_init__(self):
@@ -368,6 +371,7 @@ class PrepConfig:
         _check(0 < self.keyframe_interval <= 1.0, "prep.keyframe_interval must be in (0, 1] seconds")
         _check(self.shard_max_samples >= 1 and self.shard_max_bytes >= 1, "prep.shard_max_* must be >= 1")
         _check(self.num_workers >= 1, "prep.num_workers must be >= 1")
+        _one_of("prep.distributor", self.distributor, ("auto", "local", "ray"))
         _check(0.0 <= self.max_failure_rate <= 1.0, "prep.max_failure_rate must be in [0, 1]")
 
 
