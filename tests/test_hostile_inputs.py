@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint  # noqa: E402
-from test_loader_fixture import write_shards  # noqa: E402
+from fixtures import write_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
