@@ -43,6 +43,12 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   samples apart (measured on the demo corpus: the queue cost 11 points of R@1 at momentum 0.99,
   and at momentum 0.5 training collapsed to chance; bench/RESULTS.md).
 
+How the levels combine (`model.loss_on`): `levels` (default) trains one loss per level and sums
+them with `model.loss_weights` (HiT/HCMI's per-level contrast; missing levels weigh 1); `fused`
+trains one loss on the `model.level_weights` mean of the levels' similarity rows (HANet's
+`fusion_loss`, pipeline/model/FIDELITY.md): every level's rows share one layout (batch columns,
+queue columns, masks, targets), so the rows are averaged before the softmax / hinge.
+
 In all three, negatives from the query's own video (`queue.mask_same_video`), padded samples and
 never-filled queue slots are masked. Every term is per sample and the batch mean uses the global
 valid count (pipeline/model/losses.py), so W ranks of batch b train exactly like one rank of batch W*b:
