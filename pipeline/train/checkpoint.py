@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hiervl import distributed as dist
-from hiervl import faults
+from hiervl import faults, safe_load
 from hiervl.atomic_write import write_atomic
 from hiervl.config import ConfigError, from_dict
 from hiervl.errors import UserError
@@ -367,6 +367,7 @@ def ensure_universal(plan: dict) -> None:
     src = Path(plan["dir"]) / plan["tag"]
     dst = Path(plan["dir"]) / plan["load_tag"]
     if dist.is_main() and not (dst / "done").is_file():
+        safe_load.check_files(src)  # the converter loads them with weights_only=False in a subprocess
         shutil.rmtree(dst, ignore_errors=True)
         log.info("world size or ZeRO stage changed (%s ranks/stage %s -> now); converting %s to a universal checkpoint",
                  plan["meta"]["world_size"], plan["meta"]["zero_stage"], src)
@@ -384,13 +385,14 @@ def ensure_universal(plan: dict) -> None:
 
 def load(engine, plan: dict) -> tuple[dict, dict | None]:
     """Load engine state; returns (client_state, this rank's rank_state or None when ranks changed)."""
-    _, client = engine.load_checkpoint(plan["dir"], tag=plan["load_tag"], load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    with safe_load.deepspeed_loads_safely():  # DeepSpeed's own torch.load(weights_only=False) reads
+        _, client = engine.load_checkpoint(plan["dir"], tag=plan["load_tag"], load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {plan['dir']}/{plan['load_tag']}")
     rank_file = Path(plan["dir"]) / plan["tag"] / f"rank{dist.get_rank()}.pt"
     same_world = plan["meta"]["world_size"] == dist.get_world_size()
-    rank_state = torch.load(rank_file, weights_only=False) if same_world and rank_file.is_file() else None
+    rank_state = safe_load.load(rank_file) if same_world and rank_file.is_file() else None
     return client, rank_state
 
 
@@ -426,11 +428,12 @@ def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
     if meta["zero_stage"] == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        buffers = torch.load(states, map_location=map_location, weights_only=False).get("module") or {}
+        with safe_load.deepspeed_loads_safely():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        buffers = safe_load.load(states, map_location=map_location).get("module") or {}
         sd = {**{k: v for k, v in buffers.items() if k not in sd}, **sd}
     else:
-        sd = torch.load(states, map_location=map_location, weights_only=False)["module"]
+        sd = safe_load.load(states, map_location=map_location)["module"]
     sd = {k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [m for m in missing if "queue" not in m]:
