@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 from hiervl.errors import UserError
-from hiervl.presets import PRESETS, level_names
+from hiervl.presets import PRESETS, TOKEN_ALIGNS, level_names
 
 
 class ConfigError(UserError, ValueError):
@@ -176,6 +176,12 @@ class ModelConfig:
     num_clips: int = 4  # HCMI/HANet: clip tokens that frames are clustered into
     num_phrases: int = 4  # HCMI: phrase tokens that words are clustered into
     level_weights: dict = field(default_factory=dict)  # inference fusion weights per level name
+    # training: `levels` = one loss per level, summed with `loss_weights` (missing levels weigh 1);
+    # `fused` = HANet's one loss on the level_weights mean of the level similarities (pipeline/model/FIDELITY.md)
+    loss_on: str = "levels"
+    loss_weights: dict = field(default_factory=dict)  # training weight per level name (loss_on=levels)
+    token_align: str = "max"  # token levels: max (X-CLIP/DRL TI, order-blind) | monotonic (word/frame order kept)
+    detach_token_levels: bool = False  # token levels read detached encoder states: their losses train only their heads
     loss: str = "infonce"  # infonce | hinge (VSE++ hardest negative, HANet's)
     margin: float = 0.2
     temperature: float = 0.07  # initial temperature (learnable in hcmi)
@@ -208,6 +214,17 @@ class ModelConfig:
         _check(sum(float(self.level_weights.get(n, 1.0)) for n in names) > 0,
                f"model.level_weights must not all be 0 (levels: {names})")
         _one_of("model.loss", self.loss, ("infonce", "hinge"))
+        _one_of("model.loss_on", self.loss_on, ("levels", "fused"))
+        _one_of("model.token_align", self.token_align, TOKEN_ALIGNS)
+        unknown = sorted(set(self.loss_weights) - set(names))
+        _check(not unknown, f"model.loss_weights names {unknown} but preset '{self.preset}' has levels {names}")
+        _check(all(isinstance(v, (int, float)) and v >= 0 for v in self.loss_weights.values()),
+               "model.loss_weights values must be numbers >= 0, e.g. {feature: 0.25, semantic: 1.0}")
+        _check(sum(float(self.loss_weights.get(n, 1.0)) for n in names) > 0,
+               f"model.loss_weights must not all be 0 (levels: {names})")
+        _check(not (self.loss_on == "fused" and self.loss_weights),
+               "model.loss_weights weighs per-level losses but model.loss_on=fused trains one loss on the "
+               "model.level_weights mean; set the fusion with model.level_weights, or use model.loss_on=levels")
         _check(self.embed_dim >= 1, "model.embed_dim must be >= 1")
         _check(self.temporal_layers >= 0, "model.temporal_layers must be >= 0")
         _check(self.num_clips >= 1 and self.num_phrases >= 1, "model.num_clips and model.num_phrases must be >= 1")

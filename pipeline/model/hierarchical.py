@@ -26,9 +26,9 @@ import torch
 from hiervl import distributed as dist
 from hiervl.config import Config
 from hiervl.model.encoders import TextEncoder, VideoEncoder
-from hiervl.model.levels import LevelHeads, feature_layers, level_similarity, level_weights
+from hiervl.model.levels import LevelHeads, feature_layers, level_similarity, level_weights, model_levels
 from hiervl.model.objective import HierarchicalContrastiveLoss
-from hiervl.presets import learns_temperature, preset_levels
+from hiervl.presets import learns_temperature
 from torch import nn
 
 
@@ -63,7 +63,7 @@ class QueryTowers(nn.Module):
     def __init__(self, cfg: Config, vision_config=None):
         super().__init__()
         self.cfg = cfg
-        self.level_specs = preset_levels(cfg.model.preset)
+        self.level_specs = model_levels(cfg)  # the preset's levels, token alignment per model.token_align
         self.levels = [lv.name for lv in self.level_specs]
         self.fusion_weights = level_weights(cfg)
 
