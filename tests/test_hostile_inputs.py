@@ -15,8 +15,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint  # noqa: E402
 from fixtures import write_shards  # noqa: E402
+from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
