@@ -215,6 +215,7 @@ def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
     them in `mp_rank_00_model_states.pt`; ZeRO 3 is consolidated with DeepSpeed's zero_to_fp32).
     """
     import torch
+    from hiervl import safe_load
     from hiervl.config import from_dict
     from hiervl.model.hierarchical import build_model
 
@@ -228,11 +229,12 @@ def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
     if meta["zero_stage"] == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-        buffers = torch.load(states, map_location=map_location, weights_only=False).get("module") or {}
+        with safe_load.deepspeed_loads_safely():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        buffers = safe_load.load(states, map_location=map_location).get("module") or {}
         sd = {**{k: v for k, v in buffers.items() if k not in sd}, **sd}
     else:
-        sd = torch.load(states, map_location=map_location, weights_only=False)["module"]
+        sd = safe_load.load(states, map_location=map_location)["module"]
     sd = {k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     queue_buffers = {id(b) for b in model.queues.buffers()}  # may be absent: a queue starts empty
