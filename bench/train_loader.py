@@ -14,7 +14,10 @@ Contenders, each a full `hiervl train --config tiny.yaml` (2 ranks, gloo) on the
   thread for VP9), on the current code;
 - `ideal`: replayed batches.
 Per run, from the run's own metrics.jsonl (train.log_every=1): the median samples/s over the steps
-after `--skip` (epoch 0 and start-up excluded), the mean data-wait and loader CPU shares. Rounds
+after `--skip` (epoch 0 and start-up excluded), the mean data-wait and loader CPU shares, and the median
+CPU seconds per sample of all ranks and their decode workers. On a loaded machine the wall samples/s of
+separate runs swing several-fold with other jobs; CPU per sample does not, and ideal / real CPU per
+sample is the real / ideal throughput a CPU-bound run gets on cores of its own. Rounds
 run the contenders in turn; ratios are per round. Writes bench/out/train_loader.json.
 """
 
@@ -96,6 +99,7 @@ def run(name: str, shards: Path, out: Path, steps: int, skip: int, site: Path) -
     return {"samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
             "data_wait_share": statistics.fmean(r["data_wait_share"] for r in steady),
             "loader_cpu_share": statistics.fmean(r.get("loader_cpu_share", float("nan")) for r in steady),
+            "cpu_s_per_sample": statistics.median(r.get("cpu_s_per_sample") or float("nan") for r in steady),
             "wall_s": wall, "load": load, "steps": len(steady)}
 
 
@@ -128,12 +132,17 @@ def main() -> int:
             else:
                 print(f"round {r + 1} {name:8s} {res['samples_per_s']:6.2f} samples/s  data-wait "
                       f"{100 * res['data_wait_share']:4.1f}%  loader CPU {100 * res['loader_cpu_share']:4.1f}%  "
-                      f"wall {res['wall_s']:.0f} s  (load {res['load']:.1f})", flush=True)
+                      f"CPU {1000 * res['cpu_s_per_sample']:.0f} ms/sample  wall {res['wall_s']:.0f} s  "
+                      f"(load {res['load']:.1f})", flush=True)
     ratios = {}
     for name in runs:
         if name != "ideal" and "ideal" in runs:
             ratios[f"{name} / ideal"] = spread([a["samples_per_s"] / b["samples_per_s"] for a, b in
                                                 zip(runs[name], runs["ideal"]) if "failed" not in a and "failed" not in b])
+        if name != "ideal" and "ideal" in runs:  # CPU per sample: what the run costs, whatever the load
+            ratios[f"{name} / ideal, by CPU per sample"] = spread([
+                b["cpu_s_per_sample"] / a["cpu_s_per_sample"] for a, b in zip(runs[name], runs["ideal"])
+                if "failed" not in a and "failed" not in b])
     if "real" in runs and "real w0" in runs:
         ratios["real / real w0"] = spread([a["samples_per_s"] / b["samples_per_s"] for a, b in
                                            zip(runs["real"], runs["real w0"]) if "failed" not in a and "failed" not in b])

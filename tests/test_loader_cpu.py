@@ -2,10 +2,10 @@
 are counted, so `loader_cpu_share` sees what data-wait does not."""
 
 import pytest
+from fixtures import write_shards
 from hiervl.data.cpu_meter import pid_cpu_seconds
 from hiervl.data.loader import VideoTextLoader
 from test_loader import make_cfg
-from test_loader_fixture import write_shards
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def check_shared_memory(need: int, slots: int, path: str = SHM) -> None:
     """Refuse (one line) a ring larger than `path`'s free space. A shared-memory tensor is a sparse file
     there: allocating it succeeds whatever the size, and the shortfall is a SIGBUS in a decode worker
     at the first clip that does not fit (a container's default /dev/shm is 64 MB; base.yaml's ring is
-    320 clips x 3.6 MB = 1.16 GB per rank)."""
+    320 uint8 clips x 1.8 MB = 0.58 GB per rank)."""
     try:
         free = shutil.disk_usage(path).free
     except OSError:  # no /dev/shm (not Linux): torch's own allocation decides
@@ -239,7 +239,7 @@ class DecodePool:
             # the fork server imports these once; each worker then starts in milliseconds
             ctx.set_forkserver_preload(["torch", "av", "hiervl.data.decode", "hiervl.data.decode_pool"])
         shape = (self.slots, self.spec.num_frames, 3, self.spec.size, self.spec.size)
-        check_shared_memory(torch.empty((), dtype=self.spec.dtype).element_size() * int(np.prod(shape)), self.slots)
+        check_shared_memory(int(np.prod(shape)), self.slots)  # uint8: one byte a value
         try:
             self._ring = torch.empty(shape, dtype=torch.uint8).share_memory_()  # [slots, T, 3, S, S] uint8
         except (RuntimeError, OSError) as exc:

@@ -423,6 +423,9 @@ class Trainer:
             "data_wait_share": min(window["data_s"] / elapsed, 1.0),
             # of the CPU the ranks (and their decode workers) used, the share the loader took (all ranks)
             "loader_cpu_share": min(loader_cpu / tree_cpu, 1.0) if tree_cpu > 0 else 0.0,
+            # CPU seconds (all ranks and their decode workers) per sample: the cost a loaded machine's
+            # wall-clock figures hide (samples/s on dedicated cores ~ cores / this)
+            "cpu_s_per_sample": tree_cpu * self.world / samples if samples else None,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "temperature": dict(zip(self.model.levels, temperature)) if self.cfg.model.loss == "infonce" else {},
             "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total, "time": time.time(),
