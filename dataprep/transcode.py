@@ -31,12 +31,10 @@ from fractions import Fraction
 
 import av
 import numpy as np
-from hiervl.data.video_file import truncation, upright_turns
+from hiervl.data.video_file import looks_like_video, truncation, upright_turns
 from hiervl.storage import is_remote, open_store, parent
 
 OUTPUT = {"vp9": ("libvpx-vp9", "webm", "webm"), "h264": ("libx264", "mp4", "mp4")}
-# container magic numbers: a file that starts like a video but will not open is truncated/corrupt
-_MAGIC = (b"\x1a\x45\xdf\xa3", b"RIFF", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"\x30\x26\xb2\x75", b"FLV")
 
 
 class SampleRefused(Exception):
@@ -123,10 +121,6 @@ def _read_all(src) -> bytes:
     return src.read()
 
 
-def _looks_like_video(head: bytes) -> bool:
-    return head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide") or any(head.startswith(m) for m in _MAGIC)
-
-
 def probe(src) -> dict:
     """Container facts without decoding: duration (None when unknown or reported as 0), fps, size,
     codec. Refuses non-videos. `src` is what `open_source` yields."""
@@ -136,7 +130,7 @@ def probe(src) -> dict:
     try:
         container = _av_open(src)
     except (av.error.FFmpegError, EOFError, OSError) as exc:
-        if _looks_like_video(head):
+        if looks_like_video(head):
             raise SampleRefused("probe", f"truncated or corrupt video ({type(exc).__name__})") from None
         raise SampleRefused("probe", "not a video (no known container)") from None
     with container:

@@ -27,6 +27,13 @@ from dataclasses import dataclass
 from hiervl.errors import UserError
 
 TRUNCATED = "truncated"  # the word every refusal of a cut-short file starts with
+# container magic numbers: a file that starts like a video but will not open is truncated/corrupt
+_MAGIC = (b"\x1a\x45\xdf\xa3", b"RIFF", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"\x30\x26\xb2\x75", b"FLV")
+
+
+def looks_like_video(head: bytes) -> bool:
+    """Whether a file's first bytes are a video container's (MP4/MOV boxes, Matroska/WebM, AVI, MPEG-PS/ES, ASF, FLV)."""
+    return head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide") or any(head.startswith(m) for m in _MAGIC)
 
 
 @dataclass(frozen=True)
@@ -92,8 +99,10 @@ def probe_video_file(data: bytes, name: str) -> VideoFileInfo:
         raise
     except (av.error.FFmpegError, EOFError, OSError) as exc:
         if not data:
-            raise UserError(f"{name} is an empty file (0 bytes)") from None
-        raise UserError(f"{name} is {TRUNCATED} or corrupt: it does not open as a video ({type(exc).__name__})") from None
+            raise UserError(f"{name} is not a readable video: an empty file (0 bytes)") from None
+        if looks_like_video(data[:16]):
+            raise UserError(f"{name} is {TRUNCATED} or corrupt: it does not open as a video ({type(exc).__name__})") from None
+        raise UserError(f"{name} is not a readable video (no known container: {type(exc).__name__})") from None
     if cut:
         raise UserError(f"{name} is {cut} (an interrupted download or copy?); use the complete file")
     if not timed:
