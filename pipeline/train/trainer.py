@@ -144,6 +144,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
             "momentum_updates": self.momentum_updates,
             "loader": self.loader.state_dict(), "queue": queue_state(self.model),
+            "momentum": self.model.momentum_state(),  # fp32 shadows of bf16 key weights (momentum_update)
             "bad_total": self.bad_total, "best": self.best, "config": to_dict(self.cfg),
             "world_size": self.world, "universal_checkpoint_info": {},
         }
@@ -154,6 +155,8 @@ class Trainer:
         self.samples_seen, self.bad_total, self.best = client["samples_seen"], client["bad_total"], client["best"]
         self.momentum_updates = client.get("momentum_updates", self.step)
         load_queue_state(self.model, client["queue"])
+        if client.get("momentum"):
+            self.model.load_momentum_state(client["momentum"])
         self.loader.load_state_dict(client["loader"])
         if rank_state is not None:
             ckpt.set_rng_state(rank_state["rng"])
