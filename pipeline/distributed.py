@@ -60,8 +60,23 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def skip_deepspeed_shm_op() -> None:
+    """On a machine without CUDA, keep DeepSpeed from JIT-compiling its `deepspeed_shm_comm` C++ op
+    when its communication backend starts (minutes on a first run, silently, into a build cache that
+    every checkout shares). The op serves only DeepSpeed's inference all-reduce; our collectives and
+    the engine's gradient all-reduce go through torch.distributed (gloo), which it does not touch."""
+    if torch.cuda.is_available():
+        return
+    import importlib
+
+    # by module name: the attribute `deepspeed.comm.torch` is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def init(backend: str | None = None, timeout_s: int = 600, use_deepspeed: bool = False) -> WorldInfo:
     """Initialise the process group when more than one process runs; a no-op for one."""
+    if use_deepspeed:
+        skip_deepspeed_shm_op()  # before DeepSpeed's backend starts (here, or in deepspeed.initialize)
     info = world_info()
     if is_initialized():
         return WorldInfo(get_rank(), get_world_size(), info.local_rank, info.source)
