@@ -52,9 +52,17 @@ RGB = 3  # input channels of a frame; frame_diff doubles them
 
 
 def _enable_hf_checkpointing(model: nn.Module, what: str) -> None:
-    """transformers' own per-layer activation checkpointing, non-reentrant (frozen inputs still get grads)."""
+    """transformers' own per-layer activation checkpointing, non-reentrant (frozen inputs still get grads).
+
+    Both transformers 5 APIs: `activation_checkpointing_enable` (5.2x, which deprecates the other) and
+    `gradient_checkpointing_enable` (the only one before, e.g. 5.17 on the GPU machine).
+    """
+    kwargs = {"use_reentrant": False}
     try:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     except ValueError as exc:  # the architecture has no GradientCheckpointingLayer
         raise UserError(f"train.activation_checkpointing=true but the {what} ({type(model).__name__}) does not "
                         f"support it ({exc}); set train.activation_checkpointing=false") from exc

@@ -33,7 +33,11 @@ from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimize
 
 log = get_logger(__name__)
 
-EXIT_OK, EXIT_BAD_STEPS = 0, 3
+EXIT_OK, EXIT_BAD_STEPS, EXIT_NO_DATA = 0, 3, 4
+
+
+class NoReadableSamples(RuntimeError):
+    """`train.max_bad_steps` global batches in a row without one readable sample: training on nothing."""
 
 
 class TooManyBadSteps(RuntimeError):
@@ -121,6 +125,7 @@ class Trainer:
             raise UserError(f"dataset {cfg.data.path} split '{cfg.data.split}' has fewer samples than one global "
                             f"batch ({cfg.data.batch_size} x {self.world} ranks); lower data.batch_size")
         self.step, self.epoch, self.bad_steps, self.bad_total = 0, 0, 0, 0
+        self.empty_steps = 0  # global micro-batches in a row in which every sample was unreadable
         self.samples_seen = 0
         self.momentum_updates = 0  # key-encoder EMA updates: one per optimizer step
         self.best = None
@@ -163,6 +168,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
             "momentum_updates": self.momentum_updates,
             "loader": self.loader.state_dict(), "queue": queue_state(self.model),
+            "momentum": self.model.momentum_state(),  # fp32 shadows of bf16 key weights (momentum_update)
             "bad_total": self.bad_total, "best": self.best, "config": to_dict(self.cfg),
             "world_size": self.world, "universal_checkpoint_info": {},
         }
@@ -173,6 +179,8 @@ class Trainer:
         self.samples_seen, self.bad_total, self.best = client["samples_seen"], client["bad_total"], client["best"]
         self.momentum_updates = client.get("momentum_updates", self.step)
         load_queue_state(self.model, client["queue"])
+        if client.get("momentum"):
+            self.model.load_momentum_state(client["momentum"])
         self.loader.load_state_dict(client["loader"])
         if rank_state is not None:
             ckpt.set_rng_state(rank_state["rng"])
@@ -261,10 +269,19 @@ class Trainer:
         if faults.injected("nan-loss"):
             loss = loss * float("nan")
         flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
-                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device)])
-        bad, stop = dist.all_reduce_sum(flags).tolist()  # the step's one host sync
+                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device),
+                             batch["valid"].to(loss.device).sum().float()])
+        bad, stop, readable = dist.all_reduce_sum(flags).tolist()  # the step's one host sync
         self.stop_requested = self.stop_requested or stop > 0
         self.samples_seen += self.cfg.data.batch_size * self.world
+        if readable == 0:  # every sample of the global batch unreadable: nothing to learn from, no step
+            self.empty_steps += 1
+            log.warning("no readable sample in the global batch at step %d (%d in a row)", self.step + 1,
+                        self.empty_steps)
+            if self.empty_steps >= self.cfg.train.max_bad_steps:
+                raise NoReadableSamples()
+            return None
+        self.empty_steps = 0
         if bad > 0:
             self.bad_steps += 1
             self.bad_total += 1
@@ -367,6 +384,15 @@ class Trainer:
                 if self.stop_requested:
                     reason = f"stopped by {self.stop_signal or 'a signal on another rank'}"
                     break
+        except NoReadableSamples:
+            exit_code = EXIT_NO_DATA
+            reasons = self.loader.stats.get("skipped_reasons") or {}
+            example = next(iter(reasons.items()), None)
+            reason = (f"no readable sample in {self.empty_steps} global batches in a row at step {self.step} "
+                      f"({int(self.loader.stats.get('skipped', 0))} skipped on rank {self.rank}"
+                      + (f", e.g. {example[0]}: {example[1]}" if example else "") + f"): check data.path={cfg.data.path}")
+            if self.rank == 0:
+                log.error("training on nothing: %s", reason)
         except TooManyBadSteps:
             exit_code = EXIT_BAD_STEPS
             reason = (f"{cfg.train.max_bad_steps} non-finite losses in a row at step {self.step}: lower train.lr, "
@@ -380,7 +406,10 @@ class Trainer:
             if bar is not None:
                 bar.close()
         # the final checkpoint, unless this step's is already on disk (a rerun of a finished run)
-        tag = self.save() if self.saved_step != self.step else ckpt.tag_for(self.step)
+        if exit_code == EXIT_NO_DATA and self.step == 0:
+            tag = None  # nothing was learnt: no checkpoint of the initial weights
+        else:
+            tag = self.save() if self.saved_step != self.step else ckpt.tag_for(self.step)
         if monitor is not None:
             monitor.close()
         self._write_status(reason, tag, exit_code)
