@@ -81,7 +81,7 @@ class Cluster:
     def up(self) -> Cluster:
         STATE.mkdir(parents=True, exist_ok=True)
         (STATE / f"{self.prefix}.json").write_text(json.dumps({"ns": [self.hub] + [self.ns(n) for n in self.names],
-                                                               "root": str(self.root)}))
+                                                               "root": str(self.root), "pid": os.getpid()}))
         try:
             _ip("netns", "add", self.hub)
             _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
@@ -156,6 +156,23 @@ class Cluster:
 
     def heal(self, node: str) -> None:
         _ip("-n", self.hub, "link", "set", f"vh{self.names.index(node) + 1}", "up")
+
+
+def remove_stale() -> list[str]:
+    """Tear down the clusters whose test process died without its teardown (a hard kill, pytest-timeout's
+    os._exit); clusters of live processes and `up` from the command line (no pid) are left alone."""
+    removed = []
+    for path in sorted(STATE.glob("*.json")) if STATE.is_dir() else []:
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = info.get("pid")
+        if pid is None or Path(f"/proc/{pid}").exists():
+            continue
+        teardown(path.stem, info["ns"])
+        removed.append(path.stem)
+    return removed
 
 
 def teardown(prefix: str, namespaces: list[str]) -> None:

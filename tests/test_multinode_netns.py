@@ -36,17 +36,15 @@ def cluster(tmp_path_factory):
     why = netns.available()
     if why:
         pytest.skip(why)
+    netns.remove_stale()  # a run killed hard (pytest-timeout) left its namespaces
     c = netns.Cluster(2, root=tmp_path_factory.mktemp("netns"))
     with c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from test_loader_fixture import prepared_dataset
-
-    path, _ = prepared_dataset(tmp_path_factory.mktemp("netns_data"), 16)
-    return path
+def shards(prepared_dataset_16):
+    return prepared_dataset_16
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +111,7 @@ def test_no_ssh_launchers_on_two_hosts_equal_one_process(cluster, shards, refere
     _assert_same_steps(_steps(out, ranks=2), reference)
 
 
+@pytest.mark.timeout(1800)  # three trainings: the cut pair, then n1 alone
 def test_cut_link_stops_both_nodes_within_the_timeout_then_n1_alone_resumes_exactly(cluster, shards, reference,
                                                                                       tmp_path):
     out = tmp_path / "cut"
@@ -148,3 +147,18 @@ def test_cut_link_stops_both_nodes_within_the_timeout_then_n1_alone_resumes_exac
     assert res.returncode == 0, res.stdout[-4000:]
     assert "resumed from" in (out / "logs" / "rank0.log").read_text()
     _assert_same_steps(_steps(out, ranks=2), reference)
+
+
+def test_a_run_folder_local_to_each_node_is_refused_in_one_line(cluster, shards):
+    """train.out_dir on each node's own disk (the same path, a different folder on each: a mount
+    namespace per node) is refused before any step: n2 cannot see what n1 wrote."""
+    out = cluster.local / "run"  # n1 sees nodes/n1/run there, n2 sees nodes/n2/run
+    procs = _launch(cluster, shards, out)
+    outs = _wait(procs, 900)
+    assert all(text is not None for text in outs), "a node did not stop"
+    assert all(p.returncode != 0 for p in procs), outs[0][-3000:]
+    errors = [line for line in outs[0].splitlines() if line.startswith("hiervl train: error:")]
+    assert len(errors) == 1 and f"train.out_dir {out} is not shared between the nodes: n2 cannot see" in errors[0], \
+        outs[0][-3000:]
+    assert "Traceback" not in outs[0] and "Traceback" not in outs[1], outs[1][-3000:]
+    assert not (cluster.node_dir("n1") / "run" / "checkpoints").exists()  # refused before any step

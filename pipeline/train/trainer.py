@@ -94,6 +94,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup_logging(self.rank, self.out / "logs")
         self.peers = self._meet_peers()
+        self._check_shared_out_dir()
         # the trainer owns device and precision: the loader delivers video in `self.dtype` on its device
         self.device = torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available()
                                    else "cpu")
@@ -160,6 +161,30 @@ class Trainer:
         log.info("rank %d of %d on host %s (%s, interface %s); world: %s", self.rank, self.world, me["host"], addr,
                  ifname or "-", " ".join(f"{p['rank']}@{p['host']}" for p in peers))
         return peers
+
+    def _check_shared_out_dir(self) -> None:
+        """On more than one host, every rank must see the run folder rank 0 sees: checkpoints are
+        written there by every rank and resumed from by any. A folder local to each node (not a
+        shared filesystem) is refused here, before any step, in one line naming the hosts."""
+        hosts = sorted({p["host"] for p in self.peers})
+        if len(hosts) < 2:
+            return
+        probe = self.out / f".shared-check-{dist.broadcast_object(os.urandom(6).hex())}"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe.write_text(self.peers[0]["host"] + "\n")
+        dist.barrier()
+        seen = dist.all_gather_object(probe.is_file())
+        dist.barrier()
+        if self.rank == 0:
+            probe.unlink(missing_ok=True)
+        blind = sorted({p["host"] for p, ok in zip(self.peers, seen) if not ok})
+        if blind:
+            err = UserError(f"train.out_dir {self.out} is not shared between the nodes: {', '.join(blind)} cannot see "
+                            f"the file {self.peers[0]['host']} wrote there; a multi-node run needs one run folder every "
+                            "node sees (a shared filesystem), since every rank writes its part of each checkpoint there")
+            err.same_on_every_rank = True
+            raise err
 
     # ---------------------------------------------------------------- state
 
