@@ -139,6 +139,9 @@ class VisionConfig:
     layout_dim: int = 16  # layout: each patch token projected to this many dims before flattening
     space_time: str = "none"  # none | factorised: divided (TimeSformer) time attention before each ViT layer
     space_time_layers: int | None = None  # factorised: only before the last N ViT layers (None = all)
+    # the random-init ViT's MLP activation: quick_gelu (CLIP's, x * sigmoid(1.702x): three unfused kernels and
+    # one more saved [N*T*tokens, 4W] tensor per layer) or gelu (one kernel). A CLIP checkpoint keeps its own.
+    act: str = "quick_gelu"
 
     def __post_init__(self):
         for name in ("patch_size", "width", "layers", "heads", "layout_dim"):
@@ -146,6 +149,7 @@ class VisionConfig:
         _check(self.width % self.heads == 0, "model.vision.width must be divisible by model.vision.heads")
         _one_of("model.vision.frame_token", self.frame_token, ("cls", "layout"))
         _one_of("model.vision.space_time", self.space_time, ("none", "factorised"))
+        _one_of("model.vision.act", self.act, ("quick_gelu", "gelu"))
         _check(self.space_time_layers is None or self.space_time_layers >= 1,
                f"model.vision.space_time_layers={self.space_time_layers} must be >= 1, or null for every ViT layer")
 
@@ -307,6 +311,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
     grad_accum: int = 1  # micro-batches per optimizer step (a step = one optimizer step)
     activation_checkpointing: bool = False  # recompute frame-ViT (+space-time), temporal and text layers in backward
+    # fp32 matmuls on a GPU (the objective's similarities against the queue) on TF32 tensor cores
+    # (torch.set_float32_matmul_precision("high")); false = full fp32 ("highest"). No effect on CPU.
+    tf32: bool = True
+    compile: bool = False  # torch.compile the towers (query and key; per-module, state-dict keys unchanged)
     deepspeed_config: str | None = None  # a DeepSpeed JSON of your own instead of the generated one
     resume: str = "auto"  # auto | never | a checkpoint directory
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops

@@ -54,8 +54,11 @@ def choose_backend(decoder: str, codec: str, device: str, has_dali: bool | None 
 # ---------------------------------------------------------------------------- PyAV
 
 
-def decode_pyav(data: bytes, frames: np.ndarray) -> np.ndarray:
-    """Frames `frames` (display-order indices) of an encoded video, uint8 [T, H, W, 3]."""
+def decode_pyav(data: bytes, frames: np.ndarray, strict: bool = False) -> np.ndarray:
+    """Frames `frames` (display-order indices) of an encoded video, uint8 [T, H, W, 3], as stored
+    (a user's file is turned upright by pipeline/data/video_file.py). A wanted frame the stream
+    does not give is replaced by the nearest decoded one, or, with `strict`, a ValueError that
+    starts "truncated"."""
     import av
 
     with av.open(io.BytesIO(data), mode="r") as container:
@@ -91,6 +94,9 @@ def decode_pyav(data: bytes, frames: np.ndarray) -> np.ndarray:
                 break
     if not got:
         raise ValueError("no frame decoded")
+    missing = [i for i, pts in enumerate(wanted) if pts not in got]
+    if strict and missing:
+        raise ValueError(f"truncated: frame {int(frames[missing[0]])} of {n} could not be decoded")
     # a frame the stream would not give (truncated tail): use the nearest one decoded
     have = sorted(got)
     out = []

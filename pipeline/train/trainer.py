@@ -86,7 +86,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         import deepspeed
         from hiervl.data.loader import VideoTextLoader
-        from hiervl.model.hierarchical import build_model
+        from hiervl.model.hierarchical import build_model, compile_towers, set_matmul_precision
 
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
@@ -107,6 +107,9 @@ class Trainer:
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
         model = build_model(cfg)
+        set_matmul_precision(cfg, self.device)  # train.tf32
+        if cfg.train.compile:
+            log.info("train.compile: torch.compile of %s (compiled at the first steps)", ", ".join(compile_towers(model)))
         ds_config = build_deepspeed_config(cfg, self.world)
         if plan and plan["universal"]:
             ds_config["checkpoint"] = {"load_universal": True}
