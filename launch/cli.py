@@ -80,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hiervl {args.command}: config error: {exc}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(to_yaml(cfg), end="")
+    if args.print_config:  # what the subcommand would run with (the demo: configs/demo.yaml under its --out)
+        resolve = getattr(commands[args.command], "resolved_config", None)
+        try:
+            print(to_yaml(resolve(args) if resolve else cfg), end="")
+        except ConfigError as exc:
+            print(f"hiervl {args.command}: config error: {exc}", file=sys.stderr)
+            return 2
         return 0
     try:
         return int(commands[args.command].main(args, cfg) or 0)
