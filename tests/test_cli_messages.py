@@ -73,3 +73,15 @@ def test_cheap_checks_come_before_slow_imports(argv, words, tmp_path):
     res = subprocess.run([sys.executable, "-c", CHEAP, *argv], capture_output=True, text=True, timeout=300)
     assert "rc 1 torch imported: False" in res.stdout, res.stdout + res.stderr[-2000:]
     assert words in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_readme_and_scripts_need_no_shared_folder(tmp_path):
+    """A plain clone has no ../shared: the README does not send a reader there, and the GPU staging
+    script says what it is for in one line instead of `No such file or directory` (rc 127)."""
+    assert "../shared" not in (ROOT / "README.md").read_text()
+    repo = tmp_path / "clone"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "gpu_prepare.sh").write_bytes((ROOT / "bench" / "gpu_prepare.sh").read_bytes())
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    res = subprocess.run(["bash", "bench/gpu_prepare.sh"], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "make install" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
