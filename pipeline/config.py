@@ -321,6 +321,10 @@ class TrainConfig:
     log_every: int = 10
     log_samples: bool = False  # per rank, the keys of every sample consumed at every step
     seed: int = 0
+    # train-time collective timeout (s), set after start-up (which waits up to 600 s for every node): a
+    # node or link lost mid-run stops every rank within it, naming the peer. Keep it above the slowest
+    # checkpoint write or evaluation, during which the other ranks wait in a collective.
+    dist_timeout_s: float = 300.0
     wandb: str = ""  # a W&B project name: also log every metric to W&B (rank 0; "" = off; pip install wandb)
     wandb_mode: str = ""  # offline | online | disabled; "" = $WANDB_MODE, else offline (pipeline/train/monitor.py)
 
@@ -333,6 +337,7 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _check(self.dist_timeout_s >= 5, f"train.dist_timeout_s={self.dist_timeout_s} must be >= 5 (seconds)")
         _one_of("train.wandb_mode", self.wandb_mode, ("", "offline", "online", "disabled"))
         if self.wandb:
             import importlib.util
@@ -412,9 +417,15 @@ class LaunchConfig:
     account: str | None = None
     job_name: str = "hiervl"
     master_port: int = 29500
+    # the interface of gloo/NCCL sockets, per node: auto (the route to the master, found on each node),
+    # one name for all nodes, or per host "n1:eno1,n2:ens5"; a node's own GLOO/NCCL_SOCKET_IFNAME wins
+    socket_ifname: str = "auto"
 
     def __post_init__(self):
         _check(self.nodes >= 1, "launch.nodes must be >= 1")
+        _check(bool(re.fullmatch(r"[\w.-]+|[\w.-]+:[\w.-]+(,[\w.-]+:[\w.-]+)*", self.socket_ifname or "")),
+               f"launch.socket_ifname={self.socket_ifname!r}: give auto, an interface name (eth0) or per host "
+               "n1:eno1,n2:ens5")
         _positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
         _check(1024 <= self.master_port <= 65535, "launch.master_port must be in 1024..65535")
 
