@@ -147,6 +147,24 @@ def _run_shards(todo: list[dict], out_cfg: dict, out: str, prep, ray_address, pr
         return time.time() - t0, kind
 
 
+def _check_input_outside_out(input, fmt, out_dir) -> None:
+    """Refuse an input file that prep would overwrite: `--input DIR/manifest.parquet --out DIR` would
+    replace the user's manifest with the dataset's (and a shard or dataset.json given as input alike)."""
+    if is_remote(str(input)) or is_remote(str(out_dir)):
+        return
+    try:
+        named = (manifest_path(input) if fmt in (None, "manifest") else Path(input)).resolve()
+    except UserError:
+        return  # read_input says what is wrong with it
+    out = Path(out_dir).resolve()
+    if named.parent != out:
+        return
+    if (named.name in (MANIFEST_FILE, QUARANTINE_FILE, DATASET_FILE) or re.fullmatch(r"input-[0-9a-f]{12}\.json", named.name)
+            or SHARD_FILE.match(named.name)):
+        raise UserError(f"--input {input} is {named.name} inside --out {out_dir}, which prep writes: it would be "
+                        f"overwritten with the dataset's; move it out of {out_dir} (or give another --out)")
+
+
 def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_address: str | None = None,
             progress: bool = True, overwrite: bool = False, **format_options) -> dict:
     """Prepare shards from `input` into `out_dir`; return the summary (see `summary_line`).
@@ -158,6 +176,7 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
     t0 = time.time()
     choose(prep.distributor, 0, ray_address)  # refuses --ray-address with prep.distributor=local before any work
     storage = dataclasses.asdict(cfg.storage) if hasattr(cfg, "storage") else None
+    _check_input_outside_out(input, fmt, out_dir)
     store = _open_out(out_dir, storage)  # a local folder or an s3:// / gs:// prefix (pipeline/storage.py)
     out = store.url
     with _out_lock(store):
@@ -196,7 +215,8 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
             "videos_per_s": processed / wall if wall > 0 else 0.0,
             "videos_per_s_tasks": processed / task_s if task_s > 0 else 0.0,
             "realtime_factor": source_s_run / wall if wall > 0 else 0.0, "failure_rate": rate,
-            "ok": rate <= prep.max_failure_rate, "out_dir": out, "dataset_counts": dataset["counts"]}
+            "ok": rate <= prep.max_failure_rate, "out_dir": out, "dataset_counts": dataset["counts"],
+            "quarantine_examples": quarantine[:QUARANTINE_SHOWN]}
 
 
 def _dumps(obj) -> bytes:
@@ -238,6 +258,18 @@ def _write_dataset(store: Store, prep, fingerprints: dict, records: list[dict], 
                "inputs": [{**r["identity"], "splits": r["splits"]} for r in records], "prep_config": prep_cfg}
     store.put(DATASET_FILE, (json.dumps(dataset, indent=2, sort_keys=True) + "\n").encode())
     return stats, dataset
+
+
+QUARANTINE_SHOWN = 5  # quarantine records printed on the terminal (all are in quarantine.parquet)
+
+
+def quarantine_lines(s: dict) -> list[str]:
+    """The first few quarantined inputs, one line each (source, stage, reason), then where the rest are."""
+    shown = s.get("quarantine_examples") or []
+    lines = [f"  quarantined {q.get('source') or q.get('key')}: {q.get('stage')}: {q.get('reason')}" for q in shown]
+    if s.get("quarantined", 0) > len(shown):
+        lines.append(f"  ... and {s['quarantined'] - len(shown)} more in {s['out_dir']}/{QUARANTINE_FILE}")
+    return lines
 
 
 def summary_line(s: dict) -> str:

@@ -58,8 +58,12 @@ def main(args, cfg) -> int:
         return 0
     if is_remote(cfg.data.path):  # wrong credentials / a missing bucket: one line before any rank starts
         open_store(cfg.data.path, cfg.storage).check()
-    write_atomic(config_path, to_yaml(cfg))
-    return ds.run_local(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
+    from hiervl.dataprep.out_lock import train_lock
+
+    Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+    with train_lock(cfg.train.out_dir):  # a second `hiervl train` into this out_dir is refused in one line
+        write_atomic(config_path, to_yaml(cfg))
+        return ds.run_local(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
 
 
 def rank_main(argv: list[str] | None = None) -> int:
@@ -71,7 +75,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from hiervl.config import ConfigError
     from hiervl.errors import UserError
-    from hiervl.train.trainer import run
+    from hiervl.train.trainer import PeerLost, run
 
     try:
         from hiervl.run_paths import absolute_paths
@@ -81,7 +85,10 @@ def rank_main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as exc:
         # an error every rank raised alike (a checkpoint write, a resume plan) is reported by rank 0 alone
         if not getattr(exc, "same_on_every_rank", False) or os.environ.get("RANK", "0") == "0":
-            print(f"hiervl train: error: {exc}", file=sys.stderr)
+            print(f"hiervl train: error: {exc}", file=sys.stderr, flush=True)
+        if isinstance(exc, PeerLost):
+            sys.stdout.flush()
+            os._exit(1)  # interpreter exit would tear down the broken process group, waiting on the lost peer
         return 2 if isinstance(exc, ConfigError) else 1
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,44 @@ from typing import Any
 
 import yaml
 from hiervl.errors import UserError
-from hiervl.presets import PRESETS, level_names
+from hiervl.presets import PRESETS, TOKEN_ALIGNS, level_names
 
 
 class ConfigError(UserError, ValueError):
     """A user's configuration mistake (exit code 2, no traceback)."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 core-schema scalars instead of 1.1's: `4:00:00` is not
+    14400 (sexagesimal), `012345` is not 5349 (octal), `on`/`yes`/`off`/`no` are not booleans,
+    `2026-01-01` is not a date. Those stay strings; `true`/`false`, `null`/`~`, decimal ints, floats (`3e-4` too) and `0x`/`0o`
+    ints resolve as before. No tags beyond the safe loader's: nothing in a config builds an object."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in (
+    "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _regexp, _first in (
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("tag:yaml.org,2002:int", r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F]+|0o[0-7]+)$", "-+0123456789"),
+        # a dot or an exponent makes a float; digits alone are an int above, or a string (leading zero)
+        ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*\.[0-9_]*)(?:[eE][-+]?[0-9]+)?"
+                                    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+                                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+0123456789.")):
+    _Yaml12Loader.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
+
+
+def _construct_int(loader, node):
+    text = loader.construct_scalar(node).replace("_", "")
+    return int(text, 0) if text.startswith(("0x", "0o")) else int(text)
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def yaml_load(text: str):
+    """Parse YAML text as a config is read (YAML 1.2 core scalars, `_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -105,6 +139,9 @@ class VisionConfig:
     layout_dim: int = 16  # layout: each patch token projected to this many dims before flattening
     space_time: str = "none"  # none | factorised: divided (TimeSformer) time attention before each ViT layer
     space_time_layers: int | None = None  # factorised: only before the last N ViT layers (None = all)
+    # the random-init ViT's MLP activation: quick_gelu (CLIP's, x * sigmoid(1.702x): three unfused kernels and
+    # one more saved [N*T*tokens, 4W] tensor per layer) or gelu (one kernel). A CLIP checkpoint keeps its own.
+    act: str = "quick_gelu"
 
     def __post_init__(self):
         for name in ("patch_size", "width", "layers", "heads", "layout_dim"):
@@ -112,6 +149,7 @@ class VisionConfig:
         _check(self.width % self.heads == 0, "model.vision.width must be divisible by model.vision.heads")
         _one_of("model.vision.frame_token", self.frame_token, ("cls", "layout"))
         _one_of("model.vision.space_time", self.space_time, ("none", "factorised"))
+        _one_of("model.vision.act", self.act, ("quick_gelu", "gelu"))
         _check(self.space_time_layers is None or self.space_time_layers >= 1,
                f"model.vision.space_time_layers={self.space_time_layers} must be >= 1, or null for every ViT layer")
 
@@ -142,6 +180,12 @@ class ModelConfig:
     num_clips: int = 4  # HCMI/HANet: clip tokens that frames are clustered into
     num_phrases: int = 4  # HCMI: phrase tokens that words are clustered into
     level_weights: dict = field(default_factory=dict)  # inference fusion weights per level name
+    # training: `levels` = one loss per level, summed with `loss_weights` (missing levels weigh 1);
+    # `fused` = HANet's one loss on the level_weights mean of the level similarities (pipeline/model/FIDELITY.md)
+    loss_on: str = "levels"
+    loss_weights: dict = field(default_factory=dict)  # training weight per level name (loss_on=levels)
+    token_align: str = "max"  # token levels: max (X-CLIP/DRL TI, order-blind) | monotonic (word/frame order kept)
+    detach_token_levels: bool = False  # token levels read detached encoder states: their losses train only their heads
     loss: str = "infonce"  # infonce | hinge (VSE++ hardest negative, HANet's)
     margin: float = 0.2
     temperature: float = 0.07  # initial temperature (learnable in hcmi)
@@ -174,6 +218,17 @@ class ModelConfig:
         _check(sum(float(self.level_weights.get(n, 1.0)) for n in names) > 0,
                f"model.level_weights must not all be 0 (levels: {names})")
         _one_of("model.loss", self.loss, ("infonce", "hinge"))
+        _one_of("model.loss_on", self.loss_on, ("levels", "fused"))
+        _one_of("model.token_align", self.token_align, TOKEN_ALIGNS)
+        unknown = sorted(set(self.loss_weights) - set(names))
+        _check(not unknown, f"model.loss_weights names {unknown} but preset '{self.preset}' has levels {names}")
+        _check(all(isinstance(v, (int, float)) and v >= 0 for v in self.loss_weights.values()),
+               "model.loss_weights values must be numbers >= 0, e.g. {feature: 0.25, semantic: 1.0}")
+        _check(sum(float(self.loss_weights.get(n, 1.0)) for n in names) > 0,
+               f"model.loss_weights must not all be 0 (levels: {names})")
+        _check(not (self.loss_on == "fused" and self.loss_weights),
+               "model.loss_weights weighs per-level losses but model.loss_on=fused trains one loss on the "
+               "model.level_weights mean; set the fusion with model.level_weights, or use model.loss_on=levels")
         _check(self.embed_dim >= 1, "model.embed_dim must be >= 1")
         _check(self.temporal_layers >= 0, "model.temporal_layers must be >= 0")
         _check(self.num_clips >= 1 and self.num_phrases >= 1, "model.num_clips and model.num_phrases must be >= 1")
@@ -256,12 +311,20 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
     grad_accum: int = 1  # micro-batches per optimizer step (a step = one optimizer step)
     activation_checkpointing: bool = False  # recompute frame-ViT (+space-time), temporal and text layers in backward
+    # fp32 matmuls on a GPU (the objective's similarities against the queue) on TF32 tensor cores
+    # (torch.set_float32_matmul_precision("high")); false = full fp32 ("highest"). No effect on CPU.
+    tf32: bool = True
+    compile: bool = False  # torch.compile the towers (query and key; per-module, state-dict keys unchanged)
     deepspeed_config: str | None = None  # a DeepSpeed JSON of your own instead of the generated one
     resume: str = "auto"  # auto | never | a checkpoint directory
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     log_every: int = 10
     log_samples: bool = False  # per rank, the keys of every sample consumed at every step
     seed: int = 0
+    # train-time collective timeout (s), set after start-up (which waits up to 600 s for every node): a
+    # node or link lost mid-run stops every rank within it, naming the peer. Keep it above the slowest
+    # checkpoint write or evaluation, during which the other ranks wait in a collective.
+    dist_timeout_s: float = 300.0
     wandb: str = ""  # a W&B project name: also log every metric to W&B (rank 0; "" = off; pip install wandb)
     wandb_mode: str = ""  # offline | online | disabled; "" = $WANDB_MODE, else offline (pipeline/train/monitor.py)
 
@@ -274,6 +337,7 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _check(self.dist_timeout_s >= 5, f"train.dist_timeout_s={self.dist_timeout_s} must be >= 5 (seconds)")
         _one_of("train.wandb_mode", self.wandb_mode, ("", "offline", "online", "disabled"))
         if self.wandb:
             import importlib.util
@@ -353,9 +417,15 @@ class LaunchConfig:
     account: str | None = None
     job_name: str = "hiervl"
     master_port: int = 29500
+    # the interface of gloo/NCCL sockets, per node: auto (the route to the master, found on each node),
+    # one name for all nodes, or per host "n1:eno1,n2:ens5"; a node's own GLOO/NCCL_SOCKET_IFNAME wins
+    socket_ifname: str = "auto"
 
     def __post_init__(self):
         _check(self.nodes >= 1, "launch.nodes must be >= 1")
+        _check(bool(re.fullmatch(r"[\w.-]+|[\w.-]+:[\w.-]+(,[\w.-]+:[\w.-]+)*", self.socket_ifname or "")),
+               f"launch.socket_ifname={self.socket_ifname!r}: give auto, an interface name (eth0) or per host "
+               "n1:eno1,n2:ens5")
         _positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
         _check(1024 <= self.master_port <= 65535, "launch.master_port must be in 1024..65535")
 
@@ -521,14 +591,15 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse `a.b=value` strings; the value is read as YAML (so `[1,2]`, `true`, `null` work)."""
+    """Parse `a.b=value` strings; the value is read as YAML 1.2 (so `[1,2]`, `true`, `null` work, and
+    `4:00:00`, `012345`, `on`, `2026-01-01` stay strings)."""
     parsed = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         parsed.append((key.strip(), value))
@@ -581,7 +652,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through 'defaults'")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
     if not isinstance(tree, dict):

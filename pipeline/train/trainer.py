@@ -26,17 +26,27 @@ import torch
 from hiervl import distributed as dist
 from hiervl import faults
 from hiervl.config import Config, to_dict, to_yaml
+from hiervl.errors import UserError
 from hiervl.log import get_logger, setup_logging
 from hiervl.train import checkpoint as ckpt
 from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
 
 log = get_logger(__name__)
 
-EXIT_OK, EXIT_BAD_STEPS = 0, 3
+EXIT_OK, EXIT_BAD_STEPS, EXIT_NO_DATA = 0, 3, 4
+
+
+class NoReadableSamples(RuntimeError):
+    """`train.max_bad_steps` global batches in a row without one readable sample: training on nothing."""
 
 
 class TooManyBadSteps(RuntimeError):
     pass
+
+
+class PeerLost(UserError):
+    """A collective failed or timed out mid-run: a node or the network to it is gone. The process
+    group is broken, so the rank exits without tearing it down (that would wait on the lost peer)."""
 
 
 def queue_state(model) -> dict:
@@ -76,13 +86,15 @@ class Trainer:
     def __init__(self, cfg: Config):
         import deepspeed
         from hiervl.data.loader import VideoTextLoader
-        from hiervl.model.hierarchical import build_model
+        from hiervl.model.hierarchical import build_model, compile_towers, set_matmul_precision
 
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
-        info = dist.init(use_deepspeed=True)
+        info = dist.init(use_deepspeed=True, socket_ifname_setting=cfg.launch.socket_ifname)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup_logging(self.rank, self.out / "logs")
+        self.peers = self._meet_peers()
+        self._check_shared_out_dir()
         # the trainer owns device and precision: the loader delivers video in `self.dtype` on its device
         self.device = torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available()
                                    else "cpu")
@@ -95,6 +107,9 @@ class Trainer:
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
         model = build_model(cfg)
+        set_matmul_precision(cfg, self.device)  # train.tf32
+        if cfg.train.compile:
+            log.info("train.compile: torch.compile of %s (compiled at the first steps)", ", ".join(compile_towers(model)))
         ds_config = build_deepspeed_config(cfg, self.world)
         if plan and plan["universal"]:
             ds_config["checkpoint"] = {"load_universal": True}
@@ -111,11 +126,10 @@ class Trainer:
         self.loader = VideoTextLoader(cfg, split=cfg.data.split, train=True, rank=self.rank, world_size=self.world,
                                       dtype=self.dtype)
         if len(self.loader) == 0:
-            from hiervl.errors import UserError
-
             raise UserError(f"dataset {cfg.data.path} split '{cfg.data.split}' has fewer samples than one global "
                             f"batch ({cfg.data.batch_size} x {self.world} ranks); lower data.batch_size")
         self.step, self.epoch, self.bad_steps, self.bad_total = 0, 0, 0, 0
+        self.empty_steps = 0  # global micro-batches in a row in which every sample was unreadable
         self.samples_seen = 0
         self.momentum_updates = 0  # key-encoder EMA updates: one per optimizer step
         self.best = None
@@ -132,6 +146,49 @@ class Trainer:
             self.loader.set_epoch(0)
         self._truncate_logs_after(self.step)
 
+    def _meet_peers(self) -> list[dict]:
+        """Every rank's host, address and socket interface (rank order), logged by each rank in its
+        own log: who trained where, and whom to name when a collective fails."""
+        import socket
+
+        addr, ifname = "127.0.0.1", os.environ.get("GLOO_SOCKET_IFNAME")
+        master = os.environ.get("MASTER_ADDR")
+        if self.world > 1 and master:
+            try:
+                addr, found = dist.route_to(master)
+                ifname = ifname or found
+            except OSError:
+                pass
+        me = {"rank": self.rank, "host": socket.gethostname(), "addr": addr, "ifname": ifname}
+        peers = dist.all_gather_object(me)
+        log.info("rank %d of %d on host %s (%s, interface %s); world: %s", self.rank, self.world, me["host"], addr,
+                 ifname or "-", " ".join(f"{p['rank']}@{p['host']}" for p in peers))
+        return peers
+
+    def _check_shared_out_dir(self) -> None:
+        """On more than one host, every rank must see the run folder rank 0 sees: checkpoints are
+        written there by every rank and resumed from by any. A folder local to each node (not a
+        shared filesystem) is refused here, before any step, in one line naming the hosts."""
+        hosts = sorted({p["host"] for p in self.peers})
+        if len(hosts) < 2:
+            return
+        probe = self.out / f".shared-check-{dist.broadcast_object(os.urandom(6).hex())}"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe.write_text(self.peers[0]["host"] + "\n")
+        dist.barrier()
+        seen = dist.all_gather_object(probe.is_file())
+        dist.barrier()
+        if self.rank == 0:
+            probe.unlink(missing_ok=True)
+        blind = sorted({p["host"] for p, ok in zip(self.peers, seen) if not ok})
+        if blind:
+            err = UserError(f"train.out_dir {self.out} is not shared between the nodes: {', '.join(blind)} cannot see "
+                            f"the file {self.peers[0]['host']} wrote there; a multi-node run needs one run folder every "
+                            "node sees (a shared filesystem), since every rank writes its part of each checkpoint there")
+            err.same_on_every_rank = True
+            raise err
+
     # ---------------------------------------------------------------- state
 
     def _client_state(self) -> dict:
@@ -139,6 +196,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
             "momentum_updates": self.momentum_updates,
             "loader": self.loader.state_dict(), "queue": queue_state(self.model),
+            "momentum": self.model.momentum_state(),  # fp32 shadows of bf16 key weights (momentum_update)
             "bad_total": self.bad_total, "best": self.best, "config": to_dict(self.cfg),
             "world_size": self.world, "universal_checkpoint_info": {},
         }
@@ -149,6 +207,8 @@ class Trainer:
         self.samples_seen, self.bad_total, self.best = client["samples_seen"], client["bad_total"], client["best"]
         self.momentum_updates = client.get("momentum_updates", self.step)
         load_queue_state(self.model, client["queue"])
+        if client.get("momentum"):
+            self.model.load_momentum_state(client["momentum"])
         self.loader.load_state_dict(client["loader"])
         if rank_state is not None:
             ckpt.set_rng_state(rank_state["rng"])
@@ -237,10 +297,19 @@ class Trainer:
         if faults.injected("nan-loss"):
             loss = loss * float("nan")
         flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
-                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device)])
-        bad, stop = dist.all_reduce_sum(flags).tolist()  # the step's one host sync
+                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device),
+                             batch["valid"].to(loss.device).sum().float()])
+        bad, stop, readable = dist.all_reduce_sum(flags).tolist()  # the step's one host sync
         self.stop_requested = self.stop_requested or stop > 0
         self.samples_seen += self.cfg.data.batch_size * self.world
+        if readable == 0:  # every sample of the global batch unreadable: nothing to learn from, no step
+            self.empty_steps += 1
+            log.warning("no readable sample in the global batch at step %d (%d in a row)", self.step + 1,
+                        self.empty_steps)
+            if self.empty_steps >= self.cfg.train.max_bad_steps:
+                raise NoReadableSamples()
+            return None
+        self.empty_steps = 0
         if bad > 0:
             self.bad_steps += 1
             self.bad_total += 1
@@ -322,6 +391,7 @@ class Trainer:
         monitor, bar = self._open_outputs()
         exit_code, reason = EXIT_OK, "finished"
         window = self._new_window()
+        dist.set_timeout(cfg.train.dist_timeout_s)  # start-up is over: a lost node now stops the run quickly
         try:
             while self.step < cfg.train.steps:
                 self._optimizer_step(window)
@@ -342,15 +412,32 @@ class Trainer:
                 if self.stop_requested:
                     reason = f"stopped by {self.stop_signal or 'a signal on another rank'}"
                     break
+        except NoReadableSamples:
+            exit_code = EXIT_NO_DATA
+            reasons = self.loader.stats.get("skipped_reasons") or {}
+            example = next(iter(reasons.items()), None)
+            reason = (f"no readable sample in {self.empty_steps} global batches in a row at step {self.step} "
+                      f"({int(self.loader.stats.get('skipped', 0))} skipped on rank {self.rank}"
+                      + (f", e.g. {example[0]}: {example[1]}" if example else "") + f"): check data.path={cfg.data.path}")
+            if self.rank == 0:
+                log.error("training on nothing: %s", reason)
         except TooManyBadSteps:
             exit_code = EXIT_BAD_STEPS
             reason = (f"{cfg.train.max_bad_steps} non-finite losses in a row at step {self.step}: lower train.lr, "
                       "check the data, or raise train.max_bad_steps")
+        except RuntimeError as exc:  # a collective that timed out or lost its peer: one line naming it
+            line = dist.failed_peer_line(exc, self.peers, cfg.train.dist_timeout_s, self.step + 1)
+            if line is None:
+                raise
+            raise PeerLost(line) from None
         finally:
             if bar is not None:
                 bar.close()
         # the final checkpoint, unless this step's is already on disk (a rerun of a finished run)
-        tag = self.save() if self.saved_step != self.step else ckpt.tag_for(self.step)
+        if exit_code == EXIT_NO_DATA and self.step == 0:
+            tag = None  # nothing was learnt: no checkpoint of the initial weights
+        else:
+            tag = self.save() if self.saved_step != self.step else ckpt.tag_for(self.step)
         if monitor is not None:
             monitor.close()
         self._write_status(reason, tag, exit_code)
@@ -446,7 +533,11 @@ def run(cfg: Config) -> int:
     trainer = Trainer(cfg)
     try:
         code = trainer.fit()
-    finally:
+    except PeerLost:
+        raise  # no teardown of a broken group
+    except BaseException:
         dist.destroy()
+        raise
+    dist.destroy()
     return code
 
