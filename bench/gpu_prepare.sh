@@ -9,6 +9,11 @@
 # base.yaml's 64). Then prints the calls.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
+if [[ ! -f ../shared/tools/device-wheels.sh ]]; then
+  echo "bench/gpu_prepare.sh: ../shared/tools/device-wheels.sh is not here: this script stages wheels for the" \
+       "project's own lent GPU machines. On your GPU machine run \`make install\` there, then \`make gpu-check\`." >&2
+  exit 2
+fi
 bash ../shared/tools/device-wheels.sh >/dev/null
 mkdir -p .dev/whl2 .dev/pa
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
