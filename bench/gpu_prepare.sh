@@ -38,5 +38,5 @@ Device calls, back to back (the machine keeps /tmp only while warm):
      (installs the wheels and hiervl into /tmp/site, then speed, loader and GPU tests within 585 s; every log
      and JSON comes back in $OUT/visit.tar.gz beside $OUT/visit.log)
   6. at once (within 30 s of 5 returning), if ~3 min of device time are left: carry []  timeout_s 400  command:
-     bash bench/gpu_visit.sh compile train      (or `tests` if command 5 ran out of time before them)
+     DEADLINE=385 bash bench/gpu_visit.sh compile train      (or `tests` if command 5 ran out of time before them)
 TXT
