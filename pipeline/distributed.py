@@ -70,6 +70,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
 def route_to(master_addr: str) -> tuple[str, str | None]:
     """(this host's address on the way to `master_addr`, the interface that holds it or None):
     the kernel's route, read with an unconnected UDP socket (no packet is sent)."""
@@ -136,8 +144,10 @@ def socket_ifname(setting: str, master_addr: str | None, hostname: str | None = 
         multi_host = spans_hosts() if multi_host is None else multi_host
         if not master_addr or not multi_host:
             return None
-        if _is_loopback(master_addr):  # this node is the master, and its name maps to 127.x here
-            return outward_interface()[1]
+        if _is_loopback(master_addr):
+            if master_addr == "localhost" or _is_ip(master_addr):
+                return None  # loopback named as such: every "node" is on this machine
+            return outward_interface()[1]  # this node is the master, and its name maps to 127.0.1.1 here
         try:
             return route_to(master_addr)[1]
         except OSError:
