@@ -124,6 +124,7 @@ class DaliVideoDecoder:
         self.device = device
         self.device_id = device_id if device == "gpu" else None
         self._pipe = None
+        self._stream = None  # the loader's own CUDA stream for the copies out of DALI (device gpu)
 
     def _build(self):
         from nvidia.dali import fn, types
@@ -149,13 +150,25 @@ class DaliVideoDecoder:
         if self.device == "gpu":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
+            # the copies out of DALI's buffers run on a stream of the loader's own, and only they are waited
+            # for (an event), not the training stream's queued forward/backward kernels; each clip is then
+            # marked as used by the consumer's stream, so its memory is not reused before that stream is done
+            dev = torch.device("cuda", self.device_id)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=dev)
             results = []
-            for i in range(len(blobs)):
-                t = out[i]
-                dst = torch.empty(t.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
-                feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device_id))
-                results.append(dst)
-            torch.cuda.current_stream(self.device_id).synchronize()
+            with torch.cuda.stream(self._stream):
+                for i in range(len(blobs)):
+                    t = out[i]
+                    dst = torch.empty(t.shape(), dtype=torch.uint8, device=dev)
+                    feed_ndarray(t, dst, cuda_stream=self._stream)
+                    results.append(dst)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            done.synchronize()  # this batch's copies only (DALI reuses its output buffers after the next run)
+            consumer = torch.cuda.current_stream(dev)
+            for dst in results:
+                dst.record_stream(consumer)
             return results
         return [np.array(out.at(i)) for i in range(len(blobs))]  # copies: DALI reuses its buffers
 
