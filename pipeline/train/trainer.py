@@ -156,9 +156,10 @@ class Trainer:
         if self.world > 1 and master:
             try:
                 addr, found = dist.route_to(master)
-                ifname = ifname or found
             except OSError:
-                pass
+                found = None
+            ifname = ifname or found
+            addr = dist.interface_addr(ifname) or addr if ifname else addr
         me = {"rank": self.rank, "host": socket.gethostname(), "addr": addr, "ifname": ifname}
         peers = dist.all_gather_object(me)
         log.info("rank %d of %d on host %s (%s, interface %s); world: %s", self.rank, self.world, me["host"], addr,
