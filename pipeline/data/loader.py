@@ -80,6 +80,13 @@ _LOGGED_PATHS: set[str] = set()  # decode paths already announced in this proces
 STATE_VERSION = 1
 
 
+def is_plain_name(name) -> bool:
+    """A file name inside one folder: no separator, not '.', '..' or empty, no NUL (a manifest's shard
+    column is joined to the dataset folder and to the shard cache: it must not leave them)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
 class DatasetIndex:
     """The manifest rows of one split, sorted by (shard, index_in_shard): the sample index space.
 
@@ -116,6 +123,10 @@ class DatasetIndex:
         self.video_id_strings = table["video_id"].tolist()
         self.video_ids = np.array([stable_hash(v) for v in self.video_id_strings], dtype=np.int64)
         self.shards = table["shard"].tolist()
+        for shard in sorted(set(self.shards)):  # names from a file someone else wrote: joined to paths below
+            if not is_plain_name(shard):
+                raise UserError(f"{manifest}: shard {shard!r} is not a plain file name in the dataset folder (a path, "
+                                "'..' or empty); refusing a manifest that points outside its dataset: prepare it again")
         self.shard_ids = np.unique(np.array(self.shards), return_inverse=True)[1]
         self.offsets = table["video_offset"].to_numpy(np.int64)
         self.sizes = table["video_size"].to_numpy(np.int64)
