@@ -77,7 +77,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     from hiervl.errors import UserError
     from hiervl.eval.evaluate import evaluate_model
     from hiervl.run_dir import absolute_paths
-    from hiervl.train.trainer import run
+    from hiervl.train.trainer import PeerLost, run
 
     try:
         cfg = absolute_paths(load_config(args.config, args.overrides))  # as `hiervl train` stores it
@@ -85,7 +85,10 @@ def rank_main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as exc:
         # an error every rank raised alike (a checkpoint write, a resume plan) is reported by rank 0 alone
         if not getattr(exc, "same_on_every_rank", False) or os.environ.get("RANK", "0") == "0":
-            print(f"hiervl train: error: {exc}", file=sys.stderr)
+            print(f"hiervl train: error: {exc}", file=sys.stderr, flush=True)
+        if isinstance(exc, PeerLost):
+            sys.stdout.flush()
+            os._exit(1)  # interpreter exit would tear down the broken process group, waiting on the lost peer
         return 2 if isinstance(exc, ConfigError) else 1
 
 

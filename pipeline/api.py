@@ -92,13 +92,15 @@ class HierVLModel:
 
     # ------------------------------------------------------------------ video
 
-    def _decode(self, data: bytes, frames: np.ndarray, codec: str, name: str):
-        """Frames `frames` of an encoded video, uint8 [T, H, W, 3], by the eval loader's decoder choice."""
-        from hiervl.data.decode import DaliVideoDecoder, choose_backend, decode_pyav
+    def _decode(self, data: bytes, frames: np.ndarray, codec: str, name: str, turns: int = 0):
+        """Frames `frames` of an encoded video, uint8 [T, H, W, 3] upright, by the eval loader's decoder
+        choice (PyAV for a video with a display rotation: pipeline/data/video_file.py turns it)."""
+        from hiervl.data.decode import DaliVideoDecoder, choose_backend
+        from hiervl.data.video_file import decode_video_file
 
         where = "gpu" if self.device.type == "cuda" else "cpu"
         try:
-            backend = choose_backend(self.decoder, codec, where)
+            backend = "pyav" if turns else choose_backend(self.decoder, codec, where)
         except RuntimeError as exc:  # decoder=dali without DALI installed
             raise UserError(str(exc).replace("data.decoder", "decoder")) from None
         if backend == "dali":
@@ -108,10 +110,7 @@ class HierVLModel:
             if isinstance(res, Exception):
                 raise UserError(f"{name}: DALI could not decode it ({res})")
             return res
-        try:
-            return decode_pyav(data, frames)
-        except Exception as exc:  # noqa: BLE001 - a corrupt file is the caller's, name it
-            raise UserError(f"{name}: PyAV could not decode it ({type(exc).__name__}: {exc})") from None
+        return decode_video_file(data, frames, name, turns)
 
     def preprocess_video(self, video) -> torch.Tensor:
         """One video (a path, encoded bytes, or uint8 frames [T, H, W, 3] of the whole clip) ->
@@ -125,7 +124,7 @@ class HierVLModel:
                 if not path.is_file():
                     raise UserError(f"video {path} does not exist")
                 data, name = path.read_bytes(), str(path)
-            return p.clip_from_bytes(data, name, lambda data, idx, codec: self._decode(data, idx, codec, name))
+            return p.clip_from_bytes(data, name, lambda data, idx, codec, turns: self._decode(data, idx, codec, name, turns))
         frames = video.cpu() if isinstance(video, torch.Tensor) else np.asarray(video)
         is_uint8 = frames.dtype == (torch.uint8 if isinstance(frames, torch.Tensor) else np.uint8)
         if not is_uint8 or frames.ndim != 4 or frames.shape[-1] != 3:

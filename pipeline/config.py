@@ -100,8 +100,11 @@ class DataConfig:
     num_threads: int = 2
     prefetch: int = 2  # batches decoded ahead of the training step
     # PyAV decode worker processes (pipeline/data/decode_pool.py); 0 = PyAV in data.num_threads threads of
-    # the loader's process. With DALI (data.decoder=auto) both decode at once, split by what each delivers
-    decode_workers: int = 0
+    # the loader's process. On a GPU with DALI (data.decoder=auto) both decode at once, split by what each
+    # delivers. auto: the cores left after this node's ranks, per rank, at least 1 on a CPU machine (the
+    # workers cost ~2x less CPU per clip than the loader's threads and keep decoding out of the trainer's
+    # process), at most 8 (bench/RESULTS.md "Issue #27")
+    decode_workers: int | str = "auto"
     seed: int = 0
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -110,8 +113,9 @@ class DataConfig:
         for name in ("batch_size", "num_frames", "size", "short_side", "max_words", "num_threads"):
             _check(getattr(self, name) >= 1, f"data.{name}={getattr(self, name)!r} must be >= 1")
         _positive("data.prefetch", self.prefetch, allow_zero=True)
-        _check(isinstance(self.decode_workers, int) and self.decode_workers >= 0,
-               f"data.decode_workers={self.decode_workers!r} must be an integer >= 0 (0 = decode in the loader's threads)")
+        _check(self.decode_workers == "auto" or (isinstance(self.decode_workers, int) and self.decode_workers >= 0),
+               f"data.decode_workers={self.decode_workers!r} must be auto or an integer >= 0 (0 = decode in the "
+               "loader's threads)")
         _check(self.short_side >= self.size, f"data.short_side={self.short_side} must be >= data.size={self.size}")
         _one_of("data.order", self.order, ("global", "block", "grouped"))
         _check(isinstance(self.group_chunk, int) and self.group_chunk >= 1,
@@ -139,6 +143,9 @@ class VisionConfig:
     layout_dim: int = 16  # layout: each patch token projected to this many dims before flattening
     space_time: str = "none"  # none | factorised: divided (TimeSformer) time attention before each ViT layer
     space_time_layers: int | None = None  # factorised: only before the last N ViT layers (None = all)
+    # the random-init ViT's MLP activation: quick_gelu (CLIP's, x * sigmoid(1.702x): three unfused kernels and
+    # one more saved [N*T*tokens, 4W] tensor per layer) or gelu (one kernel). A CLIP checkpoint keeps its own.
+    act: str = "quick_gelu"
 
     def __post_init__(self):
         for name in ("patch_size", "width", "layers", "heads", "layout_dim"):
@@ -146,6 +153,7 @@ class VisionConfig:
         _check(self.width % self.heads == 0, "model.vision.width must be divisible by model.vision.heads")
         _one_of("model.vision.frame_token", self.frame_token, ("cls", "layout"))
         _one_of("model.vision.space_time", self.space_time, ("none", "factorised"))
+        _one_of("model.vision.act", self.act, ("quick_gelu", "gelu"))
         _check(self.space_time_layers is None or self.space_time_layers >= 1,
                f"model.vision.space_time_layers={self.space_time_layers} must be >= 1, or null for every ViT layer")
 
@@ -307,12 +315,20 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
     grad_accum: int = 1  # micro-batches per optimizer step (a step = one optimizer step)
     activation_checkpointing: bool = False  # recompute frame-ViT (+space-time), temporal and text layers in backward
+    # fp32 matmuls on a GPU (the objective's similarities against the queue) on TF32 tensor cores
+    # (torch.set_float32_matmul_precision("high")); false = full fp32 ("highest"). No effect on CPU.
+    tf32: bool = True
+    compile: bool = False  # torch.compile the towers (query and key; per-module, state-dict keys unchanged)
     deepspeed_config: str | None = None  # a DeepSpeed JSON of your own instead of the generated one
     resume: str = "auto"  # auto | never | a checkpoint directory
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     log_every: int = 10
     log_samples: bool = False  # per rank, the keys of every sample consumed at every step
     seed: int = 0
+    # train-time collective timeout (s), set after start-up (which waits up to 600 s for every node): a
+    # node or link lost mid-run stops every rank within it, naming the peer. Keep it above the slowest
+    # checkpoint write or evaluation, during which the other ranks wait in a collective.
+    dist_timeout_s: float = 300.0
     wandb: str = ""  # a W&B project name: also log every metric to W&B (rank 0; "" = off; pip install wandb)
     wandb_mode: str = ""  # offline | online | disabled; "" = $WANDB_MODE, else offline (pipeline/train/monitor.py)
 
@@ -325,6 +341,7 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _check(self.dist_timeout_s >= 5, f"train.dist_timeout_s={self.dist_timeout_s} must be >= 5 (seconds)")
         _one_of("train.wandb_mode", self.wandb_mode, ("", "offline", "online", "disabled"))
         if self.wandb:
             import importlib.util
@@ -404,9 +421,15 @@ class LaunchConfig:
     account: str | None = None
     job_name: str = "hiervl"
     master_port: int = 29500
+    # the interface of gloo/NCCL sockets, per node: auto (the route to the master, found on each node),
+    # one name for all nodes, or per host "n1:eno1,n2:ens5"; a node's own GLOO/NCCL_SOCKET_IFNAME wins
+    socket_ifname: str = "auto"
 
     def __post_init__(self):
         _check(self.nodes >= 1, "launch.nodes must be >= 1")
+        _check(bool(re.fullmatch(r"[\w.-]+|[\w.-]+:[\w.-]+(,[\w.-]+:[\w.-]+)*", self.socket_ifname or "")),
+               f"launch.socket_ifname={self.socket_ifname!r}: give auto, an interface name (eth0) or per host "
+               "n1:eno1,n2:ens5")
         _positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
         _check(1024 <= self.master_port <= 65535, "launch.master_port must be in 1024..65535")
 
@@ -497,6 +520,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if str in inner and isinstance(value, str) and len(inner) > 1 and _parse_string(value, inner[0]) is None:
+            return value  # e.g. `int | str`: "auto" stays a word, "2" becomes 2
         return _coerce(path, value, inner[0])
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)

@@ -1,17 +1,18 @@
 """PyAV decoding in worker *processes*: the loader's CPU decoders, one per core, beside DALI.
 
 Threads share one interpreter, so PyAV in threads does not scale with cores (bench/RESULTS.md
-"Issue #14"); processes do. `DecodePool(workers, root, prep, dtype, slots)` starts `workers` processes (start
+"Issue #14"); processes do. `DecodePool(workers, root, spec)` starts `workers` processes (start
 method `forkserver`, else `spawn`: safe with torch and DALI threads in the parent, never `fork`).
 Each task names a sample by (shard, offset, size) plus its frame indices, crop and flip; the
 worker reads the bytes itself (nothing large goes down a pipe): it opens its own store for the
 dataset root (`open_store(data.path, storage)`, pipeline/storage.py: one `pread` on a local tar,
 a retried ranged GET on s3:// / gs:// / http(s)://, the shard cache of `storage.cache_dir` via
 pipeline/data/byte_source.py), never a store pickled from the parent; then it decodes with
-`decode_pyav`, applies `Preprocessing.clip` (data/preprocess.py) and writes the clip [T, 3, S, S] in the loader's dtype
-into its slot of a shared-memory ring (allocated once, `slots` clips; the result message carries
+`decode_pyav`, resizes and crops once in uint8 (`resize_crop_uint8`) and writes the clip
+[T, 3, S, S] uint8 (a quarter of float32's bytes) into its slot of a shared-memory ring (allocated once, `slots` clips; the result message carries
 only the slot number: no per-clip allocation, file descriptor or pickled pixels). The loader
-copies each result out into its batch slot, then releases the ring slot. So the loader's,
+normalises each result straight into its batch slot (`normalize_clip`, the one copy), then releases
+the ring slot. So the loader's,
 which worker decoded a sample, or when, never changes the batch: the sample order, positions
 and resume contract are the sampler's alone.
 
@@ -36,11 +37,11 @@ import shutil
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from hiervl.data.preprocess import Preprocessing
 from hiervl.errors import UserError
 
 _CANCELLED = "cancelled"
@@ -48,6 +49,37 @@ _CANCELLED = "cancelled"
 
 class DecodeWorkerError(RuntimeError):
     """A decode worker process died; the loader cannot go on without the samples it held."""
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """What a worker makes of every clip: `resize_crop_uint8(frames, short_side, size, crop, flip)`,
+    uint8 [num_frames, 3, size, size] (the loader normalises it while assembling the batch)."""
+
+    num_frames: int
+    short_side: int
+    size: int
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_decode_workers(value: int | str, device: str, world_size: int, cores: int | None = None,
+                           local_ranks: int | None = None) -> int:
+    """`data.decode_workers` as a number. auto: the cores this process may run on, less one per rank on
+    this node, shared among those ranks; at least 1 on a CPU machine (decoding in a worker process costs
+    ~2x less CPU per clip than in the trainer's threads, and none of its GIL), at least 0 on a GPU
+    machine (DALI mixed decodes there), at most MAX_AUTO_WORKERS. `local_ranks` defaults to the
+    launcher's LOCAL_WORLD_SIZE / LOCAL_SIZE, else the world size."""
+    if value != "auto":
+        return int(value)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_ranks is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
+    local_ranks = max(1, min(local_ranks, world_size))
+    spare = (cores - local_ranks) // local_ranks
+    return min(MAX_AUTO_WORKERS, max(1 if device == "cpu" else 0, spare))
 
 
 def start_method() -> str:
@@ -95,10 +127,10 @@ def open_source(root: str, storage: dict | None, env: dict | None = None):
     return SampleByteSource(open_store(root, storage), [], np.zeros(0, np.int64), np.zeros(0, np.int64), storage)
 
 
-def decode_one(source, task: tuple, prep: Preprocessing, dtype: torch.dtype):
-    """One task -> (clip [T, 3, S, S] in `dtype` or None, reason or None). Same messages as the
-    in-process path. `source`: what `open_source` returns."""
-    from hiervl.data.decode import decode_pyav
+def decode_one(source, task: tuple, spec: TransformSpec):
+    """One task -> (uint8 clip [T, 3, S, S] or None, reason or None). Same messages as the in-process
+    path. `source`: what `open_source` returns."""
+    from hiervl.data.decode import decode_pyav, resize_crop_uint8
 
     _tid, shard, offset, size, frames, crop, flip = task
     try:
@@ -107,10 +139,12 @@ def decode_one(source, task: tuple, prep: Preprocessing, dtype: torch.dtype):
         return None, f"read failed: {exc}"
     try:
         clip = decode_pyav(data, frames)
+        if len(clip) != spec.num_frames:
+            raise ValueError(f"decoder returned {len(clip)} frames, wanted {spec.num_frames}")
     except Exception as exc:  # noqa: BLE001 - a corrupt video must not stop the run
         return None, f"PyAV failed: {type(exc).__name__}: {exc}"
     try:
-        return prep.clip(clip, crop, flip, dtype), None
+        return resize_crop_uint8(clip, spec.short_side, spec.size, crop, flip), None
     except Exception as exc:  # noqa: BLE001
         return None, f"transform failed: {type(exc).__name__}: {exc}"
 
@@ -122,7 +156,7 @@ def check_shared_memory(need: int, slots: int, path: str = SHM) -> None:
     """Refuse (one line) a ring larger than `path`'s free space. A shared-memory tensor is a sparse file
     there: allocating it succeeds whatever the size, and the shortfall is a SIGBUS in a decode worker
     at the first clip that does not fit (a container's default /dev/shm is 64 MB; base.yaml's ring is
-    320 clips x 3.6 MB = 1.16 GB per rank)."""
+    320 uint8 clips x 1.8 MB = 0.58 GB per rank)."""
     try:
         free = shutil.disk_usage(path).free
     except OSError:  # no /dev/shm (not Linux): torch's own allocation decides
@@ -134,7 +168,7 @@ def check_shared_memory(need: int, slots: int, path: str = SHM) -> None:
                         "data.decode_workers=0")
 
 
-def _worker_main(wid: int, root: str, prep: Preprocessing, dtype: torch.dtype, ring: torch.Tensor, tasks, results, current, floor,
+def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, tasks, results, current, floor,
                  parent_pid: int, storage: dict | None = None, env: dict | None = None) -> None:
     """A worker's loop: tasks (tid, slot, shard, offset, size, frames, crop, flip) -> (tid, ok, reason, seconds);
     a clip is written to ring[slot]."""
@@ -157,7 +191,7 @@ def _worker_main(wid: int, root: str, prep: Preprocessing, dtype: torch.dtype, r
             continue
         current[wid] = tid
         t0 = time.perf_counter()
-        clip, reason = decode_one(source, (tid, *task[2:]), prep, dtype)
+        clip, reason = decode_one(source, (tid, *task[2:]), spec)
         if clip is not None:
             ring[slot].copy_(clip)
         results.put((tid, clip is not None, reason, time.perf_counter() - t0))
@@ -175,14 +209,13 @@ class DecodePool:
     `clips_per_s` estimates what the pool delivers when all workers are busy (the hybrid split).
     """
 
-    def __init__(self, workers: int, root: str | Path, prep: Preprocessing, dtype: torch.dtype, slots: int, method: str | None = None,
+    def __init__(self, workers: int, root: str | Path, spec: TransformSpec, slots: int, method: str | None = None,
                  storage: dict | None = None):
         """`root`: the dataset folder or URL; `storage`: the StorageConfig fields as a plain dict (each
         worker opens its own store from them)."""
         if workers < 1 or slots < 1:
             raise ValueError(f"workers={workers} and slots={slots} must be >= 1")
-        self.workers, self.root, self.slots = workers, str(root), slots
-        self.prep, self.dtype = prep, dtype  # what every clip becomes (data/preprocess.py), in the loader's dtype
+        self.workers, self.root, self.spec, self.slots = workers, str(root), spec, slots
         self.storage = dict(storage) if storage is not None else None
         self.method = method or start_method()
         self._procs: list = []
@@ -205,12 +238,12 @@ class DecodePool:
         if self.method == "forkserver":
             # the fork server imports these once; each worker then starts in milliseconds
             ctx.set_forkserver_preload(["torch", "av", "hiervl.data.decode", "hiervl.data.decode_pool"])
-        shape = (self.slots, self.prep.num_frames, 3, self.prep.size, self.prep.size)
-        check_shared_memory(torch.empty((), dtype=self.dtype).element_size() * int(np.prod(shape)), self.slots)
+        shape = (self.slots, self.spec.num_frames, 3, self.spec.size, self.spec.size)
+        check_shared_memory(int(np.prod(shape)), self.slots)  # uint8: one byte a value
         try:
-            self._ring = torch.empty(shape, dtype=self.dtype).share_memory_()  # [slots, T, 3, S, S]
+            self._ring = torch.empty(shape, dtype=torch.uint8).share_memory_()  # [slots, T, 3, S, S] uint8
         except (RuntimeError, OSError) as exc:
-            mib = torch.empty((), dtype=self.dtype).element_size() * int(np.prod(shape)) / 2**20
+            mib = int(np.prod(shape)) / 2**20
             raise UserError(f"cannot allocate {mib:.0f} MiB of shared memory for data.decode_workers ({exc}); "
                             "give the machine a larger /dev/shm (docker --shm-size) or lower data.prefetch / "
                             "data.batch_size, or set data.decode_workers=0") from None
@@ -219,7 +252,7 @@ class DecodePool:
         self._floor = ctx.Value("q", 0, lock=False)  # tasks below this tid are dropped
         for wid in range(self.workers):
             p = ctx.Process(target=_worker_main, name=f"hiervl-decode-{wid}", daemon=True,
-                            args=(wid, self.root, self.prep, self.dtype, self._ring, self._tasks, self._results, self._current,
+                            args=(wid, self.root, self.spec, self._ring, self._tasks, self._results, self._current,
                                   self._floor, os.getpid(), self.storage, store_env()))
             p.start()
             self._procs.append(p)

@@ -24,14 +24,12 @@ Must not touch: decoding backends (decode.py), sample order (sampler.py) or the 
 from __future__ import annotations
 
 import dataclasses
-import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from hiervl.data.decode import decode_pyav, transform_clip
+from hiervl.data.decode import transform_clip
 from hiervl.data.sampler import frame_indices
-from hiervl.errors import UserError
 
 CENTRE = (0.5, 0.5)
 
@@ -91,17 +89,16 @@ class Preprocessing:
         return self.clip(picked)
 
     def clip_from_bytes(self, data: bytes, name: str, decode=None) -> torch.Tensor:
-        """An encoded video -> [T, 3, S, S] (eval plan). `decode(data, frame_indices, codec)` -> uint8
-        frames picks the decoder (default PyAV); a video that cannot be read is a UserError naming `name`."""
-        total, codec = probe_video(data, name)
-        idx = self.plan(total)[0]
+        """An encoded video -> [T, 3, S, S] (eval plan), upright (a display rotation applied:
+        video_file.py). `decode(data, frame_indices, codec, turns)` -> uint8 frames picks the decoder
+        (default PyAV); a video that cannot be read is a UserError naming `name`."""
+        from hiervl.data.video_file import decode_video_file, probe_video_file
+
+        info = probe_video_file(data, name)  # UserError: no video stream, unreadable, truncated, no frames
+        idx = self.plan(info.frames)[0]
         if decode is not None:
-            return self.clip(decode(data, idx, codec))
-        try:
-            frames = decode_pyav(data, idx)
-        except Exception as exc:  # noqa: BLE001 - a corrupt file is the caller's, name it
-            raise UserError(f"{name}: PyAV could not decode it ({type(exc).__name__}: {exc})") from None
-        return self.clip(frames)
+            return self.clip(decode(data, idx, info.codec, info.turns))
+        return self.clip(decode_video_file(data, idx, name, info.turns))
 
     # ------------------------------------------------------------------ text
 
@@ -115,19 +112,10 @@ class Preprocessing:
 
 
 def probe_video(data: bytes, name: str) -> tuple[int, str]:
-    """(frame count, codec name) of an encoded video, counted as the decoder indexes frames
-    (`decode_pyav`: one per non-empty packet with a timestamp), without decoding."""
-    import av
+    """(frame count, codec name) of a user's encoded video, counted as the decoder indexes frames
+    (`decode_pyav`: one per non-empty packet with a timestamp); a UserError when it has no video
+    stream, is unreadable or truncated (video_file.py)."""
+    from hiervl.data.video_file import probe_video_file
 
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.video:
-                raise UserError(f"{name} has no video stream")
-            stream = container.streams.video[0]
-            codec = stream.codec_context.name
-            n = sum(1 for p in container.demux(stream) if p.size > 0 and p.pts is not None)
-    except (av.error.FFmpegError, EOFError, OSError) as exc:
-        raise UserError(f"{name} is not a readable video ({type(exc).__name__}: {exc})") from None
-    if n == 0:
-        raise UserError(f"{name} has no video frames")
-    return n, codec
+    info = probe_video_file(data, name)
+    return info.frames, info.codec

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from hiervl.atomic_write import atomic_output
 from hiervl.data.decode import decode_pyav
-from hiervl.data.loader import DatasetIndex
-from hiervl.data.preprocess import Preprocessing, probe_video
+from hiervl.data.loader import DatasetIndex, is_plain_name
+from hiervl.data.preprocess import Preprocessing
 from hiervl.data.sampler import frame_indices
+from hiervl.data.video_file import decode_video_file, probe_video_file
 from hiervl.errors import UserError
 from hiervl.eval.ann import AnnIndex
 from hiervl.log import get_logger
@@ -97,6 +98,11 @@ class SearchIndex:
                             "`hiervl eval --checkpoint RUN --data SHARDS --split SPLIT --out DIR`")
         meta = json.loads(meta_path.read_text())
         meta["data"] = find_recorded(meta.get("data"), directory)  # a relative path of an older index
+        for what, name in (("embeddings", meta.get("embeddings", EMBEDDINGS_FILE)),
+                           ("ann file", (meta.get("ann") or {}).get("file") or ANN_FILE)):
+            if not is_plain_name(name):  # index.json is someone else's file: its names must stay in the folder
+                raise UserError(f"{meta_path}: the {what} {name!r} is not a file name in the index folder; "
+                                "refusing an index that points outside itself: make the index again")
         table = pq.read_table(directory / meta.get("embeddings", EMBEDDINGS_FILE))
         keys_col = table.column("key").to_pylist()
         levels_col = np.array(table.column("level").to_pylist())
@@ -270,7 +276,7 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
     Returns a summary {count, skipped, captioned, ann, level}.
     """
     from hiervl.eval.fingerprint import model_fingerprint
-    from hiervl.eval.video_index import embed_videos, list_videos
+    from hiervl.eval.video_index import audio_files, embed_videos, list_videos
     from hiervl.run_dir import checkpoint_step, load_model_for_inference
 
     entries = list_videos(videos, entries)  # user errors before the model loads
@@ -296,8 +302,9 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
         AnnIndex.build(embedded[g].numpy(), kind).save(out / ANN_FILE)
     elif (out / ANN_FILE).exists():
         (out / ANN_FILE).unlink()  # a stale file from an earlier, larger index in the same folder
+    audio = audio_files(videos) if videos is not None and entries is None else []
     return {"count": len(keys), "skipped": len(skipped), "captioned": sum(1 for c in catalog if c["captions"]),
-            "ann": kind, "level": g}
+            "ann": kind, "level": g, "skipped_videos": skipped, "audio_files": audio}
 
 
 def write_index(out_dir: str | Path, keys: list[str], videos: dict[str, torch.Tensor], meta: dict,
@@ -353,7 +360,8 @@ def frames_for_hits(index: SearchIndex, hits: list[Hit], count: int = 4, data: s
         if h.key not in frames and h.path and Path(h.path).is_file():
             try:
                 raw = Path(h.path).read_bytes()
-                frames[h.key] = decode_pyav(raw, frame_indices(probe_video(raw, h.path)[0], count, None))
+                info = probe_video_file(raw, h.path)
+                frames[h.key] = decode_video_file(raw, frame_indices(info.frames, count, None), h.path, info.turns)
             except Exception:  # noqa: BLE001 - a thumbnail must not fail the search
                 continue
     return frames

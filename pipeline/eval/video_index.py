@@ -18,6 +18,7 @@ Must not touch: the index files (pipeline/eval/search.py) or the dataset contrac
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from hiervl.log import get_logger
 log = get_logger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ogv", ".gif")
+AUDIO_SUFFIXES = (".m4a", ".mp3", ".wav", ".aac", ".flac", ".ogg", ".opus", ".wma")  # reported, not indexed
 
 
 @dataclass
@@ -37,6 +39,13 @@ class CatalogEntry:
     key: str
     path: str
     captions: list[str] = field(default_factory=list)
+
+
+def audio_files(videos: str | Path) -> list[str]:
+    """Audio files under a --videos folder (paths below it): not indexed (no picture), but reported."""
+    root = Path(videos)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES) if root.is_dir() else []
 
 
 def list_videos(videos: str | Path | None = None, entries: list[CatalogEntry] | None = None) -> list[CatalogEntry]:
@@ -51,7 +60,12 @@ def list_videos(videos: str | Path | None = None, entries: list[CatalogEntry] | 
         if not root.is_dir():
             raise UserError(f"--videos {root}: not a directory; give a folder of video files or --manifest FILE")
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
-        entries = [CatalogEntry(p.relative_to(root).with_suffix("").as_posix(), str(p.resolve())) for p in files]
+        # key: the path below --videos without its extension; with it where two files share that
+        # (clip.mkv beside clip.mp4), so no key collides
+        stems = Counter(p.relative_to(root).with_suffix("").as_posix() for p in files)
+        entries = [CatalogEntry(p.relative_to(root).with_suffix("").as_posix() if stems[
+            p.relative_to(root).with_suffix("").as_posix()] == 1 else p.relative_to(root).as_posix(), str(p.resolve()))
+            for p in files]
         if not entries:
             raise UserError(f"--videos {root}: no video files ({', '.join(VIDEO_SUFFIXES)}) in it or below")
     else:

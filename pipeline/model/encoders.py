@@ -83,7 +83,8 @@ def _add_diff_channels(model: nn.Module) -> None:
 
 
 def build_frame_vit(cfg: Config, vision_config=None) -> nn.Module:
-    """transformers' CLIP vision tower, from `model.vision.clip_path` or random init from the config.
+    """transformers' CLIP vision tower, from `model.vision.clip_path` or random init from the config
+    (MLP activation `model.vision.act`; a checkpoint keeps its own).
 
     With `model.vision.frame_diff` it takes 6 input channels (RGB, then the frame difference).
     `vision_config` (a CLIPVisionConfig: what `hiervl export` writes) builds exactly that
@@ -129,7 +130,7 @@ def build_frame_vit(cfg: Config, vision_config=None) -> nn.Module:
         return model
     config = CLIPVisionConfig(hidden_size=vis.width, intermediate_size=4 * vis.width, num_hidden_layers=vis.layers,
                               num_attention_heads=vis.heads, image_size=cfg.data.size, patch_size=vis.patch_size,
-                              num_channels=channels, attention_dropout=cfg.model.dropout)
+                              num_channels=channels, attention_dropout=cfg.model.dropout, hidden_act=vis.act)
     return CLIPVisionModel(config)
 
 

@@ -247,6 +247,28 @@ def _match_key_encoders(module, state_dict, prefix, *args) -> None:
                 state_dict[mine + k[len(theirs):]] = state_dict[k].clone()
 
 
+def compile_towers(model: HierarchicalModel) -> list[str]:
+    """`train.compile`: torch.compile every tower, query and key (`nn.Module.compile`: in place, so the
+    state dict, checkpoints and DeepSpeed see the same parameters and names). Returns what was compiled."""
+    compiled = []
+    for name in ("video", "text", "video_key", "text_key"):
+        tower = getattr(model, name, None)
+        if tower is not None:
+            tower.compile()
+            compiled.append(name)
+    return compiled
+
+
+def set_matmul_precision(cfg: Config, device: torch.device | str) -> str | None:
+    """`train.tf32`: fp32 matmuls on TF32 tensor cores ("high") or full fp32 ("highest"), on CUDA only
+    (CPU numerics stay as they are). Returns the precision set, None when nothing was set."""
+    if torch.device(device).type != "cuda":
+        return None
+    precision = "high" if cfg.train.tf32 else "highest"
+    torch.set_float32_matmul_precision(precision)
+    return precision
+
+
 def build_model(cfg: Config) -> HierarchicalModel:
     """The model for `cfg.model.preset`, with its queues (`cfg.queue`). Seed before calling."""
     return HierarchicalModel(cfg)

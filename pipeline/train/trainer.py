@@ -27,6 +27,7 @@ import torch
 from hiervl import distributed as dist
 from hiervl import faults, run_dir
 from hiervl.config import Config, to_dict
+from hiervl.errors import UserError
 from hiervl.log import get_logger, setup_logging
 from hiervl.train import checkpoint as ckpt
 from hiervl.train.checkpoint import (
@@ -58,6 +59,11 @@ class TooManyBadSteps(RuntimeError):
     pass
 
 
+class PeerLost(UserError):
+    """A collective failed or timed out mid-run: a node or the network to it is gone. The process
+    group is broken, so the rank exits without tearing it down (that would wait on the lost peer)."""
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -72,7 +78,7 @@ class Trainer:
     def __init__(self, cfg: Config, evaluate: Callable | None = None):
         import deepspeed
         from hiervl.data.loader import VideoTextLoader
-        from hiervl.model.hierarchical import build_model
+        from hiervl.model.hierarchical import build_model, compile_towers, set_matmul_precision
         from hiervl.model.text_model import load_tokenizer
 
         self.cfg = cfg
@@ -80,9 +86,11 @@ class Trainer:
         if cfg.eval.every_steps and evaluate is None:
             raise ValueError("eval.every_steps is set but the Trainer was given no evaluate function")
         self.evaluate_fn = evaluate
-        info = dist.init(use_deepspeed=True)
+        info = dist.init(use_deepspeed=True, socket_ifname_setting=cfg.launch.socket_ifname)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup_logging(self.rank, self.out / run_dir.LOGS)
+        self.peers = self._meet_peers()
+        self._check_shared_out_dir()
         # the trainer owns device and precision: the loader delivers video in `self.dtype` on its device
         self.device = dist.resolve_device("auto", info.local_rank)
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
@@ -94,6 +102,9 @@ class Trainer:
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
         model = build_model(cfg)
+        set_matmul_precision(cfg, self.device)  # train.tf32
+        if cfg.train.compile:
+            log.info("train.compile: torch.compile of %s (compiled at the first steps)", ", ".join(compile_towers(model)))
         ds_config = build_deepspeed_config(cfg, self.world)
         if plan and plan["universal"]:
             ds_config["checkpoint"] = {"load_universal": True}
@@ -126,6 +137,50 @@ class Trainer:
         else:
             self.loader.set_epoch(0)
         self._truncate_logs_after(self.step)
+
+    def _meet_peers(self) -> list[dict]:
+        """Every rank's host, address and socket interface (rank order), logged by each rank in its
+        own log: who trained where, and whom to name when a collective fails."""
+        import socket
+
+        addr, ifname = "127.0.0.1", os.environ.get("GLOO_SOCKET_IFNAME")
+        master = os.environ.get("MASTER_ADDR")
+        if self.world > 1 and master:
+            try:
+                addr, found = dist.route_to(master)
+            except OSError:
+                found = None
+            ifname = ifname or found
+            addr = dist.interface_addr(ifname) or addr if ifname else addr
+        me = {"rank": self.rank, "host": socket.gethostname(), "addr": addr, "ifname": ifname}
+        peers = dist.all_gather_object(me)
+        log.info("rank %d of %d on host %s (%s, interface %s); world: %s", self.rank, self.world, me["host"], addr,
+                 ifname or "-", " ".join(f"{p['rank']}@{p['host']}" for p in peers))
+        return peers
+
+    def _check_shared_out_dir(self) -> None:
+        """On more than one host, every rank must see the run folder rank 0 sees: checkpoints are
+        written there by every rank and resumed from by any. A folder local to each node (not a
+        shared filesystem) is refused here, before any step, in one line naming the hosts."""
+        hosts = sorted({p["host"] for p in self.peers})
+        if len(hosts) < 2:
+            return
+        probe = self.out / f".shared-check-{dist.broadcast_object(os.urandom(6).hex())}"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe.write_text(self.peers[0]["host"] + "\n")
+        dist.barrier()
+        seen = dist.all_gather_object(probe.is_file())
+        dist.barrier()
+        if self.rank == 0:
+            probe.unlink(missing_ok=True)
+        blind = sorted({p["host"] for p, ok in zip(self.peers, seen) if not ok})
+        if blind:
+            err = UserError(f"train.out_dir {self.out} is not shared between the nodes: {', '.join(blind)} cannot see "
+                            f"the file {self.peers[0]['host']} wrote there; a multi-node run needs one run folder every "
+                            "node sees (a shared filesystem), since every rank writes its part of each checkpoint there")
+            err.same_on_every_rank = True
+            raise err
 
     # ---------------------------------------------------------------- state
 
@@ -298,7 +353,7 @@ class Trainer:
     def _new_window(self) -> dict:
         """Accumulators between two log steps (device tensors: no sync until they are logged)."""
         return {"start": time.perf_counter(), "steps": 0, "micro": 0, "data_s": 0.0, "paused_s": 0.0,
-                "loss": torch.zeros((), device=self.device), "losses": {}}
+                "loss": torch.zeros((), device=self.device), "losses": {}, "cpu": self.loader.cpu_seconds()}
 
     def _eval_due(self) -> bool:
         return bool(self.cfg.eval.every_steps) and self.step % self.cfg.eval.every_steps == 0
@@ -329,6 +384,7 @@ class Trainer:
         monitor, bar = self._open_outputs()
         exit_code, reason = EXIT_OK, "finished"
         window = self._new_window()
+        dist.set_timeout(cfg.train.dist_timeout_s)  # start-up is over: a lost node now stops the run quickly
         try:
             while self.step < cfg.train.steps:
                 self._optimizer_step(window)
@@ -362,6 +418,11 @@ class Trainer:
             exit_code = EXIT_BAD_STEPS
             reason = (f"{cfg.train.max_bad_steps} non-finite losses in a row at step {self.step}: lower train.lr, "
                       "check the data, or raise train.max_bad_steps")
+        except RuntimeError as exc:  # a collective that timed out or lost its peer: one line naming it
+            line = dist.failed_peer_line(exc, self.peers, cfg.train.dist_timeout_s, self.step + 1)
+            if line is None:
+                raise
+            raise PeerLost(line) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -394,8 +455,12 @@ class Trainer:
         micro = max(window["micro"], 1)
         names = sorted(window["losses"])
         local = torch.stack([window["loss"].reshape(())] + [window["losses"][n].reshape(()) for n in names]) / micro
-        values = dist.all_reduce_mean(local).tolist()
-        total, losses = values[0], dict(zip(names, values[1:]))
+        # the loader's CPU seconds and its process tree's (this rank + its decode workers) over the window,
+        # meaned over ranks in the same collective: their ratio is every rank's loader CPU share
+        cpu = [now - then for now, then in zip(self.loader.cpu_seconds(), window["cpu"])]
+        values = dist.all_reduce_mean(torch.cat([local, torch.tensor(cpu, device=local.device)])).tolist()
+        total, losses = values[0], dict(zip(names, values[1:1 + len(names)]))
+        loader_cpu, tree_cpu = values[-2:]
         if self.rank != 0:
             return
         elapsed = max(time.perf_counter() - window["start"] - window["paused_s"], 1e-9)
@@ -407,6 +472,11 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen, "loss": total,
             "losses": losses, "lr": lr, "samples_per_s": samples / elapsed,
             "data_wait_share": min(window["data_s"] / elapsed, 1.0),
+            # of the CPU the ranks (and their decode workers) used, the share the loader took (all ranks)
+            "loader_cpu_share": min(loader_cpu / tree_cpu, 1.0) if tree_cpu > 0 else 0.0,
+            # CPU seconds (all ranks and their decode workers) per sample: the cost a loaded machine's
+            # wall-clock figures hide (samples/s on dedicated cores ~ cores / this)
+            "cpu_s_per_sample": tree_cpu * self.world / samples if samples else None,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "temperature": dict(zip(self.model.levels, temperature)) if self.cfg.model.loss == "infonce" else {},
             "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total, "time": time.time(),
@@ -464,7 +534,11 @@ def run(cfg: Config, evaluate: Callable | None = None) -> int:
     trainer = Trainer(cfg, evaluate)
     try:
         code = trainer.fit()
-    finally:
+    except PeerLost:
+        raise  # no teardown of a broken group
+    except BaseException:
         dist.destroy()
+        raise
+    dist.destroy()
     return code
 
