@@ -48,7 +48,7 @@ class DataConfig:
 
     path: str = "runs/demo/shards"  # a prepared dataset directory (hiervl prep --out)
     split: str = "train"
-    batch_size: int = 16  # per rank
+    batch_size: int = 16  # per rank; with train.global_batch: the largest per-rank micro-batch (a memory bound)
     num_frames: int = 8  # T frames sampled uniformly over each clip
     size: int = 32  # crop size (square), pixels
     short_side: int = 36  # resize the short side to this before cropping
@@ -255,6 +255,13 @@ class TrainConfig:
     zero_stage: int = 0
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
     grad_accum: int = 1  # micro-batches per optimizer step (a step = one optimizer step)
+    # clips per optimizer step over all ranks (0 = data.batch_size x ranks x grad_accum): when set, the
+    # per-rank micro-batch and the accumulation steps are derived from it and the world size
+    # (pipeline/train/global_batch.py), so a resume on another rank count keeps the batch, LR and order
+    global_batch: int = 0
+    # micro: each micro-batch's loss sees its own negatives (gradients summed); contrastive: the loss of a
+    # step is over all micro-batches' features of all ranks (GradCache; pipeline/train/grad_cache.py)
+    accum_mode: str = "micro"
     activation_checkpointing: bool = False  # recompute frame-ViT (+space-time), temporal and text layers in backward
     deepspeed_config: str | None = None  # a DeepSpeed JSON of your own instead of the generated one
     resume: str = "auto"  # auto | never | a checkpoint directory
@@ -272,6 +279,12 @@ class TrainConfig:
         _one_of("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _check(isinstance(self.global_batch, int) and self.global_batch >= 0,
+               f"train.global_batch={self.global_batch!r} must be an integer >= 0 (0 = data.batch_size x ranks)")
+        _check(not (self.global_batch and self.grad_accum > 1),
+               f"train.global_batch={self.global_batch} derives the accumulation steps, so train.grad_accum="
+               f"{self.grad_accum} cannot also be set; drop train.grad_accum (data.batch_size bounds the micro-batch)")
+        _one_of("train.accum_mode", self.accum_mode, ("micro", "contrastive"))
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
         _one_of("train.wandb_mode", self.wandb_mode, ("", "offline", "online", "disabled"))

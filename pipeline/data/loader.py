@@ -179,6 +179,10 @@ class VideoTextLoader:
                             "so more groups straddle two batches; choose a group_chunk that divides it",
                             self.batch_size, world_size, self.group_chunk)
         self.remainder = self.cfg.remainder if train else "pad"  # eval sees every video
+        # batches per optimizer step when train.global_batch holds the step's size: the epoch is cut into
+        # whole steps (sampler.num_batches), so every split of the same global batch sees the same steps
+        train_cfg = getattr(cfg, "train", None)
+        self.accum = train_cfg.grad_accum if train and train_cfg is not None and train_cfg.global_batch else 1
         self.device = resolve_device(self.cfg.device)
         self.device_id = torch.cuda.current_device() if self.device == "gpu" else None
         self.dtype = dtype  # of the video tensor: the trainer's compute dtype (it owns precision)
@@ -211,7 +215,7 @@ class VideoTextLoader:
 
     def __len__(self) -> int:
         """Batches per full epoch for this rank (identical on all ranks)."""
-        return num_batches(len(self.index), self.batch_size, self.world_size, self.remainder)
+        return num_batches(len(self.index), self.batch_size, self.world_size, self.remainder, self.accum)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` from position 0 (call before iterating each new epoch)."""
@@ -262,7 +266,8 @@ class VideoTextLoader:
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self):
-        plan = rank_plan(self.order(), self.position, self.batch_size, self.rank, self.world_size, self.remainder)
+        plan = rank_plan(self.order(), self.position, self.batch_size, self.rank, self.world_size, self.remainder,
+                         self.accum)
         epoch = self.epoch
         jobs = list(zip(plan.batches, plan.positions))
         self.index.source.schedule([sorted({int(i) for i in idx if i != PAD}) for idx in plan.batches])  # read-ahead

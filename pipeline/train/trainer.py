@@ -29,6 +29,7 @@ from hiervl.config import Config, to_dict, to_yaml
 from hiervl.log import get_logger, setup_logging
 from hiervl.train import checkpoint as ckpt
 from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
+from hiervl.train.global_batch import for_world
 
 log = get_logger(__name__)
 
@@ -66,6 +67,26 @@ def load_queue_state(model, state: dict) -> None:
         module.load_state_dict({k: v.to(device) for k, v in state[name].items()})
 
 
+def _hold_global_batch(cfg: Config, plan: dict | None) -> Config:
+    """The run keeps the global batch it was started with: a resume whose config leaves
+    train.global_batch unset takes the checkpoint's; one that sets another value is refused."""
+    saved = int(((plan or {}).get("meta", {}).get("config") or {}).get("train", {}).get("global_batch", 0) or 0)
+    if not saved or cfg.train.global_batch == saved:
+        return cfg
+    if cfg.train.global_batch:
+        from hiervl.errors import UserError
+
+        raise UserError(f"the checkpoint in {cfg.train.out_dir} was trained with train.global_batch={saved}, the config "
+                        f"says {cfg.train.global_batch}; set train.global_batch={saved} (or train.resume=never and a "
+                        "new train.out_dir)")
+    import copy
+
+    log.info("resuming with the checkpoint's train.global_batch=%d", saved)
+    cfg = copy.deepcopy(cfg)
+    cfg.train.global_batch = saved
+    return cfg
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -78,7 +99,6 @@ class Trainer:
         from hiervl.data.loader import VideoTextLoader
         from hiervl.model.hierarchical import build_model
 
-        self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
         info = dist.init(use_deepspeed=True)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -89,6 +109,13 @@ class Trainer:
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
         plan = ckpt.plan_resume_on_main(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
+        # the run's config (written to config.yaml and checkpoints) and the one these ranks run: with
+        # train.global_batch, data.batch_size and train.grad_accum derived for this world size
+        self.run_cfg = cfg = _hold_global_batch(cfg, plan)
+        self.cfg = cfg = for_world(cfg, self.world)
+        if cfg.train.global_batch and self.rank == 0:
+            log.info("train.global_batch=%d on %d ranks: %d micro-batches of %d per rank per step (%s accumulation)",
+                     cfg.train.global_batch, self.world, cfg.train.grad_accum, cfg.data.batch_size, cfg.train.accum_mode)
         t0 = time.time()
         ckpt.ensure_universal(plan)
         self.convert_seconds = round(time.time() - t0, 3) if plan and plan["universal"] else None
@@ -101,7 +128,7 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             write_deepspeed_config(ds_config, self.out / "deepspeed_config.json")
-            (self.out / "config.yaml").write_text(to_yaml(cfg))
+            (self.out / "config.yaml").write_text(to_yaml(self.run_cfg))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg, self.device, ds_config)  # PyTorch AdamW: no JIT build
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=params,
@@ -139,7 +166,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
             "momentum_updates": self.momentum_updates,
             "loader": self.loader.state_dict(), "queue": queue_state(self.model),
-            "bad_total": self.bad_total, "best": self.best, "config": to_dict(self.cfg),
+            "bad_total": self.bad_total, "best": self.best, "config": to_dict(self.run_cfg),
             "world_size": self.world, "universal_checkpoint_info": {},
         }
 
@@ -160,7 +187,7 @@ class Trainer:
 
     def save(self) -> str:
         meta = {"world_size": self.world, "zero_stage": self.cfg.train.zero_stage, "epoch": self.epoch,
-                "config": to_dict(self.cfg), "samples_seen": self.samples_seen}
+                "config": to_dict(self.run_cfg), "samples_seen": self.samples_seen}
         protect = (self.best["tag"],) if self.best else ()
         rank_state = {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
         t0 = time.time()
@@ -234,22 +261,16 @@ class Trainer:
         window["data_s"] += time.perf_counter() - t0
         out = self.engine(self._to_device(batch))
         loss = out["loss"]
-        if faults.injected("nan-loss"):
-            loss = loss * float("nan")
-        flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
-                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device)])
-        bad, stop = dist.all_reduce_sum(flags).tolist()  # the step's one host sync
-        self.stop_requested = self.stop_requested or stop > 0
         self.samples_seen += self.cfg.data.batch_size * self.world
-        if bad > 0:
-            self.bad_steps += 1
-            self.bad_total += 1
-            log.warning("non-finite loss at step %d (%d in a row); micro-batch skipped", self.step + 1, self.bad_steps)
-            if self.bad_steps >= self.cfg.train.max_bad_steps:
-                raise TooManyBadSteps()
+        if self._step_flags(loss):  # the step's one host sync
             return None
-        self.bad_steps = 0
-        self.engine.backward(loss)
+        self._backward_and_step(loss, window)
+        self._add_losses(window, loss, out["losses"])
+        return out, batch
+
+    def _backward_and_step(self, loss: torch.Tensor, window: dict, scale_wrt_gas: bool = True) -> None:
+        """engine.backward + engine.step for one micro-batch (DeepSpeed steps the optimizer on the last)."""
+        self.engine.backward(loss, scale_wrt_gas=scale_wrt_gas)
         # grad norm, on the last micro-batch of a log step only: DeepSpeed's ZeRO and bf16 optimizers
         # compute it in step() (get_global_grad_norm); otherwise (plain AdamW, ZeRO-0 fp32) one fused
         # norm of the averaged gradients before step() frees them, left on the device until the log
@@ -262,20 +283,69 @@ class Trainer:
             self.engine_grad_norm = norm is not None  # decided at the first log step
             if norm is not None:
                 window["grad_norm"] = norm
+
+    @staticmethod
+    def _add_losses(window: dict, loss: torch.Tensor, losses: dict) -> None:
         window["loss"] = window["loss"] + loss.detach().float()
-        for name, value in out["losses"].items():
+        for name, value in losses.items():
             window["losses"][name] = window["losses"].get(name, 0.0) + value.detach().float()
         window["micro"] += 1
-        return out, batch
+
+    def _step_flags(self, loss: torch.Tensor) -> bool:
+        """The step's one host sync: [non-finite loss on any rank?, stop signal on any rank?]; True if bad."""
+        if faults.injected("nan-loss"):
+            loss = loss * float("nan")
+        flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
+                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device)])
+        bad, stop = dist.all_reduce_sum(flags).tolist()
+        self.stop_requested = self.stop_requested or stop > 0
+        if bad > 0:
+            self.bad_steps += 1
+            self.bad_total += 1
+            log.warning("non-finite loss at step %d (%d in a row); skipped", self.step + 1, self.bad_steps)
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                raise TooManyBadSteps()
+            return True
+        self.bad_steps = 0
+        return False
+
+    def _contrastive_step(self, window: dict) -> tuple[list[tuple[dict, dict]], list[dict]]:
+        """`train.accum_mode=contrastive`: the step's k micro-batches as one contrastive batch
+        (pipeline/train/grad_cache.py): features cached, one loss over all of them and all ranks, then
+        each micro-batch replayed with gradient. A non-finite loss skips the whole step's samples.
+        Returns ([(the step's objective output, its last batch)], the step's batches); the output's keys are
+        all micro-batches' keys of all ranks, in the sampler's order."""
+        from hiervl.train import grad_cache
+
+        while True:
+            t0 = time.perf_counter()
+            batches = [self._next_batch() for _ in range(self.cfg.train.grad_accum)]
+            window["data_s"] += time.perf_counter() - t0
+            on_device = [self._to_device(b) for b in batches]
+            learn_scale = isinstance(self.model.logit_scale, torch.nn.Parameter)
+            cache = grad_cache.embed_step(self.engine, on_device, self.model.objective, self.rank, self.world,
+                                          learn_scale=learn_scale)
+            self.samples_seen += self.cfg.data.batch_size * self.world * len(batches)
+            if self._step_flags(cache.out["loss"]):
+                continue
+            for m, batch in enumerate(on_device):
+                # the k backwards sum to the step's gradient: no division by k
+                self._backward_and_step(grad_cache.replay(self.engine, batch, cache, m), window, scale_wrt_gas=False)
+            self._add_losses(window, cache.out["loss"], cache.out["losses"])
+            return [(cache.out, batches[-1])], batches
 
     def _optimizer_step(self, window: dict) -> None:
         """`train.grad_accum` finite micro-batches, then one momentum update and one enqueue of all
         of their keys (in micro-batch order): a step is an optimizer step for every counter."""
         done = []  # (out, batch) of the step's finite micro-batches
-        while len(done) < self.cfg.train.grad_accum:
-            result = self._micro_step(window)
-            if result is not None:
-                done.append(result)
+        if self.cfg.train.accum_mode == "contrastive":
+            done, batches = self._contrastive_step(window)
+        else:
+            while len(done) < self.cfg.train.grad_accum:
+                result = self._micro_step(window)
+                if result is not None:
+                    done.append(result)
+            batches = [b for _, b in done]
         with torch.no_grad():
             self.model.momentum_update()
             for out, _ in done:
@@ -284,9 +354,9 @@ class Trainer:
         self.step += 1
         if self.cfg.train.log_samples:
             self._append_jsonl(self.out / "samples" / f"rank{self.rank}.jsonl",
-                               {"step": self.step, "epoch": done[-1][1]["epoch"],
-                                "keys": [k for _, b in done for k in b["keys"]],
-                                "valid": [bool(v) for _, b in done for v in b["valid"].tolist()]})
+                               {"step": self.step, "epoch": batches[-1]["epoch"],
+                                "keys": [k for b in batches for k in b["keys"]],
+                                "valid": [bool(v) for b in batches for v in b["valid"].tolist()]})
 
     def _new_window(self) -> dict:
         """Accumulators between two log steps (device tensors: no sync until they are logged)."""
@@ -326,6 +396,8 @@ class Trainer:
             while self.step < cfg.train.steps:
                 self._optimizer_step(window)
                 window["steps"] += 1
+                if faults.injected("stop-after-step", self.step + 1):  # a preemption at an exact step (tests)
+                    self.stop_requested, self.stop_signal = True, self.stop_signal or "the stop-after-step fault"
                 if bar is not None:
                     bar.update(1)
                 evaluation = None
@@ -424,6 +496,8 @@ class Trainer:
                       "reason": reason, "step": self.step, "checkpoint": tag, "exit_code": exit_code,
                       "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total,
                       "world_size": self.world, "grad_accum": self.cfg.train.grad_accum,
+                      "micro_batch": self.cfg.data.batch_size, "accum_mode": self.cfg.train.accum_mode,
+                      "global_batch": self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world,
                       "momentum_updates": self.momentum_updates, "checkpoint_save_seconds": self.save_seconds,
                       "resume_seconds": self.resume_seconds, "universal_conversion_seconds": self.convert_seconds}
             (self.out / "status.json").write_text(json.dumps(status, indent=2) + "\n")
