@@ -1,14 +1,33 @@
-"""Decode throughput: this loader (DALI CPU path, PyAV path) vs decord, torchcodec and a plain
-webdataset + PyAV DataLoader, on the same shards (VP9 and H.264), 1 and 2 threads.
+"""Decode cost: hiervl's loader vs a tuned webdataset + PyAV user loop (the baseline) and the naive
+one, paired in one run; 64 px and 256 px clips, VP9 and H.264. Optionally decord / torchcodec.
 
-    .venv/bin/python bench/decode.py [--num-videos 64] [--seconds 4] [--peer-python /tmp/decbench/bin/python]
+    .venv/bin/python bench/decode.py [--sizes 64 256] [--rounds 3] [--parallel 2] [--min-seconds 4]
 
-Every contender turns each clip into T frames sampled over the clip. The loader and the
-baseline also resize, crop and normalise (same `transform_clip`) and the loader tokenizes the
-caption; decord and torchcodec only decode (they run in their own venv, `--peer-python`, made
-with `python3.11 -m venv /tmp/decbench && /tmp/decbench/bin/pip install decord torchcodec torch`),
-so their figures are an upper bound for a loader built on them. Prints a table and writes
-bench/out/decode.json.
+Data (synthetic, `hiervl.dataprep.synth`, 8 fps, a keyframe every 8 frames, packed by
+`hiervl.dataprep.driver.prepare` with prep.codec=copy): "64 px" = 64 clips of 64x64, 4 s = 32 frames
+(the data of the earlier claims); "256 px" = 32 clips of 256x256, 10 s = 80 frames (base-shaped: what
+base.yaml's prep keeps). Only the `train` split is read. Every contender turns each clip into T=8 frames,
+resized (short side 36), cropped 32x32 and normalised with the same `transform_clip`; the loader also
+tokenizes a caption.
+
+Contenders, each with `--parallel` P (2) of its unit of parallelism:
+- `hiervl workers`: `VideoTextLoader`, data.decoder=pyav, data.decode_workers=P (PyAV processes).
+- `hiervl threads`: the same, data.decode_workers=0, data.num_threads=P (PyAV in the loader's threads).
+- `hiervl dali`: data.decoder=dali (VP9 only: DALI's CPU backend lacks H.264), data.num_threads=P.
+- `baseline tuned` (THE baseline): `wds.WebDataset(tars).map(decode).batched(B)` in a
+  `DataLoader(num_workers=P, persistent_workers=True)`, decoding as a competent user would: codec
+  `thread_count=1`, the same random frame per segment as the loader, decode stops after the last wanted
+  frame, RGB only for the kept frames with `to_ndarray(threads=1)`. It still decodes every frame before
+  the last wanted one (no keyframe seeking).
+- `baseline naive`: the loop this file used to compare against: every frame decoded and converted to RGB
+  with PyAV's default codec and swscale threads, then T kept (linspace). Kept as a labelled row.
+
+Measurement: every contender is built once and warmed up (one epoch: worker start-up, DALI build, page
+cache). Then `--rounds` rounds; in each round every contender runs whole epochs for >= `--min-seconds`
+in turn. Per run: clips/s (wall) and CPU ms per clip = user + system CPU of the whole process tree (this
+process and every child: decode workers, DataLoader workers) over the run / clips. CPU per clip is the
+figure to trust on a loaded machine (wall clips/s partly measures how many runnable threads a side has);
+ratios are taken within a round (paired) and reported min / median / max. Writes bench/out/decode.json.
 """
 
 from __future__ import annotations
@@ -17,9 +36,9 @@ import argparse
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -32,101 +51,190 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hiervl.config import Config  # noqa: E402
 from hiervl.data.decode import transform_clip  # noqa: E402
+from hiervl.data.sampler import frame_indices  # noqa: E402
 
-T, SIZE, SHORT, B = 8, 32, 36, 8
+T, SIZE, SHORT = 8, 32, 36
+DATASETS = {64: {"num_videos": 64, "seconds": 4.0, "batch": 8}, 256: {"num_videos": 32, "seconds": 10.0, "batch": 8}}
 
 
-def make_shards(work: Path, codec: str, n: int, seconds: float) -> Path:
-    """Synthetic corpus (hiervl.dataprep.synth) packed to the shard contract; reused when present."""
-    out = work / codec / "shards"
+def make_shards(work: Path, codec: str, size: int, n: int, seconds: float) -> Path:
+    """Synthetic corpus (hiervl.dataprep.synth) packed to the shard contract as encoded; reused when present."""
+    out = work / f"{codec}-{size}" / "shards"
     if (out / "manifest.parquet").is_file():
         return out
-    from hiervl.dataprep import synth
+    from hiervl.dataprep import driver, synth
 
-    manifest = synth.make_corpus(work / codec / "corpus", n, seed=0, codec=codec, size=64, seconds=seconds)
-    try:
-        from hiervl.dataprep import driver
-
-        cfg = Config()
-        cfg.prep.codec, cfg.prep.short_side, cfg.prep.shard_max_samples = "copy", 64, 8
-        driver.prepare(cfg, str(manifest), str(out))
-        return out
-    except Exception as exc:  # noqa: BLE001 - hiervl.dataprep.driver not there: pack ourselves, same contract
-        print(f"(packing shards in the benchmark: hiervl.dataprep.driver.prepare unavailable: {exc})")
-    import csv
-
-    import av
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out.mkdir(parents=True, exist_ok=True)
-    rows = list(csv.DictReader(open(manifest)))
-    records = []
-    for s in range(0, len(rows), 8):
-        shard = f"train-{s // 8:06d}.tar"
-        with tarfile.open(out / shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for row in rows[s:s + 8]:
-                tar.add(str(manifest.parent / row["video"]), arcname=f"{row['key']}.{Path(row['video']).suffix[1:]}")
-        with tarfile.open(out / shard) as tar:
-            for m, row in zip(tar.getmembers(), rows[s:s + 8]):
-                data = (manifest.parent / row["video"]).read_bytes()
-                with av.open(io.BytesIO(data)) as c:
-                    nf = sum(1 for p in c.demux(video=0) if p.size)
-                records.append({"key": row["key"], "video_id": row["key"], "split": "train", "shard": shard,
-                                "index_in_shard": len(records) % 8, "video_offset": m.offset_data, "video_size": m.size,
-                                "captions": json.loads(row["caption"]), "num_frames": nf, "codec": codec})
-    pq.write_table(pa.Table.from_pylist(records), out / "manifest.parquet")
+    manifest = synth.make_corpus(work / f"{codec}-{size}" / "corpus", n, seed=0, codec=codec, size=size,
+                                 seconds=seconds)
+    cfg = Config()
+    cfg.prep.codec, cfg.prep.short_side, cfg.prep.shard_max_samples = "copy", size, 8
+    driver.prepare(cfg, str(manifest), str(out), progress=False)
     return out
 
 
-def run_loader(shards: Path, decoder: str, threads: int, min_seconds: float) -> dict:
-    from hiervl.data.loader import VideoTextLoader
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and all its live descendants so far."""
+    import psutil
 
-    cfg = Config()
-    d = cfg.data
-    d.path, d.batch_size, d.num_frames, d.size, d.short_side = str(shards), B, T, SIZE, SHORT
-    d.decoder, d.num_threads, d.prefetch, d.remainder = decoder, threads, 2, "pad"
-    loader = VideoTextLoader(cfg, split="train")
-    next(iter(loader))  # warm-up: DALI pipeline build, tokenizer
-    clips, epoch, start = 0, 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            clips += int(batch["valid"].sum())
-        epoch += 1
-    el = time.perf_counter() - start
-    assert loader.stats["skipped"] == 0, loader.stats
-    return {"clips_per_s": clips / el, "frames_per_s": clips * T / el, "path": dict(loader.stats["decode_path"])}
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
 
 
-class _PlainDecode:
-    """The baseline's per-sample work: PyAV decodes every frame, keep T, same transform."""
+# ---------------------------------------------------------------------------- contenders
+
+
+class HiervlLoader:
+    """`VideoTextLoader` over the train split with these data.* settings."""
+
+    def __init__(self, shards: Path, batch: int, **data):
+        from hiervl.data.loader import VideoTextLoader
+
+        cfg = Config()
+        d = cfg.data
+        d.path, d.batch_size, d.num_frames, d.size, d.short_side = str(shards), batch, T, SIZE, SHORT
+        d.prefetch, d.remainder = 2, "pad"
+        for k, v in data.items():
+            setattr(d, k, v)
+        self.loader = VideoTextLoader(cfg, split="train")
+        self.epoch = 0
+
+    def epoch_clips(self) -> int:
+        self.loader.set_epoch(self.epoch)
+        self.epoch += 1
+        clips = sum(int(b["valid"].sum()) for b in self.loader)
+        assert self.loader.stats["skipped"] == 0, self.loader.stats["skipped_reasons"]
+        return clips
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def _sample_bytes(sample: dict) -> bytes:
+    return sample["webm" if "webm" in sample else "mp4"]
+
+
+class NaiveDecode:
+    """The old baseline: decode every frame, RGB for every frame (PyAV's default threads), keep T (linspace)."""
 
     def __call__(self, sample):
         import av
 
-        ext = "webm" if "webm" in sample else "mp4"
-        with av.open(io.BytesIO(sample[ext])) as c:
+        with av.open(io.BytesIO(_sample_bytes(sample))) as c:
             frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
         idx = np.linspace(0, len(frames) - 1, T).round().astype(int)
         return transform_clip(np.stack([frames[i] for i in idx]), SHORT, SIZE)
 
 
-def run_baseline(shards: Path, threads: int, min_seconds: float) -> dict:
-    import webdataset as wds
+class TunedDecode:
+    """What a competent user writes: one codec thread, the loader's frame choice (a random frame per
+    segment), stop after the last wanted frame, RGB only for the kept frames with threads=1."""
 
-    tars = sorted(str(p) for p in shards.glob("train-*.tar"))
-    ds = wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
-                        empty_check=False).map(_PlainDecode())
-    dl = torch.utils.data.DataLoader(ds.batched(B), batch_size=None, num_workers=threads, persistent_workers=True)
-    for _ in dl:  # warm-up epoch: worker start-up is not counted
-        pass
-    clips, start = 0, time.perf_counter()
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def __call__(self, sample):
+        import av
+
+        with av.open(io.BytesIO(_sample_bytes(sample))) as c:
+            stream = c.streams.video[0]
+            stream.codec_context.thread_count = 1
+            packets = [p for p in c.demux(stream) if p.size]  # demux once: the frame count, then decode
+            wanted = frame_indices(len(packets), T, self.rng)
+            last, keep, got, i = int(wanted.max()), set(int(w) for w in wanted), {}, 0
+            for pkt in packets + [None]:  # None: drain the decoder
+                for frame in stream.codec_context.decode(pkt):
+                    if i in keep:
+                        got[i] = frame.to_ndarray(format="rgb24", threads=1)
+                    i += 1
+                if i > last:
+                    break
+        have = sorted(got)
+        clip = np.stack([got[w] if w in got else got[have[-1]] for w in wanted.tolist()])
+        return transform_clip(clip, SHORT, SIZE)
+
+
+class WdsBaseline:
+    """webdataset + DataLoader(num_workers=P, persistent) with `decode` mapped over the samples."""
+
+    def __init__(self, shards: Path, batch: int, workers: int, decode):
+        import webdataset as wds
+
+        tars = sorted(str(p) for p in shards.glob("train-*.tar"))
+        ds = wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
+                            empty_check=False).map(decode).batched(batch)
+        self.dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=True)
+
+    def epoch_clips(self) -> int:
+        return sum(len(b) for b in self.dl)
+
+    def close(self) -> None:
+        self.dl = None
+
+
+def contenders(shards: Path, codec: str, batch: int, p: int) -> dict:
+    out = {"hiervl workers": lambda: HiervlLoader(shards, batch, decoder="pyav", decode_workers=p, num_threads=1),
+           "hiervl threads": lambda: HiervlLoader(shards, batch, decoder="pyav", decode_workers=0, num_threads=p)}
+    if codec == "vp9":
+        out["hiervl dali"] = lambda: HiervlLoader(shards, batch, decoder="dali", decode_workers=0, num_threads=p)
+    out["baseline tuned"] = lambda: WdsBaseline(shards, batch, p, TunedDecode())
+    out["baseline naive"] = lambda: WdsBaseline(shards, batch, p, NaiveDecode())
+    return out
+
+
+def measure(c, min_seconds: float) -> dict:
+    clips, load = 0, os.getloadavg()[0]
+    cpu0, start = tree_cpu_seconds(), time.perf_counter()
     while time.perf_counter() - start < min_seconds:
-        for batch in dl:
-            clips += len(batch)
-    el = time.perf_counter() - start
-    return {"clips_per_s": clips / el, "frames_per_s": clips * T / el}
+        clips += c.epoch_clips()
+    el, cpu = time.perf_counter() - start, tree_cpu_seconds() - cpu0
+    return {"clips": clips, "seconds": el, "clips_per_s": clips / el, "cpu_ms_per_clip": 1000 * cpu / max(clips, 1),
+            "load": load}
+
+
+def spread(values: list[float]) -> list[float]:
+    return [min(values), statistics.median(values), max(values)]
+
+
+def run_set(shards: Path, codec: str, size: int, batch: int, p: int, rounds: int, min_seconds: float) -> dict:
+    torch.set_num_threads(p)
+    built = {name: make() for name, make in contenders(shards, codec, batch, p).items()}
+    try:
+        for c in built.values():
+            c.epoch_clips()  # warm-up epoch
+        runs: dict[str, list] = {name: [] for name in built}
+        for r in range(rounds):
+            for name, c in built.items():
+                res = measure(c, min_seconds)
+                runs[name].append(res)
+                print(f"  {codec:5s} {size:3d}px round {r + 1}  {name:15s} {res['clips_per_s']:7.1f} clips/s "
+                      f"{res['cpu_ms_per_clip']:6.2f} ms CPU/clip  (load {res['load']:.1f})", flush=True)
+    finally:
+        for c in built.values():
+            c.close()
+    rows = {name: {"clips_per_s": spread([x["clips_per_s"] for x in got]),
+                   "cpu_ms_per_clip": spread([x["cpu_ms_per_clip"] for x in got]), "runs": got}
+            for name, got in runs.items()}
+    ratios = {}
+    for name in built:
+        if name.startswith("hiervl"):
+            for base in ("baseline tuned", "baseline naive"):
+                ratios[f"{name} vs {base}"] = {
+                    # > 1: hiervl uses less CPU per clip / delivers more clips per second
+                    "cpu_efficiency": spread([b["cpu_ms_per_clip"] / h["cpu_ms_per_clip"]
+                                              for h, b in zip(runs[name], runs[base])]),
+                    "clips_per_s": spread([h["clips_per_s"] / b["clips_per_s"] for h, b in zip(runs[name], runs[base])])}
+    ratios["baseline tuned vs baseline naive"] = {
+        "cpu_efficiency": spread([n["cpu_ms_per_clip"] / t["cpu_ms_per_clip"]
+                                  for t, n in zip(runs["baseline tuned"], runs["baseline naive"])]),
+        "clips_per_s": spread([t["clips_per_s"] / n["clips_per_s"]
+                               for t, n in zip(runs["baseline tuned"], runs["baseline naive"])])}
+    return {"codec": codec, "size": size, "parallel": p, "batch": batch, "rows": rows, "ratios": ratios}
 
 
 PEER = r'''
@@ -165,10 +273,12 @@ print(json.dumps({"clips_per_s": clips / el, "frames_per_s": clips * T / el}))
 
 
 def run_peer(python: str, tool: str, shards: Path, threads: int, min_seconds: float, work: Path) -> dict:
+    """decord / torchcodec in their own venv (decode only: an upper bound for a loader built on them)."""
     import pandas as pd
 
     if not python or not Path(python).exists():
-        return {"skipped": f"no peer venv at {python!r} (see the module docstring)"}
+        return {"skipped": f"no peer venv at {python!r} (python3.11 -m venv /tmp/decbench && "
+                           "/tmp/decbench/bin/pip install decord torchcodec torch)"}
     m = pd.read_parquet(shards / "manifest.parquet")
     items = [[str(shards / r.shard), int(r.video_offset), int(r.video_size), int(r.num_frames)] for r in m.itertuples()]
     (work / "items.json").write_text(json.dumps(items))
@@ -181,50 +291,51 @@ def run_peer(python: str, tool: str, shards: Path, threads: int, min_seconds: fl
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def fmt(s: list[float], digits: int = 2) -> str:
+    return " / ".join(f"{v:.{digits}f}" for v in s)
+
+
+def print_set(res: dict) -> None:
+    print(f"\n{res['codec']} {res['size']} px, parallel {res['parallel']}: clips/s and CPU ms per clip, min / med / max")
+    for name, row in res["rows"].items():
+        print(f"  {name:15s} {fmt(row['clips_per_s'], 1):>22s} clips/s   {fmt(row['cpu_ms_per_clip']):>22s} ms/clip")
+    print("  paired ratios (> 1: the first is cheaper / faster): CPU efficiency | clips/s")
+    for pair, r in res["ratios"].items():
+        print(f"  {pair:38s} {fmt(r['cpu_efficiency']):>20s} | {fmt(r['clips_per_s'])}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num-videos", type=int, default=64)
-    ap.add_argument("--seconds", type=float, default=4.0, help="length of each synthetic clip")
-    ap.add_argument("--min-seconds", type=float, default=3.0, help="time each measurement at least this long")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256], choices=sorted(DATASETS))
+    ap.add_argument("--codecs", nargs="+", default=["h264", "vp9"], choices=["h264", "vp9"])
+    ap.add_argument("--parallel", type=int, default=2, help="decode processes / threads / DataLoader workers")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--min-seconds", type=float, default=4.0, help="time each contender per round at least this long")
     ap.add_argument("--peer-python", default="/tmp/decbench/bin/python")
     ap.add_argument("--work", default="/tmp/hiervl-bench-decode")
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "decode.json"))
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = []
-    for codec in ("vp9", "h264"):
-        shards = make_shards(work, codec, args.num_videos, args.seconds)
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            row = {"codec": codec, "threads": threads}
-            row["loader_dali"] = (run_loader(shards, "dali", threads, args.min_seconds) if codec == "vp9"
-                                  else {"skipped": "DALI's CPU backend does not decode H.264 (the loader uses PyAV)"})
-            row["loader_pyav"] = run_loader(shards, "pyav", threads, args.min_seconds)
-            row["baseline_wds_pyav"] = run_baseline(shards, threads, args.min_seconds)
+    sets, peers = [], []
+    for size in args.sizes:
+        for codec in args.codecs:
+            d = DATASETS[size]
+            shards = make_shards(work, codec, size, d["num_videos"], d["seconds"])
+            res = run_set(shards, codec, size, d["batch"], args.parallel, args.rounds, args.min_seconds)
+            sets.append(res)
+            print_set(res)
             for tool in ("decord", "torchcodec"):
-                row[tool] = run_peer(args.peer_python, tool, shards, threads, args.min_seconds, work)
-            results.append(row)
-            print_row(row)
-    out = {"config": {"num_videos": args.num_videos, "clip_seconds": args.seconds, "frames": T, "crop": SIZE,
-                      "batch": B, "cpus": os.cpu_count()}, "results": results}
+                peer = run_peer(args.peer_python, tool, shards, args.parallel, args.min_seconds, work)
+                peers.append({"codec": codec, "size": size, "tool": tool, **peer})
+                what = peer.get("skipped") or f"{peer['clips_per_s']:.1f} clips/s (decode only)"
+                print(f"  {tool}: {what}")
+    out = {"argv": sys.argv[1:], "cpus": os.cpu_count(), "frames": T, "crop": SIZE, "short_side": SHORT,
+           "datasets": DATASETS, "sets": sets, "peers": peers}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
     return 0
-
-
-def print_row(row: dict) -> None:
-    base = row["baseline_wds_pyav"]["clips_per_s"]
-    print(f"\n{row['codec']} threads={row['threads']}")
-    for name in ("loader_dali", "loader_pyav", "baseline_wds_pyav", "decord", "torchcodec"):
-        r = row[name]
-        if "skipped" in r:
-            print(f"  {name:18s} skipped: {r['skipped']}")
-        else:
-            print(f"  {name:18s} {r['clips_per_s']:8.1f} clips/s {r['frames_per_s']:9.1f} frames/s"
-                  f"  {r['clips_per_s'] / base:5.2f}x baseline")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from hiervl.launch.processes import RANK_MODULE, child_env, local_port, run_forwarding_signals
+from hiervl.launch.processes import RANK_MODULE, child_env, host_rendezvous, run_forwarding_signals
 
 # Variables the ranks need on every node; DeepSpeed's pdsh runner exports what .deepspeed_env lists.
 PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -57,11 +57,26 @@ def _tail(config_path, log_dir=None) -> list[str]:
     return tail + ["--module", RANK_MODULE, "--config", str(config_path)]
 
 
-def local_command(cfg, config_path, *, nranks: int, gpus: bool, log_dir=None, python: str = sys.executable) -> list[str]:
+def local_command(cfg, config_path, *, nranks: int, gpus: bool, log_dir=None, python: str = sys.executable,
+                  port: int | None = None) -> list[str]:
     """DeepSpeed's launcher on this machine with `nranks` ranks (GPUs when `gpus`, else CPU ranks);
-    `hiervl train` and `hiervl submit local` both run it."""
+    `hiervl train` and `hiervl submit local` both run it (`port`: the one `launch_local` holds;
+    default launch.master_port, for printing)."""
     count = ["--num_gpus" if gpus else "--num_accelerators", str(nranks)]
-    return _base(python, local_port(cfg.launch.master_port)) + count + _tail(config_path, log_dir)
+    return _base(python, cfg.launch.master_port if port is None else port) + count + _tail(config_path, log_dir)
+
+
+def run_local(cfg, config_path, *, nranks: int, gpus: bool, log_dir=None, echo: bool = False) -> int:
+    """Run `local_command` with the rendezvous port held by this process for the whole run
+    (launch.master_port when free, else any free one): two runs started together never collide."""
+    store, port, extra = host_rendezvous(cfg.launch.master_port, any_free=True)
+    cmd = local_command(cfg, config_path, nranks=nranks, gpus=gpus, log_dir=log_dir, port=port)
+    if echo:
+        print(shell_join(cmd), flush=True)
+    try:
+        return run_forwarding_signals(cmd, {**rank_env(gpus=gpus), **extra})
+    finally:
+        del store
 
 
 def hostfile_text(hosts, slots: int) -> str:

@@ -2,7 +2,7 @@
 
 Owns: `child_env` (Hugging Face offline, no tokenizer threads, no Ray
 usage stats: what every `hiervl` subprocess needs, set only where the caller's environment has not
-set them), `local_port` (the master port of a one-machine launch), `signal_ranks` and
+set them), `host_rendezvous` (the master port, held by the launcher itself), `signal_ranks` and
 `run_forwarding_signals` (SIGTERM/SIGUSR1 go to the rank processes, which checkpoint and exit 0,
 not to DeepSpeed's launchers, which would kill them). `hiervl train`, `hiervl submit`, `hiervl demo`
 and the bench/ scripts start their children through it.
@@ -15,6 +15,8 @@ import os
 import signal
 import socket
 import subprocess
+
+from hiervl.errors import UserError
 
 RANK_MODULE = "hiervl.launch.train"  # what every training rank runs: `python -m hiervl.launch.train --config FILE`
 OFFLINE_ENV = (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
@@ -31,23 +33,39 @@ def child_env(env: dict | None = None, **extra: str) -> dict:
     return env
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+class PortInUse(UserError):
+    """The master port a multi-node launch must use is taken on this host."""
 
 
-def local_port(configured: int) -> int:
-    """The master port of a launch on this machine: `configured` (launch.master_port) when it is
-    free, else a free one, so two local runs on one machine do not collide."""
-    if _port_is_free(configured):
-        return configured
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def host_rendezvous(port: int, *, any_free: bool, timeout_s: float = 600.0):
+    """Host the ranks' rendezvous store (torch's TCPStore server) in this launcher; returns
+    (store, port, env) where env tells the ranks to join it as clients.
+
+    Why: a port that is only checked and later bound by rank 0 is a race: two runs started in the
+    same second both find 29500 free, one rank 0 dies with EADDRINUSE and its other ranks join the
+    other run's store. Here the launcher binds the port before any rank starts and keeps it for the
+    run (torch's `TORCHELASTIC_USE_AGENT_STORE`: every rank is a client of the launcher's store).
+    `any_free` (a one-machine launch): `port` when free, else one the kernel picks atomically.
+    Otherwise (node 0 of a multi-node job, whose port the other nodes were told) a taken `port` is
+    one PortInUse line. Keep the returned store referenced until the ranks exit.
+    """
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    def bind(p: int):
+        return TCPStore("0.0.0.0", p, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+    try:
+        store = bind(port)
+    except RuntimeError as exc:  # torch's DistNetworkError: "... code: -98, name: EADDRINUSE"
+        if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc).lower():
+            raise
+        if not any_free:
+            raise PortInUse(f"launch.master_port {port} is already in use on {socket.gethostname()} (another run or "
+                            "service holds it); stop that, or give every node another port: launch.master_port=N") from None
+        store = bind(0)
+    return store, store.port, {"TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
 def signal_ranks(proc: subprocess.Popen, signum: int) -> int:

@@ -114,7 +114,9 @@ def main(args, cfg) -> int:
     env = ds.rank_env(gpus=gpus)
     if args.action == "local":
         nranks = cfg.launch.gpus_per_node if gpus else cfg.train.ranks
-        return _run_or_print(args, [ds.local_command(cfg, config_path, nranks=nranks, gpus=gpus, log_dir=log_dir)], env)
+        if args.dry_run:
+            return _run_or_print(args, [ds.local_command(cfg, config_path, nranks=nranks, gpus=gpus, log_dir=log_dir)])
+        return ds.run_local(cfg, config_path, nranks=nranks, gpus=gpus, log_dir=log_dir, echo=True)
     if args.action == "slurm":
         from hiervl.launch import slurm
         script = slurm.render_sbatch(cfg, config_path, out)

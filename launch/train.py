@@ -22,7 +22,6 @@ from pathlib import Path
 from hiervl.atomic_write import write_atomic
 from hiervl.config import load_config, to_yaml
 from hiervl.launch import deepspeed_launch as ds
-from hiervl.launch.processes import run_forwarding_signals
 from hiervl.storage import is_remote, open_store
 
 HELP = "train a model with DeepSpeed (local ranks; resumes automatically)"
@@ -60,7 +59,7 @@ def main(args, cfg) -> int:
     if is_remote(cfg.data.path):  # wrong credentials / a missing bucket: one line before any rank starts
         open_store(cfg.data.path, cfg.storage).check()
     write_atomic(config_path, to_yaml(cfg))
-    return run_forwarding_signals(cmd, ds.rank_env(gpus=gpus))
+    return ds.run_local(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
 
 
 def rank_main(argv: list[str] | None = None) -> int:
