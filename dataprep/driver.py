@@ -146,7 +146,7 @@ def _run_shards(todo: list[dict], out_cfg: dict, out: str, prep, ray_address, pr
     started = _init_ray(prep, ray_address)
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-        pending = [task.remote(spec, out_cfg, out, storage) for spec in todo]
+        pending = [task.remote(spec, out_cfg, out, storage, prep.decode_timeout_s) for spec in todo]
         bar = tqdm(total=len(todo), desc="prep shards", unit="shard", disable=not progress)
         t0, samples = time.time(), 0
         while pending:

@@ -68,6 +68,9 @@ class DataConfig:
     # PyAV decode worker processes (pipeline/data/decode_pool.py); 0 = PyAV in data.num_threads threads of
     # the loader's process. With DALI (data.decoder=auto) both decode at once, split by what each delivers
     decode_workers: int = 0
+    # training: a decode worker on one sample for longer is killed and the sample put in the run's crash
+    # ledger (pipeline/data/crash_ledger.py; so is one that kills its worker); 0 = no time limit
+    decode_timeout_s: float = 0.0
     seed: int = 0
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -78,6 +81,10 @@ class DataConfig:
         _positive("data.prefetch", self.prefetch, allow_zero=True)
         _check(isinstance(self.decode_workers, int) and self.decode_workers >= 0,
                f"data.decode_workers={self.decode_workers!r} must be an integer >= 0 (0 = decode in the loader's threads)")
+        _positive("data.decode_timeout_s", self.decode_timeout_s, allow_zero=True)
+        _check(not (self.decode_timeout_s and self.decode_workers == 0),
+               f"data.decode_timeout_s={self.decode_timeout_s} needs data.decode_workers >= 1 (a hung decode can "
+               "only be killed in a worker process); set data.decode_workers")
         _check(self.short_side >= self.size, f"data.short_side={self.short_side} must be >= data.size={self.size}")
         _one_of("data.order", self.order, ("global", "block", "grouped"))
         _check(isinstance(self.group_chunk, int) and self.group_chunk >= 1,
@@ -338,6 +345,9 @@ class PrepConfig:
     num_workers: int = 2  # Ray CPUs used on a local cluster
     object_store_mb: int = 256
     max_failure_rate: float = 0.2  # exit non-zero past this share of refused inputs
+    # seconds one video may take; past it the decoder's process is killed and the video quarantined
+    # (dataprep/watchdog.py: each shard's samples run in a child process). 0 = no limit, in-process
+    decode_timeout_s: float = 0.0
 
     def __post_init__(self):
         _one_of("prep.codec", self.codec, ("vp9", "h264", "copy"))
@@ -348,6 +358,7 @@ class PrepConfig:
         _check(self.shard_max_samples >= 1 and self.shard_max_bytes >= 1, "prep.shard_max_* must be >= 1")
         _check(self.num_workers >= 1, "prep.num_workers must be >= 1")
         _check(0.0 <= self.max_failure_rate <= 1.0, "prep.max_failure_rate must be in [0, 1]")
+        _positive("prep.decode_timeout_s", self.decode_timeout_s, allow_zero=True)
 
 
 @dataclass

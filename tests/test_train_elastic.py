@@ -15,7 +15,6 @@ the cheaper one below (two launches, no resume): 1 rank (3 x 4) and 3 ranks (1 x
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,18 +46,10 @@ def _train(shards, out, ranks, stop_after=None, extra=()):
     if stop_after is not None:
         env.update(HIERVL_FAULT="stop-after-step", HIERVL_FAULT_AFTER=str(stop_after))
     cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
-           f"data.path={shards}", f"train.out_dir={out}", f"train.ranks={ranks}", f"launch.master_port={_free_port()}",
-           *extra]
+           f"data.path={shards}", f"train.out_dir={out}", f"train.ranks={ranks}", *extra]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return json.loads((Path(out) / "status.json").read_text())
-
-
-def _free_port() -> int:
-    """A port no one listens on now (DeepSpeed's default 29500 is shared with every other run on the machine)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _metrics(out):

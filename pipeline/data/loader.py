@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hiervl.data.byte_source import SampleByteSource
+from hiervl.data.crash_ledger import is_crash
 from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
 from hiervl.data.decode_pool import DecodePool, TransformSpec
 from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
@@ -158,7 +159,10 @@ class VideoTextLoader:
     """
 
     def __init__(self, cfg, split: str | None = None, train: bool = True, rank: int = 0, world_size: int = 1,
-                 batch_size: int | None = None, dtype: torch.dtype = torch.float32):
+                 batch_size: int | None = None, dtype: torch.dtype = torch.float32, ledger=None):
+        """`ledger`: the run's CrashLedger (pipeline/data/crash_ledger.py; training only): ledgered samples
+        are not decoded, and a sample that kills or outlasts (data.decode_timeout_s) a decode worker is
+        recorded in it instead of stopping the loader."""
 
         self.cfg = cfg.data
         self.train = train
@@ -186,6 +190,7 @@ class VideoTextLoader:
         self.device = resolve_device(self.cfg.device)
         self.device_id = torch.cuda.current_device() if self.device == "gpu" else None
         self.dtype = dtype  # of the video tensor: the trainer's compute dtype (it owns precision)
+        self.ledger = ledger
         self.has_dali = dali_available()
         self.epoch = 0
         self.position = 0
@@ -202,7 +207,8 @@ class VideoTextLoader:
             storage = getattr(cfg, "storage", None)  # storage hook: each worker opens its own store
             self._pool = DecodePool(self.cfg.decode_workers, self.index.root, spec,
                                     slots=(self.cfg.prefetch + 1) * self.batch_size,
-                                    storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage)
+                                    storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage,
+                                    crash_ledger=ledger is not None, timeout_s=self.cfg.decode_timeout_s)
             weakref.finalize(self, self._pool.close)
         # DALI and the pool at once (decoder=auto with workers): the adaptive split of schedule.py
         self.hybrid = self._pool is not None and self.cfg.decoder == "auto" and self.has_dali
@@ -373,6 +379,10 @@ class VideoTextLoader:
     def _start_batch(self, idx: np.ndarray, position: int, epoch: int) -> dict:
         """Plan one batch and queue its pool share to the worker processes (returns at once)."""
         real = sorted({int(i) for i in idx if i != PAD})
+        ledgered = {}  # samples that hung or crashed a decoder before: never decoded again
+        if self.ledger is not None:
+            ledgered = {i: r for i in real if (r := self.ledger.reason(self.index.keys[i])) is not None}
+            real = [i for i in real if i not in ledgered]
         plans = {i: self._sample_plan(i, epoch) for i in real}
         backend = {i: choose_backend(self.cfg.decoder, self.index.codecs[i], self.device, self.has_dali) for i in real}
         for i in real:
@@ -390,7 +400,7 @@ class VideoTextLoader:
             for i in to_pool:
                 tids[i] = self._pool.submit(ix.keys[i], ix.shards[i], ix.offsets[i], ix.sizes[i], *plans[i])
         return {"idx": idx, "position": position, "epoch": epoch, "real": real, "plans": plans, "backend": backend,
-                "tids": tids}
+                "tids": tids, "ledgered": ledgered}
 
     def _decode_local(self, slots: list[int], plans: dict, backend: dict) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
         """Decode and transform `slots` in this process (DALI, PyAV in threads); slot -> [T, 3, S, S], slot -> reason."""
@@ -443,6 +453,8 @@ class VideoTextLoader:
         local = [i for i in work["real"] if i not in tids]
         t0 = time.perf_counter()
         clips, errors = self._decode_local(local, work["plans"], work["backend"])
+        for i, reason in work.get("ledgered", {}).items():
+            errors[i] = f"in the crash ledger, not decoded ({reason})"
         if self.hybrid and local:
             self._split.record_dali(len(local), time.perf_counter() - t0)  # local = DALI's share in hybrid mode
         if tids:
@@ -453,6 +465,8 @@ class VideoTextLoader:
                 clip, reason = results[tid]
                 if clip is None:
                     errors[i] = reason
+                    if self.ledger is not None and is_crash(reason or ""):  # durable before the batch is used
+                        self.ledger.record(self.index.keys[i], self.index.shards[i], reason, epoch, work["position"])
                 else:
                     clips[i] = clip
                     self.stats["decode_path"]["pyav"] += 1

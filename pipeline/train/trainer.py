@@ -135,8 +135,14 @@ class Trainer:
                                                                  optimizer=optimizer, config=ds_config)
         self.model = self.engine.module
 
+        from hiervl.data.crash_ledger import CrashLedger
+
+        # samples that hung or killed a decode worker, in this run folder: skipped, never met again
+        self.ledger = CrashLedger(self.out, self.rank)
+        if self.ledger.entries and self.rank == 0:
+            log.info("crash ledger: %d samples are skipped (%s)", len(self.ledger.entries), self.ledger.folder)
         self.loader = VideoTextLoader(cfg, split=cfg.data.split, train=True, rank=self.rank, world_size=self.world,
-                                      dtype=self.dtype)
+                                      dtype=self.dtype, ledger=self.ledger)
         if len(self.loader) == 0:
             from hiervl.errors import UserError
 
@@ -491,6 +497,9 @@ class Trainer:
         return result
 
     def _write_status(self, reason: str, tag: str, exit_code: int) -> None:
+        ledger = {}
+        for part in dist.all_gather_object(self.ledger.summary()):  # every rank's entries, also this run's
+            ledger.update(part)
         if self.rank == 0:
             status = {"state": "preempted" if reason.startswith("stopped") else ("failed" if exit_code else "finished"),
                       "reason": reason, "step": self.step, "checkpoint": tag, "exit_code": exit_code,
@@ -499,7 +508,8 @@ class Trainer:
                       "micro_batch": self.cfg.data.batch_size, "accum_mode": self.cfg.train.accum_mode,
                       "global_batch": self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world,
                       "momentum_updates": self.momentum_updates, "checkpoint_save_seconds": self.save_seconds,
-                      "resume_seconds": self.resume_seconds, "universal_conversion_seconds": self.convert_seconds}
+                      "resume_seconds": self.resume_seconds, "universal_conversion_seconds": self.convert_seconds,
+                      "crash_ledger": ledger}
             (self.out / "status.json").write_text(json.dumps(status, indent=2) + "\n")
             log.info("%s at step %d; checkpoint %s; skipped samples %d; non-finite steps %d", reason, self.step,
                      tag, status["skipped_samples"], self.bad_total)
