@@ -13,6 +13,13 @@ Prints a table of fused t2v/v2t R@1/5 and per-level t2v R@1, writes bench/out/ab
 
 Example (about 10-15 minutes per seed on 2 cores with the defaults):
   .venv/bin/python bench/ablation.py --steps 150 --ranks 1 --num-videos 600 --seeds 0,1,2
+
+`--task hierarchy|queue` runs instead the pre-registered in-memory trials of issue #28 (the real
+model and objective on pre-rendered frames, bench/inmemory.py; arms in TASKS, bench/RESULTS.md
+"Issue #28"): every arm with every seed, paired (same seed = same weights, batches, captions and
+frames in every arm), one JSON line per run in --out/runs.jsonl (a rerun skips finished runs),
+then a table of mean, spread and per-seed paired differences against the task's reference arm:
+  .venv/bin/python bench/ablation.py --task hierarchy --seeds 0,1,2 --out /tmp/i28
 """
 
 from __future__ import annotations
@@ -70,8 +77,102 @@ def group_figures(res: dict, run: Path, shards: Path) -> dict:
     return sibling_analysis(run, shards)
 
 
+# Issue #28's pre-registered trials (bench/RESULTS.md "Issue #28"): corpus, budget, arms, metric.
+# Arms are dotted overrides on configs/demo.yaml; the first arm is the reference of the paired differences.
+TASKS = {
+    "hierarchy": {  # multi-event corpus: captions name some events; sentence -> video and paragraph -> video
+        "kind": "events", "num_videos": 600, "steps": 300,
+        "common": ["data.batch_size=16", "data.max_words=48", "queue.enabled=false"],
+        "arms": {"flat": ["model.preset=flat"],
+                 "hit-fused-monotonic": ["model.preset=hit", "model.loss_on=fused", "model.token_align=monotonic"]},
+        "metrics": ("sentence", "paragraph"),
+    },
+    "queue": {  # thousands of short low-res videos, a small batch: the queue supplies the negatives
+        "kind": "pairs", "num_videos": 2000, "steps": 300,
+        "common": ["model.preset=flat", "data.batch_size=8", "queue.size=1024", "queue.momentum=0.99",
+                   "queue.mask_same_video=true"],
+        "arms": {"no-queue": ["queue.objective=symmetric", "queue.enabled=false"],
+                 "queue-both": ["queue.objective=both", "queue.enabled=true"]},
+        "metrics": ("sentence",),
+    },
+}
+
+
+def in_memory_main(args) -> int:
+    """Run a TASKS entry: every arm x seed, paired; print the table; rows in OUT/runs.jsonl."""
+
+    import torch
+    from hiervl.config import load_config
+    from inmemory import corpus_tensors, train_and_eval
+
+    torch.set_num_threads(max(1, args.threads))
+    task = TASKS[args.task]
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.jsonl"
+    done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    steps = args.steps_override or task["steps"]
+    arms = [a for a in task["arms"] if not args.arms or a in args.arms.split(",")]
+    for seed in seeds:  # seed-major: a partial grid still holds complete pairs
+        for arm in arms:
+            if any(r["task"] == args.task and r["arm"] == arm and r["seed"] == seed and r["steps"] == steps for r in done):
+                continue
+            cfg = load_config(args.config, [*task["common"], *task["arms"][arm], f"train.steps={steps}", *args.overrides])
+            data = corpus_tensors(task["kind"], task["num_videos"], args.seed, cfg, out / "cache")
+            print(f"+ {args.task} arm={arm} seed={seed} steps={steps}", flush=True)
+            row = {"task": args.task, "arm": arm, "seed": seed, "steps": steps,
+                   **train_and_eval(cfg, data, seed, log_every=args.log_every)}
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            done.append(row)
+    rows = [r for r in done if r["task"] == args.task and r["steps"] == steps and r["seed"] in seeds]
+    print(in_memory_table(rows, args.task, arms))
+    return 0
+
+
+def in_memory_table(rows: list[dict], task: str, arms: list[str]) -> str:
+    """Markdown: per arm, mean (min-max) over seeds of each metric, and paired differences vs arms[0]."""
+    import statistics as st
+
+    spec = TASKS[task]
+    ref = arms[0]
+    by = {(r["arm"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    n = rows[0]["num_videos"] if rows else 0
+
+    def cell(xs):
+        return "-" if not xs else (f"{xs[0]:.1f}" if len(xs) == 1 else f"{st.mean(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})")
+
+    metrics = [(m, lambda r, m=m: r[m]["fused"]) for m in spec["metrics"]]
+    metrics += [("sibling R@1", lambda r: r["sibling_R1"]), ("order %", lambda r: r["order"]),
+                ("train s", lambda r: r["train_s"])]
+    lines = [f"{task} task ({spec['kind']} corpus, {n} test videos; R@1 chance {100 / max(n, 1):.2f}%, sibling chance 25%): "
+             f"seeds {seeds}; cells mean (min-max); delta = arm - {ref} per seed (paired)",
+             "| arm | " + " | ".join(f"{m} R@1" if m in spec["metrics"] else m for m, _ in metrics) + " | per-level sentence R@1 |",
+             "|---|" + "---|" * (len(metrics) + 1)]
+    for arm in arms:
+        rs = [by[(arm, s)] for s in seeds if (arm, s) in by]
+        if not rs:
+            continue
+        levels = ", ".join(f"{k} {cell([r['sentence'][k] for r in rs])}" for k in rs[0]["sentence"] if k != "fused")
+        lines.append(f"| {arm} | " + " | ".join(cell([f(r) for r in rs]) for _, f in metrics) + f" | {levels} |")
+    for arm in arms[1:]:
+        for m, f in metrics[:len(spec["metrics"])]:
+            d = [f(by[(arm, s)]) - f(by[(ref, s)]) for s in seeds if (arm, s) in by and (ref, s) in by]
+            if d:
+                lines.append(f"\n{arm} - {ref}, {m} R@1 per seed: {', '.join(f'{x:+.1f}' for x in d)}; "
+                             f"mean {st.mean(d):+.1f}; every seed favours {arm}: {all(x > 0 for x in d)}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=tuple(TASKS), help="an issue #28 in-memory trial instead of the hiervl-run ablation")
+    p.add_argument("--arms", default="", help="--task: comma-separated subset of the task's arms")
+    p.add_argument("--threads", type=int, default=1, help="--task: torch threads")
+    p.add_argument("--log-every", type=int, default=50, help="--task: print the mean loss every N steps")
+    p.add_argument("--steps-override", type=int, default=0, help="--task: other than the pre-registered steps")
     p.add_argument("--out", default="runs/ablation", help="work folder (corpus, shards, one run per preset)")
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--num-videos", type=int, default=600)
@@ -84,6 +185,10 @@ def main() -> int:
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated subset of " + ",".join(PRESETS))
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every preset")
     args = p.parse_args()
+    if args.task:
+        if args.config == "configs/tiny.yaml":
+            args.config = "configs/demo.yaml"
+        return in_memory_main(args)
     out = Path(args.out).resolve()
     presets = [x for x in args.presets.split(",") if x]
     if not (out / "shards" / "dataset.json").is_file():

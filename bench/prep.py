@@ -1,4 +1,5 @@
 """Shard-preparation throughput: hiervl prep (Ray) vs video2dataset, same inputs, same transcode.
+(The local process pool vs Ray: bench/prep_distributor.py.)
 
 Inputs: the synthetic corpus as VP9/webm and as H.264/mp4 (`hiervl.dataprep.synth`). Transcode: short
 side 48, 8 fps (configs/tiny.yaml), to VP9/webm (our default) and to H.264/mp4 (what
@@ -35,7 +36,7 @@ def run_ours(manifest: Path, out: Path, workers: int, codec: str, seconds_per_vi
     from hiervl.config import load_config
     from hiervl.dataprep.driver import prepare
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"prep.num_workers={workers}", f"prep.codec={codec}",
-                                                      "prep.shard_max_samples=16"])
+                                                      "prep.shard_max_samples=16", "prep.distributor=ray"])
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
     s = prepare(cfg, manifest, out, progress=False)  # starts (and stops) its own local Ray

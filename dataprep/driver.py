@@ -1,4 +1,4 @@
-"""The Ray driver: read inputs, plan shards, run one Ray task per missing shard, write the indexes.
+"""The prep driver: read inputs, plan shards, run one task per missing shard, write the indexes.
 
 `prepare(cfg, input, out_dir, ...)` is what `hiervl prep` runs. A rerun after a crash finds the
 shards whose stats record (the done marker) matches the plan and runs only the others; a rerun
@@ -16,11 +16,11 @@ would replace or drop anything it does not own refuses unless `overwrite`
 the dataset-level files go through the same store; shards are staged locally and uploaded whole
 (worker.py). Such a prefix is not locked (see `_out_lock`): one prep at a time into it.
 
-Ray: a local cluster `ray.init(num_cpus=prep.num_workers, object_store_memory=...)` by default,
-an existing one with `ray_address` (workers there must have hiervl installed). An already
-initialised Ray (tests) is used as it is.
+Where the tasks run is dataprep/distribute.py's (`prep.distributor`): a local process pool for
+small jobs, Ray (a local cluster of prep.num_workers CPUs, the cluster at `ray_address`, whose
+workers must have hiervl installed, or a Ray this process already holds) when asked or past a size.
 
-Owns: `prepare`: the run of one dataset (plan, Ray tasks, the dataset-level files).
+Owns: `prepare`: the run of one dataset (plan, shard tasks, the dataset-level files).
 Must not touch: per-sample media work (transcode, worker) or the files' schema
 (pipeline/data/manifest.py).
 """
@@ -46,6 +46,7 @@ from hiervl.data.manifest import (
     table_bytes,
 )
 from hiervl.dataprep.dataset_inputs import SHARD_FILE, input_identity, reconcile, record_name
+from hiervl.dataprep.distribute import choose, open_distributor
 from hiervl.dataprep.out_lock import PrepLock, pid_alive
 from hiervl.dataprep.plan import make_plan, output_config
 from hiervl.dataprep.sources import check_samples, manifest_path, read_input
@@ -55,6 +56,9 @@ from hiervl.log import get_logger
 from hiervl.storage import Store, is_remote, open_store, parent
 
 log = get_logger(__name__)
+# PrepConfig fields about how a prep runs, not what it makes: left out of dataset.json, so the same
+# input gives the same bytes whatever the workers, the memory or the distributor
+RUN_ONLY_FIELDS = ("num_workers", "object_store_mb", "distributor")
 
 
 def reason_kind(reason: str) -> str:
@@ -125,42 +129,41 @@ def _out_lock(store: Store):
     return PrepLock(store.local_path(""))
 
 
-def _init_ray(prep, ray_address: str | None) -> bool:
-    """Start or join Ray; return True when this call started it (and should shut it down)."""
-    import ray
-    if ray.is_initialized():
-        return False
-    kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
-    if ray_address:
-        ray.init(address=ray_address, **kwargs)
-    else:
-        ray.init(num_cpus=prep.num_workers, object_store_memory=prep.object_store_mb * 1024 * 1024, **kwargs)
-    return True
-
-
 def _run_shards(todo: list[dict], out_cfg: dict, out: str, prep, ray_address, progress: bool,
-                storage: dict | None = None) -> float:
-    """Run one Ray task per shard in `todo`; return the seconds spent on the tasks (after Ray start-up)."""
-    import ray
+                storage: dict | None = None) -> tuple[float, str]:
+    """Run `write_shard` once per shard in `todo` on the distributor `prep.distributor` resolves to
+    (dataprep/distribute.py); return (the seconds spent on the tasks after the backend started,
+    "local" or "ray")."""
     from tqdm import tqdm
-    started = _init_ray(prep, ray_address)
-    try:
-        task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-        pending = [task.remote(spec, out_cfg, out, storage, prep.decode_timeout_s) for spec in todo]
-        bar = tqdm(total=len(todo), desc="prep shards", unit="shard", disable=not progress)
+    kind = choose(prep.distributor, sum(len(spec["samples"]) for spec in todo), ray_address)
+    with open_distributor(kind, prep.num_workers, ray_address, prep.object_store_mb) as backend:
+        bar = tqdm(total=len(todo), desc=f"prep shards ({kind})", unit="shard", disable=not progress)
         t0, samples = time.time(), 0
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                stats = ray.get(ref)
-                samples += stats["samples_in"]
-                bar.update(1)
-                bar.set_postfix(samples_per_s=f"{samples / max(time.time() - t0, 1e-9):.1f}")
+        for _, stats in backend.run(write_shard, [(spec, out_cfg, out, storage, prep.decode_timeout_s)
+                                                          for spec in todo]):
+            samples += stats["samples_in"]
+            bar.update(1)
+            bar.set_postfix(samples_per_s=f"{samples / max(time.time() - t0, 1e-9):.1f}")
         bar.close()
-        return time.time() - t0
-    finally:
-        if started:
-            ray.shutdown()
+        return time.time() - t0, kind
+
+
+def _check_input_outside_out(input, fmt, out_dir) -> None:
+    """Refuse an input file that prep would overwrite: `--input DIR/manifest.parquet --out DIR` would
+    replace the user's manifest with the dataset's (and a shard or dataset.json given as input alike)."""
+    if is_remote(str(input)) or is_remote(str(out_dir)):
+        return
+    try:
+        named = (manifest_path(input) if fmt in (None, "manifest") else Path(input)).resolve()
+    except UserError:
+        return  # read_input says what is wrong with it
+    out = Path(out_dir).resolve()
+    if named.parent != out:
+        return
+    if (named.name in (MANIFEST_FILE, QUARANTINE_FILE, DATASET_FILE) or re.fullmatch(r"input-[0-9a-f]{12}\.json", named.name)
+            or SHARD_FILE.match(named.name)):
+        raise UserError(f"--input {input} is {named.name} inside --out {out_dir}, which prep writes: it would be "
+                        f"overwritten with the dataset's; move it out of {out_dir} (or give another --out)")
 
 
 def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_address: str | None = None,
@@ -172,7 +175,9 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
     figures are this run's; `dataset_counts` are the whole folder's."""
     prep = cfg.prep
     t0 = time.time()
+    choose(prep.distributor, 0, ray_address)  # refuses --ray-address with prep.distributor=local before any work
     storage = dataclasses.asdict(cfg.storage) if hasattr(cfg, "storage") else None
+    _check_input_outside_out(input, fmt, out_dir)
     store = _open_out(out_dir, storage)  # a local folder or an s3:// / gs:// prefix (pipeline/storage.py)
     out = store.url
     with _out_lock(store):
@@ -191,7 +196,7 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
                 "shards": [s["name"] for s in plan], "refused": [r.to_dict() for r in refused]}
         store.put(record_name(identity), _dumps(mine))  # local: temp + rename; remote: one PUT
         todo = [spec for spec in plan if not is_done(out, spec, storage)]
-        task_s = _run_shards(todo, out_cfg, out, prep, ray_address, progress, storage) if todo else 0.0
+        task_s, kind = _run_shards(todo, out_cfg, out, prep, ray_address, progress, storage) if todo else (0.0, None)
         wall = time.time() - t0
         stats, dataset = _write_dataset(store, prep, {spec["name"]: spec["fingerprint"] for spec in plan},
                                         [mine, *state["keep"]], storage)
@@ -206,7 +211,7 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
     return {"samples_in": len(samples), "samples_out": len(rows), "quarantined": len(quarantine),
             "quarantined_by_reason": dict(Counter(f"{q['stage']}: {reason_kind(q['reason'])}" for q in quarantine)),
             "hours": hours, "bytes": bytes_out, "shards": len(plan), "shards_run": len(todo),
-            "seconds": wall, "task_seconds": task_s, "videos_processed": processed,
+            "seconds": wall, "task_seconds": task_s, "distributor": kind, "videos_processed": processed,
             "source_seconds": source_s_run,
             "videos_per_s": processed / wall if wall > 0 else 0.0,
             "videos_per_s_tasks": processed / task_s if task_s > 0 else 0.0,
@@ -245,7 +250,7 @@ def _write_dataset(store: Store, prep, fingerprints: dict, records: list[dict], 
     store.put(QUARANTINE_FILE, table_bytes(quarantine, QUARANTINE_SCHEMA))
     counts = dict(sorted(Counter(r["split"] for r in rows).items()))
     hours = sum(r["duration"] for r in rows) / 3600.0
-    prep_cfg = {k: v for k, v in dataclasses.asdict(prep).items() if k not in ("num_workers", "object_store_mb")}
+    prep_cfg = {k: v for k, v in dataclasses.asdict(prep).items() if k not in RUN_ONLY_FIELDS}
     dataset = {"schema_version": SCHEMA_VERSION, "codec": prep.codec, "fps": prep.fps,
                "short_side": prep.short_side, "counts": counts, "quarantined": len(quarantine),
                "hours": round(hours, 6), "bytes": sum(st["bytes"] for st in stats.values()),
@@ -260,6 +265,6 @@ def summary_line(s: dict) -> str:
     return (f"prep: {s['samples_in']} samples in, {s['samples_out']} out, {s['quarantined']} quarantined ({by}); "
             f"{s['hours']:.3f} h of video, {s['bytes'] / 1e6:.1f} MB in {s['shards']} shards "
             f"({s['shards_run']} written now) in {s['seconds']:.1f}s: {s['videos_per_s']:.1f} videos/s "
-            f"({s['videos_per_s_tasks']:.1f} after Ray start-up), realtime x{s['realtime_factor']:.1f}"
+            f"({s['videos_per_s_tasks']:.1f} after {'Ray' if s.get('distributor') == 'ray' else 'pool'} start-up), realtime x{s['realtime_factor']:.1f}"
             + ("; the dataset now holds " + ", ".join(f"{k} {v}" for k, v in s["dataset_counts"].items())
                if s.get("dataset_counts") else ""))

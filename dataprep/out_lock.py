@@ -64,11 +64,14 @@ def _holder_alive(holder: dict) -> bool:
 
 
 class PrepLock:
-    """Hold `out/.hiervl-prep.lock` for the duration of a `with` block (see the module docstring)."""
+    """Hold `out/.hiervl-prep.lock` for the duration of a `with` block (see the module docstring).
+    `hiervl train` holds the same kind of lock on its train.out_dir (`train_lock`)."""
 
-    def __init__(self, out: str | Path):
+    def __init__(self, out: str | Path, lock_file: str = LOCK_FILE, what: str = "hiervl prep",
+                 elsewhere: str = "write to another --out"):
         self.out = Path(out)
-        self.path = self.out / LOCK_FILE
+        self.path = self.out / lock_file
+        self.what, self.elsewhere = what, elsewhere
         self.me = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": _start_time(os.getpid()),
                    "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:500]}
 
@@ -97,15 +100,15 @@ class PrepLock:
             if holder is None:
                 if not self.path.exists():
                     continue  # released between our two looks
-                raise UserError(f"{self.path} is unreadable; if no `hiervl prep` is writing to {self.out}, "
+                raise UserError(f"{self.path} is unreadable; if no `{self.what}` is writing to {self.out}, "
                                 f"delete that file and run again")
             who = f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}"
             if holder.get("host") != self.me["host"]:
-                raise UserError(f"{self.out} is locked by another `hiervl prep` ({who}); wait for it, or, if no "
-                                f"prep runs there any more, delete {self.path} and run again")
+                raise UserError(f"{self.out} is locked by another `{self.what}` ({who}); wait for it, or, if none "
+                                f"runs there any more, delete {self.path} and run again")
             if _holder_alive(holder):
-                raise UserError(f"{self.out} is locked by another `hiervl prep` ({who}); wait for it to finish "
-                                f"or write to another --out")
+                raise UserError(f"{self.out} is locked by another `{self.what}` ({who}); wait for it to finish "
+                                f"or {self.elsewhere}")
             # stale: move it aside (only one taker wins the rename), check it is the one we judged, retry
             aside = temp_path(self.path, ".stale")
             try:
@@ -119,10 +122,10 @@ class PrepLock:
                 except FileExistsError:
                     pass
                 aside.unlink(missing_ok=True)
-                raise UserError(f"{self.out} is locked by another `hiervl prep` (pid {taken.get('pid')}); "
-                                f"wait for it to finish or write to another --out")
+                raise UserError(f"{self.out} is locked by another `{self.what}` (pid {taken.get('pid')}); "
+                                f"wait for it to finish or {self.elsewhere}")
             aside.unlink(missing_ok=True)
-            log.warning("taking over the stale prep lock of %s (that process is gone)", who)
+            log.warning("taking over the stale %s lock of %s (that process is gone)", self.what, who)
         raise UserError(f"{self.out}: could not take {self.path} (other runs keep taking it); run again")
 
     def release(self) -> None:
@@ -135,3 +138,12 @@ class PrepLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+TRAIN_LOCK_FILE = ".hiervl-train.lock"
+
+
+def train_lock(out_dir: str | Path) -> PrepLock:
+    """The lock of one `hiervl train` on its train.out_dir: a second run into the same folder would write
+    metrics twice and delete the other's checkpoint folders; it is refused in one line instead."""
+    return PrepLock(out_dir, TRAIN_LOCK_FILE, "hiervl train", "set another train.out_dir")

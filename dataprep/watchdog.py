@@ -2,7 +2,8 @@
 
 FFmpeg can hang or spin on a corrupt file (DALI#2563, mmaction2#838, openmpf#1678), and a hang inside
 one C call cannot be interrupted from Python in the same process. So with a time limit, a shard task
-hands its samples one at a time to a child process (spawned once per shard, reused while it behaves):
+hands its samples one at a time to a child process (`python -c ...serve()`, started once per shard and
+reused while it behaves; a plain subprocess, since shard tasks may run in daemonic processes):
 
     with SampleWatchdog(timeout_s) as dog:
         blob, ext, meta = dog.process(sample, out_cfg)   # or SampleRefused
@@ -20,26 +21,58 @@ Owns: the child process, the time limit and the refusal reasons. Must not touch:
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import pickle
+import select
 import signal
+import struct
+import subprocess
+import sys
 
 from hiervl.dataprep.transcode import SampleRefused, process_sample
 
+_CHILD = "from hiervl.dataprep.watchdog import serve; serve()"
 
-def _child(conn) -> None:
-    """Process samples until the parent closes the pipe; answer (kind, payload) per sample."""
+
+def _send(fd: int, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(struct.pack("<Q", len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _recv(fd: int):
+    def exactly(n: int) -> bytes:
+        chunks = []
+        while n:
+            chunk = os.read(fd, min(n, 1 << 20))
+            if not chunk:
+                raise EOFError("the other side closed the pipe")
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    return pickle.loads(exactly(struct.unpack("<Q", exactly(8))[0]))
+
+
+def serve() -> None:
+    """The child: (sample, out_cfg) frames on stdin -> (kind, payload) frames on the original stdout,
+    until stdin closes. Library output goes to stderr, so it cannot corrupt a frame."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the child stops
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
     while True:
         try:
-            sample, out_cfg = conn.recv()
+            sample, out_cfg = _recv(0)
         except EOFError:
             return
         try:
-            conn.send(("ok", process_sample(sample, out_cfg)))
+            answer = ("ok", process_sample(sample, out_cfg))
         except SampleRefused as exc:
-            conn.send(("refused", (exc.stage, exc.reason)))
+            answer = ("refused", (exc.stage, exc.reason))
         except Exception as exc:  # noqa: BLE001 - reported as the sample's internal error by the parent
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            answer = ("error", f"{type(exc).__name__}: {exc}")
+        _send(out_fd, answer)
 
 
 class SampleWatchdog:
@@ -47,39 +80,38 @@ class SampleWatchdog:
 
     def __init__(self, timeout_s: float):
         self.timeout_s = float(timeout_s)
-        self._ctx = mp.get_context("spawn")  # no fork inside a Ray worker's threads
-        self._proc = None
-        self._conn = None
+        self._proc: subprocess.Popen | None = None
 
     def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_child, args=(child,), daemon=True, name="hiervl-prep-decode")
-        self._proc.start()
-        child.close()
-        self._conn = parent
+        # a plain subprocess, not multiprocessing: shard tasks may run in daemonic processes
+        # (dataprep/distribute.py), which multiprocessing forbids to have children
+        self._proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      close_fds=True)
 
     def _kill(self) -> int | None:
         """Stop the child now; returns its exit code (negative: the signal)."""
         proc, self._proc = self._proc, None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
         if proc is None:
             return None
-        if proc.is_alive():
+        if proc.poll() is None:
             proc.kill()
-        proc.join(timeout=30)
-        return proc.exitcode
+        code = proc.wait(timeout=30)
+        for f in (proc.stdin, proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        return code
 
     def process(self, sample: dict, out_cfg: dict) -> tuple[bytes, str, dict]:
         """process_sample(sample, out_cfg) within the time limit; SampleRefused when over it or crashed."""
-        if self._proc is None or not self._proc.is_alive():
+        if self._proc is None or self._proc.poll() is not None:
             self._start()
         try:
-            self._conn.send((sample, out_cfg))
-            ready = self._conn.poll(self.timeout_s)
-            answer = self._conn.recv() if ready else None
-        except (EOFError, OSError, BrokenPipeError):
+            _send(self._proc.stdin.fileno(), (sample, out_cfg))
+            ready = bool(select.select([self._proc.stdout.fileno()], [], [], self.timeout_s)[0])
+            answer = _recv(self._proc.stdout.fileno()) if ready else None
+        except (EOFError, OSError, pickle.UnpicklingError):
             ready, answer = True, None
         if answer is None:
             code = self._kill()

@@ -142,8 +142,11 @@ def resolve_hosts(hostfile, hosts, default_path, slots: int):
 
 
 def pdsh_command(cfg, config_path, hostfile, *, master_addr: str, log_dir=None, python: str = sys.executable) -> list[str]:
-    """One launcher that reaches every host of the hostfile over pdsh (passwordless ssh needed)."""
-    return (_base(python, cfg.launch.master_port) + ["--hostfile", str(hostfile), "--launcher", "pdsh",
+    """One launcher that reaches every host of the hostfile over pdsh (passwordless ssh needed):
+    DeepSpeed's runner with the remote command's words shell-quoted (launch/pdsh_runner.py), so a
+    `;` or a space in train.out_dir reaches each node as text."""
+    base = [python, "-u", "-m", "hiervl.launch.pdsh_runner", "--master_port", str(cfg.launch.master_port)]
+    return (base + ["--hostfile", str(hostfile), "--launcher", "pdsh",
                                                      "--master_addr", master_addr] + _tail(config_path, log_dir))
 
 

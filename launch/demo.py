@@ -20,7 +20,7 @@ from hiervl.errors import UserError
 from hiervl.launch.processes import child_env
 
 HELP = "run the whole pipeline on the synthetic corpus (synth, prep, train, eval, search) and write a report"
-DESCRIPTION = """Synthetic corpus (hiervl synth) -> WebDataset shards on Ray (hiervl prep) -> training
+DESCRIPTION = """Synthetic corpus (hiervl synth) -> WebDataset shards (hiervl prep) -> training
 with DeepSpeed's launcher (train.ranks CPU ranks, or the GPUs when present; hit preset with its
 momentum queues) -> evaluation on the held-out test split (hiervl eval) -> a few searches with
 contact sheets -> <out>/report.md. Defaults come from configs/demo.yaml (sized to finish in a few

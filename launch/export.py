@@ -48,6 +48,7 @@ def checkpoint_source(run: Path) -> dict:
 def round_trip_difference(model, cfg, out: Path) -> float:
     """Largest |difference| between the checkpoint's and the export's embeddings of one caption and one clip."""
     import numpy as np
+    import torch
     from hiervl.api import HierVLModel, load, resolve_device
 
     ckpt = HierVLModel(model, cfg, resolve_device("cpu"))
@@ -61,7 +62,9 @@ def round_trip_difference(model, cfg, out: Path) -> float:
                  (ckpt.encode_video([clip]), exported.encode_video([clip]))):
         if a.keys() != b.keys():
             raise RuntimeError(f"export levels {sorted(b)} differ from the checkpoint's {sorted(a)}")
-        worst = max([worst] + [float((a[k].float() - b[k].float()).abs().max()) for k in a])
+        # NaN counts as the largest difference (max() over floats would drop it and report 0)
+        worst = max([worst] + [float(torch.nan_to_num((a[k].float() - b[k].float()).abs(), nan=float("inf")).max())
+                               for k in a])
     return worst
 
 

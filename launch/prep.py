@@ -1,4 +1,4 @@
-"""`hiervl prep`: videos + captions in, verified WebDataset shards out (Ray), or `--verify DIR`.
+"""`hiervl prep`: videos + captions in, verified WebDataset shards out (local pool or Ray), or `--verify DIR`.
 
 Owns: `hiervl prep` arguments and exit code.
 Must not touch: preparation logic (dataprep/).
@@ -10,12 +10,12 @@ from pathlib import Path
 
 from hiervl.errors import UserError
 
-HELP = "prepare WebDataset shards (+ DALI index, manifest) from videos and captions, on Ray"
+HELP = "prepare WebDataset shards (+ DALI index, manifest) from videos and captions"
 DESCRIPTION = """Probe, validate and transcode every input video per the prep config, and write
 deterministic, resumable WebDataset shards with DALI indexes, manifest.parquet,
-quarantine.parquet and dataset.json under --out. One Ray task per shard, on a local cluster
-(prep.num_workers CPUs) or an existing one (--ray-address). A rerun finishes only missing
-shards. Bad inputs are quarantined; the exit code is 1 only past prep.max_failure_rate.
+quarantine.parquet and dataset.json under --out. One task per shard, on prep.num_workers
+local processes, or on Ray (prep.distributor=auto: Ray from 1000 videos or with --ray-address,
+joining that cluster; =local / =ray to choose). A rerun finishes only missing shards. Bad inputs are quarantined; the exit code is 1 only past prep.max_failure_rate.
 One prep at a time per --out (a lock). --out may already hold splits made from other inputs
 (e.g. MSR-VTT test after train): they are kept; remaking another input's split, dropping one,
 or another prep config refuses unless --overwrite.

@@ -58,8 +58,12 @@ def main(args, cfg) -> int:
         return 0
     if is_remote(cfg.data.path):  # wrong credentials / a missing bucket: one line before any rank starts
         open_store(cfg.data.path, cfg.storage).check()
-    write_atomic(config_path, to_yaml(cfg))
-    return ds.run_local(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
+    from hiervl.dataprep.out_lock import train_lock
+
+    Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+    with train_lock(cfg.train.out_dir):  # a second `hiervl train` into this out_dir is refused in one line
+        write_atomic(config_path, to_yaml(cfg))
+        return ds.run_local(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
 
 
 def rank_main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,44 @@ from typing import Any
 
 import yaml
 from hiervl.errors import UserError
-from hiervl.presets import PRESETS, level_names
+from hiervl.presets import PRESETS, TOKEN_ALIGNS, level_names
 
 
 class ConfigError(UserError, ValueError):
     """A user's configuration mistake (exit code 2, no traceback)."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 core-schema scalars instead of 1.1's: `4:00:00` is not
+    14400 (sexagesimal), `012345` is not 5349 (octal), `on`/`yes`/`off`/`no` are not booleans,
+    `2026-01-01` is not a date. Those stay strings; `true`/`false`, `null`/`~`, decimal ints, floats (`3e-4` too) and `0x`/`0o`
+    ints resolve as before. No tags beyond the safe loader's: nothing in a config builds an object."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in (
+    "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _regexp, _first in (
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("tag:yaml.org,2002:int", r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F]+|0o[0-7]+)$", "-+0123456789"),
+        # a dot or an exponent makes a float; digits alone are an int above, or a string (leading zero)
+        ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*\.[0-9_]*)(?:[eE][-+]?[0-9]+)?"
+                                    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+                                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+0123456789.")):
+    _Yaml12Loader.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
+
+
+def _construct_int(loader, node):
+    text = loader.construct_scalar(node).replace("_", "")
+    return int(text, 0) if text.startswith(("0x", "0o")) else int(text)
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def yaml_load(text: str):
+    """Parse YAML text as a config is read (YAML 1.2 core scalars, `_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -149,6 +183,12 @@ class ModelConfig:
     num_clips: int = 4  # HCMI/HANet: clip tokens that frames are clustered into
     num_phrases: int = 4  # HCMI: phrase tokens that words are clustered into
     level_weights: dict = field(default_factory=dict)  # inference fusion weights per level name
+    # training: `levels` = one loss per level, summed with `loss_weights` (missing levels weigh 1);
+    # `fused` = HANet's one loss on the level_weights mean of the level similarities (pipeline/model/FIDELITY.md)
+    loss_on: str = "levels"
+    loss_weights: dict = field(default_factory=dict)  # training weight per level name (loss_on=levels)
+    token_align: str = "max"  # token levels: max (X-CLIP/DRL TI, order-blind) | monotonic (word/frame order kept)
+    detach_token_levels: bool = False  # token levels read detached encoder states: their losses train only their heads
     loss: str = "infonce"  # infonce | hinge (VSE++ hardest negative, HANet's)
     margin: float = 0.2
     temperature: float = 0.07  # initial temperature (learnable in hcmi)
@@ -181,6 +221,17 @@ class ModelConfig:
         _check(sum(float(self.level_weights.get(n, 1.0)) for n in names) > 0,
                f"model.level_weights must not all be 0 (levels: {names})")
         _one_of("model.loss", self.loss, ("infonce", "hinge"))
+        _one_of("model.loss_on", self.loss_on, ("levels", "fused"))
+        _one_of("model.token_align", self.token_align, TOKEN_ALIGNS)
+        unknown = sorted(set(self.loss_weights) - set(names))
+        _check(not unknown, f"model.loss_weights names {unknown} but preset '{self.preset}' has levels {names}")
+        _check(all(isinstance(v, (int, float)) and v >= 0 for v in self.loss_weights.values()),
+               "model.loss_weights values must be numbers >= 0, e.g. {feature: 0.25, semantic: 1.0}")
+        _check(sum(float(self.loss_weights.get(n, 1.0)) for n in names) > 0,
+               f"model.loss_weights must not all be 0 (levels: {names})")
+        _check(not (self.loss_on == "fused" and self.loss_weights),
+               "model.loss_weights weighs per-level losses but model.loss_on=fused trains one loss on the "
+               "model.level_weights mean; set the fusion with model.level_weights, or use model.loss_on=levels")
         _check(self.embed_dim >= 1, "model.embed_dim must be >= 1")
         _check(self.temporal_layers >= 0, "model.temporal_layers must be >= 0")
         _check(self.num_clips >= 1 and self.num_phrases >= 1, "model.num_clips and model.num_phrases must be >= 1")
@@ -342,8 +393,11 @@ class PrepConfig:
     crf: int = 32
     shard_max_samples: int = 64
     shard_max_bytes: int = 256 * 1024 * 1024
-    num_workers: int = 2  # Ray CPUs used on a local cluster
-    object_store_mb: int = 256
+    num_workers: int = 2  # worker processes: the local pool's, or the CPUs of a local Ray cluster
+    object_store_mb: int = 256  # a local Ray cluster's object store
+    # where shard tasks run (dataprep/distribute.py): local = a process pool on this machine, ray = Ray
+    # tasks, auto = Ray with --ray-address or from AUTO_RAY_MIN_SAMPLES samples on, the pool below
+    distributor: str = "auto"
     max_failure_rate: float = 0.2  # exit non-zero past this share of refused inputs
     # seconds one video may take; past it the decoder's process is killed and the video quarantined
     # (dataprep/watchdog.py: each shard's samples run in a child process). 0 = no limit, in-process
@@ -357,6 +411,7 @@ class PrepConfig:
         _check(0 < self.keyframe_interval <= 1.0, "prep.keyframe_interval must be in (0, 1] seconds")
         _check(self.shard_max_samples >= 1 and self.shard_max_bytes >= 1, "prep.shard_max_* must be >= 1")
         _check(self.num_workers >= 1, "prep.num_workers must be >= 1")
+        _one_of("prep.distributor", self.distributor, ("auto", "local", "ray"))
         _check(0.0 <= self.max_failure_rate <= 1.0, "prep.max_failure_rate must be in [0, 1]")
         _positive("prep.decode_timeout_s", self.decode_timeout_s, allow_zero=True)
 
@@ -541,14 +596,15 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse `a.b=value` strings; the value is read as YAML (so `[1,2]`, `true`, `null` work)."""
+    """Parse `a.b=value` strings; the value is read as YAML 1.2 (so `[1,2]`, `true`, `null` work, and
+    `4:00:00`, `012345`, `on`, `2026-01-01` stay strings)."""
     parsed = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         parsed.append((key.strip(), value))
@@ -601,7 +657,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through 'defaults'")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
     if not isinstance(tree, dict):

@@ -26,8 +26,7 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
-from hiervl.config import ConfigError, from_dict, to_yaml
+from hiervl.config import ConfigError, from_dict, to_yaml, yaml_load
 from hiervl.errors import UserError
 
 EXPORT_FILE = "hiervl-export.json"
@@ -58,11 +57,15 @@ def write_export(model, cfg, out: str | Path, source: dict | None = None, overwr
             raise UserError(f"--out {out} exists and is not empty; choose a new directory or pass --force")
         if not is_export(out):
             raise UserError(f"--out {out} holds something other than a hiervl export; --force only replaces exports")
+    state = tower_state(model)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged run: an export of NaN/inf weights would embed everything as NaN
+        raise UserError(f"the checkpoint's weights are not finite (NaN or inf in {len(bad)} tensors, e.g. {bad[0]}); "
+                        "nothing exported: export an earlier checkpoint (RUN/checkpoints/stepNNNNNNNN)")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / VISION_DIR).mkdir(parents=True)
     try:
-        state = tower_state(model)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", FORMAT: str(VERSION)})
         (tmp / CONFIG).write_text(to_yaml(cfg))
         model.video.encoder.vit.config.save_pretrained(str(tmp / VISION_DIR))  # the ViT as built (channels, sizes)
@@ -101,7 +104,7 @@ def read_export_info(path: str | Path) -> dict:
 
 def export_config(path: Path):
     """The export's config, pointed at its own text directory (architecture only, no pretrained weights)."""
-    tree = yaml.safe_load((path / CONFIG).read_text()) or {}
+    tree = yaml_load((path / CONFIG).read_text()) or {}
     model = tree.setdefault("model", {})
     model["clip_path"] = None  # the towers' sources are this directory, not the training machine's CLIP
     model.setdefault("text", {}).update(path=str((path / TEXT_DIR).resolve()), pretrained=False)
@@ -129,7 +132,11 @@ def load_export(path: str | Path):
     vision = CLIPVisionConfig.from_pretrained(str(path / VISION_DIR), local_files_only=True)
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG as it was
         towers = QueryTowers(cfg, vision_config=vision)
-    state = load_file(str(path / WEIGHTS))
+    try:
+        state = load_file(str(path / WEIGHTS))  # safetensors: a header and raw tensors, never a pickle
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, or an OSError reading it
+        raise UserError(f"{path / WEIGHTS} is not a safetensors file ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160]}); export the run again") from None
     missing, unexpected = towers.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"export {path}: {WEIGHTS} does not match its config (missing {missing[:5]}, "

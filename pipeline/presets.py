@@ -18,6 +18,7 @@ class Level:
     kind: str  # "token" | "global"
     video_source: str  # frames | feature | clusters | windows | pooled
     text_source: str  # words | feature | clusters | pooled
+    align: str = "max"  # token levels: max (TI: each token its best partner) | monotonic (time-ordered)
 
 
 PRESETS: dict[str, tuple[Level, ...]] = {
@@ -28,6 +29,7 @@ PRESETS: dict[str, tuple[Level, ...]] = {
               Level("global", "global", "pooled", "pooled")),
     "flat": (Level("global", "global", "pooled", "pooled"),),
 }
+TOKEN_ALIGNS = ("max", "monotonic")  # model.token_align: how a token level reduces its token x token matrix
 LEARNED_TEMPERATURE = ("hcmi",)  # presets whose temperature is learnable unless model.learnable_temperature says
 
 

@@ -15,10 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint  # noqa: E402
-from test_loader_fixture import write_shards  # noqa: E402
+from fixtures import write_shards
+from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_VIDEOS = 6

@@ -182,11 +182,8 @@ def _env(**extra):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from test_loader_fixture import prepared_dataset
-
-    path, _ = prepared_dataset(tmp_path_factory.mktemp("integrity_data"), 40)
-    return path
+def shards(prepared_dataset_40):
+    return prepared_dataset_40
 
 
 def _assert_disk_full_reported(res, ckpts, out):

@@ -6,15 +6,12 @@ an export of a CLIP-initialised model loads without the CLIP directory."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_evaluate import SMALL, TINY  # noqa: E402
+from test_evaluate import SMALL, TINY
 
 POSITIONS = 32  # the tiny CLIP's text positions (real CLIP: 77)
 

@@ -6,8 +6,8 @@ import av
 import numpy as np
 import pytest
 import torch
+from fixtures import encode_clip
 from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
-from test_loader_fixture import encode_clip
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
 

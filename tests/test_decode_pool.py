@@ -21,16 +21,14 @@ from hiervl.data.decode_pool import DecodeWorkerError
 from hiervl.data.loader import VideoTextLoader
 from hiervl.data.schedule import DecoderSplit
 from test_loader import global_keys, make_cfg, run_epoch
-from test_loader_fixture import prepared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root, _ = prepared_dataset(tmp_path_factory.mktemp("pool"), 30, codec="vp9")
-    return root
+def dataset(prepared_dataset_30):
+    return prepared_dataset_30
 
 
 def _alive(pid: int) -> bool:
@@ -192,12 +190,12 @@ def test_decode_workers_is_validated():
     assert Config().data.decode_workers == 0  # the in-process path unless a config asks
 
 
-def test_train_with_decode_workers_sigterm_then_resume_on_one_rank_sees_each_key_once(tmp_path):
+def test_train_with_decode_workers_sigterm_then_resume_on_one_rank_sees_each_key_once(tmp_path, prepared_dataset_40):
     """`hiervl train` (DeepSpeed launcher, 2 CPU ranks) with the pool: SIGTERM mid-run checkpoints and exits 0,
     the 1-rank resume (pool again) continues at the exact data position: every key of epoch 0 once."""
     from test_train import STEPS, _cmd, _env, _samples, _train, _train_keys
 
-    shards, _ = prepared_dataset(tmp_path / "data", 40)
+    shards = prepared_dataset_40
     out = tmp_path / "run"
     pool = ["data.decode_workers=1", "checkpoint.every_steps=0"]
     proc = subprocess.Popen(_cmd(shards, out, extra=pool), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,

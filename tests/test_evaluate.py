@@ -7,16 +7,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_loader_fixture import write_shards  # noqa: E402
+from fixtures import write_shards
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 SMALL = ["data.num_frames=4", "data.max_words=12", "data.size=16", "data.short_side=20", "data.num_threads=1",
@@ -237,7 +234,10 @@ def grouped_copy(data: Path, dst: Path) -> Path:
     shutil.copytree(data, dst)
     table = pq.read_table(dst / "manifest.parquet")
     groups = [None if int(k[4:]) >= 8 else f"g{int(k[4:]) // 4}" for k in table.column("key").to_pylist()]
-    pq.write_table(table.append_column("group", pa.array(groups, pa.string())), dst / "manifest.parquet")
+    column = pa.array(groups, pa.string())
+    at = table.schema.get_field_index("group")  # the manifest schema's (null) group column, replaced
+    table = table.set_column(at, "group", column) if at >= 0 else table.append_column("group", column)
+    pq.write_table(table, dst / "manifest.parquet")
     return dst
 
 

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_api import extract_videos  # noqa: E402
-from test_evaluate import SMALL, TINY  # noqa: E402
+from test_api import extract_videos
+from test_evaluate import SMALL, TINY
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from test_loader_fixture import write_shards
+    from fixtures import write_shards
 
     root = tmp_path_factory.mktemp("export")
     shards = write_shards(root / "shards", 8, "vp9", split="train", per_shard=4)

@@ -44,11 +44,8 @@ def test_free_port_is_kept_and_held_until_released():
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from test_loader_fixture import prepared_dataset
-
-    path, _ = prepared_dataset(tmp_path_factory.mktemp("ports_data"), 8)
-    return path
+def shards(prepared_dataset_16):
+    return prepared_dataset_16  # the session's (conftest.py): 1-step runs, any small dataset will do
 
 
 @pytest.mark.integration

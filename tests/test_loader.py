@@ -9,16 +9,13 @@ import torch
 from hiervl.config import Config
 from hiervl.data.loader import DatasetIndex, VideoTextLoader, iter_eval
 from hiervl.errors import UserError
-from test_loader_fixture import prepared_dataset
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root, how = prepared_dataset(tmp_path_factory.mktemp("loader"), 30, codec="vp9")
-    print(f"dataset from {how}")
-    return root
+def dataset(prepared_dataset_30):
+    return prepared_dataset_30
 
 
 def make_cfg(path, **data):

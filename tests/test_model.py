@@ -1,5 +1,6 @@
 """HierarchicalModel on the tiny config: every preset trains, overfits, encodes, and masks correctly."""
 
+import copy
 import math
 import os
 import subprocess
@@ -309,26 +310,45 @@ def test_queue_objective_settings_are_validated():
     assert QueueConfig().objective == "momentum"  # the dataclass default is HiT's; configs/*.yaml pick theirs
 
 
-def test_symmetric_without_a_queue_skips_the_key_encoders_and_loses_nothing():
-    """No key is scored or kept: the key encoders are neither run nor updated, and the loss is the
-    one the same model computes with them running."""
-    model = build_model(_cfg("hit", ["queue.objective=symmetric", "queue.enabled=false"]))
-    assert not model.uses_keys
+def test_symmetric_without_a_queue_has_no_key_encoders_and_loses_nothing():
+    """No key is scored or kept: the key encoders do not exist (not built, run, updated nor saved),
+    and the loss is the one the same weights give with key encoders running beside them."""
+    cfg = _cfg("hit", ["queue.objective=symmetric", "queue.enabled=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert not model.uses_keys and model.video_key is None and model.text_key is None
+    assert not any(k.startswith(("video_key.", "text_key.")) for k in model.state_dict())
+    with_keys = _cfg("hit", ["queue.objective=momentum", "queue.enabled=false"])
+    assert sum(p.numel() for p in build_model(with_keys).parameters()) > 1.9 * sum(
+        p.numel() for p in model.parameters())  # the copies were half the parameters
     batch = _batch(4)
-    calls = []
-    model.video_key.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         skipped = model(batch)["loss"]
-    assert calls == []
-    model.uses_keys = True  # run them anyway: the same loss, since nothing reads them
+    model.momentum_update()  # nothing to update: no error
+    # the same weights in a model that builds and runs key encoders (loss symmetric: nothing reads them)
+    torch.manual_seed(0)
+    ran_model = build_model(cfg)
+    ran_model.uses_keys = True
+    ran_model.video_key, ran_model.text_key = copy.deepcopy(ran_model.video), copy.deepcopy(ran_model.text)
+    ran_model.load_state_dict(model.state_dict())  # key encoders start as copies of the query towers
+    calls = []
+    ran_model.video_key.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        ran = model(batch)["loss"]
+        ran = ran_model(batch)["loss"]
     assert calls == [1]
     torch.testing.assert_close(skipped, ran)
-    model.uses_keys = False
-    before = [p.clone() for p in model.video_key.parameters()]
+
+
+def test_a_checkpoint_of_the_other_objective_loads_strictly_both_ways():
+    """A symmetric model loads a momentum run's state (its copies dropped); a momentum model loads a
+    symmetric run's (its copies start as the query towers, as at build)."""
+    torch.manual_seed(0)
+    momentum = build_model(_cfg("hit", ["queue.objective=momentum", "queue.enabled=false"]))
+    symmetric = build_model(_cfg("hit", ["queue.objective=symmetric", "queue.enabled=false"]))
+    symmetric.load_state_dict(momentum.state_dict())  # strict: video_key.* / text_key.* dropped
     with torch.no_grad():
-        for p in model.video.parameters():
-            p.add_(1.0)
-    model.momentum_update()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.video_key.parameters()))
+        for p in symmetric.video.parameters():
+            p.add_(0.5)
+    momentum.load_state_dict(symmetric.state_dict())  # strict: the copies are filled in
+    for (n, k), q in zip(momentum.video_key.named_parameters(), momentum.video.parameters()):
+        assert torch.equal(k, q), n

@@ -114,12 +114,8 @@ def test_wandb_settings_are_checked_at_load(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_loader_fixture import prepared_dataset
-
-    path, _ = prepared_dataset(tmp_path_factory.mktemp("monitor_data"), 40)
-    return path
+def shards(prepared_dataset_40):
+    return prepared_dataset_40
 
 
 def _train(shards, out, *extra):

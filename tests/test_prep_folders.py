@@ -1,9 +1,11 @@
-"""What a prep output folder holds, on real Ray: one prep at a time (the lock), and splits made by
-several inputs side by side (dataprep/out_lock.py, dataprep/dataset_inputs.py, dataprep/driver.py)."""
+"""What a prep output folder holds: one prep at a time (the lock), and splits made by several inputs
+side by side (dataprep/out_lock.py, dataprep/dataset_inputs.py, dataprep/driver.py). The preps run
+on the local distributor (no Ray start): what is checked here is the driver's, whatever runs the tasks."""
 
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,14 +30,6 @@ ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFOR
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    ray.init(num_cpus=2, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     return make_corpus(root, 12, seed=3)
@@ -44,6 +38,7 @@ def corpus(tmp_path_factory):
 def _cfg(**prep):
     cfg = Config()
     cfg.prep.short_side, cfg.prep.fps, cfg.prep.shard_max_samples = 32, 4.0, 2
+    cfg.prep.distributor = "local"
     for k, v in prep.items():
         setattr(cfg.prep, k, v)
     return cfg
@@ -103,7 +98,7 @@ def test_lock_refuses_live_holder_takes_over_stale_and_clean_spares_live_writers
 
 
 @pytest.mark.integration
-def test_second_prep_into_the_same_out_refuses_and_the_first_finishes_intact(ray_cluster, corpus, tmp_path):
+def test_second_prep_into_the_same_out_refuses_and_the_first_finishes_intact(corpus, tmp_path):
     """Item 1: two `hiervl prep` into one --out at once; the second used to delete the first's
     temporary files (and the first crashed). Now it refuses in one line naming the holder."""
     manifest = _manifest(corpus, tmp_path / "m.csv", range(12), ["train"] * 12)
@@ -118,9 +113,12 @@ def test_second_prep_into_the_same_out_refuses_and_the_first_finishes_intact(ray
         deadline = time.time() + 120
         while time.time() < deadline and not (out / LOCK_FILE).exists():
             time.sleep(0.02)
-        assert (out / LOCK_FILE).exists() and first.poll() is None
-        second = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-        assert first.poll() is None, "the first prep ended before the second was refused: make it slower"
+        os.kill(first.pid, signal.SIGSTOP)  # the holder stays mid-run (alive, lock held) while the second tries
+        try:
+            assert (out / LOCK_FILE).exists() and first.poll() is None
+            second = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         assert second.returncode == 1
         err = second.stderr.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in second.stderr
@@ -135,7 +133,7 @@ def test_second_prep_into_the_same_out_refuses_and_the_first_finishes_intact(ray
 
 
 @pytest.mark.integration
-def test_splits_of_several_inputs_share_one_folder(ray_cluster, corpus, tmp_path):
+def test_splits_of_several_inputs_share_one_folder(corpus, tmp_path):
     """Item 2: MSR-VTT-style train/val from one input, then test from another, into one --out:
     adding a split keeps the others (shards, rows, counts); remaking another input's split, another
     prep config, or leftovers of an unknown dataset refuse unless overwrite."""
@@ -189,7 +187,7 @@ def test_splits_of_several_inputs_share_one_folder(ray_cluster, corpus, tmp_path
 
 
 @pytest.mark.integration
-def test_bad_cells_and_bad_media_reach_the_quarantine_of_a_real_prep(ray_cluster, corpus, tmp_path):
+def test_bad_cells_and_bad_media_reach_the_quarantine_of_a_real_prep(corpus, tmp_path):
     """Items 6, 7, 9, 10 end to end: a JSONL manifest with bad cells and bad media; each refusal is
     in quarantine.parquet with its reason, the good rows (and the upright rotated video) are shards."""
     from PIL import Image

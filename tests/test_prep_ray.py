@@ -1,7 +1,8 @@
 """`hiervl prep` end to end on a real local Ray cluster and real video files.
 
-One Ray cluster for the module (ray.init costs seconds); the crash test runs the CLI in a
-subprocess with its own cluster and SIGKILLs it half-way.
+The session's Ray cluster (conftest.py `ray_cluster`; ray.init costs seconds) with
+prep.distributor=ray; the crash test runs the CLI in a subprocess with its own cluster and
+SIGKILLs it half-way.
 """
 
 import csv
@@ -28,17 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    ray.init(num_cpus=2, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(**prep):
     cfg = Config()
     cfg.prep.short_side, cfg.prep.fps, cfg.prep.shard_max_samples = 32, 4.0, 3
+    cfg.prep.distributor = "ray"
     for k, v in prep.items():
         setattr(cfg.prep, k, v)
     return cfg
@@ -138,7 +132,8 @@ def test_sigkill_half_way_then_rerun_gives_same_bytes(ray_cluster, tmp_path_fact
     prepare(_cfg(shard_max_samples=2), manifest, ref, progress=False)  # uninterrupted, 2 workers
     out = root / "out"
     cmd = [sys.executable, "-m", "hiervl.launch.cli", "prep", "--input", str(manifest), "--out", str(out),
-           "prep.short_side=32", "prep.fps=4", "prep.shard_max_samples=2", "prep.num_workers=1"]
+           "prep.short_side=32", "prep.fps=4", "prep.shard_max_samples=2", "prep.num_workers=1",
+           "prep.distributor=ray"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # its own process group: its Ray cluster can be cleaned up
     deadline = time.time() + 120

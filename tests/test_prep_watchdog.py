@@ -55,3 +55,25 @@ def test_without_a_fault_the_watchdog_gives_the_in_process_bytes(spec, tmp_path)
         write_shard(spec, PREP, str(tmp_path / d), decode_timeout_s=limit)
     for name in ("train-000000.tar", "train-000000.idx", "train-000000.stats.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_hiervl_prep_quarantines_a_hanging_video_and_finishes(tmp_path, monkeypatch):
+    """Through the driver (the distributor's shard processes, then the manifest and quarantine files)."""
+    import pyarrow.parquet as pq
+    from hiervl.config import Config
+    from hiervl.dataprep import driver
+
+    manifest = make_corpus(tmp_path / "corpus", 6, seed=3)
+    cfg = Config()
+    cfg.prep.codec, cfg.prep.num_workers, cfg.prep.shard_max_samples = "copy", 1, 8
+    cfg.prep.decode_timeout_s = LIMIT
+    monkeypatch.setenv("HIERVL_FAULT", "decode-hang")
+    monkeypatch.setenv("HIERVL_FAULT_MATCH", "synth000002")
+    t0 = time.monotonic()
+    driver.prepare(cfg, str(manifest), str(tmp_path / "out"))
+    assert time.monotonic() - t0 < 120
+    quarantine = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pylist()
+    assert len(quarantine) == 1 and "synth000002" in quarantine[0]["source"], quarantine
+    assert "timed out after 3s (prep.decode_timeout_s)" in quarantine[0]["reason"]
+    keys = pq.read_table(tmp_path / "out" / "manifest.parquet", columns=["source"]).column(0).to_pylist()
+    assert len(keys) == 5 and not any("synth000002" in k for k in keys)

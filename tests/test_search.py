@@ -4,16 +4,13 @@ contact sheet from real frames, user errors; and (slow) the end-to-end train -> 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_evaluate import SMALL, TINY, make_model  # noqa: E402
-from test_loader_fixture import write_shards  # noqa: E402
+from fixtures import write_shards
+from test_evaluate import SMALL, TINY, make_model
 
 CAPTIONS = ["a red circle slides left", "a blue square jumps up", "a green triangle spins",
             "two yellow stars fade out", "a purple ring grows", "an orange dot bounces right"]

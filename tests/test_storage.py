@@ -49,7 +49,7 @@ def _opts(server, **kw) -> dict:
 @pytest.fixture(scope="module")
 def local_and_remote(tmp_path_factory, server):
     """The same prepared shards, on local disk and under s3://loader-data/ds (uploaded file by file)."""
-    from test_loader_fixture import write_shards
+    from fixtures import write_shards
 
     local = write_shards(tmp_path_factory.mktemp("local") / "shards", 20, "vp9", per_shard=6)
     server.make_bucket("loader-data")
@@ -319,7 +319,6 @@ def test_prep_into_s3_keeps_other_inputs_splits_and_refuses_a_clash(creds, tmp_p
     a split another input made refuses in one line; nothing local is locked or left behind."""
     import csv
 
-    import ray
     from hiervl.dataprep.driver import prepare
     from hiervl.dataprep.synth import make_corpus
 
@@ -340,15 +339,12 @@ def test_prep_into_s3_keeps_other_inputs_splits_and_refuses_a_clash(creds, tmp_p
     cfg.prep.short_side, cfg.prep.fps, cfg.prep.shard_max_samples, cfg.prep.codec = 32, 4.0, 2, "copy"
     cfg.storage.endpoint_url = creds.endpoint
     out = "s3://folders/ds"
-    ray.init(num_cpus=1, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
-    try:
-        prepare(cfg, manifest("a.csv", [0, 1], "train"), out, progress=False)
-        s = prepare(cfg, manifest("b.csv", [2, 3], "test"), out, progress=False)
-        assert s["dataset_counts"] == {"test": 2, "train": 2}
-        with pytest.raises(UserError) as err:
-            prepare(cfg, manifest("c.csv", [2, 3], "train"), out, progress=False)
-    finally:
-        ray.shutdown()
+    cfg.prep.distributor = "local"  # worker processes of their own all the same: storage.* must reach them
+    prepare(cfg, manifest("a.csv", [0, 1], "train"), out, progress=False)
+    s = prepare(cfg, manifest("b.csv", [2, 3], "test"), out, progress=False)
+    assert s["dataset_counts"] == {"test": 2, "train": 2}
+    with pytest.raises(UserError) as err:
+        prepare(cfg, manifest("c.csv", [2, 3], "train"), out, progress=False)
     msg = str(err.value)
     assert "\n" not in msg and f"split train in {out} was made from {tmp_path.resolve() / 'a.csv'}" in msg
     names = storage.open_store(out, _opts(creds)).list()

@@ -1,6 +1,7 @@
 """`hiervl prep` into s3://, then `hiervl train` and `hiervl eval` from it, against the local-disk path.
 
-On a real S3-compatible server (SeaweedFS, tests/s3_server.py) and a real local Ray cluster:
+On a real S3-compatible server (SeaweedFS, tests/s3_server.py) and the session's local Ray cluster
+(conftest.py) for the datasets:
 - the dataset written to s3:// is byte for byte the local one (every shard, index, stats record,
   manifest, dataset.json), and a rerun writes nothing and changes nothing;
 - a manifest and videos that are themselves in the bucket, prepared to local disk (the endpoint from
@@ -24,6 +25,7 @@ import s3_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
+RAY = "prep.distributor=ray"  # the session's Ray cluster (conftest.py)
 PREP = ["prep.codec=copy", "prep.short_side=32", "prep.shard_max_samples=6", "prep.num_workers=1"]
 TRAIN = ["model.preset=hit", "data.batch_size=4", "train.steps=4", "train.log_every=1", "train.log_samples=true",
          "checkpoint.every_steps=0", "optimizer.warmup_steps=2", "queue.enabled=true", "queue.size=8"]
@@ -49,9 +51,8 @@ def env(server):
 
 
 @pytest.fixture(scope="module")
-def datasets(server, env, tmp_path_factory):
+def datasets(server, env, ray_cluster, tmp_path_factory):
     """(local dir, s3 URL, summaries): the same corpus prepared to both with `hiervl prep`, in one Ray."""
-    import ray
     from hiervl.dataprep.synth import make_corpus
     from hiervl.launch.cli import main
 
@@ -59,24 +60,20 @@ def datasets(server, env, tmp_path_factory):
     manifest = make_corpus(root / "corpus", 20, seed=3)
     server.make_bucket("e2e")
     ep = f"storage.endpoint_url={server.endpoint}"
-    ray.init(num_cpus=1, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
-    try:
-        base = ["prep", "--config", str(ROOT / "configs/tiny.yaml"), "--input", str(manifest)]
-        # first, while the Ray worker is fresh (no storage defaults set yet): the corpus itself in the
-        # bucket, remote manifest and remote videos (its relative paths resolve to the bucket)
-        fs = server._fs()
-        for p in [manifest, *sorted((manifest.parent / "videos").iterdir())]:
-            with fs.open_output_stream(f"e2e/corpus/{p.relative_to(manifest.parent)}") as f:
-                f.write(p.read_bytes())
-        assert main(["prep", "--config", str(ROOT / "configs/tiny.yaml"), "--input", "s3://e2e/corpus/manifest.csv",
-                     "--out", str(root / "from-remote"), *PREP, ep]) == 0  # the endpoint reaches the workers
-        assert main([*base, "--out", str(root / "local"), *PREP]) == 0
-        assert main([*base, "--out", "s3://e2e/shards", *PREP, ep]) == 0
-        first = _objects(server, "e2e/shards")
-        assert main([*base, "--out", "s3://e2e/shards", *PREP, ep]) == 0  # the rerun
-        rerun = _objects(server, "e2e/shards")
-    finally:
-        ray.shutdown()
+    base = ["prep", "--config", str(ROOT / "configs/tiny.yaml"), "--input", str(manifest)]
+    # first: the corpus itself in the bucket, remote manifest and remote videos (its relative paths
+    # resolve to the bucket), prepared on Ray workers that get the endpoint from the task only
+    fs = server._fs()
+    for p in [manifest, *sorted((manifest.parent / "videos").iterdir())]:
+        with fs.open_output_stream(f"e2e/corpus/{p.relative_to(manifest.parent)}") as f:
+            f.write(p.read_bytes())
+    assert main(["prep", "--config", str(ROOT / "configs/tiny.yaml"), "--input", "s3://e2e/corpus/manifest.csv",
+                 "--out", str(root / "from-remote"), *PREP, RAY, ep]) == 0  # the endpoint reaches the workers
+    assert main([*base, "--out", str(root / "local"), *PREP, RAY]) == 0
+    assert main([*base, "--out", "s3://e2e/shards", *PREP, RAY, ep]) == 0
+    first = _objects(server, "e2e/shards")
+    assert main([*base, "--out", "s3://e2e/shards", *PREP, RAY, ep]) == 0  # the rerun
+    rerun = _objects(server, "e2e/shards")
     return root, "s3://e2e/shards", first, rerun
 
 
@@ -166,7 +163,6 @@ def test_prep_to_s3_killed_half_way_then_rerun_gives_the_same_bytes(server, env,
     import signal
     import time
 
-    import ray
     from hiervl.config import load_config
     from hiervl.dataprep.driver import prepare
     from hiervl.dataprep.synth import make_corpus
@@ -176,33 +172,29 @@ def test_prep_to_s3_killed_half_way_then_rerun_gives_the_same_bytes(server, env,
             f"storage.endpoint_url={server.endpoint}"]
     cfg = load_config(ROOT / "configs/tiny.yaml", over)
     server.make_bucket("crash")
-    ray.init(num_cpus=1, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
-    try:
-        prepare(cfg, str(manifest), str(tmp_path / "ref"), progress=False)  # the reference, transcoded (vp9)
-        ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir() if p.is_file()}
-        cmd = [sys.executable, "-m", "hiervl.launch.cli", "prep", "--config", str(ROOT / "configs/tiny.yaml"),
-               "--input", str(manifest), "--out", "s3://crash/ds", *over]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if sum(n.endswith(".stats.json") for n in _names(server, "crash/ds")) >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "prep finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray cluster and a worker mid-upload
-        proc.wait()
-        time.sleep(0.5)
-        left = _objects(server, "crash/ds")
-        done = sum(n.endswith(".stats.json") for n in left)
-        assert 2 <= done < 10 and "manifest.parquet" not in left
-        for name, data in left.items():  # whatever is there is whole: the reference's bytes
-            assert data == ref[name], name
-        summary = prepare(cfg, str(manifest), "s3://crash/ds", progress=False)
-        assert summary["shards_run"] == 10 - done
-        assert _objects(server, "crash/ds") == ref
-    finally:
-        ray.shutdown()
+    prepare(cfg, str(manifest), str(tmp_path / "ref"), progress=False)  # the reference, transcoded (vp9)
+    ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir() if p.is_file()}
+    cmd = [sys.executable, "-m", "hiervl.launch.cli", "prep", "--config", str(ROOT / "configs/tiny.yaml"),
+           "--input", str(manifest), "--out", "s3://crash/ds", *over]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if sum(n.endswith(".stats.json") for n in _names(server, "crash/ds")) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "prep finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker processes, one mid-upload
+    proc.wait()
+    time.sleep(0.5)
+    left = _objects(server, "crash/ds")
+    done = sum(n.endswith(".stats.json") for n in left)
+    assert 2 <= done < 10 and "manifest.parquet" not in left
+    for name, data in left.items():  # whatever is there is whole: the reference's bytes
+        assert data == ref[name], name
+    summary = prepare(cfg, str(manifest), "s3://crash/ds", progress=False)
+    assert summary["shards_run"] == 10 - done
+    assert _objects(server, "crash/ds") == ref
 
 
 def _names(server, prefix: str) -> list[str]:

@@ -20,11 +20,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from test_loader_fixture import prepared_dataset
-
-    path, _ = prepared_dataset(tmp_path_factory.mktemp("submit_ds_data"), 16)
-    return path
+def shards(prepared_dataset_16):
+    return prepared_dataset_16
 
 
 def test_two_no_ssh_launchers_train_together(tmp_path, shards):

@@ -29,11 +29,8 @@ BASE = ["model.preset=hit", "data.batch_size=4", "train.steps=12", "train.log_ev
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from test_loader_fixture import prepared_dataset
-
-    path, _ = prepared_dataset(tmp_path_factory.mktemp("train_data"), 40)
-    return path
+def shards(prepared_dataset_40):
+    return prepared_dataset_40
 
 
 def _env(**extra):

@@ -64,7 +64,7 @@ def cli(capsys):
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """8 train samples in the dataset contract (tars + manifest.parquet), no test split."""
-    from test_loader_fixture import write_shards
+    from fixtures import write_shards
 
     return write_shards(tmp_path_factory.mktemp("small") / "shards", 8)
 
@@ -240,13 +240,11 @@ def _free_port() -> str:
 
 
 @pytest.fixture(scope="module")
-def relative_run(tmp_path_factory):
+def relative_run(tmp_path_factory, prepared_dataset_40):
     """`hiervl train` from directory A with relative data.path, train.out_dir and a user DeepSpeed
     JSON without "optimizer"; 4 steps, eval and checkpoint both every 2 steps."""
-    from test_loader_fixture import prepared_dataset
-
     root = tmp_path_factory.mktemp("relative")
-    shards, _ = prepared_dataset(root / "data", 40)
+    shards = prepared_dataset_40
     a = root / "a"
     a.mkdir()
     (a / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 0}, "steps_per_print": 1000}))

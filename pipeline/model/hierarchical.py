@@ -26,9 +26,9 @@ import torch
 from hiervl import distributed as dist
 from hiervl.config import Config
 from hiervl.model.encoders import TextEncoder, VideoEncoder
-from hiervl.model.levels import LevelHeads, feature_layers, level_similarity, level_weights
+from hiervl.model.levels import LevelHeads, feature_layers, level_similarity, level_weights, model_levels
 from hiervl.model.objective import HierarchicalContrastiveLoss
-from hiervl.presets import learns_temperature, preset_levels
+from hiervl.presets import learns_temperature
 from torch import nn
 
 
@@ -63,7 +63,7 @@ class QueryTowers(nn.Module):
     def __init__(self, cfg: Config, vision_config=None):
         super().__init__()
         self.cfg = cfg
-        self.level_specs = preset_levels(cfg.model.preset)
+        self.level_specs = model_levels(cfg)  # the preset's levels, token alignment per model.token_align
         self.levels = [lv.name for lv in self.level_specs]
         self.fusion_weights = level_weights(cfg)
 
@@ -97,12 +97,16 @@ class HierarchicalModel(QueryTowers):
         mc = cfg.model
 
         # key encoders: momentum copies, never trained by the optimizer. Only `symmetric` without a
-        # queue scores no key and keeps none: then they are neither run nor updated (a third less compute)
+        # queue scores no key and keeps none: then they do not exist (None): neither built, run, updated,
+        # kept on any rank nor saved (half the module state of the demo's checkpoints)
         self.uses_keys = cfg.queue.enabled or cfg.queue.objective != "symmetric"
-        self.video_key = copy.deepcopy(self.video)
-        self.text_key = copy.deepcopy(self.text)
-        for p in list(self.video_key.parameters()) + list(self.text_key.parameters()):
-            p.requires_grad_(False)
+        self.video_key: nn.Module | None = None
+        self.text_key: nn.Module | None = None
+        if self.uses_keys:
+            self.video_key = copy.deepcopy(self.video)
+            self.text_key = copy.deepcopy(self.text)
+            for p in list(self.video_key.parameters()) + list(self.text_key.parameters()):
+                p.requires_grad_(False)
 
         learnable = learns_temperature(mc.preset, mc.learnable_temperature)
         learnable = learnable and mc.loss == "infonce"  # the hinge has no temperature: no unused parameter
@@ -114,6 +118,7 @@ class HierarchicalModel(QueryTowers):
 
         self.objective = HierarchicalContrastiveLoss(cfg)  # owns the queues: objective.queues.<level>_<modality>
         self.register_load_state_dict_pre_hook(_rename_old_queue_keys)
+        self.register_load_state_dict_pre_hook(_match_key_encoders)
 
     @property
     def queues(self) -> nn.ModuleDict:
@@ -192,6 +197,24 @@ def _rename_old_queue_keys(module, state_dict, prefix, *args) -> None:
     old = prefix + "queues."
     for key in [k for k in state_dict if k.startswith(old)]:
         state_dict[prefix + "objective." + key[len(prefix):]] = state_dict.pop(key)
+
+
+KEY_PREFIXES = {"video_key.": "video.", "text_key.": "text."}  # momentum copy -> the query tower it copies
+
+
+def _match_key_encoders(module, state_dict, prefix, *args) -> None:
+    """A state dict from a run with the other objective: drop its momentum copies when this model has
+    none (an old symmetric checkpoint), or start them as copies of the query towers when it has them
+    and the state dict does not (what a fresh model does at build), so both load strictly."""
+    for key_prefix, query_prefix in KEY_PREFIXES.items():
+        mine, theirs = prefix + key_prefix, prefix + query_prefix
+        have = [k for k in state_dict if k.startswith(mine)]
+        if not module.uses_keys:
+            for k in have:
+                del state_dict[k]
+        elif not have:
+            for k in [k for k in state_dict if k.startswith(theirs)]:
+                state_dict[mine + k[len(theirs):]] = state_dict[k].clone()
 
 
 def build_model(cfg: Config) -> HierarchicalModel:

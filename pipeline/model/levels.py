@@ -1,9 +1,18 @@
 """Levels of the hierarchy: which embeddings each preset makes, and how a level scores a pair.
 
 A level is either `global` (one L2-normalised vector per video / caption, cosine similarity) or
-`token` (a set of L2-normalised tokens per side, token-wise aggregation as in X-CLIP/DRL's WTI:
-for every word the best frame, averaged over the words, and for every frame the best word,
-averaged over the frames; the two halves are averaged; padded words never count).
+`token` (a set of L2-normalised tokens per side). A token level reduces its word x frame matrix by
+`model.token_align`:
+- `max` (default): DRL's unweighted token-wise interaction `ti` (not its learned-weight WTI): for
+  every word the best frame, averaged over the words, and for every frame the best word, averaged
+  over the frames; the two halves are averaged; padded words never count. Blind to the order of
+  frames and of words.
+- `monotonic`: the same two halves, but the words' chosen frames must not go back in time as the
+  caption goes on (and the frames' chosen words must not go back in the caption): the best
+  monotone alignment, a hard DTW with one partner per token, found by dynamic programming. A
+  caption "A then B" then scores higher against the video where A happens before B.
+`model.detach_token_levels` makes the token levels read detached encoder states: their losses then
+train only their own heads (projections, cluster pools), never the shared encoders.
 
 Presets (PAPERS.md):
 - `hit`:   feature (token: frames vs words of a lower layer, `model.feature_layer`, default the
@@ -24,12 +33,20 @@ Must not touch: which levels a preset has (pipeline/presets.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from hiervl.config import Config
 from hiervl.errors import UserError
 from hiervl.presets import Level, level_names, preset_levels
 from torch import nn
+
+
+def model_levels(cfg: Config) -> tuple[Level, ...]:
+    """The preset's levels with this config's token alignment (`model.token_align`) on the token levels."""
+    return tuple(dataclasses.replace(lv, align=cfg.model.token_align) if lv.kind == "token" else lv
+                 for lv in preset_levels(cfg.model.preset))
 
 
 def feature_layers(cfg: Config, video_layers: int, text_layers: int) -> tuple[int, int]:
@@ -102,6 +119,7 @@ class LevelHeads(nn.Module):
         self.modality = modality
         self.levels = preset_levels(cfg.model.preset)
         self.feature_layer = feature_layer
+        self.detach_tokens = cfg.model.detach_token_levels
         self.proj = nn.ModuleDict({lv.name: nn.Linear(width, cfg.model.embed_dim) for lv in self.levels})
         self.pools = nn.ModuleDict()
         for lv in self.levels:
@@ -113,17 +131,21 @@ class LevelHeads(nn.Module):
 
     def forward(self, states: list[torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """states: hidden states, each [B, N, W]; mask [B, N] (text) or None (video)."""
-        top = states[-1]  # [B, N, W]
         out: dict[str, torch.Tensor] = {}
         for lv in self.levels:
             source = lv.video_source if self.modality == "video" else lv.text_source
             tok_mask = mask
+            top = states[-1]  # [B, N, W]
+            level_states = states
+            if lv.kind == "token" and self.detach_tokens:  # this level's loss stops at its own head
+                top = top.detach()
+                level_states = [s.detach() for s in states]
             if source == "pooled":
                 x = masked_mean(top, mask)  # [B, W]
             elif source in ("frames", "words"):
                 x = top  # [B, N, W]
             elif source == "feature":
-                x = states[self.feature_layer]  # [B, N, W]
+                x = level_states[self.feature_layer]  # [B, N, W]
             elif source == "clusters":
                 x = self.pools[lv.name](top, mask)  # [B, C, W]
                 tok_mask = None
@@ -175,14 +197,64 @@ def token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tens
     return torch.cat(parts, dim=1) if parts else t.new_zeros(nt, 0)
 
 
+def _monotone_best(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Best monotone alignment score of rows to columns: s [..., R, C], valid [..., R] bool -> [...].
+
+    Each valid row takes one column; the columns taken never decrease down the rows (a row may take
+    the same column as the row before). Invalid rows are skipped. Dynamic programming over the rows:
+    best[..., c] = the best sum of the rows so far with the last valid one at column c.
+    """
+    best = torch.zeros_like(s[..., 0, :])  # [..., C]
+    for r in range(s.shape[-2]):
+        step = best.cummax(dim=-1).values + s[..., r, :]  # [..., C]: last column <= c, then this row at c
+        best = torch.where(valid[..., r, None], step, best)
+    return best.max(dim=-1).values  # [...]
+
+
+def monotonic_token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tensor,
+                               max_elements: int = 1 << 24) -> torch.Tensor:
+    """Order-aware token similarity: t [Nt, L, D] with t_mask [Nt, L], v [Nv, T, D] -> [Nt, Nv].
+
+    t2v half: the valid words in caption order each take a frame, frames non-decreasing; the best
+    such alignment's summed similarity over the valid words. v2t half: the frames in time order
+    each take a valid word, word positions non-decreasing; the best sum over the frames. The two
+    halves are averaged. Without the order constraint this is `token_similarity` (the `max` align).
+    """
+    nt, nl = t.shape[:2]
+    if t_mask is None:
+        t_mask = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
+    t_mask = t_mask.bool()
+    words = t_mask.to(t.dtype).sum(dim=1).clamp(min=1.0)  # [Nt]
+    block = max(1, max_elements // max(1, nt * nl * v.shape[1]))
+    parts = []
+    for start in range(0, v.shape[0], block):
+        vb = v[start:start + block]
+        nb, nf = vb.shape[:2]
+        s = torch.einsum("ald,btd->ablt", t, vb)  # [Nt, Nb, L, T]
+        word_valid = t_mask[:, None, :].expand(nt, nb, nl)  # [Nt, Nb, L]
+        t2v = _monotone_best(s, word_valid) / words[:, None]  # [Nt, Nb]
+        st = s.masked_fill(~t_mask[:, None, :, None], float("-inf")).transpose(2, 3)  # [Nt, Nb, T, L]
+        frame_valid = torch.ones(nt, nb, nf, dtype=torch.bool, device=t.device)
+        v2t = _monotone_best(st, frame_valid) / nf  # [Nt, Nb]; -inf where a caption has no valid word
+        v2t = torch.where(t_mask.any(dim=1)[:, None], v2t, torch.zeros_like(v2t))
+        parts.append(0.5 * (t2v + v2t))
+    return torch.cat(parts, dim=1) if parts else t.new_zeros(nt, 0)
+
+
 def level_similarity(level: Level, t_emb: dict, v_emb: dict) -> torch.Tensor:
     """[Nt, Nv] similarity of one level from text and video embedding dicts (see module doc)."""
     if level.kind == "global":
         return global_similarity(t_emb[level.name], v_emb[level.name])
-    return token_similarity(t_emb[level.name], t_emb.get(f"{level.name}_mask"), v_emb[level.name])
+    score = monotonic_token_similarity if level.align == "monotonic" else token_similarity
+    return score(t_emb[level.name], t_emb.get(f"{level.name}_mask"), v_emb[level.name])
 
 
 def level_weights(cfg: Config) -> dict[str, float]:
     """Inference fusion weights per level (model.level_weights; missing levels weigh 1)."""
     # names and an all-zero sum are refused at load (ModelConfig.__post_init__)
     return {n: float(cfg.model.level_weights.get(n, 1.0)) for n in level_names(cfg.model.preset)}
+
+
+def loss_weights(cfg: Config) -> dict[str, float]:
+    """Training weights of the per-level losses (model.loss_weights; missing levels weigh 1)."""
+    return {n: float(cfg.model.loss_weights.get(n, 1.0)) for n in level_names(cfg.model.preset)}

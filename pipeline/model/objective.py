@@ -43,6 +43,12 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   samples apart (measured on the demo corpus: the queue cost 11 points of R@1 at momentum 0.99,
   and at momentum 0.5 training collapsed to chance; bench/RESULTS.md).
 
+How the levels combine (`model.loss_on`): `levels` (default) trains one loss per level and sums
+them with `model.loss_weights` (HiT/HCMI's per-level contrast; missing levels weigh 1); `fused`
+trains one loss on the `model.level_weights` mean of the levels' similarity rows (HANet's
+`fusion_loss`, pipeline/model/FIDELITY.md): every level's rows share one layout (batch columns,
+queue columns, masks, targets), so the rows are averaged before the softmax / hinge.
+
 In all three, negatives from the query's own video (`queue.mask_same_video`), padded samples and
 never-filled queue slots are masked. Every term is per sample and the batch mean uses the global
 valid count (pipeline/model/losses.py), so W ranks of batch b train exactly like one rank of batch W*b:
@@ -63,9 +69,8 @@ from hiervl import distributed as dist
 from hiervl.config import Config
 from hiervl.errors import UserError
 from hiervl.model import losses as L
-from hiervl.model.levels import level_similarity, token_count
+from hiervl.model.levels import level_similarity, level_weights, loss_weights, model_levels, token_count
 from hiervl.model.queue import MomentumQueue
-from hiervl.presets import preset_levels
 from torch import nn
 
 
@@ -76,8 +81,10 @@ class HierarchicalContrastiveLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         mc, qc = cfg.model, cfg.queue
-        self.level_specs = preset_levels(mc.preset)
+        self.level_specs = model_levels(cfg)  # token alignment per model.token_align
         self.levels = [lv.name for lv in self.level_specs]
+        self.fusion_weights = level_weights(cfg)  # loss_on=fused: the same fusion inference ranks by
+        self.train_weights = loss_weights(cfg)  # loss_on=levels: each level loss's weight in the sum
         self.queues = nn.ModuleDict()
         if qc.enabled:
             for lv in self.level_specs:
@@ -177,18 +184,13 @@ class HierarchicalContrastiveLoss(nn.Module):
         target = local  # [B] column of each own key
         return sim_v2t, sim_t2v, neg_v2t, neg_t2v, target
 
-    def _symmetric_losses(self, lv, qt: dict, qv: dict, gathered: dict, video_ids: torch.Tensor,
-                          local: torch.Tensor, log_scale: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
-                          with_keys: bool = False, with_queue: bool = True):
-        """Per-sample (l_v2t, l_t2v), each [B]: see the module docstring ("balanced").
+    def _symmetric_rows(self, lv, qt: dict, qv: dict, gathered: dict, video_ids: torch.Tensor,
+                        local: torch.Tensor, with_keys: bool = False, with_queue: bool = True) -> list[dict]:
+        """The rows of the balanced symmetric loss for (v2t, t2v): see `_symmetric_losses`.
 
-        A row's candidates are (with_keys: the global batch's momentum keys of the other modality,
-        the own one masked, then) the global batch's queries of the other modality (G columns, with
-        gradient; its own pair is the positive) then that modality's queue (K, detached). The query
-        side's gradient comes from the softmax over all G+K; the column side's from the softmax over
-        the G batch columns alone, as in CLIP. (Through the full row the batch columns would get
-        the pull of their positive but only a share of the push, the rest going to the queue: a
-        net pull of every video towards every caption.) The value is the full-row loss.
+        Per direction {"sim": [B, n] query rows (gradient to the queries), "target" [B], "neg" [B, n],
+        "col_sim": [B, G] the same batch scores with gradient to the columns only, "col_neg" [B, G]}.
+        Rows of different levels share their layout (columns, targets, masks), so `fused` averages them.
         """
         name, qc = lv.name, self.cfg.queue
         n_batch = gathered["video_ids"].shape[0]
@@ -223,10 +225,27 @@ class HierarchicalContrastiveLoss(nn.Module):
                 fields, ids, q_valid = bank
                 sims.append(sim(query, {name: fields["emb"], f"{name}_mask": fields.get("mask")}))  # [B, K]
                 negs.append(self._neg_mask(video_ids, ids, q_valid, 0, True))
-            l_query = self._direction_loss(torch.cat(sims, dim=1), target, torch.cat(negs, dim=1), log_scale,
-                                           valid, count)
+            out.append({"sim": torch.cat(sims, dim=1), "target": target, "neg": torch.cat(negs, dim=1),
+                        "col_sim": sim(sg(query), columns), "col_neg": batch_neg})
+        return out
+
+    def _symmetric_losses(self, rows: list[dict], local: torch.Tensor, log_scale: torch.Tensor,
+                          valid: torch.Tensor, count: torch.Tensor):
+        """Per-sample (l_v2t, l_t2v), each [B], from `_symmetric_rows`: see the module docstring ("balanced").
+
+        A row's candidates are (with_keys: the global batch's momentum keys of the other modality,
+        the own one masked, then) the global batch's queries of the other modality (G columns, with
+        gradient; its own pair is the positive) then that modality's queue (K, detached). The query
+        side's gradient comes from the softmax over all G+K; the column side's from the softmax over
+        the G batch columns alone, as in CLIP. (Through the full row the batch columns would get
+        the pull of their positive but only a share of the push, the rest going to the queue: a
+        net pull of every video towards every caption.) The value is the full-row loss.
+        """
+        out = []
+        for r in rows:
+            l_query = self._direction_loss(r["sim"], r["target"], r["neg"], log_scale, valid, count)
             # the temperature's gradient comes from l_query alone (as in CLIP), hence the detached scale
-            l_column = self._direction_loss(sim(sg(query), columns), local, batch_neg, log_scale.detach(), valid, count)
+            l_column = self._direction_loss(r["col_sim"], local, r["col_neg"], log_scale.detach(), valid, count)
             out.append(l_query + (l_column - l_column.detach()))  # value: l_query; gradient: both sides
         return out[0], out[1]
 
@@ -253,6 +272,8 @@ class HierarchicalContrastiveLoss(nn.Module):
         k_v / k_t: momentum keys, same layout (no gradient); video_ids [B]; valid [B] bool (False = padded);
         logit_scale [n_levels]: log of 1/temperature per level (exp'd here, clamped at model.max_logit_scale).
         Returns {"loss": this rank's share of the global mean, "losses": {level: detached}, "keys": gathered}.
+        `model.loss_on=levels`: loss = sum over levels of loss_weights[level] * level loss;
+        `fused`: one loss on the level_weights mean of the levels' similarities ("losses" has "fused").
         """
         per_sample, gathered, count = self.direction_losses(q_v, q_t, k_v, k_t, video_ids, valid, logit_scale,
                                                             rank, world_size)
@@ -260,7 +281,7 @@ class HierarchicalContrastiveLoss(nn.Module):
         for name, (l_v2t, l_t2v) in per_sample.items():
             level_loss = L.global_mean(0.5 * (l_v2t + l_t2v), valid, count, world_size)
             losses[name] = level_loss.detach()
-            total = total + level_loss
+            total = total + self.train_weights.get(name, 1.0) * level_loss
         return {"loss": total, "losses": losses, "keys": gathered}
 
     def direction_losses(self, q_v: dict, q_t: dict, k_v: dict, k_t: dict, video_ids: torch.Tensor,
@@ -268,6 +289,7 @@ class HierarchicalContrastiveLoss(nn.Module):
         """The per-sample terms before the mean: ({level: (l_v2t [B], l_t2v [B])}, gathered keys, global count).
 
         Same arguments as `forward`; the two directions apart (tests check which tower each one reaches).
+        With `model.loss_on=fused` the dict has one entry, "fused".
         """
         b = video_ids.shape[0]
         with torch.no_grad():
@@ -281,21 +303,50 @@ class HierarchicalContrastiveLoss(nn.Module):
         with_grad = symmetric or self.cfg.queue.gather_batch_with_grad  # the global batch's queries are columns
         q_t = self._pad_text_tokens(q_t) if with_grad else q_t  # same token count on every rank for the gather
 
-        out = {}
-        for i, lv in enumerate(self.level_specs):
+        rows = {}  # level -> {"symmetric": [v2t, t2v] rows, "momentum": (sim_v2t, sim_t2v, neg_v2t, neg_t2v, target)}
+        for lv in self.level_specs:
             name = lv.name
             qv = {name: q_v[name].float()}
             qt = {name: q_t[name].float(), f"{name}_mask": q_t.get(f"{name}_mask")}
-            terms = []
+            rows[name] = {}
             if with_grad:  # "both": CLIP's in-batch rows alone; the queue serves the key term below
-                terms.append(self._symmetric_losses(lv, qt, qv, gathered, video_ids, local, logit_scale[i], valid,
-                                                    count, with_keys=not symmetric, with_queue=recipe != "both"))
+                rows[name]["symmetric"] = self._symmetric_rows(lv, qt, qv, gathered, video_ids, local,
+                                                               with_keys=not symmetric, with_queue=recipe != "both")
             if not with_grad or recipe == "both":
-                sim_v2t, sim_t2v, neg_v2t, neg_t2v, target = self._momentum_rows(lv, qt, qv, gathered, video_ids, local)
-                terms.append((self._direction_loss(sim_v2t, target, neg_v2t, logit_scale[i], valid, count),
-                              self._direction_loss(sim_t2v, target, neg_t2v, logit_scale[i], valid, count)))
+                rows[name]["momentum"] = self._momentum_rows(lv, qt, qv, gathered, video_ids, local)
+        scales = {lv.name: logit_scale[i] for i, lv in enumerate(self.level_specs)}
+        if self.cfg.model.loss_on == "fused":  # HANet: one loss on the weighted mean of the level scores
+            rows = {"fused": self._fuse_rows(rows)}
+            scales = {"fused": logit_scale.mean()}  # one temperature for the one score (equal unless learned)
+
+        out = {}
+        for name, level_rows in rows.items():
+            terms = []
+            if "symmetric" in level_rows:
+                terms.append(self._symmetric_losses(level_rows["symmetric"], local, scales[name], valid, count))
+            if "momentum" in level_rows:
+                sim_v2t, sim_t2v, neg_v2t, neg_t2v, target = level_rows["momentum"]
+                terms.append((self._direction_loss(sim_v2t, target, neg_v2t, scales[name], valid, count),
+                              self._direction_loss(sim_t2v, target, neg_t2v, scales[name], valid, count)))
             out[name] = (sum(t[0] for t in terms), sum(t[1] for t in terms))  # per sample [B] each
         return out, gathered, count
+
+    def _fuse_rows(self, rows: dict) -> dict:
+        """The level_weights mean of every level's rows (same layout in every level): one level's rows."""
+        w = self.fusion_weights
+        total = sum(w.values())
+        mix = lambda xs: sum(w[n] * x for n, x in xs.items()) / total  # noqa: E731
+        first = rows[self.levels[0]]
+        fused = {}
+        if "symmetric" in first:
+            fused["symmetric"] = [
+                {**first["symmetric"][d], "sim": mix({n: rows[n]["symmetric"][d]["sim"] for n in self.levels}),
+                 "col_sim": mix({n: rows[n]["symmetric"][d]["col_sim"] for n in self.levels})} for d in (0, 1)]
+        if "momentum" in first:
+            _, _, neg_v2t, neg_t2v, target = first["momentum"]
+            fused["momentum"] = (mix({n: rows[n]["momentum"][0] for n in self.levels}),
+                                 mix({n: rows[n]["momentum"][1] for n in self.levels}), neg_v2t, neg_t2v, target)
+        return fused
 
     @torch.no_grad()
     def enqueue(self, keys: dict) -> None:

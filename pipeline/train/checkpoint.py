@@ -38,12 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from hiervl import distributed as dist
-from hiervl import faults
+from hiervl import faults, safe_load
 from hiervl.atomic_write import write_atomic
 from hiervl.config import ConfigError, from_dict
 from hiervl.errors import UserError
 from hiervl.log import get_logger
 from hiervl.model.hierarchical import build_model
+from hiervl.train.checkpoint_hash import WriteRecorder
 
 log = get_logger(__name__)
 META = "meta.json"
@@ -86,10 +87,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_manifest(tag_dir: Path) -> dict:
-    """{path relative to tag_dir: {"size", "sha256"}} for every file of a checkpoint but meta.json."""
-    files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != META)
-    return {p.relative_to(tag_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+def file_manifest(tag_dir: Path, known: dict | None = None) -> dict:
+    """{path relative to tag_dir: {"size", "sha256"}} for every file of a checkpoint but meta.json.
+
+    `known`: entries hashed while they were written (checkpoint_hash.py); only the other files are
+    read to hash them (and a known entry whose file now has another size is re-read)."""
+    known = known or {}
+    out = {}
+    for p in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != META):
+        name, size = p.relative_to(tag_dir).as_posix(), p.stat().st_size
+        entry = known.get(name)
+        out[name] = entry if entry is not None and entry["size"] == size else {"size": size, "sha256": _sha256(p)}
+    return out
 
 
 def verify(ckpt_dir: Path, tag: str, meta: dict | None = None) -> str | None:
@@ -203,11 +212,6 @@ def _write_error(exc: BaseException, path: Path, ckpt_dir: Path) -> str | None:
     return None  # a torch write error with space left: not ours to explain, keep the traceback
 
 
-def _agree(problem: str | None) -> str | None:
-    """Every rank's write problem (or None), in rank order: the first one, the same on every rank."""
-    return next((p for p in dist.all_gather_object(problem) if p), None)
-
-
 def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state: dict, meta: dict,
          keep: int, protect: tuple = ()) -> str:
     """Save on every rank; returns the tag. `latest` moves only after all ranks finished and rank 0
@@ -249,13 +253,15 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
 
     t0 = time.time()
     problem, deepspeed_done = None, False
+    written = WriteRecorder(tag_dir)  # each file's sha256, computed as it is written (no re-read)
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        with written.deepspeed(engine):
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         deepspeed_done = True
         rank_file = tag_dir / f"rank{dist.get_rank()}.pt"
         if faults.injected("disk-full-during-checkpoint", step):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rank_file))
-        torch.save(rank_state, rank_file)
+        written.save(rank_state, rank_file)
     except Exception as exc:  # noqa: BLE001
         problem = _write_error(exc, tag_dir, ckpt_dir)
         if problem is None:
@@ -264,12 +270,13 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
             dist.barrier()  # DeepSpeed's save ends in a barrier the other ranks are waiting in
     if faults.injected("kill-during-checkpoint", step):
         os._exit(9)  # die after writing files, before the commit
-    fail_on_every_rank(_agree(problem))  # every rank has written its part (or said why not)
+    gathered = dist.all_gather_object((problem, written.files))  # every rank has written its part (or said why not)
+    fail_on_every_rank(next((p for p, _ in gathered if p), None))
 
     problem = None
     if dist.is_main():
         try:
-            files = file_manifest(tag_dir)
+            files = file_manifest(tag_dir, known={k: v for _, files in gathered for k, v in files.items()})
             _write_json_atomic(tag_dir / META, {**meta, "tag": tag, "step": step, "saved_at": time.time(),
                                                 "save_seconds": round(time.time() - t0, 3), "files": files})
             _write_json_atomic(ckpt_dir / "latest", tag)
@@ -360,6 +367,7 @@ def ensure_universal(plan: dict) -> None:
     src = Path(plan["dir"]) / plan["tag"]
     dst = Path(plan["dir"]) / plan["load_tag"]
     if dist.is_main() and not (dst / "done").is_file():
+        safe_load.check_files(src)  # the converter loads them with weights_only=False in a subprocess
         shutil.rmtree(dst, ignore_errors=True)
         log.info("world size or ZeRO stage changed (%s ranks/stage %s -> now); converting %s to a universal checkpoint",
                  plan["meta"]["world_size"], plan["meta"]["zero_stage"], src)
@@ -377,13 +385,14 @@ def ensure_universal(plan: dict) -> None:
 
 def load(engine, plan: dict) -> tuple[dict, dict | None]:
     """Load engine state; returns (client_state, this rank's rank_state or None when ranks changed)."""
-    _, client = engine.load_checkpoint(plan["dir"], tag=plan["load_tag"], load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    with safe_load.deepspeed_loads_safely():  # DeepSpeed's own torch.load(weights_only=False) reads
+        _, client = engine.load_checkpoint(plan["dir"], tag=plan["load_tag"], load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {plan['dir']}/{plan['load_tag']}")
     rank_file = Path(plan["dir"]) / plan["tag"] / f"rank{dist.get_rank()}.pt"
     same_world = plan["meta"]["world_size"] == dist.get_world_size()
-    rank_state = torch.load(rank_file, weights_only=False) if same_world and rank_file.is_file() else None
+    rank_state = safe_load.load(rank_file) if same_world and rank_file.is_file() else None
     return client, rank_state
 
 
@@ -419,11 +428,12 @@ def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
     if meta["zero_stage"] == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        buffers = torch.load(states, map_location=map_location, weights_only=False).get("module") or {}
+        with safe_load.deepspeed_loads_safely():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        buffers = safe_load.load(states, map_location=map_location).get("module") or {}
         sd = {**{k: v for k, v in buffers.items() if k not in sd}, **sd}
     else:
-        sd = torch.load(states, map_location=map_location, weights_only=False)["module"]
+        sd = safe_load.load(states, map_location=map_location)["module"]
     sd = {k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [m for m in missing if "queue" not in m]:

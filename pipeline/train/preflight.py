@@ -39,6 +39,71 @@ def check_resume(resume: str) -> None:
         raise ConfigError(f"train.resume={resume}: no complete checkpoint there (no stepNNNNNNNN/{META}); {hint}")
 
 
+# model.* keys that shape the weights (and queue.* the buffers): a checkpoint written with other values
+# cannot be loaded into this run's model; paths and loss knobs may differ
+ARCHITECTURE_KEYS = ("model.preset", "model.embed_dim", "model.temporal_layers", "model.feature_layer",
+                     "model.num_clips", "model.num_phrases", "model.max_frames", "model.learnable_temperature",
+                     "model.vision.patch_size", "model.vision.width", "model.vision.layers", "model.vision.heads",
+                     "model.vision.frame_diff", "model.vision.frame_token", "model.vision.layout_dim",
+                     "model.vision.space_time", "model.vision.space_time_layers", "model.text.num_layers",
+                     "queue.objective", "queue.enabled", "queue.size")
+
+
+_ABSENT = object()
+
+
+def _dotted(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree.get(part, _ABSENT) if isinstance(tree, dict) else _ABSENT
+    return tree
+
+
+def resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint folder `train.resume` will load (newest complete one; files not hashed here), or None."""
+    from hiervl.train.checkpoint import find_latest
+
+    resume = cfg.train.resume
+    if resume == "never":
+        return None
+    path = Path(cfg.train.out_dir) if resume == "auto" else Path(resume)
+    if (path / META).is_file():
+        return path
+    ckpt_dir = checkpoint_dir(path) if (path / "checkpoints").is_dir() else path
+    if not ckpt_dir.is_dir():
+        return None
+    try:
+        tag = find_latest(ckpt_dir, check=False)
+    except Exception:  # noqa: BLE001 - the ranks' plan reports a damaged folder in full
+        return None
+    return ckpt_dir / tag if tag else None
+
+
+def check_resume_checkpoint(cfg: Config) -> None:
+    """The checkpoint a run would resume holds only tensors (no pickled code: pipeline/safe_load.py)
+    and was written for this run's model (same preset and shapes): else one line, before any rank
+    starts and before config.yaml is rewritten."""
+    import json
+
+    from hiervl import safe_load
+    from hiervl.config import to_dict
+
+    tag_dir = resume_checkpoint(cfg)
+    if tag_dir is None:
+        return
+    try:
+        saved = json.loads((tag_dir / META).read_text()).get("config") or {}
+    except (OSError, ValueError):
+        return  # the ranks' plan skips an unreadable meta.json
+    mine = to_dict(cfg)
+    differ = [f"{k}={_dotted(saved, k)!r} there, {_dotted(mine, k)!r} here" for k in ARCHITECTURE_KEYS
+              if _dotted(saved, k) is not _ABSENT and _dotted(saved, k) != _dotted(mine, k)]
+    if differ:
+        raise ConfigError(f"train.resume={cfg.train.resume}: checkpoint {tag_dir} was written for another model "
+                          f"({'; '.join(differ[:4])}); resume it with its own config ({tag_dir.parent.parent / 'config.yaml'}), "
+                          "or set train.out_dir to a new folder / train.resume=never to start over")
+    safe_load.check_files(tag_dir)
+
+
 def _split_counts(root: Path) -> dict[str, int]:
     import pyarrow.parquet as pq
     from hiervl.data.manifest import MANIFEST_FILE
@@ -99,5 +164,6 @@ def check_training_run(cfg: Config, world_size: int) -> None:
     cfg = for_world(cfg, world_size)  # train.global_batch that the ranks cannot split is refused here
     check_out_dir(cfg.train.out_dir)
     check_resume(cfg.train.resume)
+    check_resume_checkpoint(cfg)
     check_dataset(cfg, world_size)
     build_deepspeed_config(cfg, world_size)  # a user DeepSpeed JSON that disagrees with the config

@@ -33,7 +33,11 @@ from hiervl.train.global_batch import for_world
 
 log = get_logger(__name__)
 
-EXIT_OK, EXIT_BAD_STEPS = 0, 3
+EXIT_OK, EXIT_BAD_STEPS, EXIT_NO_DATA = 0, 3, 4
+
+
+class NoReadableSamples(RuntimeError):
+    """`train.max_bad_steps` global batches in a row without one readable sample: training on nothing."""
 
 
 class TooManyBadSteps(RuntimeError):
@@ -149,6 +153,7 @@ class Trainer:
             raise UserError(f"dataset {cfg.data.path} split '{cfg.data.split}' has fewer samples than one global "
                             f"batch ({cfg.data.batch_size} x {self.world} ranks); lower data.batch_size")
         self.step, self.epoch, self.bad_steps, self.bad_total = 0, 0, 0, 0
+        self.empty_steps = 0  # global micro-batches in a row in which every sample was unreadable
         self.samples_seen = 0
         self.momentum_updates = 0  # key-encoder EMA updates: one per optimizer step
         self.best = None
@@ -268,7 +273,7 @@ class Trainer:
         out = self.engine(self._to_device(batch))
         loss = out["loss"]
         self.samples_seen += self.cfg.data.batch_size * self.world
-        if self._step_flags(loss):  # the step's one host sync
+        if self._step_flags(loss, batch["valid"]):  # the step's one host sync
             return None
         self._backward_and_step(loss, window)
         self._add_losses(window, loss, out["losses"])
@@ -297,14 +302,24 @@ class Trainer:
             window["losses"][name] = window["losses"].get(name, 0.0) + value.detach().float()
         window["micro"] += 1
 
-    def _step_flags(self, loss: torch.Tensor) -> bool:
-        """The step's one host sync: [non-finite loss on any rank?, stop signal on any rank?]; True if bad."""
+    def _step_flags(self, loss: torch.Tensor, valid: torch.Tensor) -> bool:
+        """The step's one host sync: [non-finite loss on any rank?, stop signal on any rank?, readable
+        samples over all ranks]; True if the micro-batch (contrastive: the step) is skipped."""
         if faults.injected("nan-loss"):
             loss = loss * float("nan")
         flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
-                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device)])
-        bad, stop = dist.all_reduce_sum(flags).tolist()
+                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device),
+                             valid.to(loss.device).sum().float()])
+        bad, stop, readable = dist.all_reduce_sum(flags).tolist()
         self.stop_requested = self.stop_requested or stop > 0
+        if readable == 0:  # every sample of the global batch unreadable: nothing to learn from, no step
+            self.empty_steps += 1
+            log.warning("no readable sample in the global batch at step %d (%d in a row)", self.step + 1,
+                        self.empty_steps)
+            if self.empty_steps >= self.cfg.train.max_bad_steps:
+                raise NoReadableSamples()
+            return True
+        self.empty_steps = 0
         if bad > 0:
             self.bad_steps += 1
             self.bad_total += 1
@@ -332,7 +347,7 @@ class Trainer:
             cache = grad_cache.embed_step(self.engine, on_device, self.model.objective, self.rank, self.world,
                                           learn_scale=learn_scale)
             self.samples_seen += self.cfg.data.batch_size * self.world * len(batches)
-            if self._step_flags(cache.out["loss"]):
+            if self._step_flags(cache.out["loss"], torch.cat([b["valid"].reshape(-1) for b in batches])):
                 continue
             for m, batch in enumerate(on_device):
                 # the k backwards sum to the step's gradient: no division by k
@@ -420,6 +435,15 @@ class Trainer:
                 if self.stop_requested:
                     reason = f"stopped by {self.stop_signal or 'a signal on another rank'}"
                     break
+        except NoReadableSamples:
+            exit_code = EXIT_NO_DATA
+            reasons = self.loader.stats.get("skipped_reasons") or {}
+            example = next(iter(reasons.items()), None)
+            reason = (f"no readable sample in {self.empty_steps} global batches in a row at step {self.step} "
+                      f"({int(self.loader.stats.get('skipped', 0))} skipped on rank {self.rank}"
+                      + (f", e.g. {example[0]}: {example[1]}" if example else "") + f"): check data.path={cfg.data.path}")
+            if self.rank == 0:
+                log.error("training on nothing: %s", reason)
         except TooManyBadSteps:
             exit_code = EXIT_BAD_STEPS
             reason = (f"{cfg.train.max_bad_steps} non-finite losses in a row at step {self.step}: lower train.lr, "
@@ -428,7 +452,10 @@ class Trainer:
             if bar is not None:
                 bar.close()
         # the final checkpoint, unless this step's is already on disk (a rerun of a finished run)
-        tag = self.save() if self.saved_step != self.step else ckpt.tag_for(self.step)
+        if exit_code == EXIT_NO_DATA and self.step == 0:
+            tag = None  # nothing was learnt: no checkpoint of the initial weights
+        else:
+            tag = self.save() if self.saved_step != self.step else ckpt.tag_for(self.step)
         if monitor is not None:
             monitor.close()
         self._write_status(reason, tag, exit_code)

@@ -1,0 +1,100 @@
+"""Test data builders (a helper module, not collected: its name is not test_*.py).
+
+- `encode_clip`: a small moving-square clip, encoded with PyAV.
+- `write_shards`: such clips as shards + manifest, through dataprep's writer of the shard contract.
+- `prepared_dataset`: the real path, `hiervl.dataprep` synth corpus + `prepare` (local distributor).
+The session-scoped datasets most tests share are in conftest.py. Import as `from fixtures import ...`
+(conftest.py puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+from hiervl.data.manifest import MANIFEST_FILE, MANIFEST_SCHEMA, manifest_row, write_table
+from hiervl.dataprep.shard_writer import ShardWriter, index_text
+
+
+def encode_clip(num_frames: int, seed: int, codec: str = "vp9", width: int = 40, height: int = 32, fps: int = 8,
+                gop: int = 4) -> bytes:
+    """A moving-square clip with a per-frame colour ramp (so frames are distinguishable)."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    container = av.open(buf, "w", format="webm" if codec == "vp9" else "mp4")
+    stream = container.add_stream("libvpx-vp9" if codec == "vp9" else "libx264", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.codec_context.gop_size = gop
+    base = rng.integers(0, 200, 3)
+    for f in range(num_frames):
+        img = np.empty((height, width, 3), np.uint8)
+        img[:] = (base + f * 12) % 256
+        x = (f * 3) % (width - 8)
+        img[8:16, x:x + 8] = 255
+        for pkt in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            container.mux(pkt)
+    for pkt in stream.encode():
+        container.mux(pkt)
+    container.close()
+    return buf.getvalue()
+
+
+def write_shards(root: Path, n: int, codec: str = "vp9", split: str = "train", per_shard: int = 8,
+                 seed: int = 0) -> Path:
+    """Write n samples of `encode_clip` videos (10-24 frames of 40x32 at 8 fps, 1-3 captions, two
+    clips per video id) as shards + DALI index + manifest.parquet under `root`; return root.
+
+    Written through dataprep's own writer of the shard contract (`ShardWriter`, `index_text`,
+    `manifest_row`, `MANIFEST_SCHEMA`), without the transcode: quick clips with exact frame counts
+    for the unit tests. A second call adds its rows to the manifest (e.g. a test split after train)."""
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    ext = "webm" if codec == "vp9" else "mp4"
+    rows = []
+    for s in range(0, n, per_shard):
+        shard_index = s // per_shard
+        tar_name = f"{split}-{shard_index:06d}.tar"
+        writer = ShardWriter(root / tar_name)
+        for i in range(s, min(n, s + per_shard)):
+            key = f"{split}{i:05d}"
+            nf = 10 + (i * 7) % 15
+            data = encode_clip(nf, seed * 1000 + i, codec)
+            caps = [f"clip {i} caption {c}" for c in range(1 + i % 3)]
+            meta = {"num_frames": nf, "fps": 8.0, "width": 40, "height": 32, "duration": nf / 8, "codec": codec}
+            doc = {"captions": caps, "num_frames": nf, "fps": 8.0, "width": 40, "height": 32, "duration": nf / 8,
+                   "source": f"{key}.{ext}"}
+            video = writer.add(f"{key}.{ext}", data)
+            member = writer.add(f"{key}.json", json.dumps(doc).encode())
+            sample = {"key": key, "orig_key": key, "video_id": f"vid{i // 2}", "split": split, "captions": caps,
+                      "video": f"{key}.{ext}", "start": None, "end": None}
+            rows.append(manifest_row(sample, tar_name, shard_index, i - s, ext, video, member, meta,
+                                     hashlib.sha256(data).hexdigest()))
+        writer.close()
+        (root / f"{split}-{shard_index:06d}.idx").write_text(index_text(writer.members))
+    manifest = root / MANIFEST_FILE
+    old = pq.read_table(manifest).to_pylist() if manifest.exists() else []
+    write_table(manifest, old + rows, MANIFEST_SCHEMA)
+    return root
+
+
+def prepared_dataset(root: Path, n: int, codec: str = "vp9", seed: int = 0) -> Path:
+    """A dataset of about n synthetic samples prepared by `hiervl.dataprep` (synth corpus, then
+    `prepare` with the local distributor: no Ray), 8 samples per shard, short side 32; returns its
+    folder (`root/shards`)."""
+    from hiervl.config import Config
+    from hiervl.dataprep import driver, synth
+
+    manifest = synth.make_corpus(root / "corpus", n, seed=seed, codec=codec)
+    cfg = Config()
+    cfg.prep.codec = "copy"  # synth already wrote `codec`; no transcode needed
+    cfg.prep.num_workers = 1
+    cfg.prep.shard_max_samples = 8
+    cfg.prep.short_side = 32
+    cfg.prep.distributor = "local"
+    driver.prepare(cfg, str(manifest), str(root / "shards"), progress=False)
+    return root / "shards"

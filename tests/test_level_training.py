@@ -1,0 +1,167 @@
+"""Issue #28's level knobs change the loss and the gradients as they claim.
+
+model.loss_weights (training weight per level), model.loss_on=fused (HANet: one loss on the
+level_weights mean of the level scores), model.token_align=monotonic (an order-aware token level)
+and model.detach_token_levels (token-level losses stop at their own heads).
+"""
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hiervl.config import load_config
+from hiervl.errors import UserError
+from hiervl.model.levels import level_similarity, model_levels, monotonic_token_similarity, token_similarity
+from hiervl.model.objective import HierarchicalContrastiveLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _cfg(extra=(), preset="hit"):
+    return load_config(TINY, [f"model.preset={preset}", "model.embed_dim=4", "data.max_words=5", "data.num_frames=3",
+                              "queue.objective=symmetric", "queue.enabled=false", *extra])
+
+
+def _embeddings(seed=0, b=4, words=5, frames=3, d=4):
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1).requires_grad_(True)  # noqa: E731
+    mask = torch.tensor([[True] * (2 + i % 3) + [False] * (words - 2 - i % 3) for i in range(b)])
+    q_v = {"feature": unit(b, frames, d), "semantic": unit(b, d)}
+    q_t = {"feature": unit(b, words, d), "feature_mask": mask, "semantic": unit(b, d)}
+    return q_v, q_t
+
+
+def _loss(cfg, q_v, q_t):
+    obj = HierarchicalContrastiveLoss(cfg)
+    keys_v = {k: v.detach() for k, v in q_v.items()}
+    keys_t = {k: v.detach() if v.is_floating_point() else v for k, v in q_t.items()}
+    b = q_v["semantic"].shape[0]
+    return obj(q_v, q_t, keys_v, keys_t, torch.arange(b), torch.ones(b, dtype=torch.bool),
+               torch.full((2,), math.log(1 / 0.07)), rank=0, world_size=1)
+
+
+def test_loss_weights_weigh_each_level_loss_and_a_zero_weight_stops_its_gradient():
+    q_v, q_t = _embeddings()
+    plain = _loss(_cfg(), q_v, q_t)
+    weighted = _loss(_cfg(["model.loss_weights={feature: 0.25, semantic: 2.0}"]), q_v, q_t)
+    assert weighted["losses"]["feature"] == pytest.approx(plain["losses"]["feature"].item())  # logged unweighted
+    expected = 0.25 * plain["losses"]["feature"] + 2.0 * plain["losses"]["semantic"]
+    assert weighted["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert weighted["loss"].item() != pytest.approx(plain["loss"].item(), rel=1e-3)
+
+    _loss(_cfg(["model.loss_weights={feature: 0.0}"]), q_v, q_t)["loss"].backward()
+    assert q_v["feature"].grad is None or torch.count_nonzero(q_v["feature"].grad) == 0
+    assert torch.count_nonzero(q_v["semantic"].grad) > 0
+
+
+def test_fused_loss_is_one_infonce_on_the_weighted_mean_of_the_level_scores():
+    q_v, q_t = _embeddings(seed=1)
+    cfg = _cfg(["model.loss_on=fused", "model.level_weights={feature: 1.0, semantic: 3.0}"])
+    out = _loss(cfg, q_v, q_t)
+    assert set(out["losses"]) == {"fused"}
+    levels = {lv.name: lv for lv in model_levels(cfg)}
+    sim = (level_similarity(levels["feature"], q_t, q_v) + 3.0 * level_similarity(levels["semantic"], q_t, q_v)) / 4.0
+    logits = sim / 0.07  # [texts, videos]
+    ref = 0.5 * (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4)))
+    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+    per_level = _loss(_cfg(), q_v, q_t)["loss"]  # the sum of two per-level losses is another objective
+    assert per_level.item() != pytest.approx(out["loss"].item(), rel=1e-2)
+    out["loss"].backward()
+    assert torch.count_nonzero(q_v["feature"].grad) > 0 and torch.count_nonzero(q_t["semantic"].grad) > 0
+
+
+def test_fused_loss_runs_with_the_momentum_queue_recipes():
+    for recipe in ("both", "momentum"):
+        q_v, q_t = _embeddings(seed=2)
+        out = _loss(_cfg(["model.loss_on=fused", f"queue.objective={recipe}", "queue.enabled=true",
+                          "queue.size=8"]), q_v, q_t)
+        assert torch.isfinite(out["loss"]) and set(out["losses"]) == {"fused"}
+
+
+def _brute_monotone(s, valid):
+    """Best sum over monotone (non-decreasing) column choices for the valid rows, by enumeration."""
+    rows = [r for r in range(s.shape[0]) if valid[r]]
+    best = -math.inf
+    for cols in itertools.product(range(s.shape[1]), repeat=len(rows)):
+        if all(a <= b for a, b in zip(cols, cols[1:])):
+            best = max(best, sum(float(s[r, c]) for r, c in zip(rows, cols)))
+    return best
+
+
+def test_monotonic_alignment_matches_enumeration_of_monotone_paths():
+    g = torch.Generator().manual_seed(3)
+    t = F.normalize(torch.randn(2, 4, 3, generator=g), dim=-1)  # 2 captions, 4 words
+    v = F.normalize(torch.randn(3, 3, 3, generator=g), dim=-1)  # 3 videos, 3 frames
+    mask = torch.tensor([[True, True, True, False], [True, False, True, True]])
+    got = monotonic_token_similarity(t, mask, v)
+    for i, j in itertools.product(range(2), range(3)):
+        s = t[i] @ v[j].T  # [L, T]
+        t2v = _brute_monotone(s, mask[i]) / mask[i].sum().item()
+        v2t = _brute_monotone(s.T[:, mask[i]], [True] * 3) / 3
+        assert got[i, j].item() == pytest.approx(0.5 * (t2v + v2t), abs=1e-6)
+    assert torch.allclose(got, monotonic_token_similarity(t, mask, v, max_elements=8))  # blocked alike
+
+
+def test_monotonic_alignment_sees_order_where_max_is_blind():
+    # caption "A then B", words A, B; video 1 shows A then B, video 2 shows B then A
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    t = torch.stack([a, b])[None]  # [1, 2, 2]
+    v = torch.stack([torch.stack([a, b]), torch.stack([b, a])])  # [2, 2 frames, 2]
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    m = token_similarity(t, mask, v)
+    assert m[0, 0].item() == pytest.approx(m[0, 1].item())  # TI: the same score both ways
+    mono = monotonic_token_similarity(t, mask, v)
+    assert mono[0, 0].item() == pytest.approx(1.0)  # both words, both frames matched in order
+    assert mono[0, 1].item() == pytest.approx(0.5)  # in the reversed video only one of each can match in order
+
+
+def test_token_align_reaches_the_model_and_the_objective():
+    cfg = _cfg(["model.token_align=monotonic"])
+    assert [lv.align for lv in model_levels(cfg)] == ["monotonic", "max"]  # token level only
+    q_v, q_t = _embeddings(seed=4)
+    mono = _loss(cfg, q_v, q_t)["losses"]["feature"]
+    plain = _loss(_cfg(), q_v, q_t)["losses"]["feature"]
+    assert mono.item() != pytest.approx(plain.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detached_token_levels_train_their_heads_but_not_the_shared_encoders(detach):
+    from hiervl.model.hierarchical import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(TINY, ["model.preset=hit", "data.num_frames=4", "data.max_words=12", "queue.enabled=false",
+                             "queue.objective=symmetric", "model.loss_weights={semantic: 0.0}",
+                             f"model.detach_token_levels={str(detach).lower()}"])
+    model = build_model(cfg)
+    n = 4
+    mask = torch.ones(n, 12, dtype=torch.long)
+    batch = {"video": torch.randn(n, 4, 3, 32, 32), "input_ids": torch.randint(1000, 3000, (n, 12)),
+             "attention_mask": mask, "video_ids": torch.arange(n), "valid": torch.ones(n, dtype=torch.bool)}
+    model(batch)["loss"].backward()  # the feature (token) level's loss alone
+    head = model.video.heads.proj["feature"].weight.grad
+    assert head is not None and torch.count_nonzero(head) > 0  # the level's own head always trains
+    encoder = [p.grad for p in model.video.encoder.parameters() if p.requires_grad]
+    reached = any(g is not None and torch.count_nonzero(g) > 0 for g in encoder)
+    assert reached is not detach
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.loss_weights={bogus: 1.0}"], "model.loss_weights names \\['bogus'\\]"),
+    (["model.loss_weights={feature: -1.0}"], "model.loss_weights values must be numbers >= 0"),
+    (["model.loss_weights={feature: 0, semantic: 0}"], "model.loss_weights must not all be 0"),
+    (["model.loss_on=fused", "model.loss_weights={feature: 0.5}"], "model.loss_on=fused trains one loss"),
+    (["model.loss_on=mean"], "model.loss_on"),
+    (["model.token_align=dtw"], "model.token_align"),
+])
+def test_level_knobs_are_validated(extra, message):
+    with pytest.raises(UserError, match=message):
+        _cfg(extra)
