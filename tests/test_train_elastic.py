@@ -33,11 +33,8 @@ BASE = ["model.preset=hit", "data.batch_size=4", "train.global_batch=12", "train
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from test_loader_fixture import prepared_dataset
-
-    path, _ = prepared_dataset(tmp_path_factory.mktemp("elastic_data"), 40)
-    return path
+def shards(prepared_dataset_40):
+    return prepared_dataset_40  # tests/conftest.py: 40 synthetic samples, shared with the other training tests
 
 
 def _train(shards, out, ranks, stop_after=None, extra=()):

@@ -6,7 +6,10 @@ Run one process per rank (DeepSpeed's launcher, SLURM or a single `python -m hie
 Resume is automatic: a run pointed at an out_dir with checkpoints continues from the newest
 complete one: the same step, LR, optimizer state, queues and data position, also at another
 world size (through DeepSpeed universal checkpoints). SIGTERM/SIGUSR1 finish the current step,
-write a checkpoint and exit 0.
+write a checkpoint and exit 0. With `train.global_batch` the per-rank micro-batch and accumulation
+come from the world size (pipeline/train/global_batch.py); with `train.accum_mode=contrastive` a
+step's micro-batches form one contrastive batch (pipeline/train/grad_cache.py). Samples that hang or
+kill a decode worker go into the run's crash ledger and are skipped from then on (crash_ledger.py).
 
 Owns: the `Trainer` loop, its logs and signals, and `run`.
 Must not touch: process launching (launch/) or the checkpoint format (checkpoint.py).
