@@ -99,6 +99,11 @@ def build_index(args, cfg) -> int:
                                 ann=args.ann, batch_size=args.batch_size, num_threads=cfg.data.num_threads)
     print(f"indexed {summary['count']} videos ({summary['skipped']} skipped, {summary['captioned']} with captions) "
           f"into {args.out} ({summary['ann']} ANN on level {summary['level']}) in {time.perf_counter() - t0:.1f}s")
+    for key, reason in summary.get("skipped_videos", [])[:5]:
+        print(f"  skipped {key}: {reason}")
+    audio = summary.get("audio_files") or []
+    if audio:
+        print(f"  not indexed: {len(audio)} audio file(s) with no picture ({', '.join(audio[:5])})")
     return 0
 
 

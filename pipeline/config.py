@@ -146,6 +146,9 @@ class VisionConfig:
     layout_dim: int = 16  # layout: each patch token projected to this many dims before flattening
     space_time: str = "none"  # none | factorised: divided (TimeSformer) time attention before each ViT layer
     space_time_layers: int | None = None  # factorised: only before the last N ViT layers (None = all)
+    # the random-init ViT's MLP activation: quick_gelu (CLIP's, x * sigmoid(1.702x): three unfused kernels and
+    # one more saved [N*T*tokens, 4W] tensor per layer) or gelu (one kernel). A CLIP checkpoint keeps its own.
+    act: str = "quick_gelu"
 
     def __post_init__(self):
         for name in ("patch_size", "width", "layers", "heads", "layout_dim"):
@@ -153,6 +156,7 @@ class VisionConfig:
         _check(self.width % self.heads == 0, "model.vision.width must be divisible by model.vision.heads")
         _one_of("model.vision.frame_token", self.frame_token, ("cls", "layout"))
         _one_of("model.vision.space_time", self.space_time, ("none", "factorised"))
+        _one_of("model.vision.act", self.act, ("quick_gelu", "gelu"))
         _check(self.space_time_layers is None or self.space_time_layers >= 1,
                f"model.vision.space_time_layers={self.space_time_layers} must be >= 1, or null for every ViT layer")
 
@@ -321,12 +325,20 @@ class TrainConfig:
     # step is over all micro-batches' features of all ranks (GradCache; pipeline/train/grad_cache.py)
     accum_mode: str = "micro"
     activation_checkpointing: bool = False  # recompute frame-ViT (+space-time), temporal and text layers in backward
+    # fp32 matmuls on a GPU (the objective's similarities against the queue) on TF32 tensor cores
+    # (torch.set_float32_matmul_precision("high")); false = full fp32 ("highest"). No effect on CPU.
+    tf32: bool = True
+    compile: bool = False  # torch.compile the towers (query and key; per-module, state-dict keys unchanged)
     deepspeed_config: str | None = None  # a DeepSpeed JSON of your own instead of the generated one
     resume: str = "auto"  # auto | never | a checkpoint directory
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     log_every: int = 10
     log_samples: bool = False  # per rank, the keys of every sample consumed at every step
     seed: int = 0
+    # train-time collective timeout (s), set after start-up (which waits up to 600 s for every node): a
+    # node or link lost mid-run stops every rank within it, naming the peer. Keep it above the slowest
+    # checkpoint write or evaluation, during which the other ranks wait in a collective.
+    dist_timeout_s: float = 300.0
     wandb: str = ""  # a W&B project name: also log every metric to W&B (rank 0; "" = off; pip install wandb)
     wandb_mode: str = ""  # offline | online | disabled; "" = $WANDB_MODE, else offline (pipeline/train/monitor.py)
 
@@ -345,6 +357,7 @@ class TrainConfig:
         _one_of("train.accum_mode", self.accum_mode, ("micro", "contrastive"))
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _check(self.dist_timeout_s >= 5, f"train.dist_timeout_s={self.dist_timeout_s} must be >= 5 (seconds)")
         _one_of("train.wandb_mode", self.wandb_mode, ("", "offline", "online", "disabled"))
         if self.wandb:
             import importlib.util
@@ -428,9 +441,15 @@ class LaunchConfig:
     account: str | None = None
     job_name: str = "hiervl"
     master_port: int = 29500
+    # the interface of gloo/NCCL sockets, per node: auto (the route to the master, found on each node),
+    # one name for all nodes, or per host "n1:eno1,n2:ens5"; a node's own GLOO/NCCL_SOCKET_IFNAME wins
+    socket_ifname: str = "auto"
 
     def __post_init__(self):
         _check(self.nodes >= 1, "launch.nodes must be >= 1")
+        _check(bool(re.fullmatch(r"[\w.-]+|[\w.-]+:[\w.-]+(,[\w.-]+:[\w.-]+)*", self.socket_ifname or "")),
+               f"launch.socket_ifname={self.socket_ifname!r}: give auto, an interface name (eth0) or per host "
+               "n1:eno1,n2:ens5")
         _positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
         _check(1024 <= self.master_port <= 65535, "launch.master_port must be in 1024..65535")
 

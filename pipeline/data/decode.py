@@ -54,8 +54,11 @@ def choose_backend(decoder: str, codec: str, device: str, has_dali: bool | None 
 # ---------------------------------------------------------------------------- PyAV
 
 
-def decode_pyav(data: bytes, frames: np.ndarray) -> np.ndarray:
-    """Frames `frames` (display-order indices) of an encoded video, uint8 [T, H, W, 3]."""
+def decode_pyav(data: bytes, frames: np.ndarray, strict: bool = False) -> np.ndarray:
+    """Frames `frames` (display-order indices) of an encoded video, uint8 [T, H, W, 3], as stored
+    (a user's file is turned upright by pipeline/data/video_file.py). A wanted frame the stream
+    does not give is replaced by the nearest decoded one, or, with `strict`, a ValueError that
+    starts "truncated"."""
     import av
 
     with av.open(io.BytesIO(data), mode="r") as container:
@@ -91,6 +94,9 @@ def decode_pyav(data: bytes, frames: np.ndarray) -> np.ndarray:
                 break
     if not got:
         raise ValueError("no frame decoded")
+    missing = [i for i, pts in enumerate(wanted) if pts not in got]
+    if strict and missing:
+        raise ValueError(f"truncated: frame {int(frames[missing[0]])} of {n} could not be decoded")
     # a frame the stream would not give (truncated tail): use the nearest one decoded
     have = sorted(got)
     out = []
@@ -118,6 +124,7 @@ class DaliVideoDecoder:
         self.device = device
         self.device_id = device_id if device == "gpu" else None
         self._pipe = None
+        self._stream = None  # the loader's own CUDA stream for the copies out of DALI (device gpu)
 
     def _build(self):
         from nvidia.dali import fn, types
@@ -143,13 +150,25 @@ class DaliVideoDecoder:
         if self.device == "gpu":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
+            # the copies out of DALI's buffers run on a stream of the loader's own, and only they are waited
+            # for (an event), not the training stream's queued forward/backward kernels; each clip is then
+            # marked as used by the consumer's stream, so its memory is not reused before that stream is done
+            dev = torch.device("cuda", self.device_id)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=dev)
             results = []
-            for i in range(len(blobs)):
-                t = out[i]
-                dst = torch.empty(t.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
-                feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device_id))
-                results.append(dst)
-            torch.cuda.current_stream(self.device_id).synchronize()
+            with torch.cuda.stream(self._stream):
+                for i in range(len(blobs)):
+                    t = out[i]
+                    dst = torch.empty(t.shape(), dtype=torch.uint8, device=dev)
+                    feed_ndarray(t, dst, cuda_stream=self._stream)
+                    results.append(dst)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            done.synchronize()  # this batch's copies only (DALI reuses its output buffers after the next run)
+            consumer = torch.cuda.current_stream(dev)
+            for dst in results:
+                dst.record_stream(consumer)
             return results
         return [np.array(out.at(i)) for i in range(len(blobs))]  # copies: DALI reuses its buffers
 

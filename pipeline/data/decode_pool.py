@@ -36,6 +36,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -148,6 +149,25 @@ def decode_one(source, task: tuple, spec: TransformSpec):
         return None, f"transform failed: {type(exc).__name__}: {exc}"
 
 
+SHM = "/dev/shm"
+
+
+def check_shared_memory(need: int, slots: int, path: str = SHM) -> None:
+    """Refuse (one line) a ring larger than `path`'s free space. A shared-memory tensor is a sparse file
+    there: allocating it succeeds whatever the size, and the shortfall is a SIGBUS in a decode worker
+    at the first clip that does not fit (a container's default /dev/shm is 64 MB; base.yaml's ring is
+    320 clips x 3.6 MB = 1.16 GB per rank)."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:  # no /dev/shm (not Linux): torch's own allocation decides
+        return
+    if need > free:
+        raise UserError(f"data.decode_workers needs {need / 2**20:.0f} MiB of shared memory for its ring ({slots} clips) "
+                        f"but {path} has {free / 2**20:.0f} MiB free; give the machine a larger {path} (docker "
+                        f"--shm-size={max(1, -(-2 * need // 2**30))}g), lower data.prefetch or data.batch_size, or set "
+                        "data.decode_workers=0")
+
+
 def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, tasks, results, current, floor,
                  parent_pid: int, storage: dict | None = None, env: dict | None = None, started=None) -> None:
     """A worker's loop: tasks (tid, slot, shard, offset, size, frames, crop, flip, key) -> (tid, ok, reason,
@@ -225,6 +245,7 @@ class DecodePool:
             # the fork server imports these once; each worker then starts in milliseconds
             ctx.set_forkserver_preload(["torch", "av", "hiervl.data.decode", "hiervl.data.decode_pool"])
         shape = (self.slots, self.spec.num_frames, 3, self.spec.size, self.spec.size)
+        check_shared_memory(torch.empty((), dtype=self.spec.dtype).element_size() * int(np.prod(shape)), self.slots)
         try:
             self._ring = torch.empty(shape, dtype=self.spec.dtype).share_memory_()  # [slots, T, 3, S, S]
         except (RuntimeError, OSError) as exc:

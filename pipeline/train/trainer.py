@@ -29,6 +29,7 @@ import torch
 from hiervl import distributed as dist
 from hiervl import faults
 from hiervl.config import Config, to_dict, to_yaml
+from hiervl.errors import UserError
 from hiervl.log import get_logger, setup_logging
 from hiervl.train import checkpoint as ckpt
 from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
@@ -45,6 +46,11 @@ class NoReadableSamples(RuntimeError):
 
 class TooManyBadSteps(RuntimeError):
     pass
+
+
+class PeerLost(UserError):
+    """A collective failed or timed out mid-run: a node or the network to it is gone. The process
+    group is broken, so the rank exits without tearing it down (that would wait on the lost peer)."""
 
 
 def queue_state(model) -> dict:
@@ -104,12 +110,14 @@ class Trainer:
     def __init__(self, cfg: Config):
         import deepspeed
         from hiervl.data.loader import VideoTextLoader
-        from hiervl.model.hierarchical import build_model
+        from hiervl.model.hierarchical import build_model, compile_towers, set_matmul_precision
 
         self.out = Path(cfg.train.out_dir)
-        info = dist.init(use_deepspeed=True)
+        info = dist.init(use_deepspeed=True, socket_ifname_setting=cfg.launch.socket_ifname)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup_logging(self.rank, self.out / "logs")
+        self.peers = self._meet_peers()
+        self._check_shared_out_dir()
         # the trainer owns device and precision: the loader delivers video in `self.dtype` on its device
         self.device = torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available()
                                    else "cpu")
@@ -129,6 +137,9 @@ class Trainer:
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
         model = build_model(cfg)
+        set_matmul_precision(cfg, self.device)  # train.tf32
+        if cfg.train.compile:
+            log.info("train.compile: torch.compile of %s (compiled at the first steps)", ", ".join(compile_towers(model)))
         ds_config = build_deepspeed_config(cfg, self.world)
         if plan and plan["universal"]:
             ds_config["checkpoint"] = {"load_universal": True}
@@ -151,8 +162,6 @@ class Trainer:
         self.loader = VideoTextLoader(cfg, split=cfg.data.split, train=True, rank=self.rank, world_size=self.world,
                                       dtype=self.dtype, ledger=self.ledger)
         if len(self.loader) == 0:
-            from hiervl.errors import UserError
-
             raise UserError(f"dataset {cfg.data.path} split '{cfg.data.split}' has fewer samples than one global "
                             f"batch ({cfg.data.batch_size} x {self.world} ranks); lower data.batch_size")
         self.step, self.epoch, self.bad_steps, self.bad_total = 0, 0, 0, 0
@@ -173,6 +182,49 @@ class Trainer:
             self.loader.set_epoch(0)
         self._truncate_logs_after(self.step)
 
+    def _meet_peers(self) -> list[dict]:
+        """Every rank's host, address and socket interface (rank order), logged by each rank in its
+        own log: who trained where, and whom to name when a collective fails."""
+        import socket
+
+        addr, ifname = "127.0.0.1", os.environ.get("GLOO_SOCKET_IFNAME")
+        master = os.environ.get("MASTER_ADDR")
+        if self.world > 1 and master:
+            try:
+                addr, found = dist.route_to(master)
+                ifname = ifname or found
+            except OSError:
+                pass
+        me = {"rank": self.rank, "host": socket.gethostname(), "addr": addr, "ifname": ifname}
+        peers = dist.all_gather_object(me)
+        log.info("rank %d of %d on host %s (%s, interface %s); world: %s", self.rank, self.world, me["host"], addr,
+                 ifname or "-", " ".join(f"{p['rank']}@{p['host']}" for p in peers))
+        return peers
+
+    def _check_shared_out_dir(self) -> None:
+        """On more than one host, every rank must see the run folder rank 0 sees: checkpoints are
+        written there by every rank and resumed from by any. A folder local to each node (not a
+        shared filesystem) is refused here, before any step, in one line naming the hosts."""
+        hosts = sorted({p["host"] for p in self.peers})
+        if len(hosts) < 2:
+            return
+        probe = self.out / f".shared-check-{dist.broadcast_object(os.urandom(6).hex())}"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe.write_text(self.peers[0]["host"] + "\n")
+        dist.barrier()
+        seen = dist.all_gather_object(probe.is_file())
+        dist.barrier()
+        if self.rank == 0:
+            probe.unlink(missing_ok=True)
+        blind = sorted({p["host"] for p, ok in zip(self.peers, seen) if not ok})
+        if blind:
+            err = UserError(f"train.out_dir {self.out} is not shared between the nodes: {', '.join(blind)} cannot see "
+                            f"the file {self.peers[0]['host']} wrote there; a multi-node run needs one run folder every "
+                            "node sees (a shared filesystem), since every rank writes its part of each checkpoint there")
+            err.same_on_every_rank = True
+            raise err
+
     # ---------------------------------------------------------------- state
 
     def _client_state(self) -> dict:
@@ -180,6 +232,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
             "momentum_updates": self.momentum_updates,
             "loader": self.loader.state_dict(), "queue": queue_state(self.model),
+            "momentum": self.model.momentum_state(),  # fp32 shadows of bf16 key weights (momentum_update)
             "bad_total": self.bad_total, "best": self.best, "config": to_dict(self.run_cfg),
             "world_size": self.world, "universal_checkpoint_info": {},
         }
@@ -190,6 +243,8 @@ class Trainer:
         self.samples_seen, self.bad_total, self.best = client["samples_seen"], client["bad_total"], client["best"]
         self.momentum_updates = client.get("momentum_updates", self.step)
         load_queue_state(self.model, client["queue"])
+        if client.get("momentum"):
+            self.model.load_momentum_state(client["momentum"])
         self.loader.load_state_dict(client["loader"])
         if rank_state is not None:
             ckpt.set_rng_state(rank_state["rng"])
@@ -416,6 +471,7 @@ class Trainer:
         monitor, bar = self._open_outputs()
         exit_code, reason = EXIT_OK, "finished"
         window = self._new_window()
+        dist.set_timeout(cfg.train.dist_timeout_s)  # start-up is over: a lost node now stops the run quickly
         try:
             while self.step < cfg.train.steps:
                 self._optimizer_step(window)
@@ -451,6 +507,11 @@ class Trainer:
             exit_code = EXIT_BAD_STEPS
             reason = (f"{cfg.train.max_bad_steps} non-finite losses in a row at step {self.step}: lower train.lr, "
                       "check the data, or raise train.max_bad_steps")
+        except RuntimeError as exc:  # a collective that timed out or lost its peer: one line naming it
+            line = dist.failed_peer_line(exc, self.peers, cfg.train.dist_timeout_s, self.step + 1)
+            if line is None:
+                raise
+            raise PeerLost(line) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -560,7 +621,11 @@ def run(cfg: Config) -> int:
     trainer = Trainer(cfg)
     try:
         code = trainer.fit()
-    finally:
+    except PeerLost:
+        raise  # no teardown of a broken group
+    except BaseException:
         dist.destroy()
+        raise
+    dist.destroy()
     return code
 
