@@ -17,7 +17,7 @@
 # machine, at most 8 files; a killed command still returns what is there). DEADLINE (default 585 s from the start)
 # caps every stage: a stage gets at most the time left, and is skipped with a line when under 30 s are left.
 #   cp .dev/dali4/part_* /tmp/dw/ && bash bench/gpu_visit.sh          # the long command
-#   bash bench/gpu_visit.sh compile train                              # a follow-up on the warm machine
+#   DEADLINE=385 bash bench/gpu_visit.sh compile train                 # a follow-up (timeout_s 400), warm machine
 # On a machine without a CUDA GPU it prints one line and exits 2 (`make gpu-check` runs it).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -63,6 +63,19 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def skip_deepspeed_shm_op() -> None:
+    """On a machine without CUDA, keep DeepSpeed from JIT-compiling its `deepspeed_shm_comm` C++ op
+    when its communication backend starts (minutes on a first run, silently, into a build cache that
+    every checkout shares). The op serves only DeepSpeed's inference all-reduce; our collectives and
+    the engine's gradient all-reduce go through torch.distributed (gloo), which it does not touch."""
+    if torch.cuda.is_available():
+        return
+    import importlib
+
+    # by module name: the attribute `deepspeed.comm.torch` is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
@@ -165,6 +178,8 @@ def init(backend: str | None = None, timeout_s: int = 600, use_deepspeed: bool =
     """Initialise the process group when more than one process runs; a no-op for one.
     `timeout_s` is the start-up timeout (every node must arrive within it); `set_timeout` sets the
     train-time one afterwards. The node's socket interface is set first (`set_socket_ifname`)."""
+    if use_deepspeed:
+        skip_deepspeed_shm_op()  # before DeepSpeed's backend starts (here, or in deepspeed.initialize)
     info = world_info()
     if is_initialized():
         return WorldInfo(get_rank(), get_world_size(), info.local_rank, info.source)

@@ -8,15 +8,12 @@ rank starts."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures import write_shards  # noqa: E402
-from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint  # noqa: E402
+from fixtures import write_shards
+from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,17 +8,14 @@ every path ("no video stream", "truncated")."""
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures import write_shards  # noqa: E402
-from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint  # noqa: E402
+from fixtures import write_shards
+from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint
 
 pytestmark = pytest.mark.integration
 
