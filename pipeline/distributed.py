@@ -83,6 +83,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
 def route_to(master_addr: str) -> tuple[str, str | None]:
     """(this host's address on the way to `master_addr`, the interface that holds it or None):
     the kernel's route, read with an unconnected UDP socket (no packet is sent)."""
@@ -97,20 +105,62 @@ def route_to(master_addr: str) -> tuple[str, str | None]:
     return addr, None
 
 
-def socket_ifname(setting: str, master_addr: str | None, hostname: str | None = None) -> str | None:
+def spans_hosts(env: dict | None = None) -> bool:
+    """Whether this world has ranks on other hosts: WORLD_SIZE above the ranks on this node
+    (DeepSpeed's LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE, SLURM's SLURM_NNODES)."""
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1"))
+    if "SLURM_NNODES" in env and "RANK" not in env:
+        return int(env["SLURM_NNODES"]) > 1
+    local = env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE")
+    return local is not None and world > int(local)
+
+
+def interface_addr(name: str) -> str | None:
+    """The first IPv4 address of interface `name` (the first of a comma-separated list), or None."""
+    import psutil
+
+    addrs = psutil.net_if_addrs().get(name.split(",")[0], [])
+    return next((a.address for a in addrs if a.family == socket.AF_INET), None)
+
+
+def outward_interface() -> tuple[str | None, str | None]:
+    """(address, name) of the interface other hosts reach this one by, when the master's name
+    resolves to loopback here (this node is the master; Debian's `127.0.1.1 hostname` line): the
+    first interface that is up, not loopback and has an IPv4 address."""
+    import psutil
+
+    stats = psutil.net_if_stats()
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        if name == "lo" or not stats.get(name) or not stats[name].isup:
+            continue
+        for a in addrs:
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
+                return a.address, name
+    return None, None
+
+
+def socket_ifname(setting: str, master_addr: str | None, hostname: str | None = None,
+                  multi_host: bool | None = None) -> str | None:
     """The network interface this node's gloo/NCCL sockets use (GLOO/NCCL_SOCKET_IFNAME), per node.
 
     `setting` is launch.socket_ifname: "auto" (the interface of the route to the master, found on
     each node: nodes whose interfaces are named differently, eno1 here and ens5 there, each get
-    their own; None for a one-machine run on loopback), one name for every node, or per host
+    their own; on the master itself, whose name may resolve to loopback, the interface other hosts
+    reach it by; None for a one-machine run), one name for every node, or per host
     "n1:eno1,n2:ens5" (this host's short name picks). A ConfigError names a host left out.
     """
     from hiervl.config import ConfigError
 
     hostname = (hostname or socket.gethostname()).split(".")[0]
     if setting == "auto":
-        if not master_addr or _is_loopback(master_addr):
+        multi_host = spans_hosts() if multi_host is None else multi_host
+        if not master_addr or not multi_host:
             return None
+        if _is_loopback(master_addr):
+            if master_addr == "localhost" or _is_ip(master_addr):
+                return None  # loopback named as such: every "node" is on this machine
+            return outward_interface()[1]  # this node is the master, and its name maps to 127.0.1.1 here
         try:
             return route_to(master_addr)[1]
         except OSError:

@@ -6,7 +6,8 @@ sends one GLOO/NCCL_SOCKET_IFNAME to every node fails here as it would there) an
 10.77.0.0/24, a private range that exists only inside these namespaces. The bridge lives in a
 namespace of its own (`<prefix>-hub`): nothing is added to the machine's own network. A command
 started with `Cluster.popen(node, argv)` also gets its own hostname (UTS namespace: `hostname`
-says n1) and its own mount namespace, in which `/etc/hosts` names the nodes and `Cluster.local`
+says n1) and its own mount namespace, in which `/etc/hosts` names the nodes (the node's own name as 127.0.1.1, as
+Debian installs it: a launch that trusts its hostname to find its address gets loopback) and `Cluster.local`
 (one path) is that node's private folder: shared-nothing where a test wants it. `cut(node)` takes
 a node's link down (packets are dropped, no reset: a partition, not a crash); `heal(node)` brings
 it back. `close()` kills every process left in the namespaces and deletes them, also after a
@@ -86,8 +87,10 @@ class Cluster:
             _ip("netns", "add", self.hub)
             _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
             _ip("-n", self.hub, "link", "set", "br0", "up")
-            hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in self.addr.items())
-            (self.root / "hosts").write_text(hosts)
+            for node in self.names:  # as Debian writes it: a node's own name first maps to 127.0.1.1
+                hosts = f"127.0.0.1 localhost\n127.0.1.1 {node}\n" + "".join(
+                    f"{a} {n}\n" for n, a in self.addr.items() if n != node)
+                (self.root / f"hosts.{node}").write_text(hosts)
             self.local.mkdir(parents=True, exist_ok=True)
             for i, node in enumerate(self.names, 1):
                 ns = self.ns(node)
@@ -131,7 +134,7 @@ class Cluster:
         """argv run inside `node`: its network, hostname, /etc/hosts and private `local` folder."""
         setup = ('hostname "$1" && mount --bind "$2" /etc/hosts && mount --bind "$3" "$4" && shift 4 && exec "$@"')
         return ["ip", "netns", "exec", self.ns(node), "unshare", "--uts", "--mount", "--propagation", "private", "--",
-                "sh", "-c", setup, "sh", node, str(self.root / "hosts"), str(self.node_dir(node)), str(self.local),
+                "sh", "-c", setup, "sh", node, str(self.root / f"hosts.{node}"), str(self.node_dir(node)), str(self.local),
                 *map(str, argv)]
 
     def popen(self, node: str, argv: list[str], **kw) -> subprocess.Popen:

@@ -19,9 +19,25 @@ def test_interface_per_node():
         D.socket_ifname("n1:eno1,n2:ens5", "n1", hostname="n3")
 
 
-def test_auto_takes_the_route_to_the_master():
+def test_auto_takes_the_route_to_the_master(monkeypatch):
     addr, name = D.route_to("127.0.0.1")
     assert addr == "127.0.0.1" and name == "lo"
+    assert D.socket_ifname("auto", "127.0.0.1", multi_host=False) is None
+    # the master's own name resolves to loopback (Debian's 127.0.1.1 line) on a multi-host run: the
+    # interface other hosts reach it by, never lo
+    out_addr, out_name = D.outward_interface()
+    assert D.socket_ifname("auto", "127.0.0.1", multi_host=True) is None  # loopback named as such: one machine
+    assert D.socket_ifname("auto", "localhost", multi_host=True) is None
+    monkeypatch.setattr(D, "_is_loopback", lambda host: host == "n1")  # n1 maps to 127.0.1.1 on n1
+    assert D.socket_ifname("auto", "n1", multi_host=True) == out_name and out_name != "lo"
+    assert out_addr is None or D.interface_addr(out_name) == out_addr
+
+
+def test_spans_hosts():
+    assert D.spans_hosts({"WORLD_SIZE": "2", "LOCAL_SIZE": "1"})  # DeepSpeed's launcher, 2 nodes
+    assert not D.spans_hosts({"WORLD_SIZE": "2", "LOCAL_SIZE": "2"})
+    assert D.spans_hosts({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"})  # torchrun
+    assert not D.spans_hosts({"WORLD_SIZE": "2"})  # unknown: one machine
 
 
 def test_deepspeed_env_does_not_send_one_interface_to_every_node():

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hiervl.data.decode import decode_pyav
-from hiervl.data.loader import DatasetIndex
+from hiervl.data.loader import DatasetIndex, is_plain_name
 from hiervl.data.sampler import frame_indices
 from hiervl.errors import UserError
 from hiervl.eval.ann import AnnIndex
@@ -92,6 +92,11 @@ class SearchIndex:
                             "`hiervl eval --checkpoint RUN --data SHARDS --split SPLIT --out DIR`")
         meta = json.loads(meta_path.read_text())
         meta["data"] = find_recorded(meta.get("data"), directory)  # a relative path of an older index
+        for what, name in (("embeddings", meta.get("embeddings", EMBEDDINGS_FILE)),
+                           ("ann file", (meta.get("ann") or {}).get("file") or ANN_FILE)):
+            if not is_plain_name(name):  # index.json is someone else's file: its names must stay in the folder
+                raise UserError(f"{meta_path}: the {what} {name!r} is not a file name in the index folder; "
+                                "refusing an index that points outside itself: make the index again")
         table = pq.read_table(directory / meta.get("embeddings", EMBEDDINGS_FILE))
         keys_col = table.column("key").to_pylist()
         levels_col = np.array(table.column("level").to_pylist())
