@@ -100,8 +100,11 @@ class DataConfig:
     num_threads: int = 2
     prefetch: int = 2  # batches decoded ahead of the training step
     # PyAV decode worker processes (pipeline/data/decode_pool.py); 0 = PyAV in data.num_threads threads of
-    # the loader's process. With DALI (data.decoder=auto) both decode at once, split by what each delivers
-    decode_workers: int = 0
+    # the loader's process. On a GPU with DALI (data.decoder=auto) both decode at once, split by what each
+    # delivers. auto: the cores left after this node's ranks, per rank, at least 1 on a CPU machine (the
+    # workers cost ~2x less CPU per clip than the loader's threads and keep decoding out of the trainer's
+    # process), at most 8 (bench/RESULTS.md "Issue #27")
+    decode_workers: int | str = "auto"
     seed: int = 0
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -110,8 +113,9 @@ class DataConfig:
         for name in ("batch_size", "num_frames", "size", "short_side", "max_words", "num_threads"):
             _check(getattr(self, name) >= 1, f"data.{name}={getattr(self, name)!r} must be >= 1")
         _positive("data.prefetch", self.prefetch, allow_zero=True)
-        _check(isinstance(self.decode_workers, int) and self.decode_workers >= 0,
-               f"data.decode_workers={self.decode_workers!r} must be an integer >= 0 (0 = decode in the loader's threads)")
+        _check(self.decode_workers == "auto" or (isinstance(self.decode_workers, int) and self.decode_workers >= 0),
+               f"data.decode_workers={self.decode_workers!r} must be auto or an integer >= 0 (0 = decode in the "
+               "loader's threads)")
         _check(self.short_side >= self.size, f"data.short_side={self.short_side} must be >= data.size={self.size}")
         _one_of("data.order", self.order, ("global", "block", "grouped"))
         _check(isinstance(self.group_chunk, int) and self.group_chunk >= 1,
@@ -516,6 +520,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if str in inner and isinstance(value, str) and len(inner) > 1 and _parse_string(value, inner[0]) is None:
+            return value  # e.g. `int | str`: "auto" stays a word, "2" becomes 2
         return _coerce(path, value, inner[0])
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)

@@ -67,6 +67,9 @@ def write_export(model, cfg, out: str | Path, source: dict | None = None, overwr
     (tmp / VISION_DIR).mkdir(parents=True)
     try:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", FORMAT: str(VERSION)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / WEIGHTS, 0o666 & ~umask)  # safetensors writes 0600; readable like the rest of the export
         (tmp / CONFIG).write_text(to_yaml(cfg))
         model.video.encoder.vit.config.save_pretrained(str(tmp / VISION_DIR))  # the ViT as built (channels, sizes)
         model.text.encoder.model.config.save_pretrained(str(tmp / TEXT_DIR))  # as built: cut layers, dropout

@@ -128,3 +128,13 @@ def test_every_preset_file_is_the_tiny_config_with_its_preset():
     for name in PRESETS:
         cfg = load_config(root / "presets" / f"{name}.yaml")
         assert cfg.model.preset == name and cfg.data == load_config(root / "tiny.yaml").data
+
+
+def test_decode_workers_is_auto_by_default_or_a_count():
+    assert load_config(TINY).data.decode_workers == "auto"
+    assert load_config(TINY, ["data.decode_workers=2"]).data.decode_workers == 2  # a number, not "2"
+    assert load_config(TINY, ["data.decode_workers=auto"]).data.decode_workers == "auto"
+    with pytest.raises(ConfigError, match="data.decode_workers='many' must be auto or an integer >= 0"):
+        load_config(TINY, ["data.decode_workers=many"])
+    with pytest.raises(ConfigError, match="must be auto or an integer >= 0"):
+        load_config(TINY, ["data.decode_workers=-1"])

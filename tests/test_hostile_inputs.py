@@ -127,6 +127,8 @@ def test_malicious_export_is_refused_or_its_payload_never_read(tiny, tmp_path):
 
     cfg, model, _, _ = tiny
     out = write_export(model, cfg, tmp_path / "model")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (out / "model.safetensors", out / "config.yaml")}
+    assert modes["model.safetensors"] == modes["config.yaml"], modes  # was 0600 beside 0644
     marker = tmp_path / "RAN"
     # a pickled weight file beside the config (transformers would torch.load it): never read
     torch.save({"x": Payload(marker)}, out / "text" / "pytorch_model.bin")

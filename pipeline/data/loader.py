@@ -46,8 +46,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from hiervl.data.byte_source import SampleByteSource
-from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
-from hiervl.data.decode_pool import DecodePool, TransformSpec
+from hiervl.data.cpu_meter import LoaderCpuMeter, process_tree_seconds, thread_ids
+from hiervl.data.decode import (
+    DaliVideoDecoder,
+    choose_backend,
+    dali_available,
+    decode_pyav,
+    normalize_clip,
+    resize_crop_uint8,
+    transform_clip,
+)
+from hiervl.data.decode_pool import DecodePool, TransformSpec, resolve_decode_workers
 from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
 from hiervl.data.sampler import (
     PAD,
@@ -197,22 +206,26 @@ class VideoTextLoader:
         self.epoch = 0
         self.position = 0
         self._dali: DaliVideoDecoder | None = None
+        self.cpu = LoaderCpuMeter()  # this loader's own CPU seconds: threads, DALI's threads, decode workers
         self.stats = {"decoded": 0, "skipped": 0, "padded": 0, "skipped_keys": [], "skipped_reasons": {},
                       "decode_path": Counter(), "pool_decoded": 0}
         # PyAV in worker processes (decode_pool.py), started at the first batch; closed by close(),
         # when the loader is collected, or at interpreter exit
         self._pool: DecodePool | None = None
-        if self.cfg.decode_workers > 0:
-            spec = TransformSpec(self.cfg.num_frames, self.cfg.short_side, self.cfg.size, tuple(self.cfg.mean),
-                                 tuple(self.cfg.std), self.dtype)
+        self.decode_workers = resolve_decode_workers(self.cfg.decode_workers, self.device, world_size)
+        if self.decode_workers > 0:
+            spec = TransformSpec(self.cfg.num_frames, self.cfg.short_side, self.cfg.size)
             # ring slots: the samples of the batches in flight (data.prefetch ahead + the one being assembled)
             storage = getattr(cfg, "storage", None)  # storage hook: each worker opens its own store
-            self._pool = DecodePool(self.cfg.decode_workers, self.index.root, spec,
+            self._pool = DecodePool(self.decode_workers, self.index.root, spec,
                                     slots=(self.cfg.prefetch + 1) * self.batch_size,
                                     storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage)
             weakref.finalize(self, self._pool.close)
         # DALI and the pool at once (decoder=auto with workers): the adaptive split of schedule.py
-        self.hybrid = self._pool is not None and self.cfg.decoder == "auto" and self.has_dali
+        # DALI and the workers split each batch: decoder=auto on a GPU (DALI mixed + PyAV processes), or
+        # decoder=dali with workers; on a CPU machine decoder=auto gives every sample to the workers (choose_backend)
+        self.hybrid = self._pool is not None and self.has_dali and (
+            (self.cfg.decoder == "auto" and self.device == "gpu") or self.cfg.decoder == "dali")
         self._split = DecoderSplit()
         if len(self) == 0:
             raise UserError(f"split '{self.split}' has {len(self.index)} samples, fewer than one global batch "
@@ -342,10 +355,12 @@ class VideoTextLoader:
                     job = next(todo, None)
                     if job is None:
                         break
-                    pending.append(self._start_batch(job[0], job[1], epoch))
+                    with self.cpu.timed():
+                        pending.append(self._start_batch(job[0], job[1], epoch))
                 if not pending:
                     return
-                batch = self._finish_batch(pending.popleft(), stop)
+                with self.cpu.timed():
+                    batch = self._finish_batch(pending.popleft(), stop)
                 if batch is None:  # stopped while waiting for the pool
                     return
                 yield batch
@@ -372,7 +387,7 @@ class VideoTextLoader:
             _LOGGED_PATHS.add(tag)
             how = {"dali": f"DALI fn.decoders.video ({'mixed, GPU' if self.device == 'gpu' else 'cpu backend'})",
                    "pyav": "PyAV" + ("" if self.has_dali else " (nvidia-dali not installed)")}[backend]
-            extra = (f" and PyAV in {self.cfg.decode_workers} worker processes (adaptive split)"
+            extra = (f" and PyAV in {self.decode_workers} worker processes (adaptive split)"
                      if backend == "dali" and self.hybrid else "")
             log.info("decoding %s videos with %s%s%s", codec, how, where, extra)
 
@@ -380,7 +395,8 @@ class VideoTextLoader:
         """Plan one batch and queue its pool share to the worker processes (returns at once)."""
         real = sorted({int(i) for i in idx if i != PAD})
         plans = {i: self._sample_plan(i, epoch) for i in real}
-        backend = {i: choose_backend(self.cfg.decoder, self.index.codecs[i], self.device, self.has_dali) for i in real}
+        backend = {i: choose_backend(self.cfg.decoder, self.index.codecs[i], self.device, self.has_dali,
+                                     self.decode_workers) for i in real}
         for i in real:
             self._log_path(backend[i], self.index.codecs[i])
         tids: dict[int, int] = {}
@@ -395,6 +411,8 @@ class VideoTextLoader:
             ix = self.index
             for i in to_pool:
                 tids[i] = self._pool.submit(ix.keys[i], ix.shards[i], ix.offsets[i], ix.sizes[i], *plans[i])
+            if tids and not self.cpu.pids:
+                self.cpu.watch_processes(self._pool.pids)  # the workers start at the first submit
         return {"idx": idx, "position": position, "epoch": epoch, "real": real, "plans": plans, "backend": backend,
                 "tids": tids}
 
@@ -411,10 +429,14 @@ class VideoTextLoader:
         frames: dict[int, object] = {}
         dali_slots = [i for i in blobs if backend[i] == "dali"]
         if dali_slots:
-            if self._dali is None:
+            first = self._dali is None
+            if first:
                 self._dali = DaliVideoDecoder(self.batch_size, self.cfg.num_threads, self.device, self.device_id)
-            for i, res in zip(dali_slots, self._dali.decode([blobs[i] for i in dali_slots],
-                                                            [plans[i][0] for i in dali_slots])):
+                before = thread_ids()
+            decoded = self._dali.decode([blobs[i] for i in dali_slots], [plans[i][0] for i in dali_slots])
+            if first:
+                self.cpu.watch_threads(thread_ids() - before)  # DALI's native worker threads
+            for i, res in zip(dali_slots, decoded):
                 if isinstance(res, Exception):
                     errors[i] = f"DALI decode failed: {res}"
                 else:
@@ -422,12 +444,19 @@ class VideoTextLoader:
         dtype = self.dtype
 
         def work(i: int):
+            with self.cpu.timed():
+                return _work(i)
+
+        def _work(i: int):
             try:
                 clip = frames[i] if i in frames else decode_pyav(blobs[i], plans[i][0])
                 if len(clip) != self.cfg.num_frames:
                     raise ValueError(f"decoder returned {len(clip)} frames, wanted {self.cfg.num_frames}")
-                return i, transform_clip(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2],
-                                         self.cfg.mean, self.cfg.std, dtype), None
+                if isinstance(clip, torch.Tensor) and clip.is_cuda:  # DALI mixed: the float transform on the GPU
+                    return i, transform_clip(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2],
+                                             self.cfg.mean, self.cfg.std, dtype), None
+                # CPU frames: resized once in uint8 here, normalised straight into the batch slot
+                return i, resize_crop_uint8(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2]), None
             except Exception as exc:  # noqa: BLE001 - a corrupt video must not stop the run
                 return i, None, f"{'PyAV' if i not in frames else 'transform'} failed: {type(exc).__name__}: {exc}"
 
@@ -486,10 +515,12 @@ class VideoTextLoader:
             all_caps.append(list(caps))
             texts.append(choose_caption(caps, self.seed, epoch, key) if self.train else (caps[0] if caps else ""))
             if i in clips:
-                clip = clips[i]  # [T, 3, S, S]
+                clip = clips[i]  # [T, 3, S, S]: uint8 from the CPU decoders, normalised on the GPU (DALI mixed)
                 if dev != "cpu" and not clip.is_cuda:
                     host_slots.append(slot)
                     host_clips.append(clip)
+                elif clip.dtype == torch.uint8:
+                    normalize_clip(clip, cfg.mean, cfg.std, self.dtype, out=video[slot])  # the one copy
                 else:
                     video[slot] = clip
                 valid[slot] = True
@@ -498,10 +529,10 @@ class VideoTextLoader:
                 video[slot].zero_()
                 self._record_skip(key, errors.get(i, "unknown"))
         if host_slots:
-            staged = torch.empty((len(host_clips), *host_clips[0].shape), dtype=self.dtype, pin_memory=True)
-            torch.stack(host_clips, out=staged)  # [n, T, 3, S, S] in page-locked memory
+            staged = torch.empty((len(host_clips), *host_clips[0].shape), dtype=torch.uint8, pin_memory=True)
+            torch.stack(host_clips, out=staged)  # [n, T, 3, S, S] uint8 in page-locked memory (a quarter of float32)
             where = torch.tensor(host_slots, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
-            video.index_copy_(0, where, staged.to(dev, non_blocking=True))
+            video.index_copy_(0, where, normalize_clip(staged.to(dev, non_blocking=True), cfg.mean, cfg.std, self.dtype))
         if tids:
             self._pool.release(tids.values())  # every pool clip has been copied out of its ring slot
         tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.max_words, return_tensors="pt")
@@ -520,6 +551,11 @@ class VideoTextLoader:
             for name in ("input_ids", "attention_mask", "video_ids", "valid"):
                 batch[name] = batch[name].pin_memory().to(dev, non_blocking=True)
         return batch
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(this loader's CPU seconds so far, CPU seconds of this process and its decode workers so far):
+        their deltas over a window give the loader's CPU share (the trainer logs `loader_cpu_share`)."""
+        return self.cpu.seconds(), process_tree_seconds(self.cpu.pids)
 
     def _record_skip(self, key: str, reason: str) -> None:
         self.stats["skipped"] += 1

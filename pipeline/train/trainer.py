@@ -361,7 +361,7 @@ class Trainer:
     def _new_window(self) -> dict:
         """Accumulators between two log steps (device tensors: no sync until they are logged)."""
         return {"start": time.perf_counter(), "steps": 0, "micro": 0, "data_s": 0.0, "paused_s": 0.0,
-                "loss": torch.zeros((), device=self.device), "losses": {}}
+                "loss": torch.zeros((), device=self.device), "losses": {}, "cpu": self.loader.cpu_seconds()}
 
     def _eval_due(self) -> bool:
         return bool(self.cfg.eval.every_steps) and self.step % self.cfg.eval.every_steps == 0
@@ -463,8 +463,12 @@ class Trainer:
         micro = max(window["micro"], 1)
         names = sorted(window["losses"])
         local = torch.stack([window["loss"].reshape(())] + [window["losses"][n].reshape(()) for n in names]) / micro
-        values = dist.all_reduce_mean(local).tolist()
-        total, losses = values[0], dict(zip(names, values[1:]))
+        # the loader's CPU seconds and its process tree's (this rank + its decode workers) over the window,
+        # meaned over ranks in the same collective: their ratio is every rank's loader CPU share
+        cpu = [now - then for now, then in zip(self.loader.cpu_seconds(), window["cpu"])]
+        values = dist.all_reduce_mean(torch.cat([local, torch.tensor(cpu, device=local.device)])).tolist()
+        total, losses = values[0], dict(zip(names, values[1:1 + len(names)]))
+        loader_cpu, tree_cpu = values[-2:]
         if self.rank != 0:
             return
         elapsed = max(time.perf_counter() - window["start"] - window["paused_s"], 1e-9)
@@ -476,6 +480,11 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen, "loss": total,
             "losses": losses, "lr": lr, "samples_per_s": samples / elapsed,
             "data_wait_share": min(window["data_s"] / elapsed, 1.0),
+            # of the CPU the ranks (and their decode workers) used, the share the loader took (all ranks)
+            "loader_cpu_share": min(loader_cpu / tree_cpu, 1.0) if tree_cpu > 0 else 0.0,
+            # CPU seconds (all ranks and their decode workers) per sample: the cost a loaded machine's
+            # wall-clock figures hide (samples/s on dedicated cores ~ cores / this)
+            "cpu_s_per_sample": tree_cpu * self.world / samples if samples else None,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "temperature": dict(zip(self.model.levels, temperature)) if self.cfg.model.loss == "infonce" else {},
             "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total, "time": time.time(),
