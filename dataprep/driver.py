@@ -139,7 +139,8 @@ def _run_shards(todo: list[dict], out_cfg: dict, out: str, prep, ray_address, pr
     with open_distributor(kind, prep.num_workers, ray_address, prep.object_store_mb) as backend:
         bar = tqdm(total=len(todo), desc=f"prep shards ({kind})", unit="shard", disable=not progress)
         t0, samples = time.time(), 0
-        for _, stats in backend.run(write_shard, [(spec, out_cfg, out, storage) for spec in todo]):
+        for _, stats in backend.run(write_shard, [(spec, out_cfg, out, storage, prep.decode_timeout_s)
+                                                          for spec in todo]):
             samples += stats["samples_in"]
             bar.update(1)
             bar.set_postfix(samples_per_s=f"{samples / max(time.time() - t0, 1e-9):.1f}")
@@ -215,7 +216,8 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
             "videos_per_s": processed / wall if wall > 0 else 0.0,
             "videos_per_s_tasks": processed / task_s if task_s > 0 else 0.0,
             "realtime_factor": source_s_run / wall if wall > 0 else 0.0, "failure_rate": rate,
-            "ok": rate <= prep.max_failure_rate, "out_dir": out, "dataset_counts": dataset["counts"]}
+            "ok": rate <= prep.max_failure_rate, "out_dir": out, "dataset_counts": dataset["counts"],
+            "quarantine_examples": quarantine[:QUARANTINE_SHOWN]}
 
 
 def _dumps(obj) -> bytes:
@@ -257,6 +259,18 @@ def _write_dataset(store: Store, prep, fingerprints: dict, records: list[dict], 
                "inputs": [{**r["identity"], "splits": r["splits"]} for r in records], "prep_config": prep_cfg}
     store.put(DATASET_FILE, (json.dumps(dataset, indent=2, sort_keys=True) + "\n").encode())
     return stats, dataset
+
+
+QUARANTINE_SHOWN = 5  # quarantine records printed on the terminal (all are in quarantine.parquet)
+
+
+def quarantine_lines(s: dict) -> list[str]:
+    """The first few quarantined inputs, one line each (source, stage, reason), then where the rest are."""
+    shown = s.get("quarantine_examples") or []
+    lines = [f"  quarantined {q.get('source') or q.get('key')}: {q.get('stage')}: {q.get('reason')}" for q in shown]
+    if s.get("quarantined", 0) > len(shown):
+        lines.append(f"  ... and {s['quarantined'] - len(shown)} more in {s['out_dir']}/{QUARANTINE_FILE}")
+    return lines
 
 
 def summary_line(s: dict) -> str:

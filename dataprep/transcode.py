@@ -25,17 +25,18 @@ import errno
 import io
 import math
 import os
+import signal
 import stat
 from contextlib import contextmanager
 from fractions import Fraction
 
 import av
 import numpy as np
+from hiervl import faults
+from hiervl.data.video_file import looks_like_video, truncation, upright_turns
 from hiervl.storage import is_remote, open_store, parent
 
 OUTPUT = {"vp9": ("libvpx-vp9", "webm", "webm"), "h264": ("libx264", "mp4", "mp4")}
-# container magic numbers: a file that starts like a video but will not open is truncated/corrupt
-_MAGIC = (b"\x1a\x45\xdf\xa3", b"RIFF", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"\x30\x26\xb2\x75", b"FLV")
 
 
 class SampleRefused(Exception):
@@ -122,10 +123,6 @@ def _read_all(src) -> bytes:
     return src.read()
 
 
-def _looks_like_video(head: bytes) -> bool:
-    return head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide") or any(head.startswith(m) for m in _MAGIC)
-
-
 def probe(src) -> dict:
     """Container facts without decoding: duration (None when unknown or reported as 0), fps, size,
     codec. Refuses non-videos. `src` is what `open_source` yields."""
@@ -135,7 +132,7 @@ def probe(src) -> dict:
     try:
         container = _av_open(src)
     except (av.error.FFmpegError, EOFError, OSError) as exc:
-        if _looks_like_video(head):
+        if looks_like_video(head):
             raise SampleRefused("probe", f"truncated or corrupt video ({type(exc).__name__})") from None
         raise SampleRefused("probe", "not a video (no known container)") from None
     with container:
@@ -160,10 +157,18 @@ def probe(src) -> dict:
 
 def _upright_turns(frame) -> int:
     """Quarter turns counter-clockwise (np.rot90's k) that show `frame` upright, from its display
-    matrix (PyAV's `rotation`: degrees the matrix turns the picture counter-clockwise; a phone held
-    upright writes -90, which players show turned 90 degrees clockwise)."""
-    rot = int(round(getattr(frame, "rotation", 0) or 0)) % 360
-    return {0: 0, 90: 1, 180: 2, 270: 3}.get(int(round(rot / 90.0)) * 90 % 360, 0)
+    matrix (the one rule: pipeline/data/video_file.py `upright_turns`)."""
+    return upright_turns(getattr(frame, "rotation", 0))
+
+
+def _truncation(src) -> str | None:
+    """'truncated: ...' when the file's packets stop short of what its container lists (the one rule
+    of pipeline/data/video_file.py, also used by the API and `search index`), else None."""
+    try:
+        with _av_open(src) as container:
+            return truncation(container, container.streams.video[0])
+    except Exception:  # noqa: BLE001 - not even demuxable: the caller's own reason stands
+        return None
 
 
 def _out_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -247,8 +252,23 @@ def encode(frames: list, codec: str, fps: float, crf: int, keyframe_interval: fl
     return buf.getvalue()
 
 
+def _injected_decoder_fault(path: str) -> None:
+    """Tests only (pipeline/faults.py): the decoder of a file whose path contains $HIERVL_FAULT_MATCH
+    hangs in a blocking read that never returns (`decode-hang`) or dies of SIGSEGV (`decode-crash`),
+    as FFmpeg does on some corrupt files; only a watchdog that kills the process gets past it."""
+    match = os.environ.get("HIERVL_FAULT_MATCH")
+    if not match or match not in path:
+        return
+    if faults.injected("decode-hang"):
+        read_end, _write_end = os.pipe()
+        os.read(read_end, 1)  # blocks in the kernel forever: nobody writes, the write end stays open
+    if faults.injected("decode-crash"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
 def process_sample(sample: dict, prep: dict) -> tuple[bytes, str, dict]:
     """Probe, validate and transcode one sample per the prep config (a PrepConfig as a dict)."""
+    _injected_decoder_fault(sample["video"])
     with open_source(sample["video"]) as src:
         return _process(src, sample, prep)
 
@@ -276,7 +296,7 @@ def _process(src, sample: dict, prep: dict) -> tuple[bytes, str, dict]:
     try:
         frames, last_t = _decode_clip(src, start, end, prep["fps"], prep["short_side"])
     except (av.error.FFmpegError, EOFError, OSError, ValueError) as exc:
-        raise SampleRefused("decode", f"decode error ({type(exc).__name__}: {exc})") from None
+        raise SampleRefused("decode", _truncation(src) or f"decode error ({type(exc).__name__}: {exc})") from None
     if last_t is None:
         raise SampleRefused("decode", "no decodable frames (truncated or corrupt)")
     if not frames:
@@ -317,7 +337,7 @@ def _copy(src, info: dict, sample: dict, start: float, end: float, prep: dict):
                 n, last_t = n + 1, frame.time
                 turns = turns or _upright_turns(frame)
     except (av.error.FFmpegError, EOFError, OSError) as exc:
-        raise SampleRefused("decode", f"decode error ({type(exc).__name__})") from None
+        raise SampleRefused("decode", _truncation(src) or f"decode error ({type(exc).__name__})") from None
     if n == 0:
         raise SampleRefused("decode", "no decodable frames (truncated or corrupt)")
     if turns:

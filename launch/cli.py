@@ -61,6 +61,14 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:  # a typo: one line, a suggestion
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        print(f"hiervl: '{argv[0]}' is not a command; {hint}commands: {', '.join(SUBCOMMANDS)} (hiervl --help)",
+              file=sys.stderr)
+        return 2
     commands = available_subcommands()
     if argv and argv[0] in SUBCOMMANDS and argv[0] not in commands:
         print(f"hiervl: '{argv[0]}' is not built yet; available: {', '.join(commands) or 'none'}", file=sys.stderr)
@@ -80,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hiervl {args.command}: config error: {exc}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(to_yaml(cfg), end="")
+    if args.print_config:  # what the subcommand would run with (the demo: configs/demo.yaml under its --out)
+        resolve = getattr(commands[args.command], "resolved_config", None)
+        try:
+            print(to_yaml(resolve(args) if resolve else cfg), end="")
+        except ConfigError as exc:
+            print(f"hiervl {args.command}: config error: {exc}", file=sys.stderr)
+            return 2
         return 0
     try:
         return int(commands[args.command].main(args, cfg) or 0)

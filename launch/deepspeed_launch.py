@@ -28,8 +28,9 @@ from hiervl.launch.processes import RANK_MODULE, child_env, host_rendezvous, run
 
 # Variables the ranks need on every node; DeepSpeed's pdsh runner exports what .deepspeed_env lists.
 PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                  "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED", "TORCH_EXTENSIONS_DIR", "NCCL_SOCKET_IFNAME",
-                  "GLOO_SOCKET_IFNAME",
+                  "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED", "TORCH_EXTENSIONS_DIR",
+                  # not NCCL/GLOO_SOCKET_IFNAME: one value for every node breaks nodes whose interfaces are
+                  # named differently; each rank finds its node's own (launch.socket_ifname, distributed.py)
                   # object storage (pipeline/storage.py): where, never the keys (a file must not hold a secret;
                   # each node brings its own AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws or instance role)
                   "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
@@ -158,6 +159,51 @@ def node_command(cfg, config_path, hostfile, *, node_rank: int, master_addr: str
             + _tail(config_path, log_dir))
 
 
+def node_ranks(hostfile, node_rank: int) -> list[int]:
+    """The global ranks DeepSpeed's launcher gives node `node_rank` of a hostfile (slots in order)."""
+    slots = []
+    for line in Path(hostfile).read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            slots.append(int(words[1].split("=", 1)[1]) if len(words) > 1 else 1)
+    first = sum(slots[:node_rank])
+    return list(range(first, first + slots[node_rank]))
+
+
+def rank_errors(log_dir, ranks, since: float) -> list[str]:
+    """The `hiervl train: error:` lines of these ranks' stdout/stderr files (DeepSpeed's
+    `--enable_each_rank_log`) written since `since`, once each: what the launcher's console lacks."""
+    lines = []
+    for rank in ranks:
+        for path in sorted(Path(log_dir).glob(f"*_rank{rank}.log")):
+            if path.stat().st_mtime >= since:
+                for ln in path.read_text(errors="replace").splitlines():
+                    if ln.startswith("hiervl train: error:") and ln not in lines:
+                        lines.append(ln)
+    return lines
+
+
+def run_node(cfg, cmd, *, node_rank: int, env: dict, hostfile=None, log_dir=None) -> int:
+    """Run one node's launcher (`node_command`). Node 0 holds the master port itself for the whole
+    run (its ranks join that store as clients): a port already taken there is one line before any
+    rank starts, not an EADDRINUSE traceback minutes into start-up on every node. When the ranks
+    failed, their one-line errors (in the per-rank files) are repeated here."""
+    import time
+
+    store, extra = None, {}
+    if node_rank == 0:
+        store, _, extra = host_rendezvous(cfg.launch.master_port, any_free=False)
+    started = time.time() - 1
+    try:
+        code = run_forwarding_signals(cmd, {**env, **extra})
+    finally:
+        del store
+    if code != 0 and hostfile is not None and log_dir is not None:
+        for line in rank_errors(log_dir, node_ranks(hostfile, node_rank), started):
+            print(line, file=sys.stderr, flush=True)
+    return code
+
+
 def deepspeed_env_text(env: dict | None = None) -> str:
     """`.deepspeed_env` lines (KEY=VALUE) for the variables the ranks need on the other nodes."""
     env = os.environ if env is None else env
@@ -190,7 +236,8 @@ def node_main(argv: list[str] | None = None) -> int:
     if args.echo or os.environ.get("HIERVL_SUBMIT_ECHO") == "1":
         print(f"node {os.environ.get('SLURMD_NODENAME', '?')} rank {node_rank}: {shell_join(cmd)}", flush=True)
         return 0
-    return run_forwarding_signals(cmd, rank_env(gpus=cfg.launch.gpus_per_node > 0))
+    return run_node(cfg, cmd, node_rank=node_rank, env=rank_env(gpus=cfg.launch.gpus_per_node > 0),
+                    hostfile=args.hostfile, log_dir=args.log_dir)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ from hiervl.launch.processes import child_env
 
 HELP = "run the whole pipeline on the synthetic corpus (synth, prep, train, eval, search) and write a report"
 DESCRIPTION = """Synthetic corpus (hiervl synth) -> WebDataset shards (hiervl prep) -> training
-with DeepSpeed's launcher (train.ranks CPU ranks, or the GPUs when present; hit preset with its
-momentum queues) -> evaluation on the held-out test split (hiervl eval) -> a few searches with
+with DeepSpeed's launcher (train.ranks CPU ranks, or the GPUs when present; hit preset, symmetric
+in-batch contrast over grouped batches, no queue) -> evaluation on the held-out test split (hiervl eval) -> a few searches with
 contact sheets -> <out>/report.md. Defaults come from configs/demo.yaml (sized to finish in a few
-minutes on 2 CPU cores); dotted overrides change them. A rerun reuses finished stages' outputs
+minutes on 2 CPU cores; `hiervl demo --print-config` prints them resolved); dotted overrides change them. A rerun reuses finished stages' outputs
 (prep finishes missing shards, training resumes); --clean starts over.
 
 Example:
@@ -42,6 +42,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--clean", action="store_true", help="delete the outputs of an earlier demo in --out first")
 
 
+def resolved_config(args):
+    """The config the demo runs: configs/demo.yaml (or --config), its folders under --out, the
+    command line's overrides; at most one rank per GPU. `hiervl demo --print-config` prints it."""
+    import torch
+    from hiervl.config import load_config
+
+    out = Path(args.out)
+    overrides = [f"data.path={out / 'shards'}", f"train.out_dir={out / 'train'}", *args.overrides]
+    cfg = load_config(args.config or DEMO_CONFIG, overrides)  # the demo's own defaults, then the command line
+    if torch.cuda.is_available() and cfg.train.ranks > torch.cuda.device_count():
+        cfg = load_config(args.config or DEMO_CONFIG, overrides + [f"train.ranks={torch.cuda.device_count()}"])
+    return cfg
+
+
 def _stage(n: int, name: str, argv: list[str], timings: dict) -> None:
     print(f"\n=== [demo {n}/6] {name}: hiervl {' '.join(argv)}", flush=True)
     t0 = time.time()
@@ -57,7 +71,7 @@ def main(args, cfg) -> int:
     import shutil
 
     import torch
-    from hiervl.config import load_config, to_yaml
+    from hiervl.config import to_yaml
     from hiervl.eval.report import pick_queries, retrieval_table, run_searches, summary_row, write_report
 
     out = Path(args.out)
@@ -67,13 +81,7 @@ def main(args, cfg) -> int:
         for sub in ("corpus", "shards", "train", "eval", "searches", "figures", "report.md", "config.yaml"):
             p = out / sub
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    overrides = [f"data.path={out / 'shards'}", f"train.out_dir={out / 'train'}", *args.overrides]
-    if args.config is None:  # the demo's own defaults, then the command line
-        cfg = load_config(DEMO_CONFIG, overrides)
-    else:
-        cfg = load_config(args.config, overrides)
-    if torch.cuda.is_available() and cfg.train.ranks > torch.cuda.device_count():
-        cfg = load_config(args.config or DEMO_CONFIG, overrides + [f"train.ranks={torch.cuda.device_count()}"])
+    cfg = resolved_config(args)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     config_path.write_text(to_yaml(cfg))

@@ -76,7 +76,29 @@ def merged_config(ckpt_cfg, cli_cfg, data: str | None, checkpoint: str | None = 
     return dataclasses.replace(ckpt_cfg, data=data_cfg, eval=cli_cfg.eval, storage=cli_cfg.storage)
 
 
+def check_split(data: str | None, split: str) -> None:
+    """A --data folder holds `split`: one line before the model loads (not after it embedded a batch)."""
+    from hiervl.errors import UserError
+    from hiervl.storage import is_remote
+
+    if not data or is_remote(data):
+        return
+    manifest = Path(data) / "manifest.parquet"
+    if not manifest.is_file():
+        raise UserError(f"--data {data} is not a prepared dataset (no manifest.parquet); make one with "
+                        "`hiervl prep --input MANIFEST --out DIR`")
+    import pyarrow.parquet as pq
+
+    try:
+        splits = set(pq.read_table(manifest, columns=["split"]).column(0).to_pylist())
+    except Exception as exc:  # noqa: BLE001 - a damaged manifest: one line naming it
+        raise UserError(f"{manifest} is unreadable ({type(exc).__name__}); prepare the dataset again") from None
+    if split not in splits:
+        raise UserError(f"{data} has no samples of split '{split}' (it has: {', '.join(sorted(map(str, splits))) or 'none'})")
+
+
 def main(args, cfg) -> int:
+    check_split(args.data, args.split or cfg.eval.split)  # before the slow imports and the model
     import torch
     from hiervl import distributed as dist
     from hiervl.eval.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table

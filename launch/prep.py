@@ -85,7 +85,7 @@ def _verify_remote(args, cfg) -> int:
 def _prepare(args, cfg) -> int:
     if not args.input or not args.out:
         raise UserError("prep needs --input PATH and --out DIR (or --verify DIR)")
-    from hiervl.dataprep.driver import prepare, summary_line
+    from hiervl.dataprep.driver import prepare, quarantine_lines, summary_line
     options = {}
     if args.segments:
         if args.format not in ("didemo", "activitynet"):
@@ -99,6 +99,8 @@ def _prepare(args, cfg) -> int:
     summary = prepare(cfg, args.input, args.out, fmt=fmt, videos_dir=args.videos, ray_address=args.ray_address,
                       overwrite=args.overwrite, **options)
     print(summary_line(summary))
+    for line in quarantine_lines(summary):
+        print(line)
     if not summary["ok"]:
         print(f"prep: failure rate {summary['failure_rate']:.1%} is past prep.max_failure_rate="
               f"{cfg.prep.max_failure_rate}; see {args.out}/quarantine.parquet")

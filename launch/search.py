@@ -86,7 +86,6 @@ def main(args, cfg) -> int:
 
 def build_index(args, cfg) -> int:
     from hiervl.errors import UserError
-    from hiervl.eval.search import build_video_index
 
     if not (args.videos or args.manifest):
         raise UserError("`hiervl search index` needs --videos DIR or --manifest FILE")
@@ -94,11 +93,21 @@ def build_index(args, cfg) -> int:
         raise UserError("`hiervl search index` needs --checkpoint RUN (the model) and --out DIR (the index)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    if not Path(args.checkpoint).exists():
+        raise UserError(f"--checkpoint {args.checkpoint} does not exist; give a training run folder (train.out_dir) "
+                        "or one of its checkpoints/stepNNNNNNNN folders")
+    from hiervl.eval.search import build_video_index  # slow (torch, the model): after the cheap checks
+
     t0 = time.perf_counter()
     summary = build_video_index(args.checkpoint, args.out, videos=args.videos, manifest=args.manifest,
                                 ann=args.ann, batch_size=args.batch_size, num_threads=cfg.data.num_threads)
     print(f"indexed {summary['count']} videos ({summary['skipped']} skipped, {summary['captioned']} with captions) "
           f"into {args.out} ({summary['ann']} ANN on level {summary['level']}) in {time.perf_counter() - t0:.1f}s")
+    for key, reason in summary.get("skipped_videos", [])[:5]:
+        print(f"  skipped {key}: {reason}")
+    audio = summary.get("audio_files") or []
+    if audio:
+        print(f"  not indexed: {len(audio)} audio file(s) with no picture ({', '.join(audio[:5])})")
     return 0
 
 
@@ -116,7 +125,23 @@ def read_queries(args) -> list[str]:
     return queries
 
 
+def _check_search_args(args) -> list[str]:
+    """The checks of a search that need no model, torch or index read (one line within a second)."""
+    from hiervl.errors import UserError
+
+    if not args.index:
+        raise UserError("--index DIR is required (an index from `hiervl search index` or `hiervl eval`)")
+    if not (Path(args.index) / "index.json").is_file():
+        raise UserError(f"{args.index} is not a search index (no index.json); make one with "
+                        "`hiervl search index --checkpoint RUN --videos DIR --out DIR` or "
+                        "`hiervl eval --checkpoint RUN --data SHARDS --split SPLIT --out DIR`")
+    if args.k < 1 or args.candidates < 1:
+        raise UserError(f"-k {args.k} / --candidates {args.candidates}: ask for at least one video")
+    return read_queries(args)
+
+
 def run_search(args) -> int:
+    queries = _check_search_args(args)  # before the slow imports below
     from hiervl.errors import UserError
     from hiervl.eval.fingerprint import check_fingerprint, checkpoint_step
     from hiervl.eval.search import (
@@ -130,11 +155,6 @@ def run_search(args) -> int:
     from hiervl.log import get_logger
     from hiervl.train.checkpoint import load_model_for_inference
 
-    if not args.index:
-        raise UserError("--index DIR is required (an index from `hiervl search index` or `hiervl eval`)")
-    if args.k < 1 or args.candidates < 1:
-        raise UserError(f"-k {args.k} / --candidates {args.candidates}: ask for at least one video")
-    queries = read_queries(args)
     index = SearchIndex.load(args.index)
     checkpoint = args.checkpoint or index.meta.get("checkpoint")
     if not checkpoint:

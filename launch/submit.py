@@ -150,5 +150,8 @@ def main(args, cfg) -> int:
             print(f"# on {hosts[r]}: {ds.shell_join(cmd)}")
         print("run each line on its node, or pass --node-rank R to run that node's launcher here")
         return 0
-    return _run_or_print(args, cmds, env)
+    if args.dry_run:
+        return _run_or_print(args, cmds)
+    print(ds.shell_join(cmds[0]), flush=True)
+    return ds.run_node(cfg, cmds[0], node_rank=args.node_rank, env=env, hostfile=hostfile, log_dir=log_dir)
 

@@ -75,7 +75,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from hiervl.config import ConfigError
     from hiervl.errors import UserError
-    from hiervl.train.trainer import run
+    from hiervl.train.trainer import PeerLost, run
 
     try:
         from hiervl.run_paths import absolute_paths
@@ -85,7 +85,10 @@ def rank_main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as exc:
         # an error every rank raised alike (a checkpoint write, a resume plan) is reported by rank 0 alone
         if not getattr(exc, "same_on_every_rank", False) or os.environ.get("RANK", "0") == "0":
-            print(f"hiervl train: error: {exc}", file=sys.stderr)
+            print(f"hiervl train: error: {exc}", file=sys.stderr, flush=True)
+        if isinstance(exc, PeerLost):
+            sys.stdout.flush()
+            os._exit(1)  # interpreter exit would tear down the broken process group, waiting on the lost peer
         return 2 if isinstance(exc, ConfigError) else 1
 
 

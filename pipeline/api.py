@@ -29,7 +29,6 @@ Must not touch: training, checkpoint writing, or the eval's metrics.
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,22 +77,13 @@ def resolve_device(device) -> torch.device:
 
 
 def probe_video(data: bytes, name: str) -> tuple[int, str]:
-    """(frame count, codec name) of an encoded video, counted as the decoder indexes frames
-    (`decode_pyav`: one per non-empty packet with a timestamp), without decoding."""
-    import av
+    """(frame count, codec name) of a user's encoded video, counted as the decoder indexes frames
+    (`decode_pyav`: one per non-empty packet with a timestamp); a UserError when it has no video
+    stream, is unreadable or truncated (pipeline/data/video_file.py)."""
+    from hiervl.data.video_file import probe_video_file
 
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.video:
-                raise UserError(f"{name} has no video stream")
-            stream = container.streams.video[0]
-            codec = stream.codec_context.name
-            n = sum(1 for p in container.demux(stream) if p.size > 0 and p.pts is not None)
-    except (av.error.FFmpegError, EOFError, OSError) as exc:
-        raise UserError(f"{name} is not a readable video ({type(exc).__name__}: {exc})") from None
-    if n == 0:
-        raise UserError(f"{name} has no video frames")
-    return n, codec
+    info = probe_video_file(data, name)
+    return info.frames, info.codec
 
 
 class HierVLModel:
@@ -149,13 +139,15 @@ class HierVLModel:
 
     # ------------------------------------------------------------------ video
 
-    def _decode(self, data: bytes, frames: np.ndarray, codec: str, name: str):
-        """Frames `frames` of an encoded video, uint8 [T, H, W, 3], by the eval loader's decoder choice."""
-        from hiervl.data.decode import DaliVideoDecoder, choose_backend, decode_pyav
+    def _decode(self, data: bytes, frames: np.ndarray, codec: str, name: str, turns: int = 0):
+        """Frames `frames` of an encoded video, uint8 [T, H, W, 3] upright, by the eval loader's decoder
+        choice (PyAV for a video with a display rotation: pipeline/data/video_file.py turns it)."""
+        from hiervl.data.decode import DaliVideoDecoder, choose_backend
+        from hiervl.data.video_file import decode_video_file
 
         where = "gpu" if self.device.type == "cuda" else "cpu"
         try:
-            backend = choose_backend(self.decoder, codec, where)
+            backend = "pyav" if turns else choose_backend(self.decoder, codec, where)
         except RuntimeError as exc:  # decoder=dali without DALI installed
             raise UserError(str(exc).replace("data.decoder", "decoder")) from None
         if backend == "dali":
@@ -165,10 +157,7 @@ class HierVLModel:
             if isinstance(res, Exception):
                 raise UserError(f"{name}: DALI could not decode it ({res})")
             return res
-        try:
-            return decode_pyav(data, frames)
-        except Exception as exc:  # noqa: BLE001 - a corrupt file is the caller's, name it
-            raise UserError(f"{name}: PyAV could not decode it ({type(exc).__name__}: {exc})") from None
+        return decode_video_file(data, frames, name, turns)
 
     def preprocess_video(self, video) -> torch.Tensor:
         """One video (a path, encoded bytes, or uint8 frames [T, H, W, 3] of the whole clip) ->
@@ -185,9 +174,11 @@ class HierVLModel:
                 if not path.is_file():
                     raise UserError(f"video {path} does not exist")
                 data, name = path.read_bytes(), str(path)
-            total, codec = probe_video(data, name)
-            idx = frame_indices(total, p.num_frames, None)  # [T] centres of T equal segments
-            clip = self._decode(data, idx, codec, name)
+            from hiervl.data.video_file import probe_video_file
+
+            info = probe_video_file(data, name)  # UserError: no video stream, unreadable, truncated
+            idx = frame_indices(info.frames, p.num_frames, None)  # [T] centres of T equal segments
+            clip = self._decode(data, idx, info.codec, name, info.turns)
         else:
             frames = video.cpu() if isinstance(video, torch.Tensor) else np.asarray(video)
             is_uint8 = frames.dtype == (torch.uint8 if isinstance(frames, torch.Tensor) else np.uint8)

@@ -82,7 +82,7 @@ class DataConfig:
 
     path: str = "runs/demo/shards"  # a prepared dataset directory (hiervl prep --out)
     split: str = "train"
-    batch_size: int = 16  # per rank
+    batch_size: int = 16  # per rank; with train.global_batch: the largest per-rank micro-batch (a memory bound)
     num_frames: int = 8  # T frames sampled uniformly over each clip
     size: int = 32  # crop size (square), pixels
     short_side: int = 36  # resize the short side to this before cropping
@@ -100,8 +100,14 @@ class DataConfig:
     num_threads: int = 2
     prefetch: int = 2  # batches decoded ahead of the training step
     # PyAV decode worker processes (pipeline/data/decode_pool.py); 0 = PyAV in data.num_threads threads of
-    # the loader's process. With DALI (data.decoder=auto) both decode at once, split by what each delivers
-    decode_workers: int = 0
+    # the loader's process. On a GPU with DALI (data.decoder=auto) both decode at once, split by what each
+    # delivers. auto: the cores left after this node's ranks, per rank, at least 1 on a CPU machine (the
+    # workers cost ~2x less CPU per clip than the loader's threads and keep decoding out of the trainer's
+    # process), at most 8 (bench/RESULTS.md "Issue #27")
+    decode_workers: int | str = "auto"
+    # training: a decode worker on one sample for longer is killed and the sample put in the run's crash
+    # ledger (pipeline/data/crash_ledger.py; so is one that kills its worker); 0 = no time limit
+    decode_timeout_s: float = 0.0
     seed: int = 0
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -110,8 +116,13 @@ class DataConfig:
         for name in ("batch_size", "num_frames", "size", "short_side", "max_words", "num_threads"):
             _check(getattr(self, name) >= 1, f"data.{name}={getattr(self, name)!r} must be >= 1")
         _positive("data.prefetch", self.prefetch, allow_zero=True)
-        _check(isinstance(self.decode_workers, int) and self.decode_workers >= 0,
-               f"data.decode_workers={self.decode_workers!r} must be an integer >= 0 (0 = decode in the loader's threads)")
+        _check(self.decode_workers == "auto" or (isinstance(self.decode_workers, int) and self.decode_workers >= 0),
+               f"data.decode_workers={self.decode_workers!r} must be auto or an integer >= 0 (0 = decode in the "
+               "loader's threads)")
+        _positive("data.decode_timeout_s", self.decode_timeout_s, allow_zero=True)
+        _check(not (self.decode_timeout_s and self.decode_workers == 0),
+               f"data.decode_timeout_s={self.decode_timeout_s} needs decode worker processes (a hung decode can "
+               "only be killed in one); set data.decode_workers=auto or a number >= 1")
         _check(self.short_side >= self.size, f"data.short_side={self.short_side} must be >= data.size={self.size}")
         _one_of("data.order", self.order, ("global", "block", "grouped"))
         _check(isinstance(self.group_chunk, int) and self.group_chunk >= 1,
@@ -139,6 +150,9 @@ class VisionConfig:
     layout_dim: int = 16  # layout: each patch token projected to this many dims before flattening
     space_time: str = "none"  # none | factorised: divided (TimeSformer) time attention before each ViT layer
     space_time_layers: int | None = None  # factorised: only before the last N ViT layers (None = all)
+    # the random-init ViT's MLP activation: quick_gelu (CLIP's, x * sigmoid(1.702x): three unfused kernels and
+    # one more saved [N*T*tokens, 4W] tensor per layer) or gelu (one kernel). A CLIP checkpoint keeps its own.
+    act: str = "quick_gelu"
 
     def __post_init__(self):
         for name in ("patch_size", "width", "layers", "heads", "layout_dim"):
@@ -146,6 +160,7 @@ class VisionConfig:
         _check(self.width % self.heads == 0, "model.vision.width must be divisible by model.vision.heads")
         _one_of("model.vision.frame_token", self.frame_token, ("cls", "layout"))
         _one_of("model.vision.space_time", self.space_time, ("none", "factorised"))
+        _one_of("model.vision.act", self.act, ("quick_gelu", "gelu"))
         _check(self.space_time_layers is None or self.space_time_layers >= 1,
                f"model.vision.space_time_layers={self.space_time_layers} must be >= 1, or null for every ViT layer")
 
@@ -306,13 +321,28 @@ class TrainConfig:
     zero_stage: int = 0
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
     grad_accum: int = 1  # micro-batches per optimizer step (a step = one optimizer step)
+    # clips per optimizer step over all ranks (0 = data.batch_size x ranks x grad_accum): when set, the
+    # per-rank micro-batch and the accumulation steps are derived from it and the world size
+    # (pipeline/train/global_batch.py), so a resume on another rank count keeps the batch, LR and order
+    global_batch: int = 0
+    # micro: each micro-batch's loss sees its own negatives (gradients summed); contrastive: the loss of a
+    # step is over all micro-batches' features of all ranks (GradCache; pipeline/train/grad_cache.py)
+    accum_mode: str = "micro"
     activation_checkpointing: bool = False  # recompute frame-ViT (+space-time), temporal and text layers in backward
+    # fp32 matmuls on a GPU (the objective's similarities against the queue) on TF32 tensor cores
+    # (torch.set_float32_matmul_precision("high")); false = full fp32 ("highest"). No effect on CPU.
+    tf32: bool = True
+    compile: bool = False  # torch.compile the towers (query and key; per-module, state-dict keys unchanged)
     deepspeed_config: str | None = None  # a DeepSpeed JSON of your own instead of the generated one
     resume: str = "auto"  # auto | never | a checkpoint directory
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     log_every: int = 10
     log_samples: bool = False  # per rank, the keys of every sample consumed at every step
     seed: int = 0
+    # train-time collective timeout (s), set after start-up (which waits up to 600 s for every node): a
+    # node or link lost mid-run stops every rank within it, naming the peer. Keep it above the slowest
+    # checkpoint write or evaluation, during which the other ranks wait in a collective.
+    dist_timeout_s: float = 300.0
     wandb: str = ""  # a W&B project name: also log every metric to W&B (rank 0; "" = off; pip install wandb)
     wandb_mode: str = ""  # offline | online | disabled; "" = $WANDB_MODE, else offline (pipeline/train/monitor.py)
 
@@ -323,8 +353,15 @@ class TrainConfig:
         _one_of("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _check(isinstance(self.global_batch, int) and self.global_batch >= 0,
+               f"train.global_batch={self.global_batch!r} must be an integer >= 0 (0 = data.batch_size x ranks)")
+        _check(not (self.global_batch and self.grad_accum > 1),
+               f"train.global_batch={self.global_batch} derives the accumulation steps, so train.grad_accum="
+               f"{self.grad_accum} cannot also be set; drop train.grad_accum (data.batch_size bounds the micro-batch)")
+        _one_of("train.accum_mode", self.accum_mode, ("micro", "contrastive"))
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _check(self.dist_timeout_s >= 5, f"train.dist_timeout_s={self.dist_timeout_s} must be >= 5 (seconds)")
         _one_of("train.wandb_mode", self.wandb_mode, ("", "offline", "online", "disabled"))
         if self.wandb:
             import importlib.util
@@ -379,6 +416,9 @@ class PrepConfig:
     # tasks, auto = Ray with --ray-address or from AUTO_RAY_MIN_SAMPLES samples on, the pool below
     distributor: str = "auto"
     max_failure_rate: float = 0.2  # exit non-zero past this share of refused inputs
+    # seconds one video may take; past it the decoder's process is killed and the video quarantined
+    # (dataprep/watchdog.py: each shard's samples run in a child process). 0 = no limit, in-process
+    decode_timeout_s: float = 0.0
 
     def __post_init__(self):
         _one_of("prep.codec", self.codec, ("vp9", "h264", "copy"))
@@ -390,6 +430,7 @@ class PrepConfig:
         _check(self.num_workers >= 1, "prep.num_workers must be >= 1")
         _one_of("prep.distributor", self.distributor, ("auto", "local", "ray"))
         _check(0.0 <= self.max_failure_rate <= 1.0, "prep.max_failure_rate must be in [0, 1]")
+        _positive("prep.decode_timeout_s", self.decode_timeout_s, allow_zero=True)
 
 
 @dataclass
@@ -404,9 +445,15 @@ class LaunchConfig:
     account: str | None = None
     job_name: str = "hiervl"
     master_port: int = 29500
+    # the interface of gloo/NCCL sockets, per node: auto (the route to the master, found on each node),
+    # one name for all nodes, or per host "n1:eno1,n2:ens5"; a node's own GLOO/NCCL_SOCKET_IFNAME wins
+    socket_ifname: str = "auto"
 
     def __post_init__(self):
         _check(self.nodes >= 1, "launch.nodes must be >= 1")
+        _check(bool(re.fullmatch(r"[\w.-]+|[\w.-]+:[\w.-]+(,[\w.-]+:[\w.-]+)*", self.socket_ifname or "")),
+               f"launch.socket_ifname={self.socket_ifname!r}: give auto, an interface name (eth0) or per host "
+               "n1:eno1,n2:ens5")
         _positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
         _check(1024 <= self.master_port <= 65535, "launch.master_port must be in 1024..65535")
 
@@ -497,6 +544,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if str in inner and isinstance(value, str) and len(inner) > 1 and _parse_string(value, inner[0]) is None:
+            return value  # e.g. `int | str`: "auto" stays a word, "2" becomes 2
         return _coerce(path, value, inner[0])
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)

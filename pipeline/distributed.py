@@ -12,7 +12,10 @@ Must not touch: model, data or training logic.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+import re
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +63,173 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init(backend: str | None = None, timeout_s: int = 600, use_deepspeed: bool = False) -> WorldInfo:
-    """Initialise the process group when more than one process runs; a no-op for one."""
+def skip_deepspeed_shm_op() -> None:
+    """On a machine without CUDA, keep DeepSpeed from JIT-compiling its `deepspeed_shm_comm` C++ op
+    when its communication backend starts (minutes on a first run, silently, into a build cache that
+    every checkout shares). The op serves only DeepSpeed's inference all-reduce; our collectives and
+    the engine's gradient all-reduce go through torch.distributed (gloo), which it does not touch."""
+    if torch.cuda.is_available():
+        return
+    import importlib
+
+    # by module name: the attribute `deepspeed.comm.torch` is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def route_to(master_addr: str) -> tuple[str, str | None]:
+    """(this host's address on the way to `master_addr`, the interface that holds it or None):
+    the kernel's route, read with an unconnected UDP socket (no packet is sent)."""
+    import psutil
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(master_addr), 9))
+        addr = s.getsockname()[0]
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == addr for a in addrs):
+            return addr, name
+    return addr, None
+
+
+def spans_hosts(env: dict | None = None) -> bool:
+    """Whether this world has ranks on other hosts: WORLD_SIZE above the ranks on this node
+    (DeepSpeed's LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE, SLURM's SLURM_NNODES)."""
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1"))
+    if "SLURM_NNODES" in env and "RANK" not in env:
+        return int(env["SLURM_NNODES"]) > 1
+    local = env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE")
+    return local is not None and world > int(local)
+
+
+def interface_addr(name: str) -> str | None:
+    """The first IPv4 address of interface `name` (the first of a comma-separated list), or None."""
+    import psutil
+
+    addrs = psutil.net_if_addrs().get(name.split(",")[0], [])
+    return next((a.address for a in addrs if a.family == socket.AF_INET), None)
+
+
+def outward_interface() -> tuple[str | None, str | None]:
+    """(address, name) of the interface other hosts reach this one by, when the master's name
+    resolves to loopback here (this node is the master; Debian's `127.0.1.1 hostname` line): the
+    first interface that is up, not loopback and has an IPv4 address."""
+    import psutil
+
+    stats = psutil.net_if_stats()
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        if name == "lo" or not stats.get(name) or not stats[name].isup:
+            continue
+        for a in addrs:
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
+                return a.address, name
+    return None, None
+
+
+def socket_ifname(setting: str, master_addr: str | None, hostname: str | None = None,
+                  multi_host: bool | None = None) -> str | None:
+    """The network interface this node's gloo/NCCL sockets use (GLOO/NCCL_SOCKET_IFNAME), per node.
+
+    `setting` is launch.socket_ifname: "auto" (the interface of the route to the master, found on
+    each node: nodes whose interfaces are named differently, eno1 here and ens5 there, each get
+    their own; on the master itself, whose name may resolve to loopback, the interface other hosts
+    reach it by; None for a one-machine run), one name for every node, or per host
+    "n1:eno1,n2:ens5" (this host's short name picks). A ConfigError names a host left out.
+    """
+    from hiervl.config import ConfigError
+
+    hostname = (hostname or socket.gethostname()).split(".")[0]
+    if setting == "auto":
+        multi_host = spans_hosts() if multi_host is None else multi_host
+        if not master_addr or not multi_host:
+            return None
+        if _is_loopback(master_addr):
+            if master_addr == "localhost" or _is_ip(master_addr):
+                return None  # loopback named as such: every "node" is on this machine
+            return outward_interface()[1]  # this node is the master, and its name maps to 127.0.1.1 here
+        try:
+            return route_to(master_addr)[1]
+        except OSError:
+            return None  # the master's name does not resolve here: torch's rendezvous reports that
+    if ":" not in setting:
+        return setting
+    table = dict(item.split(":", 1) for item in setting.split(","))
+    if hostname not in table:
+        raise ConfigError(f"launch.socket_ifname={setting} names no interface for this host {hostname}; "
+                          f"add {hostname}:IFNAME")
+    return table[hostname]
+
+
+def set_socket_ifname(setting: str = "auto") -> str | None:
+    """Export GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME for this node from `socket_ifname`, where the
+    node's own environment has not set them (a value set on the node wins); returns the interface."""
+    name = socket_ifname(setting, os.environ.get("MASTER_ADDR"))
+    if name:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+    return os.environ.get("GLOO_SOCKET_IFNAME", name)
+
+
+def set_timeout(seconds: float) -> None:
+    """The timeout of every later collective in every process group (torch's `_set_pg_timeout`): the
+    train-time timeout, after a start-up that may wait far longer for slow nodes."""
+    if not is_initialized():
+        return
+    from torch.distributed import distributed_c10d as c10d
+
+    delta = datetime.timedelta(seconds=seconds)
+    for group in list(c10d._world.pg_map):
+        try:
+            c10d._set_pg_timeout(delta, group)
+        except (ValueError, AssertionError, RuntimeError):
+            pass  # a group this rank is not in, or a backend without a settable timeout
+
+
+_PEER = re.compile(r"\[?([0-9]{1,3}(?:\.[0-9]{1,3}){3})\]?:([0-9]+)")
+
+
+def failed_peer_line(exc: BaseException, peers: list[dict], timeout_s: float, step: int) -> str | None:
+    """One line for a collective that failed across hosts (a timeout, a closed connection), naming the
+    peer: the address in the backend's message when it has one, else every rank on another host.
+    `peers`: every rank's {"rank", "host", "addr"} (gathered at start). None when `exc` is not a
+    collective failure (a bug: keep its traceback)."""
+    text = str(exc)
+    markers = ("Timed out", "timed out", "Connection closed", "Connection reset", "Connection refused",
+               "Broken pipe", "No route to host", "DistBackendError", "ProcessGroupGloo", "NCCL")
+    if not (isinstance(exc, RuntimeError) and any(m in text or m in type(exc).__name__ for m in markers)):
+        return None
+    me = next((p for p in peers if p["rank"] == get_rank()), {"host": socket.gethostname(), "addr": None})
+    named = {m.group(1) for m in _PEER.finditer(text)}
+    suspects = [p for p in peers if p["addr"] in named and p["addr"] != me["addr"]] or [
+        p for p in peers if p["host"] != me["host"]] or [p for p in peers if p["rank"] != me.get("rank")]
+    who = ", ".join(f"rank {p['rank']} on {p['host']} ({p['addr']})" for p in suspects)
+    kind = "timed out" if "imed out" in text else "failed"
+    return (f"a collective {kind} at step {step} (train.dist_timeout_s={timeout_s:g}): no answer from {who}; "
+            f"check that node and the network between it and {me['host']}, then relaunch (training resumes from "
+            "the latest checkpoint)")
+
+
+def init(backend: str | None = None, timeout_s: int = 600, use_deepspeed: bool = False,
+         socket_ifname_setting: str = "auto") -> WorldInfo:
+    """Initialise the process group when more than one process runs; a no-op for one.
+    `timeout_s` is the start-up timeout (every node must arrive within it); `set_timeout` sets the
+    train-time one afterwards. The node's socket interface is set first (`set_socket_ifname`)."""
+    if use_deepspeed:
+        skip_deepspeed_shm_op()  # before DeepSpeed's backend starts (here, or in deepspeed.initialize)
     info = world_info()
     if is_initialized():
         return WorldInfo(get_rank(), get_world_size(), info.local_rank, info.source)
@@ -75,6 +243,7 @@ def init(backend: str | None = None, timeout_s: int = 600, use_deepspeed: bool =
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    set_socket_ifname(socket_ifname_setting)
     if use_deepspeed:
         import deepspeed
 

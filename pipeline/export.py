@@ -67,6 +67,9 @@ def write_export(model, cfg, out: str | Path, source: dict | None = None, overwr
     (tmp / VISION_DIR).mkdir(parents=True)
     try:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", FORMAT: str(VERSION)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / WEIGHTS, 0o666 & ~umask)  # safetensors writes 0600; readable like the rest of the export
         (tmp / CONFIG).write_text(to_yaml(cfg))
         model.video.encoder.vit.config.save_pretrained(str(tmp / VISION_DIR))  # the ViT as built (channels, sizes)
         model.text.encoder.model.config.save_pretrained(str(tmp / TEXT_DIR))  # as built: cut layers, dropout
@@ -104,7 +107,15 @@ def read_export_info(path: str | Path) -> dict:
 
 def export_config(path: Path):
     """The export's config, pointed at its own text directory (architecture only, no pretrained weights)."""
-    tree = yaml_load((path / CONFIG).read_text()) or {}
+    import yaml
+
+    try:
+        tree = yaml_load((path / CONFIG).read_text()) or {}  # plain YAML only: a `!!python/...` tag is refused
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path / CONFIG} is not a plain YAML config ({str(exc).splitlines()[0]}); export the run "
+                        "again") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path / CONFIG} is not a config (a mapping of sections); export the run again")
     model = tree.setdefault("model", {})
     model["clip_path"] = None  # the towers' sources are this directory, not the training machine's CLIP
     model.setdefault("text", {}).update(path=str((path / TEXT_DIR).resolve()), pretrained=False)

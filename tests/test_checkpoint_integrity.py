@@ -150,9 +150,10 @@ def _tmpfs(path: Path, size: str) -> bool:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real filesystem of 240 MiB (a tmpfs), unmounted afterwards."""
+    """A real filesystem of 160 MiB (a tmpfs), unmounted afterwards: one checkpoint of the two-rank test
+    below fits (81-120 MiB since the momentum copies are no longer saved), two do not."""
     where = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    if os.geteuid() != 0 or not _tmpfs(where, "240m"):
+    if os.geteuid() != 0 or not _tmpfs(where, "160m"):
         pytest.skip("mounting a tmpfs needs root; the injected-ENOSPC test covers this machine")
     yield where
     subprocess.run(["umount", "-l", str(where)], check=False)
@@ -161,7 +162,7 @@ def small_disk(tmp_path):
 def test_torch_write_error_on_a_full_filesystem_is_named(small_disk, tmp_path):
     """torch.save on a full disk raises a C++ stream error without errno; it is told apart by the free space."""
     with pytest.raises(RuntimeError) as info:
-        torch.save({"x": torch.zeros(64 << 20)}, small_disk / "big.pt")  # 256 MiB on a 240 MiB disk
+        torch.save({"x": torch.zeros(64 << 20)}, small_disk / "big.pt")  # 256 MiB on a 160 MiB disk
     line = ckpt._write_error(info.value, small_disk / "step00000002", small_disk)
     assert line is not None and line.startswith("No space left on device while writing checkpoint")
     assert str(small_disk / "step00000002") in line and "train.out_dir" in line
@@ -199,7 +200,7 @@ def _assert_disk_full_reported(res, ckpts, out):
 
 @pytest.mark.integration
 def test_full_disk_during_a_two_rank_checkpoint_is_one_line_and_keeps_the_previous(shards, small_disk):
-    """2 ranks, out_dir on a real 48 MiB filesystem: step 1's checkpoint (about 28 MiB) fits, step
+    """2 ranks, out_dir on a real 160 MiB filesystem (`small_disk`): step 1's checkpoint fits, step
     2's does not. Rank 0 fails inside DeepSpeed's save while rank 1 is already in its closing
     barrier: both end, the error once (rank 0), exit 1, `latest` still on step 1."""
     out = small_disk / "run"

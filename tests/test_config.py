@@ -11,11 +11,26 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-def test_tiny_and_base_load_with_their_values():
-    tiny = load_config(TINY)
-    base = load_config(ROOT / "configs" / "base.yaml")
-    assert tiny.train.ranks == 2 and tiny.model.text.num_layers == 2 and tiny.data.size == 32
-    assert base.train.zero_stage == 2 and base.train.precision == "bf16" and base.data.device == "gpu"
+@pytest.mark.parametrize("name", ["tiny.yaml", "base.yaml"])
+def test_tiny_and_base_load_with_every_value_they_set(name):
+    """Each value the file sets is the loaded config's (none dropped, renamed or retyped on the way),
+    whatever the values are: the test does not restate the YAML."""
+    import yaml
+
+    path = ROOT / "configs" / name
+    loaded = to_dict(load_config(path))
+
+    def leaves(d, prefix=()):
+        for k, v in d.items():
+            yield from leaves(v, (*prefix, k)) if isinstance(v, dict) else [((*prefix, k), v)]
+
+    pairs = list(leaves(yaml.safe_load(path.read_text())))
+    assert len(pairs) > 10
+    for keys, value in pairs:
+        got = loaded
+        for k in keys:
+            got = got[k]
+        assert got == value, (".".join(keys), got, value)
 
 
 def test_presets_include_tiny_and_override_preset():
@@ -113,3 +128,13 @@ def test_every_preset_file_is_the_tiny_config_with_its_preset():
     for name in PRESETS:
         cfg = load_config(root / "presets" / f"{name}.yaml")
         assert cfg.model.preset == name and cfg.data == load_config(root / "tiny.yaml").data
+
+
+def test_decode_workers_is_auto_by_default_or_a_count():
+    assert load_config(TINY).data.decode_workers == "auto"
+    assert load_config(TINY, ["data.decode_workers=2"]).data.decode_workers == 2  # a number, not "2"
+    assert load_config(TINY, ["data.decode_workers=auto"]).data.decode_workers == "auto"
+    with pytest.raises(ConfigError, match="data.decode_workers='many' must be auto or an integer >= 0"):
+        load_config(TINY, ["data.decode_workers=many"])
+    with pytest.raises(ConfigError, match="must be auto or an integer >= 0"):
+        load_config(TINY, ["data.decode_workers=-1"])

@@ -99,8 +99,9 @@ def test_pool_prefetch_zero_and_eval_match_the_thread_path(dataset):
 
 @pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 def test_hybrid_dali_and_pool_split_a_vp9_epoch_into_the_same_batches(dataset):
+    """decoder=dali with workers on a CPU machine (decoder=auto does this on a GPU, with DALI mixed)."""
     ref, _ = run_epoch(make_cfg(dataset, remainder="pad", decoder="pyav", batch_size=4), 1, epoch=0)
-    got, loaders = run_epoch(make_cfg(dataset, remainder="pad", decoder="auto", batch_size=4, decode_workers=1),
+    got, loaders = run_epoch(make_cfg(dataset, remainder="pad", decoder="dali", batch_size=4, decode_workers=1),
                              1, epoch=0)
     stats = loaders[0].stats
     assert loaders[0].hybrid and stats["skipped"] == 0
@@ -110,6 +111,20 @@ def test_hybrid_dali_and_pool_split_a_vp9_epoch_into_the_same_batches(dataset):
     diff = torch.stack([(a[3] - b[3]).abs().mean() for a, b in zip(got[0], ref[0])]).mean()
     assert diff < 0.03, diff  # DALI vs PyAV pixels: ~1/255 / std (test_loader's tolerance)
     assert loaders[0]._split.dali_rate > 0 and loaders[0]._pool.clips_per_s() > 0
+    loaders[0].close()
+
+
+def test_auto_on_a_cpu_machine_gives_every_sample_to_the_workers(dataset):
+    """decoder=auto with decode workers on a CPU machine: no DALI CPU in the trainer's process; the
+    batches are the in-process PyAV ones, bit for bit."""
+    ref, _ = run_epoch(make_cfg(dataset, remainder="pad", decoder="pyav", batch_size=4), 1, epoch=0)
+    got, loaders = run_epoch(make_cfg(dataset, remainder="pad", decoder="auto", batch_size=4, decode_workers=1,
+                                      device="cpu"), 1, epoch=0)
+    stats = loaders[0].stats
+    assert not loaders[0].hybrid and stats["skipped"] == 0
+    assert stats["decode_path"].get("dali", 0) == 0 and stats["pool_decoded"] == stats["decoded"] == len(loaders[0].index)
+    assert [b[0] for b in got[0]] == [b[0] for b in ref[0]]
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(got[0], ref[0]))
     loaders[0].close()
 
 
@@ -187,7 +202,7 @@ def test_no_worker_outlives_its_parent(dataset, tmp_path):
 def test_decode_workers_is_validated():
     with pytest.raises(ConfigError, match="data.decode_workers"):
         Config().data.__class__(decode_workers=-1)
-    assert Config().data.decode_workers == 0  # the in-process path unless a config asks
+    assert Config().data.decode_workers == "auto"  # the cores left after the ranks (>= 1 on a CPU machine)
 
 
 def test_train_with_decode_workers_sigterm_then_resume_on_one_rank_sees_each_key_once(tmp_path, prepared_dataset_40):

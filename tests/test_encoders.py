@@ -27,6 +27,29 @@ DIFF, LAYOUT, FACTORISED = "model.vision.frame_diff=true", "model.vision.frame_t
 CKPT = "train.activation_checkpointing=true"
 
 
+@pytest.fixture(params=["activation_checkpointing_enable", "gradient_checkpointing_enable only"])
+def hf_checkpointing_api(request, monkeypatch):
+    """Both transformers 5 checkpointing APIs: this one's (5.2x: `activation_checkpointing_enable`), and the
+    GPU machine's 5.17, which has only `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`
+    (simulated: the newer method removed, the older one doing what 5.17's does)."""
+    from transformers import PreTrainedModel
+
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # an older transformers: the real thing
+        if request.param == "activation_checkpointing_enable":
+            pytest.skip("this transformers has only gradient_checkpointing_enable")
+        return request.param
+    if request.param != "activation_checkpointing_enable":
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+            if not self.supports_gradient_checkpointing:
+                raise ValueError(f"{type(self).__name__} does not support gradient checkpointing.")
+            self._activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
+
+        monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_enable", raising=False)
+        monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", gradient_checkpointing_enable)
+    return request.param
+
+
 def _cfg(*extra):
     return load_config(TINY, [*SMALL, *extra])
 
@@ -196,7 +219,7 @@ def _video_hooks(enc):
             "temporal": enc.temporal[0].norm1}
 
 
-def test_video_checkpointing_recomputes_the_layers_and_keeps_the_gradients():
+def test_video_checkpointing_recomputes_the_layers_and_keeps_the_gradients(hf_checkpointing_api):
     ref, ck = _encoder(DIFF, LAYOUT, FACTORISED), _encoder(DIFF, LAYOUT, FACTORISED, CKPT)
     ck.load_state_dict(ref.state_dict())
     video = _video()
@@ -220,7 +243,7 @@ def test_video_checkpointing_recomputes_the_layers_and_keeps_the_gradients():
         torch.testing.assert_close(key(video)[-1], ck(video)[-1])
 
 
-def test_text_checkpointing_recomputes_the_layers_and_keeps_the_gradients():
+def test_text_checkpointing_recomputes_the_layers_and_keeps_the_gradients(hf_checkpointing_api):
     torch.manual_seed(0)
     ref = TextEncoder(_cfg("model.text.num_layers=2"))
     ck = TextEncoder(_cfg("model.text.num_layers=2", CKPT))

@@ -1,14 +1,17 @@
-"""The GPU path, checked on a GPU machine by `make gpu-check` (skipped where CUDA is absent, as in CI).
+"""The GPU path, checked on a GPU machine by bench/gpu_visit.sh (skipped where CUDA is absent, as in CI).
 
 Needs the data that `bench/gpu_data.py` builds on a CPU machine (H.264 shards, a small text model,
 a CPU-decoded reference batch) at $HIERVL_GPU_DATA (default .dev/gpu-data), and DeepSpeed + DALI
 (`../shared/tools/device-wheels.sh`). Each test runs the real thing on the GPU:
 - NCCL collectives take CPU and CUDA tensors alike (the trainer's flags are CPU-born);
 - DALI `mixed` (NVDEC) frames through the loader match the CPU loader's PyAV frames;
-- `hiervl train` under DeepSpeed's launcher on NCCL, bf16, ZeRO-2, DALI `mixed`: a straight run; a
-  SIGTERM then a resume at the exact step, LR and data position; a ZeRO-2 -> ZeRO-1 resume through
-  a universal checkpoint.
+- `hiervl train` with base.yaml's recipe at a small shape (`RECIPE`): NCCL, bf16, ZeRO-2, the queue with
+  `objective=both` (momentum key encoders, their fp32 EMA shadow), activation checkpointing, frame
+  differences + divided space-time attention with gelu, DALI `mixed` + PyAV decode processes (hybrid):
+  a straight run; a SIGTERM then a resume at the exact step, LR and data position; a ZeRO-2 -> ZeRO-1
+  resume through a universal checkpoint (fused AdamW's step tensors back on the GPU).
 """
+
 
 import json
 import os
@@ -26,9 +29,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HIERVL_GPU_DATA", ROOT / ".dev" / "gpu-data"))
 STEPS = 8
-TRAIN = ["model.preset=hit", "data.batch_size=4", "data.device=gpu", "train.precision=bf16", "train.zero_stage=2",
-         f"train.steps={STEPS}", "train.log_every=1", "train.log_samples=true", "checkpoint.every_steps=4",
-         "optimizer.warmup_steps=2", "queue.size=32"]
+# base.yaml's recipe (configs/base.yaml) on tiny.yaml's shapes
+RECIPE = ["model.preset=hit", "queue.enabled=true", "queue.objective=both", "queue.size=32", "queue.momentum=0.995",
+          "train.activation_checkpointing=true", "train.precision=bf16", "train.zero_stage=2", "train.tf32=true",
+          "model.vision.frame_diff=true", "model.vision.space_time=factorised", "model.vision.space_time_layers=1",
+          "model.vision.act=gelu", "data.device=gpu", "data.decoder=auto", "data.decode_workers=2", "data.prefetch=2"]
+TRAIN = [*RECIPE, "data.batch_size=4", f"train.steps={STEPS}", "train.log_every=1", "train.log_samples=true",
+         "checkpoint.every_steps=4", "optimizer.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +99,19 @@ def _cmd(data, out, extra=()):
             "train.ranks=1", *extra]
 
 
+def _check_momentum_state(tag_dir):
+    """bf16 key towers with an fp32 shadow in the checkpoint, and keys that moved off the query's start."""
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    shadow = states["momentum"]
+    assert set(shadow) == {"video_key", "text_key"}
+    assert all(t.dtype == torch.float32 for tower in shadow.values() for t in tower.values())
+    module = states["module"]
+    keys = [k for k in module if k.startswith("video_key.")]
+    assert keys and all(module[k].dtype == torch.bfloat16 for k in keys if module[k].is_floating_point())
+    for name, value in shadow["video_key"].items():  # the bf16 keys are the shadow rounded once
+        torch.testing.assert_close(module[f"video_key.{name}"].float(), value.to(torch.bfloat16).float())
+
+
 def _rows(out, name):
     return {r["step"]: r for r in map(json.loads, (Path(out) / name).read_text().splitlines())}
 
@@ -102,8 +122,10 @@ def test_train_on_nccl_with_dali_mixed_sigterm_resume_and_universal(data, tmp_pa
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-5000:]
     assert "mixed, GPU" in log, "the loader did not decode with DALI mixed"
+    assert "worker processes" in log, "the decode pool did not take part (hybrid)"
     status = json.loads((straight / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == STEPS and status["bad_steps"] == 0
+    _check_momentum_state(straight / "checkpoints" / f"step{STEPS:08d}")
     ref = _rows(straight, "metrics.jsonl")
     assert sorted(ref) == list(range(1, STEPS + 1)) and all(0 < r["loss"] < 50 for r in ref.values())
 

@@ -8,15 +8,12 @@ rank starts."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint  # noqa: E402
-from test_loader_fixture import write_shards  # noqa: E402
+from fixtures import write_shards
+from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,6 +127,8 @@ def test_malicious_export_is_refused_or_its_payload_never_read(tiny, tmp_path):
 
     cfg, model, _, _ = tiny
     out = write_export(model, cfg, tmp_path / "model")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (out / "model.safetensors", out / "config.yaml")}
+    assert modes["model.safetensors"] == modes["config.yaml"], modes  # was 0600 beside 0644
     marker = tmp_path / "RAN"
     # a pickled weight file beside the config (transformers would torch.load it): never read
     torch.save({"x": Payload(marker)}, out / "text" / "pytorch_model.bin")
@@ -229,3 +228,52 @@ def test_prep_never_overwrites_its_own_input(tmp_path):
     with pytest.raises(UserError, match="it would be overwritten"):
         driver.prepare(Config(), str(folder), str(folder))  # the folder form names the same file
     assert manifest.read_bytes() == before
+
+
+def test_names_in_someone_elses_files_never_leave_their_folder(tiny, tmp_path):
+    """A dataset manifest whose shard column is a path (the loader reads there, and the shard cache
+    would write the download there) and an index.json whose file names are paths: refused in one line."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hiervl.data.loader import DatasetIndex
+    from hiervl.errors import UserError
+    from hiervl.eval.search import SearchIndex
+    from hiervl.launch.cli import main
+
+    cfg, model, data, _ = tiny
+    bad = tmp_path / "shards"
+    shutil.copytree(data, bad)
+    rows = pq.read_table(bad / "manifest.parquet").to_pylist()
+    rows[0]["shard"] = "../../home/someone/.bashrc"
+    pq.write_table(pa.Table.from_pylist(rows), bad / "manifest.parquet")
+    with pytest.raises(UserError, match=r"shard '../../home/someone/.bashrc' is not a plain file name"):
+        DatasetIndex(str(bad), "test")
+    run = write_fake_checkpoint(model, cfg, tmp_path / "run")
+    index = tmp_path / "index"
+    assert main(["eval", "--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(index)]) == 0
+    meta = json.loads((index / "index.json").read_text())
+    (index / "index.json").write_text(json.dumps({**meta, "embeddings": "/etc/passwd"}))
+    with pytest.raises(UserError, match=r"the embeddings '/etc/passwd' is not a file name in the index folder"):
+        SearchIndex.load(index)
+
+
+def test_yaml_with_python_tags_builds_nothing(tiny, tmp_path):
+    import hiervl
+    from hiervl.config import ConfigError, load_config
+    from hiervl.errors import UserError
+    from hiervl.export import write_export
+
+    marker = tmp_path / "RAN"
+    tag = f"!!python/object/apply:os.system [\"touch {marker}\"]"
+    (tmp_path / "c.yaml").write_text(f"train:\n  out_dir: {tag}\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(tmp_path / "c.yaml")
+    assert load_config(None, [f"train.out_dir={tag}"]).train.out_dir == tag  # an override: kept as text
+    cfg, model, _, _ = tiny
+    out = write_export(model, cfg, tmp_path / "model")
+    (out / "config.yaml").write_text((out / "config.yaml").read_text() + f"evil: {tag}\n")
+    with pytest.raises(UserError, match=r"config.yaml is not a plain YAML config"):
+        hiervl.load(out)
+    assert not marker.exists()

@@ -14,10 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint  # noqa: E402
-from test_loader_fixture import write_shards  # noqa: E402
+from fixtures import write_shards
+from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

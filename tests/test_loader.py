@@ -28,6 +28,7 @@ def make_cfg(path, **data):
     cfg.data.max_words = 12
     cfg.data.num_threads = 1
     cfg.data.flip = True
+    cfg.data.decode_workers = 0  # these tests are about the in-process path (test_decode_pool.py: the workers)
     for k, v in data.items():
         setattr(cfg.data, k, v)
     return cfg

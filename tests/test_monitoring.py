@@ -132,30 +132,32 @@ def _train(shards, out, *extra):
 
 
 @pytest.mark.integration
-def test_training_logs_eval_temperature_grad_norm_to_all_three(shards, tmp_path):
-    out = tmp_path / "run"
-    rows = _train(shards, out, "train.steps=5", "eval.every_steps=3", "train.wandb=hiervl-test",
-                  "train.wandb_mode=offline")
+def test_training_logs_eval_temperature_grad_norm_to_all_three(one_rank_run):
+    """conftest.py's `one_rank_run` (7 steps, log every 2, eval every 3, W&B offline), which
+    test_train_validation.py checks too."""
+    out = one_rank_run["out"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in rows}
-    assert sorted(by_step) == [2, 3, 4, 5]  # every 2 steps, the eval step 3, the last step
+    assert sorted(by_step) == [2, 3, 4, 6, 7]  # every 2 steps, the eval steps 3 and 6, the last step
     levels = ["feature", "semantic"]
     for r in rows:
         assert r["grad_norm"] > 0 and r["lr"] > 0 and 0 <= r["data_wait_share"] <= 1
         assert sorted(r["temperature"]) == levels
         assert all(t == pytest.approx(0.07, rel=1e-5) for t in r["temperature"].values())  # model.temperature, fixed in hit
-    assert "eval" in by_step[3] and all("eval" not in by_step[s] for s in (2, 4, 5))
+    assert "eval" in by_step[3] and "eval" in by_step[6] and all("eval" not in by_step[s] for s in (2, 4, 7))
     ev = by_step[3]["eval"]
     assert sorted(ev["t2v"]) == sorted(levels + ["fused"]) and sorted(ev["v2t"]) == sorted(levels + ["fused"])
     chance = json.loads((out / "eval.jsonl").read_text().splitlines()[0])["t2v"]
     assert ev["t2v"]["fused"]["R1"] == chance["R1"] and ev["t2v"]["fused"]["MdR"] == chance["MdR"]
     tb = tensorboard_scalars(out)
     assert tb["grad_norm"] == pytest.approx({s: by_step[s]["grad_norm"] for s in by_step}, rel=1e-6)
-    assert tb["eval/t2v/semantic/R1"] == pytest.approx({3: ev["t2v"]["semantic"]["R1"]})
+    assert tb["eval/t2v/semantic/R1"] == pytest.approx({3: ev["t2v"]["semantic"]["R1"],
+                                                        6: by_step[6]["eval"]["t2v"]["semantic"]["R1"]})
     assert set(tb["temperature/feature"]) == set(by_step) and set(tb["lr"]) == set(by_step)
     wb = {r["_step"]: r for r in wandb_history(out)}
     assert sorted(wb) == sorted(by_step)
     assert wb[3]["eval/v2t/fused/R5"] == ev["v2t"]["fused"]["R5"]
-    assert wb[5]["grad_norm"] == pytest.approx(by_step[5]["grad_norm"]) and "data_wait_share" in wb[2]
+    assert wb[7]["grad_norm"] == pytest.approx(by_step[7]["grad_norm"]) and "data_wait_share" in wb[2]
 
 
 @pytest.mark.integration

@@ -16,7 +16,8 @@ def _metrics(r1, r5, r10, mdr, mnr):
 @pytest.fixture
 def run_dir(tmp_path):
     records = [{"step": s, "loss": 5.0 - s / 10, "losses": {"clip": 2.0 - s / 40, "event": 3.0 - s / 20},
-                "lr": 1e-4, "samples_per_s": 30.0 + s, "data_wait_share": 0.1, "skipped_samples": 0}
+                "lr": 1e-4, "samples_per_s": 30.0 + s, "data_wait_share": 0.1, "skipped_samples": 0,
+                "loader_cpu_share": s / 100}
                for s in (10, 20, 30)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\nnot json\n")
     result = {"split": "test", "num_videos": 40, "num_captions": 160, "skipped": 0,
@@ -68,6 +69,7 @@ def test_report_has_figures_tables_and_plots(run_dir, tmp_path):
     assert "**37.5%** vs chance 2.50%" in text
     # dataset summary
     assert "samples: **200** (test: 40, train: 160)" in text
+    assert "loader CPU share: **20%**" in text  # the mean of 10/20/30%, beside the data-wait share
     assert "quarantined: **3**" in text
     assert "hours of video: **0.111**" in text
     # training: first -> last loss, the level losses, the plots exist and are linked

@@ -240,27 +240,18 @@ def _free_port() -> str:
 
 
 @pytest.fixture(scope="module")
-def relative_run(tmp_path_factory, prepared_dataset_40):
+def relative_run(one_rank_run):
     """`hiervl train` from directory A with relative data.path, train.out_dir and a user DeepSpeed
-    JSON without "optimizer"; 4 steps, eval and checkpoint both every 2 steps."""
-    root = tmp_path_factory.mktemp("relative")
-    shards = prepared_dataset_40
-    a = root / "a"
-    a.mkdir()
-    (a / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 0}, "steps_per_print": 1000}))
-    res = hiervl("train", "--config", TINY, f"data.path={os.path.relpath(shards, a)}", "train.out_dir=runs/r",
-                 "train.deepspeed_config=ds.json", "train.ranks=1", "data.batch_size=4", "train.steps=4",
-                 "train.log_every=1", "optimizer.warmup_steps=2", "eval.every_steps=2", "checkpoint.every_steps=2",
-                 "eval.split=test", "eval.batch_size=8", _free_port(), cwd=a, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    return {"root": root, "out": a / "runs/r", "shards": shards.resolve()}
+    JSON without "optimizer"; 7 steps, eval and checkpoint both every 3 steps, 4 warmup steps
+    (conftest.py's `one_rank_run`, which test_monitoring.py checks too)."""
+    return one_rank_run
 
 
 @pytest.mark.integration
 def test_eval_and_periodic_checkpoint_on_one_step_write_it_once(relative_run):
     log = (relative_run["out"] / "logs" / "rank0.log").read_text()
-    assert log.count("checkpoint step00000002 written") == 1, log
-    assert log.count("checkpoint step00000004 written") == 1, log
+    assert log.count("checkpoint step00000003 written") == 1, log
+    assert log.count("checkpoint step00000006 written") == 1, log
     assert len((relative_run["out"] / "eval.jsonl").read_text().splitlines()) == 2  # both evals ran
 
 
@@ -268,8 +259,9 @@ def test_eval_and_periodic_checkpoint_on_one_step_write_it_once(relative_run):
 def test_a_deepspeed_json_without_optimizer_trains_with_our_schedule(relative_run):
     metrics = {json.loads(line)["step"]: json.loads(line) for line in
                (relative_run["out"] / "metrics.jsonl").read_text().splitlines()}
-    # warmup over 2 steps from 0 (our WarmupCosineLR), not the JSON's missing scheduler's constant 3e-4
-    assert metrics[1]["lr"] == 0.0 and 0 < metrics[2]["lr"] < 3e-4
+    # linear warmup over 4 steps from 0 (our WarmupCosineLR: step s at 3e-4 * (s - 1) / 4), not the JSON's
+    # missing scheduler's constant 3e-4
+    assert metrics[2]["lr"] == pytest.approx(3e-4 / 4) and metrics[4]["lr"] == pytest.approx(3 * 3e-4 / 4)
     written = json.loads((relative_run["out"] / "deepspeed_config.json").read_text())
     assert "optimizer" not in written and written["scheduler"]["type"] == "WarmupCosineLR"
     assert written["steps_per_print"] == 1000
@@ -280,7 +272,7 @@ def test_eval_and_search_work_from_another_directory(relative_run):
     out, shards, root = relative_run["out"], str(relative_run["shards"]), relative_run["root"]
     stored = yaml.safe_load((out / "config.yaml").read_text())
     assert stored["data"]["path"] == shards and stored["train"]["out_dir"] == str(out)
-    meta = json.loads((out / "checkpoints" / "step00000004" / "meta.json").read_text())
+    meta = json.loads((out / "checkpoints" / "step00000006" / "meta.json").read_text())
     assert meta["config"]["data"]["path"] == shards
 
     b, c = root / "b", root / "c"

@@ -34,11 +34,17 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
-def choose_backend(decoder: str, codec: str, device: str, has_dali: bool | None = None) -> str:
-    """'dali' or 'pyav' for one sample. decoder: auto|dali|pyav; device: cpu|gpu (resolved)."""
+def choose_backend(decoder: str, codec: str, device: str, has_dali: bool | None = None, workers: int = 0) -> str:
+    """'dali' or 'pyav' for one sample. decoder: auto|dali|pyav; device: cpu|gpu (resolved); workers: the
+    loader's PyAV decode processes.
+
+    auto on a CPU machine with decode workers: PyAV in the workers, never DALI's CPU backend, which
+    measured no cheaper at 64 px and 1.25x the workers' CPU per clip at 256 px, and runs inside the
+    trainer's process (bench/RESULTS.md "Issue #27"). On a GPU, auto is DALI mixed (NVDEC).
+    """
     has_dali = dali_available() if has_dali is None else has_dali
     dali_ok = has_dali and (device == "gpu" or codec.lower() in DALI_CPU_CODECS)
-    if decoder == "pyav":
+    if decoder == "pyav" or (decoder == "auto" and device == "cpu" and workers > 0):
         return "pyav"
     if decoder == "dali":
         if not has_dali:
@@ -54,8 +60,11 @@ def choose_backend(decoder: str, codec: str, device: str, has_dali: bool | None 
 # ---------------------------------------------------------------------------- PyAV
 
 
-def decode_pyav(data: bytes, frames: np.ndarray) -> np.ndarray:
-    """Frames `frames` (display-order indices) of an encoded video, uint8 [T, H, W, 3]."""
+def decode_pyav(data: bytes, frames: np.ndarray, strict: bool = False) -> np.ndarray:
+    """Frames `frames` (display-order indices) of an encoded video, uint8 [T, H, W, 3], as stored
+    (a user's file is turned upright by pipeline/data/video_file.py). A wanted frame the stream
+    does not give is replaced by the nearest decoded one, or, with `strict`, a ValueError that
+    starts "truncated"."""
     import av
 
     with av.open(io.BytesIO(data), mode="r") as container:
@@ -91,6 +100,9 @@ def decode_pyav(data: bytes, frames: np.ndarray) -> np.ndarray:
                 break
     if not got:
         raise ValueError("no frame decoded")
+    missing = [i for i, pts in enumerate(wanted) if pts not in got]
+    if strict and missing:
+        raise ValueError(f"truncated: frame {int(frames[missing[0]])} of {n} could not be decoded")
     # a frame the stream would not give (truncated tail): use the nearest one decoded
     have = sorted(got)
     out = []
@@ -118,6 +130,7 @@ class DaliVideoDecoder:
         self.device = device
         self.device_id = device_id if device == "gpu" else None
         self._pipe = None
+        self._stream = None  # the loader's own CUDA stream for the copies out of DALI (device gpu)
 
     def _build(self):
         from nvidia.dali import fn, types
@@ -143,13 +156,25 @@ class DaliVideoDecoder:
         if self.device == "gpu":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
+            # the copies out of DALI's buffers run on a stream of the loader's own, and only they are waited
+            # for (an event), not the training stream's queued forward/backward kernels; each clip is then
+            # marked as used by the consumer's stream, so its memory is not reused before that stream is done
+            dev = torch.device("cuda", self.device_id)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=dev)
             results = []
-            for i in range(len(blobs)):
-                t = out[i]
-                dst = torch.empty(t.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
-                feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device_id))
-                results.append(dst)
-            torch.cuda.current_stream(self.device_id).synchronize()
+            with torch.cuda.stream(self._stream):
+                for i in range(len(blobs)):
+                    t = out[i]
+                    dst = torch.empty(t.shape(), dtype=torch.uint8, device=dev)
+                    feed_ndarray(t, dst, cuda_stream=self._stream)
+                    results.append(dst)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            done.synchronize()  # this batch's copies only (DALI reuses its output buffers after the next run)
+            consumer = torch.cuda.current_stream(dev)
+            for dst in results:
+                dst.record_stream(consumer)
             return results
         return [np.array(out.at(i)) for i in range(len(blobs))]  # copies: DALI reuses its buffers
 
@@ -185,16 +210,9 @@ def _first_line(exc: Exception) -> str:
 # ---------------------------------------------------------------------------- transform
 
 
-def transform_clip(frames: torch.Tensor | np.ndarray, short_side: int, size: int, crop: tuple[float, float] = (0.5, 0.5),
-                   flip: bool = False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 frames [T, H, W, 3] -> normalised [T, 3, size, size].
-
-    Resize so the short side is `short_side` (bilinear, antialiased), crop `size` x `size` at the
-    relative position `crop` = (y, x) in [0, 1] (0.5 = centre), optionally flip horizontally,
-    then (x / 255 - mean) / std.
-    """
-    x = torch.as_tensor(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+def _resize_crop(x: torch.Tensor, short_side: int, size: int, crop: tuple[float, float], flip: bool) -> torch.Tensor:
+    """[T, 3, H, W] -> [T, 3, size, size], same dtype: short side to `short_side` (bilinear, antialiased
+    when shrinking), crop at the relative position `crop` = (y, x), optionally flipped horizontally."""
     h, w = x.shape[-2:]
     scale = short_side / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
@@ -203,8 +221,55 @@ def transform_clip(frames: torch.Tensor | np.ndarray, short_side: int, size: int
     top = int(round(crop[0] * (nh - size)))
     left = int(round(crop[1] * (nw - size)))
     x = x[..., top:top + size, left:left + size]  # [T, 3, size, size]
-    if flip:
-        x = x.flip(-1)
+    return x.flip(-1) if flip else x
+
+
+def resize_crop_uint8(frames: torch.Tensor | np.ndarray, short_side: int, size: int,
+                      crop: tuple[float, float] = (0.5, 0.5), flip: bool = False) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] on the CPU -> uint8 [T, 3, size, size], contiguous.
+
+    The resize runs once, in uint8, on the channels-last view of the decoded frames: no float copy of
+    the full-size frames (that copy and a float resize cost ~10-20x this on 64-256 px frames). This is
+    what the decode workers send (a quarter of float32's bytes) and what `normalize_clip` turns into
+    the model's input while the batch is assembled.
+    """
+    x = torch.as_tensor(frames)
+    if x.dtype != torch.uint8 or x.is_cuda:
+        raise TypeError(f"resize_crop_uint8 takes uint8 CPU frames, got {x.dtype} on {x.device}")
+    return _resize_crop(x.permute(0, 3, 1, 2), short_side, size, crop, flip).contiguous()
+
+
+def normalize_clip(clip: torch.Tensor, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), dtype: torch.dtype = torch.float32,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [..., 3, S, S] -> (x / 255 - mean) / std in `dtype`, computed in float32, written into `out`
+    when given (a batch slot: no intermediate copy for float32). The same arithmetic whichever path
+    calls it, so pixels do not depend on where a clip was decoded."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=clip.device).view(3, 1, 1) * 255.0
+    s = torch.as_tensor(std, dtype=torch.float32, device=clip.device).view(3, 1, 1) * 255.0
+    if out is None:
+        out = torch.empty(clip.shape, dtype=dtype, device=clip.device)
+    if out.dtype == torch.float32:
+        torch.sub(clip, m, out=out)
+        out.div_(s)
+    else:
+        out.copy_((clip.float() - m) / s)
+    return out
+
+
+def transform_clip(frames: torch.Tensor | np.ndarray, short_side: int, size: int, crop: tuple[float, float] = (0.5, 0.5),
+                   flip: bool = False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] -> normalised [T, 3, size, size].
+
+    Resize so the short side is `short_side` (bilinear, antialiased), crop `size` x `size` at the
+    relative position `crop` = (y, x) in [0, 1] (0.5 = centre), optionally flip horizontally,
+    then (x / 255 - mean) / std. uint8 CPU frames are resized in uint8 (`resize_crop_uint8`, then
+    `normalize_clip`); GPU frames (DALI mixed) and float frames in float32.
+    """
+    x = torch.as_tensor(frames)
+    if x.dtype == torch.uint8 and not x.is_cuda:
+        return normalize_clip(resize_crop_uint8(x, short_side, size, crop, flip), mean, std, dtype)
+    x = _resize_crop(x.permute(0, 3, 1, 2).float(), short_side, size, crop, flip)  # [T, 3, size, size]
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0
     return ((x - m) / s).to(dtype)

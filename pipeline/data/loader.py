@@ -46,8 +46,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from hiervl.data.byte_source import SampleByteSource
-from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav, transform_clip
-from hiervl.data.decode_pool import DecodePool, TransformSpec
+from hiervl.data.cpu_meter import LoaderCpuMeter, process_tree_seconds, thread_ids
+from hiervl.data.crash_ledger import is_crash
+from hiervl.data.decode import (
+    DaliVideoDecoder,
+    choose_backend,
+    dali_available,
+    decode_pyav,
+    normalize_clip,
+    resize_crop_uint8,
+    transform_clip,
+)
+from hiervl.data.decode_pool import DecodePool, TransformSpec, resolve_decode_workers
 from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
 from hiervl.data.sampler import (
     PAD,
@@ -69,6 +79,13 @@ from hiervl.storage import is_remote, join, open_store
 log = get_logger(__name__)
 _LOGGED_PATHS: set[str] = set()  # decode paths already announced in this process
 STATE_VERSION = 1
+
+
+def is_plain_name(name) -> bool:
+    """A file name inside one folder: no separator, not '.', '..' or empty, no NUL (a manifest's shard
+    column is joined to the dataset folder and to the shard cache: it must not leave them)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
 
 
 class DatasetIndex:
@@ -107,6 +124,10 @@ class DatasetIndex:
         self.video_id_strings = table["video_id"].tolist()
         self.video_ids = np.array([stable_hash(v) for v in self.video_id_strings], dtype=np.int64)
         self.shards = table["shard"].tolist()
+        for shard in sorted(set(self.shards)):  # names from a file someone else wrote: joined to paths below
+            if not is_plain_name(shard):
+                raise UserError(f"{manifest}: shard {shard!r} is not a plain file name in the dataset folder (a path, "
+                                "'..' or empty); refusing a manifest that points outside its dataset: prepare it again")
         self.shard_ids = np.unique(np.array(self.shards), return_inverse=True)[1]
         self.offsets = table["video_offset"].to_numpy(np.int64)
         self.sizes = table["video_size"].to_numpy(np.int64)
@@ -158,7 +179,10 @@ class VideoTextLoader:
     """
 
     def __init__(self, cfg, split: str | None = None, train: bool = True, rank: int = 0, world_size: int = 1,
-                 batch_size: int | None = None, dtype: torch.dtype = torch.float32):
+                 batch_size: int | None = None, dtype: torch.dtype = torch.float32, ledger=None):
+        """`ledger`: the run's CrashLedger (pipeline/data/crash_ledger.py; training only): ledgered samples
+        are not decoded, and a sample that kills or outlasts (data.decode_timeout_s) a decode worker is
+        recorded in it instead of stopping the loader."""
 
         self.cfg = cfg.data
         self.train = train
@@ -179,29 +203,39 @@ class VideoTextLoader:
                             "so more groups straddle two batches; choose a group_chunk that divides it",
                             self.batch_size, world_size, self.group_chunk)
         self.remainder = self.cfg.remainder if train else "pad"  # eval sees every video
+        # batches per optimizer step when train.global_batch holds the step's size: the epoch is cut into
+        # whole steps (sampler.num_batches), so every split of the same global batch sees the same steps
+        train_cfg = getattr(cfg, "train", None)
+        self.accum = train_cfg.grad_accum if train and train_cfg is not None and train_cfg.global_batch else 1
         self.device = resolve_device(self.cfg.device)
         self.device_id = torch.cuda.current_device() if self.device == "gpu" else None
         self.dtype = dtype  # of the video tensor: the trainer's compute dtype (it owns precision)
+        self.ledger = ledger
         self.has_dali = dali_available()
         self.epoch = 0
         self.position = 0
         self._dali: DaliVideoDecoder | None = None
+        self.cpu = LoaderCpuMeter()  # this loader's own CPU seconds: threads, DALI's threads, decode workers
         self.stats = {"decoded": 0, "skipped": 0, "padded": 0, "skipped_keys": [], "skipped_reasons": {},
                       "decode_path": Counter(), "pool_decoded": 0}
         # PyAV in worker processes (decode_pool.py), started at the first batch; closed by close(),
         # when the loader is collected, or at interpreter exit
         self._pool: DecodePool | None = None
-        if self.cfg.decode_workers > 0:
-            spec = TransformSpec(self.cfg.num_frames, self.cfg.short_side, self.cfg.size, tuple(self.cfg.mean),
-                                 tuple(self.cfg.std), self.dtype)
+        self.decode_workers = resolve_decode_workers(self.cfg.decode_workers, self.device, world_size)
+        if self.decode_workers > 0:
+            spec = TransformSpec(self.cfg.num_frames, self.cfg.short_side, self.cfg.size)
             # ring slots: the samples of the batches in flight (data.prefetch ahead + the one being assembled)
             storage = getattr(cfg, "storage", None)  # storage hook: each worker opens its own store
-            self._pool = DecodePool(self.cfg.decode_workers, self.index.root, spec,
+            self._pool = DecodePool(self.decode_workers, self.index.root, spec,
                                     slots=(self.cfg.prefetch + 1) * self.batch_size,
-                                    storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage)
+                                    storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage,
+                                    crash_ledger=ledger is not None, timeout_s=self.cfg.decode_timeout_s)
             weakref.finalize(self, self._pool.close)
         # DALI and the pool at once (decoder=auto with workers): the adaptive split of schedule.py
-        self.hybrid = self._pool is not None and self.cfg.decoder == "auto" and self.has_dali
+        # DALI and the workers split each batch: decoder=auto on a GPU (DALI mixed + PyAV processes), or
+        # decoder=dali with workers; on a CPU machine decoder=auto gives every sample to the workers (choose_backend)
+        self.hybrid = self._pool is not None and self.has_dali and (
+            (self.cfg.decoder == "auto" and self.device == "gpu") or self.cfg.decoder == "dali")
         self._split = DecoderSplit()
         if len(self) == 0:
             raise UserError(f"split '{self.split}' has {len(self.index)} samples, fewer than one global batch "
@@ -211,7 +245,7 @@ class VideoTextLoader:
 
     def __len__(self) -> int:
         """Batches per full epoch for this rank (identical on all ranks)."""
-        return num_batches(len(self.index), self.batch_size, self.world_size, self.remainder)
+        return num_batches(len(self.index), self.batch_size, self.world_size, self.remainder, self.accum)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` from position 0 (call before iterating each new epoch)."""
@@ -262,7 +296,8 @@ class VideoTextLoader:
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self):
-        plan = rank_plan(self.order(), self.position, self.batch_size, self.rank, self.world_size, self.remainder)
+        plan = rank_plan(self.order(), self.position, self.batch_size, self.rank, self.world_size, self.remainder,
+                         self.accum)
         epoch = self.epoch
         jobs = list(zip(plan.batches, plan.positions))
         self.index.source.schedule([sorted({int(i) for i in idx if i != PAD}) for idx in plan.batches])  # read-ahead
@@ -331,10 +366,12 @@ class VideoTextLoader:
                     job = next(todo, None)
                     if job is None:
                         break
-                    pending.append(self._start_batch(job[0], job[1], epoch))
+                    with self.cpu.timed():
+                        pending.append(self._start_batch(job[0], job[1], epoch))
                 if not pending:
                     return
-                batch = self._finish_batch(pending.popleft(), stop)
+                with self.cpu.timed():
+                    batch = self._finish_batch(pending.popleft(), stop)
                 if batch is None:  # stopped while waiting for the pool
                     return
                 yield batch
@@ -361,15 +398,20 @@ class VideoTextLoader:
             _LOGGED_PATHS.add(tag)
             how = {"dali": f"DALI fn.decoders.video ({'mixed, GPU' if self.device == 'gpu' else 'cpu backend'})",
                    "pyav": "PyAV" + ("" if self.has_dali else " (nvidia-dali not installed)")}[backend]
-            extra = (f" and PyAV in {self.cfg.decode_workers} worker processes (adaptive split)"
+            extra = (f" and PyAV in {self.decode_workers} worker processes (adaptive split)"
                      if backend == "dali" and self.hybrid else "")
             log.info("decoding %s videos with %s%s%s", codec, how, where, extra)
 
     def _start_batch(self, idx: np.ndarray, position: int, epoch: int) -> dict:
         """Plan one batch and queue its pool share to the worker processes (returns at once)."""
         real = sorted({int(i) for i in idx if i != PAD})
+        ledgered = {}  # samples that hung or crashed a decoder before: never decoded again
+        if self.ledger is not None:
+            ledgered = {i: r for i in real if (r := self.ledger.reason(self.index.keys[i])) is not None}
+            real = [i for i in real if i not in ledgered]
         plans = {i: self._sample_plan(i, epoch) for i in real}
-        backend = {i: choose_backend(self.cfg.decoder, self.index.codecs[i], self.device, self.has_dali) for i in real}
+        backend = {i: choose_backend(self.cfg.decoder, self.index.codecs[i], self.device, self.has_dali,
+                                     self.decode_workers) for i in real}
         for i in real:
             self._log_path(backend[i], self.index.codecs[i])
         tids: dict[int, int] = {}
@@ -384,8 +426,10 @@ class VideoTextLoader:
             ix = self.index
             for i in to_pool:
                 tids[i] = self._pool.submit(ix.keys[i], ix.shards[i], ix.offsets[i], ix.sizes[i], *plans[i])
+            if tids and not self.cpu.pids:
+                self.cpu.watch_processes(self._pool.pids)  # the workers start at the first submit
         return {"idx": idx, "position": position, "epoch": epoch, "real": real, "plans": plans, "backend": backend,
-                "tids": tids}
+                "tids": tids, "ledgered": ledgered}
 
     def _decode_local(self, slots: list[int], plans: dict, backend: dict) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
         """Decode and transform `slots` in this process (DALI, PyAV in threads); slot -> [T, 3, S, S], slot -> reason."""
@@ -400,10 +444,14 @@ class VideoTextLoader:
         frames: dict[int, object] = {}
         dali_slots = [i for i in blobs if backend[i] == "dali"]
         if dali_slots:
-            if self._dali is None:
+            first = self._dali is None
+            if first:
                 self._dali = DaliVideoDecoder(self.batch_size, self.cfg.num_threads, self.device, self.device_id)
-            for i, res in zip(dali_slots, self._dali.decode([blobs[i] for i in dali_slots],
-                                                            [plans[i][0] for i in dali_slots])):
+                before = thread_ids()
+            decoded = self._dali.decode([blobs[i] for i in dali_slots], [plans[i][0] for i in dali_slots])
+            if first:
+                self.cpu.watch_threads(thread_ids() - before)  # DALI's native worker threads
+            for i, res in zip(dali_slots, decoded):
                 if isinstance(res, Exception):
                     errors[i] = f"DALI decode failed: {res}"
                 else:
@@ -411,12 +459,19 @@ class VideoTextLoader:
         dtype = self.dtype
 
         def work(i: int):
+            with self.cpu.timed():
+                return _work(i)
+
+        def _work(i: int):
             try:
                 clip = frames[i] if i in frames else decode_pyav(blobs[i], plans[i][0])
                 if len(clip) != self.cfg.num_frames:
                     raise ValueError(f"decoder returned {len(clip)} frames, wanted {self.cfg.num_frames}")
-                return i, transform_clip(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2],
-                                         self.cfg.mean, self.cfg.std, dtype), None
+                if isinstance(clip, torch.Tensor) and clip.is_cuda:  # DALI mixed: the float transform on the GPU
+                    return i, transform_clip(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2],
+                                             self.cfg.mean, self.cfg.std, dtype), None
+                # CPU frames: resized once in uint8 here, normalised straight into the batch slot
+                return i, resize_crop_uint8(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2]), None
             except Exception as exc:  # noqa: BLE001 - a corrupt video must not stop the run
                 return i, None, f"{'PyAV' if i not in frames else 'transform'} failed: {type(exc).__name__}: {exc}"
 
@@ -438,6 +493,8 @@ class VideoTextLoader:
         local = [i for i in work["real"] if i not in tids]
         t0 = time.perf_counter()
         clips, errors = self._decode_local(local, work["plans"], work["backend"])
+        for i, reason in work.get("ledgered", {}).items():
+            errors[i] = f"in the crash ledger, not decoded ({reason})"
         if self.hybrid and local:
             self._split.record_dali(len(local), time.perf_counter() - t0)  # local = DALI's share in hybrid mode
         if tids:
@@ -448,6 +505,8 @@ class VideoTextLoader:
                 clip, reason = results[tid]
                 if clip is None:
                     errors[i] = reason
+                    if self.ledger is not None and is_crash(reason or ""):  # durable before the batch is used
+                        self.ledger.record(self.index.keys[i], self.index.shards[i], reason, epoch, work["position"])
                 else:
                     clips[i] = clip
                     self.stats["decode_path"]["pyav"] += 1
@@ -475,10 +534,12 @@ class VideoTextLoader:
             all_caps.append(list(caps))
             texts.append(choose_caption(caps, self.seed, epoch, key) if self.train else (caps[0] if caps else ""))
             if i in clips:
-                clip = clips[i]  # [T, 3, S, S]
+                clip = clips[i]  # [T, 3, S, S]: uint8 from the CPU decoders, normalised on the GPU (DALI mixed)
                 if dev != "cpu" and not clip.is_cuda:
                     host_slots.append(slot)
                     host_clips.append(clip)
+                elif clip.dtype == torch.uint8:
+                    normalize_clip(clip, cfg.mean, cfg.std, self.dtype, out=video[slot])  # the one copy
                 else:
                     video[slot] = clip
                 valid[slot] = True
@@ -487,10 +548,10 @@ class VideoTextLoader:
                 video[slot].zero_()
                 self._record_skip(key, errors.get(i, "unknown"))
         if host_slots:
-            staged = torch.empty((len(host_clips), *host_clips[0].shape), dtype=self.dtype, pin_memory=True)
-            torch.stack(host_clips, out=staged)  # [n, T, 3, S, S] in page-locked memory
+            staged = torch.empty((len(host_clips), *host_clips[0].shape), dtype=torch.uint8, pin_memory=True)
+            torch.stack(host_clips, out=staged)  # [n, T, 3, S, S] uint8 in page-locked memory (a quarter of float32)
             where = torch.tensor(host_slots, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
-            video.index_copy_(0, where, staged.to(dev, non_blocking=True))
+            video.index_copy_(0, where, normalize_clip(staged.to(dev, non_blocking=True), cfg.mean, cfg.std, self.dtype))
         if tids:
             self._pool.release(tids.values())  # every pool clip has been copied out of its ring slot
         tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.max_words, return_tensors="pt")
@@ -509,6 +570,11 @@ class VideoTextLoader:
             for name in ("input_ids", "attention_mask", "video_ids", "valid"):
                 batch[name] = batch[name].pin_memory().to(dev, non_blocking=True)
         return batch
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(this loader's CPU seconds so far, CPU seconds of this process and its decode workers so far):
+        their deltas over a window give the loader's CPU share (the trainer logs `loader_cpu_share`)."""
+        return self.cpu.seconds(), process_tree_seconds(self.cpu.pids)
 
     def _record_skip(self, key: str, reason: str) -> None:
         self.stats["skipped"] += 1

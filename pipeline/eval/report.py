@@ -221,6 +221,7 @@ def _training_section(records: list[dict], status: dict | None, figures: dict, r
     peak = max(records, key=lambda r: r["loss"])
     sps = [r["samples_per_s"] for r in records[1:] or records if "samples_per_s" in r]
     wait = [r["data_wait_share"] for r in records if "data_wait_share" in r]
+    loader_cpu = [r["loader_cpu_share"] for r in records if "loader_cpu_share" in r]
     lines = [f"- steps: **{last['step']}**; total loss {first['loss']:.3f} at step {first['step']}, peak "
              f"{peak['loss']:.3f} at step {peak['step']} (it rises while the momentum queues fill with "
              f"negatives), final **{_mean(r['loss'] for r in tail):.3f}** (mean of the last {len(tail)} logs)"]
@@ -230,6 +231,10 @@ def _training_section(records: list[dict], status: dict | None, figures: dict, r
     if sps:
         lines.append(f"- throughput: median **{sorted(sps)[len(sps) // 2]:.1f} samples/s** (global), "
                      f"waiting for data {100 * sum(wait) / max(len(wait), 1):.0f}% of the time")
+    if loader_cpu:
+        lines.append(f"- loader CPU share: **{100 * _mean(loader_cpu):.0f}%** of the CPU the ranks and their decode "
+                     "workers used went to loading (decode, transform, assembly; all ranks), beside the "
+                     "data-wait share above")
     lines.append(f"- skipped samples: {last.get('skipped_samples', 0)}")
     if status:
         lines.append(f"- status: {status.get('state')} ({status.get('reason')}), checkpoint {status.get('checkpoint')}")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hiervl.data.decode import decode_pyav
-from hiervl.data.loader import DatasetIndex
+from hiervl.data.loader import DatasetIndex, is_plain_name
 from hiervl.data.sampler import frame_indices
 from hiervl.errors import UserError
 from hiervl.eval.ann import AnnIndex
@@ -92,6 +92,11 @@ class SearchIndex:
                             "`hiervl eval --checkpoint RUN --data SHARDS --split SPLIT --out DIR`")
         meta = json.loads(meta_path.read_text())
         meta["data"] = find_recorded(meta.get("data"), directory)  # a relative path of an older index
+        for what, name in (("embeddings", meta.get("embeddings", EMBEDDINGS_FILE)),
+                           ("ann file", (meta.get("ann") or {}).get("file") or ANN_FILE)):
+            if not is_plain_name(name):  # index.json is someone else's file: its names must stay in the folder
+                raise UserError(f"{meta_path}: the {what} {name!r} is not a file name in the index folder; "
+                                "refusing an index that points outside itself: make the index again")
         table = pq.read_table(directory / meta.get("embeddings", EMBEDDINGS_FILE))
         keys_col = table.column("key").to_pylist()
         levels_col = np.array(table.column("level").to_pylist())
@@ -266,7 +271,7 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
     """
     from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
     from hiervl.eval.fingerprint import checkpoint_step, model_fingerprint
-    from hiervl.eval.video_index import embed_videos, list_videos
+    from hiervl.eval.video_index import audio_files, embed_videos, list_videos
     from hiervl.train.checkpoint import load_model_for_inference
 
     entries = list_videos(videos, manifest)  # user errors before the model loads
@@ -292,21 +297,23 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
         AnnIndex.build(embedded[g].numpy(), kind).save(out / ANN_FILE)
     elif (out / ANN_FILE).exists():
         (out / ANN_FILE).unlink()  # a stale file from an earlier, larger index in the same folder
+    audio = audio_files(videos) if videos is not None and manifest is None else []
     return {"count": len(keys), "skipped": len(skipped), "captioned": sum(1 for c in catalog if c["captions"]),
-            "ann": kind, "level": g}
+            "ann": kind, "level": g, "skipped_videos": skipped, "audio_files": audio}
 
 
 def frames_for_hits(index: SearchIndex, hits: list[Hit], count: int = 4, data: str | None = None) -> dict:
     """Contact-sheet frames of each hit: from the dataset's tars (an eval index) or the video files."""
     data = data or index.data
     frames = load_frames(data, index.split, [h.key for h in hits], count=count) if data and index.split else {}
-    from hiervl.api import probe_video
+    from hiervl.data.video_file import decode_video_file, probe_video_file
 
     for h in hits:
         if h.key not in frames and h.path and Path(h.path).is_file():
             try:
                 raw = Path(h.path).read_bytes()
-                frames[h.key] = decode_pyav(raw, frame_indices(probe_video(raw, h.path)[0], count, None))
+                info = probe_video_file(raw, h.path)
+                frames[h.key] = decode_video_file(raw, frame_indices(info.frames, count, None), h.path, info.turns)
             except Exception:  # noqa: BLE001 - a thumbnail must not fail the search
                 continue
     return frames

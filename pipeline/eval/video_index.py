@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from hiervl.data.decode import decode_pyav, transform_clip
+from hiervl.data.decode import transform_clip
 from hiervl.data.sampler import frame_indices
 from hiervl.errors import UserError
 from hiervl.log import get_logger
@@ -37,6 +38,7 @@ from hiervl.log import get_logger
 log = get_logger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ogv", ".gif")
+AUDIO_SUFFIXES = (".m4a", ".mp3", ".wav", ".aac", ".flac", ".ogg", ".opus", ".wma")  # reported, not indexed
 
 
 @dataclass
@@ -44,6 +46,13 @@ class CatalogEntry:
     key: str
     path: str
     captions: list[str] = field(default_factory=list)
+
+
+def audio_files(videos: str | Path) -> list[str]:
+    """Audio files under a --videos folder (paths below it): not indexed (no picture), but reported."""
+    root = Path(videos)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES) if root.is_dir() else []
 
 
 def list_videos(videos: str | Path | None = None, manifest: str | Path | None = None) -> list[CatalogEntry]:
@@ -55,7 +64,12 @@ def list_videos(videos: str | Path | None = None, manifest: str | Path | None = 
         if not root.is_dir():
             raise UserError(f"--videos {root}: not a directory; give a folder of video files or --manifest FILE")
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
-        entries = [CatalogEntry(p.relative_to(root).with_suffix("").as_posix(), str(p.resolve())) for p in files]
+        # key: the path below --videos without its extension; with it where two files share that
+        # (clip.mkv beside clip.mp4), so no key collides
+        stems = Counter(p.relative_to(root).with_suffix("").as_posix() for p in files)
+        entries = [CatalogEntry(p.relative_to(root).with_suffix("").as_posix() if stems[
+            p.relative_to(root).with_suffix("").as_posix()] == 1 else p.relative_to(root).as_posix(), str(p.resolve()))
+            for p in files]
         if not entries:
             raise UserError(f"--videos {root}: no video files ({', '.join(VIDEO_SUFFIXES)}) in it or below")
     else:
@@ -138,11 +152,12 @@ def _read_manifest(path: Path, base: Path | None) -> list[CatalogEntry]:
 
 def load_clip(path: str, data_cfg) -> torch.Tensor:
     """One whole video as the model's eval input, float32 [T, 3, S, S] (see the module docstring)."""
-    from hiervl.api import probe_video  # frames counted as decode_pyav indexes them
+    from hiervl.data.video_file import decode_video_file, probe_video_file
 
     data = Path(path).read_bytes()
-    n, _codec = probe_video(data, path)  # UserError: no video stream / unreadable / no frames
-    frames = decode_pyav(data, frame_indices(n, data_cfg.num_frames, None))  # uint8 [T, H, W, 3]
+    info = probe_video_file(data, path)  # UserError: no video stream / unreadable / truncated / no frames
+    frames = decode_video_file(data, frame_indices(info.frames, data_cfg.num_frames, None), path,
+                               info.turns)  # uint8 [T, H, W, 3], upright
     return transform_clip(frames, data_cfg.short_side, data_cfg.size, (0.5, 0.5), False, data_cfg.mean, data_cfg.std)
 
 

@@ -52,9 +52,17 @@ RGB = 3  # input channels of a frame; frame_diff doubles them
 
 
 def _enable_hf_checkpointing(model: nn.Module, what: str) -> None:
-    """transformers' own per-layer activation checkpointing, non-reentrant (frozen inputs still get grads)."""
+    """transformers' own per-layer activation checkpointing, non-reentrant (frozen inputs still get grads).
+
+    Both transformers 5 APIs: `activation_checkpointing_enable` (5.2x, which deprecates the other) and
+    `gradient_checkpointing_enable` (the only one before, e.g. 5.17 on the GPU machine).
+    """
+    kwargs = {"use_reentrant": False}
     try:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     except ValueError as exc:  # the architecture has no GradientCheckpointingLayer
         raise UserError(f"train.activation_checkpointing=true but the {what} ({type(model).__name__}) does not "
                         f"support it ({exc}); set train.activation_checkpointing=false") from exc
@@ -75,7 +83,8 @@ def _add_diff_channels(model: nn.Module) -> None:
 
 
 def build_frame_vit(cfg: Config, vision_config=None) -> nn.Module:
-    """transformers' CLIP vision tower, from `model.vision.clip_path` or random init from the config.
+    """transformers' CLIP vision tower, from `model.vision.clip_path` or random init from the config
+    (MLP activation `model.vision.act`; a checkpoint keeps its own).
 
     With `model.vision.frame_diff` it takes 6 input channels (RGB, then the frame difference).
     `vision_config` (a CLIPVisionConfig: what `hiervl export` writes) builds exactly that
@@ -121,7 +130,7 @@ def build_frame_vit(cfg: Config, vision_config=None) -> nn.Module:
         return model
     config = CLIPVisionConfig(hidden_size=vis.width, intermediate_size=4 * vis.width, num_hidden_layers=vis.layers,
                               num_attention_heads=vis.heads, image_size=cfg.data.size, patch_size=vis.patch_size,
-                              num_channels=channels, attention_dropout=cfg.model.dropout)
+                              num_channels=channels, attention_dropout=cfg.model.dropout, hidden_act=vis.act)
     return CLIPVisionModel(config)
 
 

@@ -161,16 +161,50 @@ def find_latest(ckpt_dir: str | Path, check: bool = True) -> str | None:
 
 
 def rng_state() -> dict:
+    """This rank's RNG states. On CUDA only this rank's own device (the current one): saving every
+    visible GPU's state on every rank enters each device, and cannot be restored where fewer are visible."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # written before: every visible device's state; take our own
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)  # the current device: this rank's own
+
+
+def place_optimizer_steps(optimizer) -> int:
+    """Put every `state['step']` where torch's optimizer expects it; returns how many were moved.
+
+    DeepSpeed's universal load sets `state[p]['step']` to the tensor it read with map_location='cpu'.
+    A fused (or capturable) torch AdamW reads the step through a device pointer with no device check,
+    so a CPU step on a CUDA run is an illegal memory access; torch's own load_state_dict moves it to the
+    parameter's device as float32 ("special device hosting for step"), which this repeats. Other
+    optimizers keep the step as a CPU float32 tensor. `optimizer` may be DeepSpeed's wrapper."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    moved = 0
+    for group in getattr(inner, "param_groups", []):
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = inner.state.get(p)
+            if not state or "step" not in state:
+                continue
+            step = state["step"]
+            device = p.device if on_device else torch.device("cpu")
+            if not torch.is_tensor(step):
+                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+                moved += 1
+            elif step.device != device or step.dtype != torch.float32:
+                state["step"] = step.to(device=device, dtype=torch.float32)
+                moved += 1
+    return moved
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -390,6 +424,7 @@ def load(engine, plan: dict) -> tuple[dict, dict | None]:
                                            load_lr_scheduler_states=True)
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {plan['dir']}/{plan['load_tag']}")
+    place_optimizer_steps(engine.optimizer)  # a universal load leaves them on the CPU (fused AdamW: on the device)
     rank_file = Path(plan["dir"]) / plan["tag"] / f"rank{dist.get_rank()}.pt"
     same_world = plan["meta"]["world_size"] == dist.get_world_size()
     rank_state = safe_load.load(rank_file) if same_world and rank_file.is_file() else None

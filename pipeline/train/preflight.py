@@ -1,7 +1,7 @@
 """Checks of a training run that need the filesystem, made before DeepSpeed starts any rank.
 
-`hiervl train` calls `check_training_run` in the parent process, so a wrong `train.resume`, a
-`train.out_dir` that is a file or not writable, a `data.path` that is not a prepared dataset (or
+`hiervl train` calls `check_training_run` in the parent process, so more ranks than visible GPUs, a
+wrong `train.resume`, a `train.out_dir` that is a file or not writable, a `data.path` that is not a prepared dataset (or
 has too few samples of `data.split` for one global batch), a missing `eval.split` and a DeepSpeed
 JSON that disagrees with the config are one line and exit 2 within seconds, not a traceback per
 rank half a minute later. (Checks within the config alone run at load: `Config.__post_init__`.)
@@ -136,7 +136,7 @@ def check_dataset(cfg: Config, world_size: int) -> None:
     n = counts.get(d.split, 0)
     if n == 0:
         raise ConfigError(f"data.path={d.path} has no samples of data.split={d.split} (it has: {have})")
-    if num_batches(n, d.batch_size, world_size, d.remainder) == 0:
+    if num_batches(n, d.batch_size, world_size, d.remainder, cfg.train.grad_accum if cfg.train.global_batch else 1) == 0:
         raise ConfigError(f"data.split={d.split} of {d.path} has {n} samples, fewer than one global batch "
                           f"(data.batch_size={d.batch_size} x {world_size} ranks); lower data.batch_size "
                           "or set data.remainder=pad")
@@ -157,8 +157,23 @@ def check_out_dir(out_dir: str) -> None:
         raise ConfigError(f"train.out_dir={out_dir}: {existing} is not writable by this user; give a folder you can write")
 
 
+def check_gpus(ranks: int) -> None:
+    """On a GPU machine, train.ranks local ranks need as many visible GPUs (one each): else DeepSpeed's
+    launcher fails inside the ranks (base.yaml's 8 on a 1-GPU box)."""
+    import torch
+
+    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"train.ranks={ranks} but this machine has {n} visible GPU{'s' if n != 1 else ''} "
+                          f"(one rank per GPU); set train.ranks={n} or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+
+
 def check_training_run(cfg: Config, world_size: int) -> None:
     """Everything a training run of `world_size` ranks can be refused for before a rank starts."""
+    from hiervl.train.global_batch import for_world
+
+    cfg = for_world(cfg, world_size)  # train.global_batch that the ranks cannot split is refused here
+    check_gpus(cfg.train.ranks)
     check_out_dir(cfg.train.out_dir)
     check_resume(cfg.train.resume)
     check_resume_checkpoint(cfg)

@@ -1,0 +1,244 @@
+"""Several "hosts" on one machine: network namespaces joined by a bridge, for multi-node tests.
+
+Each node (n1, n2, ...) is a network namespace with its own loopback, one interface named as on
+real clusters and named differently per node (n1: eno1, n2: ens5, n3: enp3s0, so a launch that
+sends one GLOO/NCCL_SOCKET_IFNAME to every node fails here as it would there) and an address in
+10.77.0.0/24, a private range that exists only inside these namespaces. The bridge lives in a
+namespace of its own (`<prefix>-hub`): nothing is added to the machine's own network. A command
+started with `Cluster.popen(node, argv)` also gets its own hostname (UTS namespace: `hostname`
+says n1) and its own mount namespace, in which `/etc/hosts` names the nodes (the node's own name as 127.0.1.1, as
+Debian installs it: a launch that trusts its hostname to find its address gets loopback) and `Cluster.local`
+(one path) is that node's private folder: shared-nothing where a test wants it. `cut(node)` takes
+a node's link down (packets are dropped, no reset: a partition, not a crash); `heal(node)` brings
+it back. `close()` kills every process left in the namespaces and deletes them, also after a
+failure (the fixture calls it; so does `down`).
+
+Needs root (`ip netns add`); `available()` says in one line why not, for a pytest skip.
+
+A person can use it too:
+  python tests/netns.py up --prefix hv1                # start n1, n2; print how to use them
+  python tests/netns.py exec --prefix hv1 n2 -- hostname
+  python tests/netns.py down --prefix hv1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SUBNET = "10.77.0"  # a private /24 that only these namespaces have
+IFNAMES = ("eno1", "ens5", "enp3s0", "eth1")  # one per node, different on purpose
+STATE = Path(tempfile.gettempdir()) / "hiervl-netns"  # <prefix>.json: what `down` must remove
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+
+def available() -> str | None:
+    """None when namespaces can be made here, else one line saying why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (ip netns add); run as root to test distinct hosts"
+    if shutil.which("ip") is None or shutil.which("unshare") is None:
+        return "iproute2's `ip` or util-linux's `unshare` is missing (apt-get install iproute2 util-linux)"
+    name = f"hvprobe{os.getpid()}"
+    res = _ip("netns", "add", name, check=False)
+    if res.returncode != 0:
+        return f"cannot create a network namespace here: {res.stderr.strip() or res.stdout.strip()}"
+    _ip("netns", "del", name, check=False)
+    return None
+
+
+class Cluster:
+    """Nodes n1..nN on a bridge (see the module docstring). Use as a context manager."""
+
+    def __init__(self, nodes: int = 2, prefix: str | None = None, root: str | Path | None = None):
+        self.prefix = prefix or f"hv{os.getpid() % 100000}"
+        self.names = [f"n{i + 1}" for i in range(nodes)]
+        self.addr = {n: f"{SUBNET}.{i + 1}" for i, n in enumerate(self.names)}
+        self.ifname = {n: IFNAMES[i % len(IFNAMES)] for i, n in enumerate(self.names)}
+        self.root = Path(root or tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        self.local = self.root / "local"  # one path; each node sees its own folder mounted there
+        self.procs: list[subprocess.Popen] = []
+        self.hub = f"{self.prefix}-hub"
+
+    def ns(self, node: str) -> str:
+        return f"{self.prefix}-{node}"
+
+    def node_dir(self, node: str) -> Path:
+        """What `node` sees at `self.local` (its private folder), seen from the machine."""
+        return self.root / "nodes" / node
+
+    # ------------------------------------------------------------------ up / down
+
+    def up(self) -> Cluster:
+        STATE.mkdir(parents=True, exist_ok=True)
+        (STATE / f"{self.prefix}.json").write_text(json.dumps({"ns": [self.hub] + [self.ns(n) for n in self.names],
+                                                               "root": str(self.root), "pid": os.getpid()}))
+        try:
+            _ip("netns", "add", self.hub)
+            _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.hub, "link", "set", "br0", "up")
+            for node in self.names:  # as Debian writes it: a node's own name first maps to 127.0.1.1
+                hosts = f"127.0.0.1 localhost\n127.0.1.1 {node}\n" + "".join(
+                    f"{a} {n}\n" for n, a in self.addr.items() if n != node)
+                (self.root / f"hosts.{node}").write_text(hosts)
+            self.local.mkdir(parents=True, exist_ok=True)
+            for i, node in enumerate(self.names, 1):
+                ns = self.ns(node)
+                _ip("netns", "add", ns)
+                _ip("-n", self.hub, "link", "add", f"vh{i}", "type", "veth", "peer", "name", self.ifname[node],
+                    "netns", ns)
+                _ip("-n", self.hub, "link", "set", f"vh{i}", "master", "br0", "up")
+                _ip("-n", ns, "addr", "add", f"{self.addr[node]}/24", "dev", self.ifname[node])
+                _ip("-n", ns, "link", "set", self.ifname[node], "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+                self.node_dir(node).mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Kill what runs in the namespaces (ours: we made them) and delete them; never raises."""
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        teardown(self.prefix, [self.hub] + [self.ns(n) for n in self.names])
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def __enter__(self) -> Cluster:
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ running things
+
+    def wrap(self, node: str, argv: list[str]) -> list[str]:
+        """argv run inside `node`: its network, hostname, /etc/hosts and private `local` folder."""
+        setup = ('hostname "$1" && mount --bind "$2" /etc/hosts && mount --bind "$3" "$4" && shift 4 && exec "$@"')
+        return ["ip", "netns", "exec", self.ns(node), "unshare", "--uts", "--mount", "--propagation", "private", "--",
+                "sh", "-c", setup, "sh", node, str(self.root / f"hosts.{node}"), str(self.node_dir(node)), str(self.local),
+                *map(str, argv)]
+
+    def popen(self, node: str, argv: list[str], **kw) -> subprocess.Popen:
+        """Start argv in `node` (own process group, killed by `close`)."""
+        p = subprocess.Popen(self.wrap(node, argv), start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def run(self, node: str, argv: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        p = self.popen(node, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        return subprocess.CompletedProcess(p.args, p.returncode, out, None)
+
+    def cut(self, node: str) -> None:
+        """Partition `node`: its link to the bridge goes down (its packets are dropped, nothing resets)."""
+        _ip("-n", self.hub, "link", "set", f"vh{self.names.index(node) + 1}", "down")
+
+    def heal(self, node: str) -> None:
+        _ip("-n", self.hub, "link", "set", f"vh{self.names.index(node) + 1}", "up")
+
+
+def remove_stale() -> list[str]:
+    """Tear down the clusters whose test process died without its teardown (a hard kill, pytest-timeout's
+    os._exit); clusters of live processes and `up` from the command line (no pid) are left alone."""
+    removed = []
+    for path in sorted(STATE.glob("*.json")) if STATE.is_dir() else []:
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = info.get("pid")
+        if pid is None or Path(f"/proc/{pid}").exists():
+            continue
+        teardown(path.stem, info["ns"])
+        removed.append(path.stem)
+    return removed
+
+
+def teardown(prefix: str, namespaces: list[str]) -> None:
+    """SIGKILL every process inside `namespaces` (bounded: 5 rounds) and delete them."""
+    for ns in namespaces:
+        for _ in range(5):
+            res = _ip("netns", "pids", ns, check=False)
+            pids = [int(p) for p in res.stdout.split()] if res.returncode == 0 else []
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        _ip("netns", "del", ns, check=False)
+    (STATE / f"{prefix}.json").unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python tests/netns.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=("up", "exec", "cut", "heal", "down"))
+    p.add_argument("node", nargs="?")
+    p.add_argument("--prefix", default="hvdemo")
+    p.add_argument("--nodes", type=int, default=2)
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_intermixed_args(argv[:argv.index("--")] if "--" in argv else argv)
+    state = STATE / f"{args.prefix}.json"
+    if args.action == "up":
+        why = available()
+        if why:
+            print(f"netns: {why}", file=sys.stderr)
+            return 1
+        if state.exists():
+            print(f"netns: {args.prefix} is up already; `python tests/netns.py down --prefix {args.prefix}` first",
+                  file=sys.stderr)
+            return 1
+        c = Cluster(args.nodes, prefix=args.prefix).up()
+        for n in c.names:
+            print(f"{n}: {c.addr[n]} on {c.ifname[n]}  (python tests/netns.py exec --prefix {c.prefix} {n} -- CMD)")
+        print(f"node-private folder: {c.local} (each node sees its own; from here: {c.root / 'nodes'}/<node>)")
+        return 0
+    if not state.exists():
+        print(f"netns: no cluster {args.prefix} is up", file=sys.stderr)
+        return 1
+    info = json.loads(state.read_text())
+    c = Cluster(len(info["ns"]) - 1, prefix=args.prefix, root=info["root"])
+    if args.action == "down":
+        teardown(args.prefix, info["ns"])
+        return 0
+    if args.node not in c.names:
+        print(f"netns: node {args.node!r} is not one of {', '.join(c.names)}", file=sys.stderr)
+        return 2
+    if args.action == "cut":
+        c.cut(args.node)
+        return 0
+    if args.action == "heal":
+        c.heal(args.node)
+        return 0
+    return subprocess.call(c.wrap(args.node, cmd or ["hostname"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
