@@ -139,7 +139,8 @@ def _run_shards(todo: list[dict], out_cfg: dict, out: str, prep, ray_address, pr
     with open_distributor(kind, prep.num_workers, ray_address, prep.object_store_mb) as backend:
         bar = tqdm(total=len(todo), desc=f"prep shards ({kind})", unit="shard", disable=not progress)
         t0, samples = time.time(), 0
-        for _, stats in backend.run(write_shard, [(spec, out_cfg, out, storage) for spec in todo]):
+        for _, stats in backend.run(write_shard, [(spec, out_cfg, out, storage, prep.decode_timeout_s)
+                                                          for spec in todo]):
             samples += stats["samples_in"]
             bar.update(1)
             bar.set_postfix(samples_per_s=f"{samples / max(time.time() - t0, 1e-9):.1f}")

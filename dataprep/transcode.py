@@ -25,12 +25,14 @@ import errno
 import io
 import math
 import os
+import signal
 import stat
 from contextlib import contextmanager
 from fractions import Fraction
 
 import av
 import numpy as np
+from hiervl import faults
 from hiervl.data.video_file import looks_like_video, truncation, upright_turns
 from hiervl.storage import as_local_path, is_remote, open_store, parent
 
@@ -251,8 +253,23 @@ def encode(frames: list, codec: str, fps: float, crf: int, keyframe_interval: fl
     return buf.getvalue()
 
 
+def _injected_decoder_fault(path: str) -> None:
+    """Tests only (pipeline/faults.py): the decoder of a file whose path contains $HIERVL_FAULT_MATCH
+    hangs in a blocking read that never returns (`decode-hang`) or dies of SIGSEGV (`decode-crash`),
+    as FFmpeg does on some corrupt files; only a watchdog that kills the process gets past it."""
+    match = os.environ.get("HIERVL_FAULT_MATCH")
+    if not match or match not in path:
+        return
+    if faults.injected("decode-hang"):
+        read_end, _write_end = os.pipe()
+        os.read(read_end, 1)  # blocks in the kernel forever: nobody writes, the write end stays open
+    if faults.injected("decode-crash"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
 def process_sample(sample: dict, prep: dict) -> tuple[bytes, str, dict]:
     """Probe, validate and transcode one sample per the prep config (a PrepConfig as a dict)."""
+    _injected_decoder_fault(sample["video"])
     with open_source(sample["video"]) as src:
         return _process(src, sample, prep)
 

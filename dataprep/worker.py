@@ -28,6 +28,7 @@ from hiervl.atomic_write import write_atomic
 from hiervl.data.manifest import manifest_row, quarantine_row
 from hiervl.dataprep.shard_writer import ShardWriter, index_text
 from hiervl.dataprep.transcode import SampleRefused, process_sample
+from hiervl.dataprep.watchdog import SampleWatchdog
 from hiervl.storage import configure, is_remote, open_store
 
 
@@ -47,19 +48,21 @@ def _dumps(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def write_shard(spec: dict, out_cfg: dict, out_dir: str, storage: dict | None = None) -> dict:
+def write_shard(spec: dict, out_cfg: dict, out_dir: str, storage: dict | None = None,
+                decode_timeout_s: float = 0.0) -> dict:
     """Process and write shard `spec`; return its stats record (also written as {name}.stats.json).
 
     `out_dir` an object-store prefix (s3://, gs://): the shard is written to a local temporary folder
     first, then uploaded file by file, each a complete object under its final name (a PUT is atomic),
-    the stats record last. `storage`: the StorageConfig fields (endpoint, retries), as a dict."""
+    the stats record last. `storage`: the StorageConfig fields (endpoint, retries), as a dict.
+    `decode_timeout_s` > 0: each sample runs in a child process killed past that time (dataprep/watchdog.py)."""
     if storage is not None:
         configure(storage)  # this process's defaults: the remote sources this shard reads use them too
     if not is_remote(out_dir):
-        return _write_shard(spec, out_cfg, out_dir)
+        return _write_shard(spec, out_cfg, out_dir, decode_timeout_s)
     store = open_store(out_dir, storage)
     with tempfile.TemporaryDirectory(prefix=f"hiervl-{spec['name']}-") as stage:
-        stats = _write_shard(spec, out_cfg, stage)
+        stats = _write_shard(spec, out_cfg, stage, decode_timeout_s)
         for name in (stats["tar"], f"{spec['name']}.idx"):
             if name and (Path(stage) / name).is_file():
                 store.put_file(name, Path(stage) / name)
@@ -67,16 +70,18 @@ def write_shard(spec: dict, out_cfg: dict, out_dir: str, storage: dict | None = 
     return stats
 
 
-def _write_shard(spec: dict, out_cfg: dict, out_dir: str) -> dict:
+def _write_shard(spec: dict, out_cfg: dict, out_dir: str, decode_timeout_s: float = 0.0) -> dict:
     """`write_shard` into a local folder."""
     out = Path(out_dir)
     tar_name = f"{spec['name']}.tar"
     rows, refused, writer = [], [], None
     source_seconds = 0.0
+    dog = SampleWatchdog(decode_timeout_s) if decode_timeout_s > 0 else None
+    process = dog.process if dog is not None else process_sample
     try:
         for s in spec["samples"]:
             try:
-                blob, ext, meta = process_sample(s, out_cfg)
+                blob, ext, meta = process(s, out_cfg)
             except SampleRefused as exc:
                 refused.append(quarantine_row(s["video"], s["orig_key"], exc.stage, exc.reason))
                 continue
@@ -107,6 +112,9 @@ def _write_shard(spec: dict, out_cfg: dict, out_dir: str) -> dict:
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        if dog is not None:
+            dog.close()
     stats = {"name": spec["name"], "tar": tar_name if rows else None, "fingerprint": spec["fingerprint"],
              "samples_in": len(spec["samples"]), "samples_out": len(rows), "bytes": tar_bytes,
              "source_seconds": round(source_seconds, 6), "rows": rows, "refused": refused}

@@ -82,7 +82,7 @@ class DataConfig:
 
     path: str = "runs/demo/shards"  # a prepared dataset directory (hiervl prep --out)
     split: str = "train"
-    batch_size: int = 16  # per rank
+    batch_size: int = 16  # per rank; with train.global_batch: the largest per-rank micro-batch (a memory bound)
     num_frames: int = 8  # T frames sampled uniformly over each clip
     size: int = 32  # crop size (square), pixels
     short_side: int = 36  # resize the short side to this before cropping
@@ -105,6 +105,9 @@ class DataConfig:
     # workers cost ~2x less CPU per clip than the loader's threads and keep decoding out of the trainer's
     # process), at most 8 (bench/RESULTS.md "Issue #27")
     decode_workers: int | str = "auto"
+    # training: a decode worker on one sample for longer is killed and the sample put in the run's crash
+    # ledger (pipeline/data/crash_ledger.py; so is one that kills its worker); 0 = no time limit
+    decode_timeout_s: float = 0.0
     seed: int = 0
     mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -116,6 +119,10 @@ class DataConfig:
         _check(self.decode_workers == "auto" or (isinstance(self.decode_workers, int) and self.decode_workers >= 0),
                f"data.decode_workers={self.decode_workers!r} must be auto or an integer >= 0 (0 = decode in the "
                "loader's threads)")
+        _positive("data.decode_timeout_s", self.decode_timeout_s, allow_zero=True)
+        _check(not (self.decode_timeout_s and self.decode_workers == 0),
+               f"data.decode_timeout_s={self.decode_timeout_s} needs decode worker processes (a hung decode can "
+               "only be killed in one); set data.decode_workers=auto or a number >= 1")
         _check(self.short_side >= self.size, f"data.short_side={self.short_side} must be >= data.size={self.size}")
         _one_of("data.order", self.order, ("global", "block", "grouped"))
         _check(isinstance(self.group_chunk, int) and self.group_chunk >= 1,
@@ -314,6 +321,13 @@ class TrainConfig:
     zero_stage: int = 0
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
     grad_accum: int = 1  # micro-batches per optimizer step (a step = one optimizer step)
+    # clips per optimizer step over all ranks (0 = data.batch_size x ranks x grad_accum): when set, the
+    # per-rank micro-batch and the accumulation steps are derived from it and the world size
+    # (pipeline/train/global_batch.py), so a resume on another rank count keeps the batch, LR and order
+    global_batch: int = 0
+    # micro: each micro-batch's loss sees its own negatives (gradients summed); contrastive: the loss of a
+    # step is over all micro-batches' features of all ranks (GradCache; pipeline/train/grad_cache.py)
+    accum_mode: str = "micro"
     activation_checkpointing: bool = False  # recompute frame-ViT (+space-time), temporal and text layers in backward
     # fp32 matmuls on a GPU (the objective's similarities against the queue) on TF32 tensor cores
     # (torch.set_float32_matmul_precision("high")); false = full fp32 ("highest"). No effect on CPU.
@@ -339,6 +353,12 @@ class TrainConfig:
         _one_of("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _check(isinstance(self.global_batch, int) and self.global_batch >= 0,
+               f"train.global_batch={self.global_batch!r} must be an integer >= 0 (0 = data.batch_size x ranks)")
+        _check(not (self.global_batch and self.grad_accum > 1),
+               f"train.global_batch={self.global_batch} derives the accumulation steps, so train.grad_accum="
+               f"{self.grad_accum} cannot also be set; drop train.grad_accum (data.batch_size bounds the micro-batch)")
+        _one_of("train.accum_mode", self.accum_mode, ("micro", "contrastive"))
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
         _check(self.dist_timeout_s >= 5, f"train.dist_timeout_s={self.dist_timeout_s} must be >= 5 (seconds)")
@@ -396,6 +416,9 @@ class PrepConfig:
     # tasks, auto = Ray with --ray-address or from AUTO_RAY_MIN_SAMPLES samples on, the pool below
     distributor: str = "auto"
     max_failure_rate: float = 0.2  # exit non-zero past this share of refused inputs
+    # seconds one video may take; past it the decoder's process is killed and the video quarantined
+    # (dataprep/watchdog.py: each shard's samples run in a child process). 0 = no limit, in-process
+    decode_timeout_s: float = 0.0
 
     def __post_init__(self):
         _one_of("prep.codec", self.codec, ("vp9", "h264", "copy"))
@@ -407,6 +430,7 @@ class PrepConfig:
         _check(self.num_workers >= 1, "prep.num_workers must be >= 1")
         _one_of("prep.distributor", self.distributor, ("auto", "local", "ray"))
         _check(0.0 <= self.max_failure_rate <= 1.0, "prep.max_failure_rate must be in [0, 1]")
+        _positive("prep.decode_timeout_s", self.decode_timeout_s, allow_zero=True)
 
 
 @dataclass

@@ -5,7 +5,11 @@ Owns: `injected(name, step)`, true when the environment variable HIERVL_FAULT na
 run killed while writing a checkpoint resumes from the last complete one (`kill-during-checkpoint`)
 and that a non-finite loss is skipped and counted (`nan-loss`); tests/test_checkpoint_integrity.py
 sets `disk-full-during-checkpoint` (ENOSPC raised at the per-rank checkpoint write, for machines
-where a real full filesystem cannot be mounted). Unset, every call is false.
+where a real full filesystem cannot be mounted); tests/test_train_elastic.py sets `stop-after-step` (the
+run stops as on SIGTERM once HIERVL_FAULT_AFTER steps are done: a preemption at an exact step, on every
+rank alike); tests/test_prep_watchdog.py sets `decode-hang` / `decode-crash` with HIERVL_FAULT_MATCH (the
+prep decoder of a matching file blocks forever in a read, or dies of SIGSEGV: dataprep/transcode.py).
+Unset, every call is false.
 Must not touch: anything else; the caller decides what the fault does.
 """
 
@@ -13,7 +17,8 @@ from __future__ import annotations
 
 import os
 
-FAULTS = ("kill-during-checkpoint", "nan-loss", "disk-full-during-checkpoint")
+FAULTS = ("kill-during-checkpoint", "nan-loss", "disk-full-during-checkpoint", "stop-after-step", "decode-hang",
+          "decode-crash")
 
 
 def injected(name: str, step: int | None = None) -> bool:

@@ -97,6 +97,7 @@ def _wait(procs, timeout):
     return outs
 
 
+@pytest.mark.timeout(1800)  # its fixtures: the 12-step reference run, then the pair (555 s at load 20 here)
 def test_no_ssh_launchers_on_two_hosts_equal_one_process(cluster, shards, reference, tmp_path):
     out = tmp_path / "pair"
     procs = _launch(cluster, shards, out)

@@ -19,7 +19,11 @@ and resume contract are the sampler's alone.
 Failures: a sample that fails to read or decode comes back as a reason (the loader flags the
 slot invalid and logs it, as in-process). A worker that *dies* (segfault in libav, OOM kill,
 SIGTERM/SIGKILL) raises `DecodeWorkerError` in the loader naming the worker, its exit signal and
-the sample it was on: never a hang. Shutdown: `close()` (the loader's `close`, a finaliser and
+the sample it was on: never a hang. With `crash_ledger=True` (training: `data.decode_timeout_s`,
+pipeline/data/crash_ledger.py) the pool goes on instead: the sample a dead worker was on comes back
+failed with a reason starting "decode worker died", one on which a worker spent more than
+`timeout_s` comes back "decode timed out" after that worker is SIGKILLed, and a fresh worker takes
+the dead one's place; the loader then writes the sample into the run's crash ledger. Shutdown: `close()` (the loader's `close`, a finaliser and
 interpreter exit) stops and joins the workers; workers ignore SIGINT (Ctrl-C goes to the whole
 process group; the parent decides), and exit by themselves within a second when the parent is
 gone (e.g. killed with SIGKILL), so no orphan keeps decoding.
@@ -127,12 +131,28 @@ def open_source(root: str, storage: dict | None, env: dict | None = None):
     return SampleByteSource(open_store(root, storage), [], np.zeros(0, np.int64), np.zeros(0, np.int64), storage)
 
 
+def _injected_fault(key: str) -> None:
+    """Tests only (pipeline/faults.py): the worker decoding the sample whose key contains
+    $HIERVL_FAULT_MATCH blocks forever in a kernel read (`decode-hang`) or dies of SIGSEGV (`decode-crash`)."""
+    from hiervl import faults
+
+    match = os.environ.get("HIERVL_FAULT_MATCH")
+    if not match or match not in key:
+        return
+    if faults.injected("decode-hang"):
+        read_end, _write_end = os.pipe()
+        os.read(read_end, 1)  # nobody ever writes
+    if faults.injected("decode-crash"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
 def decode_one(source, task: tuple, spec: TransformSpec):
     """One task -> (uint8 clip [T, 3, S, S] or None, reason or None). Same messages as the in-process
     path. `source`: what `open_source` returns."""
     from hiervl.data.decode import decode_pyav, resize_crop_uint8
 
-    _tid, shard, offset, size, frames, crop, flip = task
+    _tid, shard, offset, size, frames, crop, flip = task[:7]
+    _injected_fault(task[7] if len(task) > 7 else "")
     try:
         data = source.read_at(shard, int(offset), int(size))
     except OSError as exc:
@@ -169,9 +189,9 @@ def check_shared_memory(need: int, slots: int, path: str = SHM) -> None:
 
 
 def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, tasks, results, current, floor,
-                 parent_pid: int, storage: dict | None = None, env: dict | None = None) -> None:
-    """A worker's loop: tasks (tid, slot, shard, offset, size, frames, crop, flip) -> (tid, ok, reason, seconds);
-    a clip is written to ring[slot]."""
+                 parent_pid: int, storage: dict | None = None, env: dict | None = None, started=None) -> None:
+    """A worker's loop: tasks (tid, slot, shard, offset, size, frames, crop, flip, key) -> (tid, ok, reason,
+    seconds); a clip is written to ring[slot]. `started[wid]`: when (time.monotonic) the current task began."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent closes us
     torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
     ppid = os.getppid()
@@ -189,6 +209,8 @@ def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, t
         if tid < floor.value:  # the loader stopped iterating; this batch is no longer wanted
             results.put((tid, False, _CANCELLED, 0.0))  # the parent frees the slot on this notice
             continue
+        if started is not None:
+            started[wid] = time.monotonic()
         current[wid] = tid
         t0 = time.perf_counter()
         clip, reason = decode_one(source, (tid, *task[2:]), spec)
@@ -210,9 +232,11 @@ class DecodePool:
     """
 
     def __init__(self, workers: int, root: str | Path, spec: TransformSpec, slots: int, method: str | None = None,
-                 storage: dict | None = None):
+                 storage: dict | None = None, crash_ledger: bool = False, timeout_s: float = 0.0):
         """`root`: the dataset folder or URL; `storage`: the StorageConfig fields as a plain dict (each
-        worker opens its own store from them)."""
+        worker opens its own store from them). `crash_ledger`: a dead worker's sample fails and a new
+        worker replaces it (instead of DecodeWorkerError); `timeout_s` > 0 (with crash_ledger): a worker
+        on one sample for longer is killed and the sample fails (see the module docstring)."""
         if workers < 1 or slots < 1:
             raise ValueError(f"workers={workers} and slots={slots} must be >= 1")
         self.workers, self.root, self.spec, self.slots = workers, str(root), spec, slots
@@ -228,6 +252,8 @@ class DecodePool:
         self._sec_per_clip: float | None = None  # EWMA of one worker's seconds per clip
         self._closed = False
         self._lock = threading.Lock()
+        self.crash_ledger, self.timeout_s = crash_ledger, float(timeout_s)
+        self.restarts = 0  # workers replaced after a death or a time-out
 
     # -------------------------------------------------------------- life cycle
 
@@ -250,12 +276,17 @@ class DecodePool:
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         self._current = ctx.Array("q", [-1] * self.workers, lock=False)  # tid each worker is on, -1 idle
         self._floor = ctx.Value("q", 0, lock=False)  # tasks below this tid are dropped
+        self._started = ctx.Array("d", [0.0] * self.workers, lock=False)  # when each worker's task began
+        self._ctx = ctx
         for wid in range(self.workers):
-            p = ctx.Process(target=_worker_main, name=f"hiervl-decode-{wid}", daemon=True,
-                            args=(wid, self.root, self.spec, self._ring, self._tasks, self._results, self._current,
-                                  self._floor, os.getpid(), self.storage, store_env()))
-            p.start()
-            self._procs.append(p)
+            self._procs.append(self._spawn(wid))
+
+    def _spawn(self, wid: int):
+        p = self._ctx.Process(target=_worker_main, name=f"hiervl-decode-{wid}", daemon=True,
+                              args=(wid, self.root, self.spec, self._ring, self._tasks, self._results, self._current,
+                                    self._floor, os.getpid(), self.storage, store_env(), self._started))
+        p.start()
+        return p
 
     @property
     def pids(self) -> list[int]:
@@ -306,7 +337,7 @@ class DecodePool:
         self._keys[tid], self._slot_of[tid] = key, slot
         self._outstanding.add(tid)
         self._tasks.put((tid, slot, shard, int(offset), int(size), np.asarray(frames, dtype=np.int32), tuple(crop),
-                         bool(flip)))
+                         bool(flip), key))
         return tid
 
     def wait(self, tids: list[int], stop: threading.Event | None = None) -> dict[int, tuple] | None:
@@ -372,11 +403,36 @@ class DecodePool:
         """What the pool delivers with every worker busy: workers / (seconds per clip), or None before any."""
         return None if self._sec_per_clip is None else self.workers / max(self._sec_per_clip, 1e-6)
 
+    def _fail_and_replace(self, wid: int, reason: str) -> None:
+        """crash_ledger mode: the task worker `wid` was on fails with `reason`; a new worker takes its place."""
+        tid = self._current[wid]
+        self._current[wid] = -1
+        if tid >= 0 and tid in self._outstanding:
+            self._outstanding.discard(tid)
+            if tid < self._floor.value:
+                self.release([tid])
+            else:
+                self._done[tid] = (None, reason)
+        self._procs[wid].join(1.0)
+        self._procs[wid] = self._spawn(wid)
+        self.restarts += 1
+
     def _check_workers(self) -> None:
         for wid, p in enumerate(self._procs):
+            if (self.crash_ledger and self.timeout_s > 0 and p.exitcode is None and self._current[wid] >= 0
+                    and time.monotonic() - self._started[wid] > self.timeout_s):
+                p.kill()  # hung or spinning in libav: only a kill gets it back
+                p.join(5.0)
+                self._fail_and_replace(wid, f"decode timed out after {self.timeout_s:g}s (data.decode_timeout_s); "
+                                            "the worker was killed")
+                continue
             if p.exitcode is None:
                 continue
             code = p.exitcode
+            if self.crash_ledger:
+                how = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+                self._fail_and_replace(wid, f"decode worker died ({how}) on this sample")
+                continue
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
             tid = self._current[wid]
             on = f" while decoding sample {self._keys[tid]!r}" if tid >= 0 and tid in self._keys else ""

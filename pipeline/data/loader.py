@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from hiervl.data.byte_source import SampleByteSource
 from hiervl.data.cpu_meter import LoaderCpuMeter, process_tree_seconds, thread_ids
+from hiervl.data.crash_ledger import is_crash
 from hiervl.data.decode import (
     DaliVideoDecoder,
     choose_backend,
@@ -170,7 +171,10 @@ class VideoTextLoader:
     """
 
     def __init__(self, cfg, split: str | None = None, train: bool = True, rank: int = 0, world_size: int = 1,
-                 batch_size: int | None = None, dtype: torch.dtype = torch.float32, *, tokenizer):
+                 batch_size: int | None = None, dtype: torch.dtype = torch.float32, ledger=None, *, tokenizer):
+        """`ledger`: the run's CrashLedger (pipeline/data/crash_ledger.py; training only): ledgered samples
+        are not decoded, and a sample that kills or outlasts (data.decode_timeout_s) a decode worker is
+        recorded in it instead of stopping the loader."""
 
         self.cfg = cfg.data
         self.train = train
@@ -192,9 +196,14 @@ class VideoTextLoader:
                             "so more groups straddle two batches; choose a group_chunk that divides it",
                             self.batch_size, world_size, self.group_chunk)
         self.remainder = self.cfg.remainder if train else "pad"  # eval sees every video
+        # batches per optimizer step when train.global_batch holds the step's size: the epoch is cut into
+        # whole steps (sampler.num_batches), so every split of the same global batch sees the same steps
+        train_cfg = getattr(cfg, "train", None)
+        self.accum = train_cfg.grad_accum if train and train_cfg is not None and train_cfg.global_batch else 1
         self.device = "gpu" if resolve_device(self.cfg.device, setting="data.device").type == "cuda" else "cpu"
         self.device_id = torch.cuda.current_device() if self.device == "gpu" else None
         self.dtype = dtype  # of the video tensor: the trainer's compute dtype (it owns precision)
+        self.ledger = ledger
         self.has_dali = dali_available()
         self.epoch = 0
         self.position = 0
@@ -212,7 +221,8 @@ class VideoTextLoader:
             storage = getattr(cfg, "storage", None)  # storage hook: each worker opens its own store
             self._pool = DecodePool(self.decode_workers, self.index.root, spec,
                                     slots=(self.cfg.prefetch + 1) * self.batch_size,
-                                    storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage)
+                                    storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage,
+                                    crash_ledger=ledger is not None, timeout_s=self.cfg.decode_timeout_s)
             weakref.finalize(self, self._pool.close)
         # DALI and the pool at once (decoder=auto with workers): the adaptive split of schedule.py
         # DALI and the workers split each batch: decoder=auto on a GPU (DALI mixed + PyAV processes), or
@@ -228,7 +238,7 @@ class VideoTextLoader:
 
     def __len__(self) -> int:
         """Batches per full epoch for this rank (identical on all ranks)."""
-        return num_batches(len(self.index), self.batch_size, self.world_size, self.remainder)
+        return num_batches(len(self.index), self.batch_size, self.world_size, self.remainder, self.accum)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` from position 0 (call before iterating each new epoch)."""
@@ -279,7 +289,8 @@ class VideoTextLoader:
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self):
-        plan = rank_plan(self.order(), self.position, self.batch_size, self.rank, self.world_size, self.remainder)
+        plan = rank_plan(self.order(), self.position, self.batch_size, self.rank, self.world_size, self.remainder,
+                         self.accum)
         epoch = self.epoch
         jobs = list(zip(plan.batches, plan.positions))
         self.index.source.schedule([sorted({int(i) for i in idx if i != PAD}) for idx in plan.batches])  # read-ahead
@@ -382,6 +393,10 @@ class VideoTextLoader:
     def _start_batch(self, idx: np.ndarray, position: int, epoch: int) -> dict:
         """Plan one batch and queue its pool share to the worker processes (returns at once)."""
         real = sorted({int(i) for i in idx if i != PAD})
+        ledgered = {}  # samples that hung or crashed a decoder before: never decoded again
+        if self.ledger is not None:
+            ledgered = {i: r for i in real if (r := self.ledger.reason(self.index.keys[i])) is not None}
+            real = [i for i in real if i not in ledgered]
         plans = {i: self._sample_plan(i, epoch) for i in real}
         backend = {i: choose_backend(self.cfg.decoder, self.index.codecs[i], self.device, self.has_dali,
                                      self.decode_workers) for i in real}
@@ -402,7 +417,7 @@ class VideoTextLoader:
             if tids and not self.cpu.pids:
                 self.cpu.watch_processes(self._pool.pids)  # the workers start at the first submit
         return {"idx": idx, "position": position, "epoch": epoch, "real": real, "plans": plans, "backend": backend,
-                "tids": tids}
+                "tids": tids, "ledgered": ledgered}
 
     def _decode_local(self, slots: list[int], plans: dict, backend: dict) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
         """Decode and transform `slots` in this process (DALI, PyAV in threads); slot -> [T, 3, S, S], slot -> reason."""
@@ -466,6 +481,8 @@ class VideoTextLoader:
         local = [i for i in work["real"] if i not in tids]
         t0 = time.perf_counter()
         clips, errors = self._decode_local(local, work["plans"], work["backend"])
+        for i, reason in work.get("ledgered", {}).items():
+            errors[i] = f"in the crash ledger, not decoded ({reason})"
         if self.hybrid and local:
             self._split.record_dali(len(local), time.perf_counter() - t0)  # local = DALI's share in hybrid mode
         if tids:
@@ -476,6 +493,8 @@ class VideoTextLoader:
                 clip, reason = results[tid]
                 if clip is None:
                     errors[i] = reason
+                    if self.ledger is not None and is_crash(reason or ""):  # durable before the batch is used
+                        self.ledger.record(self.index.keys[i], self.index.shards[i], reason, epoch, work["position"])
                 else:
                     clips[i] = clip
                     self.stats["decode_path"]["pyav"] += 1

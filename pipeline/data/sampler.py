@@ -19,6 +19,9 @@ is what makes the loader exactly-once, resumable and elastic:
   samples are unseen this epoch; the next epoch's permutation differs). `pad`: it is filled with
   padding slots (index -1, flagged invalid, the loss ignores them). Either way every rank yields
   the same number of batches, so no collective ever waits on a rank that ran out.
+- With gradient accumulation over `accum` batches (`train.global_batch`), the epoch is cut into whole
+  optimizer steps of accum * G samples (`num_batches`): a step is `order[s*accum*G:(s+1)*accum*G]`
+  whatever the split into ranks and micro-batches, and never straddles two epochs.
 - After global batch k the position is `min(p + (k+1)*G, N)`: a resumed loader, at any world
   size, continues with `order[position:]`: no repeat and no gap.
 
@@ -191,15 +194,21 @@ class RankPlan:
         return len(self.batches)
 
 
-def num_batches(remaining: int, batch_size: int, world_size: int, remainder: str) -> int:
-    """Batches every rank yields for `remaining` global samples (identical on all ranks)."""
-    g = batch_size * world_size
-    return remaining // g if remainder == "drop" else -(-remaining // g)
+def num_batches(remaining: int, batch_size: int, world_size: int, remainder: str, accum: int = 1) -> int:
+    """Batches every rank yields for `remaining` global samples (identical on all ranks).
+
+    `accum`: batches per optimizer step; the epoch is then cut into whole steps of
+    G = batch_size * world_size * accum samples (drop: a partial last step is not yielded; pad: it is
+    padded), so a step never straddles two epochs and the same G gives the same steps at any split.
+    """
+    g = batch_size * world_size * accum
+    steps = remaining // g if remainder == "drop" else -(-remaining // g)
+    return steps * accum
 
 
 def rank_plan(order: np.ndarray, position: int, batch_size: int, rank: int, world_size: int,
-              remainder: str = "drop") -> RankPlan:
-    """Rank `rank`'s batches for `order[position:]` (see the module docstring)."""
+              remainder: str = "drop", accum: int = 1) -> RankPlan:
+    """Rank `rank`'s batches for `order[position:]` (see the module docstring; `accum`: see `num_batches`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     n = len(order)
@@ -207,7 +216,7 @@ def rank_plan(order: np.ndarray, position: int, batch_size: int, rank: int, worl
         raise ValueError(f"position {position} is outside the epoch [0, {n}]")
     g = batch_size * world_size
     rest = order[position:]
-    count = num_batches(len(rest), batch_size, world_size, remainder)
+    count = num_batches(len(rest), batch_size, world_size, remainder, accum)
     if remainder == "pad" and count * g > len(rest):
         rest = np.concatenate([rest, np.full(count * g - len(rest), PAD, dtype=np.int64)])
     batches, positions = [], []

@@ -128,7 +128,17 @@ class HierarchicalModel(QueryTowers):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, phase: str = "loss", grads: dict | None = None) -> dict:
+        """phase `loss`: {"loss", "losses", "keys"} of this batch (the objective's output).
+
+        The two phases of contrastive accumulation (pipeline/train/grad_cache.py), which go through
+        the module's forward so that DeepSpeed's engine (ZeRO-3 gathering, hooks) runs them:
+        `embed` (call under no_grad): the step's features of this micro-batch, {"q_v", "q_t", "k_v",
+        "k_t", "video_ids", "valid", "logit_scale"}; `replay`: the query towers again, with gradient,
+        and {"loss": sum of <query embedding, its cached gradient>} (plus <logit_scale, its gradient>
+        when grads has "logit_scale"), whose backward gives this micro-batch's share of the gradient
+        of the loss over the whole step. grads: {"q_v": {level: like q_v}, "q_t": {...}, "logit_scale"?}.
+        """
         video, ids, am = batch["video"], batch["input_ids"], batch["attention_mask"]
         b = video.shape[0]
         video_ids = batch["video_ids"].to(video.device).long()
@@ -137,6 +147,15 @@ class HierarchicalModel(QueryTowers):
 
         q_v = self.video(video)  # {level: [B, D] | [B, T', D]}
         q_t = self.text(ids, am)  # {level: [B, D] | [B, L', D], level_mask: [B, L']}
+        if phase == "replay":
+            total = torch.zeros((), device=video.device, dtype=torch.float32)
+            for side, emb in (("q_v", q_v), ("q_t", q_t)):
+                for name, g in grads[side].items():
+                    if g is not None:
+                        total = total + (emb[name].float() * g.float()).sum()
+            if grads.get("logit_scale") is not None:
+                total = total + (self.logit_scale.float() * grads["logit_scale"].float()).sum()
+            return {"loss": total}
         if not self.uses_keys:  # symmetric without a queue: no key is scored or kept, skip the key encoders
             k_v = {k: x.detach() for k, x in q_v.items()}
             k_t = {k: x.detach() for k, x in q_t.items()}
@@ -144,6 +163,11 @@ class HierarchicalModel(QueryTowers):
             with torch.no_grad():
                 k_v = self.video_key(video)
                 k_t = self.text_key(ids, am)
+        if phase == "embed":
+            return {"q_v": q_v, "q_t": q_t, "k_v": k_v, "k_t": k_t, "video_ids": video_ids, "valid": valid,
+                    "logit_scale": self.logit_scale.detach().clone()}
+        if phase != "loss":
+            raise ValueError(f"unknown forward phase {phase!r} (loss | embed | replay)")
         return self.objective(q_v, q_t, k_v, k_t, video_ids, valid, self.logit_scale,
                               rank=dist.get_rank(), world_size=dist.get_world_size())
 

@@ -124,7 +124,7 @@ def check_dataset(cfg: Config, world_size: int) -> None:
     n = counts.get(d.split, 0)
     if n == 0:
         raise ConfigError(f"data.path={d.path} has no samples of data.split={d.split} (it has: {have})")
-    if num_batches(n, d.batch_size, world_size, d.remainder) == 0:
+    if num_batches(n, d.batch_size, world_size, d.remainder, cfg.train.grad_accum if cfg.train.global_batch else 1) == 0:
         raise ConfigError(f"data.split={d.split} of {d.path} has {n} samples, fewer than one global batch "
                           f"(data.batch_size={d.batch_size} x {world_size} ranks); lower data.batch_size "
                           "or set data.remainder=pad")
@@ -158,6 +158,9 @@ def check_gpus(ranks: int) -> None:
 
 def check_training_run(cfg: Config, world_size: int) -> None:
     """Everything a training run of `world_size` ranks can be refused for before a rank starts."""
+    from hiervl.train.global_batch import for_world
+
+    cfg = for_world(cfg, world_size)  # train.global_batch that the ranks cannot split is refused here
     check_gpus(cfg.train.ranks)
     check_out_dir(cfg.train.out_dir)
     check_resume(cfg.train.resume)

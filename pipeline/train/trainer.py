@@ -6,7 +6,10 @@ Run one process per rank (DeepSpeed's launcher, SLURM or a single `python -m hie
 Resume is automatic: a run pointed at an out_dir with checkpoints continues from the newest
 complete one: the same step, LR, optimizer state, queues and data position, also at another
 world size (through DeepSpeed universal checkpoints). SIGTERM/SIGUSR1 finish the current step,
-write a checkpoint and exit 0.
+write a checkpoint and exit 0. With `train.global_batch` the per-rank micro-batch and accumulation
+come from the world size (pipeline/train/global_batch.py); with `train.accum_mode=contrastive` a
+step's micro-batches form one contrastive batch (pipeline/train/grad_cache.py). Samples that hang or
+kill a decode worker go into the run's crash ledger and are skipped from then on (crash_ledger.py).
 
 Owns: the `Trainer` loop, its logs and signals, and `run`.
 Must not touch: process launching (launch/) or the checkpoint format (checkpoint.py).
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 from hiervl import distributed as dist
 from hiervl import faults, run_dir
-from hiervl.config import Config, to_dict
+from hiervl.config import Config, to_dict, to_yaml
 from hiervl.errors import UserError
 from hiervl.log import get_logger, setup_logging
 from hiervl.train import checkpoint as ckpt
@@ -45,6 +48,7 @@ from hiervl.train.checkpoint import (
     WORLD_SIZE,
 )
 from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
+from hiervl.train.global_batch import for_world
 
 log = get_logger(__name__)
 
@@ -64,6 +68,26 @@ class PeerLost(UserError):
     group is broken, so the rank exits without tearing it down (that would wait on the lost peer)."""
 
 
+def _hold_global_batch(cfg: Config, plan: dict | None) -> Config:
+    """The run keeps the global batch it was started with: a resume whose config leaves
+    train.global_batch unset takes the checkpoint's; one that sets another value is refused."""
+    saved = int(((plan or {}).get("meta", {}).get("config") or {}).get("train", {}).get("global_batch", 0) or 0)
+    if not saved or cfg.train.global_batch == saved:
+        return cfg
+    if cfg.train.global_batch:
+        from hiervl.errors import UserError
+
+        raise UserError(f"the checkpoint in {cfg.train.out_dir} was trained with train.global_batch={saved}, the config "
+                        f"says {cfg.train.global_batch}; set train.global_batch={saved} (or train.resume=never and a "
+                        "new train.out_dir)")
+    import copy
+
+    log.info("resuming with the checkpoint's train.global_batch=%d", saved)
+    cfg = copy.deepcopy(cfg)
+    cfg.train.global_batch = saved
+    return cfg
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -81,7 +105,6 @@ class Trainer:
         from hiervl.model.hierarchical import build_model, compile_towers, set_matmul_precision
         from hiervl.model.text_model import load_tokenizer
 
-        self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
         if cfg.eval.every_steps and evaluate is None:
             raise ValueError("eval.every_steps is set but the Trainer was given no evaluate function")
@@ -96,6 +119,13 @@ class Trainer:
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
         plan = ckpt.plan_resume_on_main(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
+        # the run's config (written to config.yaml and checkpoints) and the one these ranks run: with
+        # train.global_batch, data.batch_size and train.grad_accum derived for this world size
+        self.run_cfg = cfg = _hold_global_batch(cfg, plan)
+        self.cfg = cfg = for_world(cfg, self.world)
+        if cfg.train.global_batch and self.rank == 0:
+            log.info("train.global_batch=%d on %d ranks: %d micro-batches of %d per rank per step (%s accumulation)",
+                     cfg.train.global_batch, self.world, cfg.train.grad_accum, cfg.data.batch_size, cfg.train.accum_mode)
         t0 = time.time()
         ckpt.ensure_universal(plan)
         self.convert_seconds = round(time.time() - t0, 3) if plan and plan["universal"] else None
@@ -110,16 +140,26 @@ class Trainer:
             ds_config["checkpoint"] = {"load_universal": True}
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_deepspeed_config(ds_config, self.out / run_dir.DS_CONFIG)  # config.yaml: the launcher's
+            write_deepspeed_config(ds_config, self.out / run_dir.DS_CONFIG)
+            (self.out / run_dir.CONFIG).write_text(to_yaml(self.run_cfg))  # the run's own (a resume may hold its global batch)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg, self.device, ds_config)  # PyTorch AdamW: no JIT build
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=params,
                                                                  optimizer=optimizer, config=ds_config)
         self.model = self.engine.module
 
-        # (a split with fewer samples than one global batch is refused by the loader itself)
+        from hiervl.data.crash_ledger import CrashLedger
+
+        # samples that hung or killed a decode worker, in this run folder: skipped, never met again
+        self.ledger = CrashLedger(self.out, self.rank)
+        if self.ledger.entries and self.rank == 0:
+            log.info("crash ledger: %d samples are skipped (%s)", len(self.ledger.entries), self.ledger.folder)
         self.loader = VideoTextLoader(cfg, split=cfg.data.split, train=True, rank=self.rank, world_size=self.world,
-                                      dtype=self.dtype, tokenizer=load_tokenizer(cfg.model.text.path))
+                                      dtype=self.dtype, ledger=self.ledger,
+                                      tokenizer=load_tokenizer(cfg.model.text.path))
+        if len(self.loader) == 0:
+            raise UserError(f"dataset {cfg.data.path} split '{cfg.data.split}' has fewer samples than one global "
+                            f"batch ({cfg.data.batch_size} x {self.world} ranks); lower data.batch_size")
         self.step, self.epoch, self.bad_steps, self.bad_total = 0, 0, 0, 0
         self.empty_steps = 0  # global micro-batches in a row in which every sample was unreadable
         self.samples_seen = 0
@@ -190,7 +230,7 @@ class Trainer:
             MOMENTUM_UPDATES: self.momentum_updates,
             LOADER: self.loader.state_dict(), QUEUES: ckpt.queue_state(self.model),
             MOMENTUM: self.model.momentum_state(),  # fp32 shadows of bf16 key weights (momentum_update)
-            BAD_TOTAL: self.bad_total, BEST: self.best, CONFIG: to_dict(self.cfg),
+            BAD_TOTAL: self.bad_total, BEST: self.best, CONFIG: to_dict(self.run_cfg),
             WORLD_SIZE: self.world, "universal_checkpoint_info": {},  # DeepSpeed's own key
         }
 
@@ -213,7 +253,7 @@ class Trainer:
 
     def save(self) -> str:
         meta = {"world_size": self.world, "zero_stage": self.cfg.train.zero_stage, "epoch": self.epoch,
-                "config": to_dict(self.cfg), "samples_seen": self.samples_seen}
+                "config": to_dict(self.run_cfg), "samples_seen": self.samples_seen}
         protect = (self.best["tag"],) if self.best else ()
         rank_state = {RNG: ckpt.rng_state(), LOADER: self.loader.state_dict()}
         t0 = time.time()
@@ -287,31 +327,16 @@ class Trainer:
         window["data_s"] += time.perf_counter() - t0
         out = self.engine(self._to_device(batch))
         loss = out["loss"]
-        if faults.injected("nan-loss"):
-            loss = loss * float("nan")
-        flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
-                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device),
-                             batch["valid"].to(loss.device).sum().float()])
-        bad, stop, readable = dist.all_reduce_sum(flags).tolist()  # the step's one host sync
-        self.stop_requested = self.stop_requested or stop > 0
         self.samples_seen += self.cfg.data.batch_size * self.world
-        if readable == 0:  # every sample of the global batch unreadable: nothing to learn from, no step
-            self.empty_steps += 1
-            log.warning("no readable sample in the global batch at step %d (%d in a row)", self.step + 1,
-                        self.empty_steps)
-            if self.empty_steps >= self.cfg.train.max_bad_steps:
-                raise NoReadableSamples()
+        if self._step_flags(loss, batch["valid"]):  # the step's one host sync
             return None
-        self.empty_steps = 0
-        if bad > 0:
-            self.bad_steps += 1
-            self.bad_total += 1
-            log.warning("non-finite loss at step %d (%d in a row); micro-batch skipped", self.step + 1, self.bad_steps)
-            if self.bad_steps >= self.cfg.train.max_bad_steps:
-                raise TooManyBadSteps()
-            return None
-        self.bad_steps = 0
-        self.engine.backward(loss)
+        self._backward_and_step(loss, window)
+        self._add_losses(window, loss, out["losses"])
+        return out, batch
+
+    def _backward_and_step(self, loss: torch.Tensor, window: dict, scale_wrt_gas: bool = True) -> None:
+        """engine.backward + engine.step for one micro-batch (DeepSpeed steps the optimizer on the last)."""
+        self.engine.backward(loss, scale_wrt_gas=scale_wrt_gas)
         # grad norm, on the last micro-batch of a log step only: DeepSpeed's ZeRO and bf16 optimizers
         # compute it in step() (get_global_grad_norm); otherwise (plain AdamW, ZeRO-0 fp32) one fused
         # norm of the averaged gradients before step() frees them, left on the device until the log
@@ -324,20 +349,79 @@ class Trainer:
             self.engine_grad_norm = norm is not None  # decided at the first log step
             if norm is not None:
                 window["grad_norm"] = norm
+
+    @staticmethod
+    def _add_losses(window: dict, loss: torch.Tensor, losses: dict) -> None:
         window["loss"] = window["loss"] + loss.detach().float()
-        for name, value in out["losses"].items():
+        for name, value in losses.items():
             window["losses"][name] = window["losses"].get(name, 0.0) + value.detach().float()
         window["micro"] += 1
-        return out, batch
+
+    def _step_flags(self, loss: torch.Tensor, valid: torch.Tensor) -> bool:
+        """The step's one host sync: [non-finite loss on any rank?, stop signal on any rank?, readable
+        samples over all ranks]; True if the micro-batch (contrastive: the step) is skipped."""
+        if faults.injected("nan-loss"):
+            loss = loss * float("nan")
+        flags = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
+                             torch.tensor(1.0 if self.stop_signal else 0.0, device=loss.device),
+                             valid.to(loss.device).sum().float()])
+        bad, stop, readable = dist.all_reduce_sum(flags).tolist()
+        self.stop_requested = self.stop_requested or stop > 0
+        if readable == 0:  # every sample of the global batch unreadable: nothing to learn from, no step
+            self.empty_steps += 1
+            log.warning("no readable sample in the global batch at step %d (%d in a row)", self.step + 1,
+                        self.empty_steps)
+            if self.empty_steps >= self.cfg.train.max_bad_steps:
+                raise NoReadableSamples()
+            return True
+        self.empty_steps = 0
+        if bad > 0:
+            self.bad_steps += 1
+            self.bad_total += 1
+            log.warning("non-finite loss at step %d (%d in a row); skipped", self.step + 1, self.bad_steps)
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                raise TooManyBadSteps()
+            return True
+        self.bad_steps = 0
+        return False
+
+    def _contrastive_step(self, window: dict) -> tuple[list[tuple[dict, dict]], list[dict]]:
+        """`train.accum_mode=contrastive`: the step's k micro-batches as one contrastive batch
+        (pipeline/train/grad_cache.py): features cached, one loss over all of them and all ranks, then
+        each micro-batch replayed with gradient. A non-finite loss skips the whole step's samples.
+        Returns ([(the step's objective output, its last batch)], the step's batches); the output's keys are
+        all micro-batches' keys of all ranks, in the sampler's order."""
+        from hiervl.train import grad_cache
+
+        while True:
+            t0 = time.perf_counter()
+            batches = [self._next_batch() for _ in range(self.cfg.train.grad_accum)]
+            window["data_s"] += time.perf_counter() - t0
+            on_device = [self._to_device(b) for b in batches]
+            learn_scale = isinstance(self.model.logit_scale, torch.nn.Parameter)
+            cache = grad_cache.embed_step(self.engine, on_device, self.model.objective, self.rank, self.world,
+                                          learn_scale=learn_scale)
+            self.samples_seen += self.cfg.data.batch_size * self.world * len(batches)
+            if self._step_flags(cache.out["loss"], torch.cat([b["valid"].reshape(-1) for b in batches])):
+                continue
+            for m, batch in enumerate(on_device):
+                # the k backwards sum to the step's gradient: no division by k
+                self._backward_and_step(grad_cache.replay(self.engine, batch, cache, m), window, scale_wrt_gas=False)
+            self._add_losses(window, cache.out["loss"], cache.out["losses"])
+            return [(cache.out, batches[-1])], batches
 
     def _optimizer_step(self, window: dict) -> None:
         """`train.grad_accum` finite micro-batches, then one momentum update and one enqueue of all
         of their keys (in micro-batch order): a step is an optimizer step for every counter."""
         done = []  # (out, batch) of the step's finite micro-batches
-        while len(done) < self.cfg.train.grad_accum:
-            result = self._micro_step(window)
-            if result is not None:
-                done.append(result)
+        if self.cfg.train.accum_mode == "contrastive":
+            done, batches = self._contrastive_step(window)
+        else:
+            while len(done) < self.cfg.train.grad_accum:
+                result = self._micro_step(window)
+                if result is not None:
+                    done.append(result)
+            batches = [b for _, b in done]
         with torch.no_grad():
             self.model.momentum_update()
             for out, _ in done:
@@ -346,9 +430,9 @@ class Trainer:
         self.step += 1
         if self.cfg.train.log_samples:
             self._append_jsonl(self.out / run_dir.SAMPLES / f"rank{self.rank}.jsonl",
-                               {"step": self.step, "epoch": done[-1][1]["epoch"],
-                                "keys": [k for _, b in done for k in b["keys"]],
-                                "valid": [bool(v) for _, b in done for v in b["valid"].tolist()]})
+                               {"step": self.step, "epoch": batches[-1]["epoch"],
+                                "keys": [k for b in batches for k in b["keys"]],
+                                "valid": [bool(v) for b in batches for v in b["valid"].tolist()]})
 
     def _new_window(self) -> dict:
         """Accumulators between two log steps (device tensors: no sync until they are logged)."""
@@ -389,6 +473,8 @@ class Trainer:
             while self.step < cfg.train.steps:
                 self._optimizer_step(window)
                 window["steps"] += 1
+                if faults.injected("stop-after-step", self.step + 1):  # a preemption at an exact step (tests)
+                    self.stop_requested, self.stop_signal = True, self.stop_signal or "the stop-after-step fault"
                 if bar is not None:
                     bar.update(1)
                 evaluation = None
@@ -506,13 +592,19 @@ class Trainer:
         return result
 
     def _write_status(self, reason: str, tag: str, exit_code: int) -> None:
+        ledger = {}
+        for part in dist.all_gather_object(self.ledger.summary()):  # every rank's entries, also this run's
+            ledger.update(part)
         if self.rank == 0:
             status = {"state": "preempted" if reason.startswith("stopped") else ("failed" if exit_code else "finished"),
                       "reason": reason, "step": self.step, "checkpoint": tag, "exit_code": exit_code,
                       "skipped_samples": int(self.loader.stats.get("skipped", 0)), "bad_steps": self.bad_total,
                       "world_size": self.world, "grad_accum": self.cfg.train.grad_accum,
+                      "micro_batch": self.cfg.data.batch_size, "accum_mode": self.cfg.train.accum_mode,
+                      "global_batch": self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world,
                       "momentum_updates": self.momentum_updates, "checkpoint_save_seconds": self.save_seconds,
-                      "resume_seconds": self.resume_seconds, "universal_conversion_seconds": self.convert_seconds}
+                      "resume_seconds": self.resume_seconds, "universal_conversion_seconds": self.convert_seconds,
+                      "crash_ledger": ledger}
             (self.out / run_dir.STATUS).write_text(json.dumps(status, indent=2) + "\n")
             log.info("%s at step %d; checkpoint %s; skipped samples %d; non-finite steps %d", reason, self.step,
                      tag, status["skipped_samples"], self.bad_total)

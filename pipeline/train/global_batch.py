@@ -1,0 +1,56 @@
+"""`train.global_batch`: clips per optimizer step, held constant whatever the world size.
+
+    b, k = split_global_batch(G, world_size, max_micro)   # per-rank micro-batch, accumulation steps
+    cfg_w = for_world(cfg, world_size)                     # cfg with data.batch_size=b, train.grad_accum=k
+
+Why: `data.batch_size` is per rank, so a resume on half the ranks halves the global batch and
+changes the LR per sample, the contrastive batch and the loss curve. With `train.global_batch=G`
+the run is defined by G: each optimizer step consumes `order[s*G:(s+1)*G]` of the epoch's order
+(micro-batches in order, each cut into the ranks' slots in rank order; pipeline/data/sampler.py),
+the DeepSpeed train batch stays G (so the LR schedule, counted in optimizer steps, is the same),
+and the momentum queue receives the same G keys per step in the same order. With
+`train.accum_mode=contrastive` even the loss is the same (it is over the whole step's G samples).
+
+The split: b * k * W = G with b <= data.batch_size (the memory bound per rank), k as small as
+possible (fewest micro-batches). G must be a multiple of W: the ranks' micro-batches have one
+shape for the collectives; otherwise the run is refused in one line naming the rank counts that work.
+
+Owns: the split and the derived config. Must not touch: the loader or the trainer's loop.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from hiervl.config import Config, ConfigError
+
+
+def split_global_batch(global_batch: int, world_size: int, max_micro: int) -> tuple[int, int]:
+    """(per-rank micro-batch b, accumulation steps k) with b * k * world_size == global_batch,
+    b <= max_micro and k smallest; ConfigError (one line) when global_batch is not a multiple of world_size."""
+    if global_batch < world_size or global_batch % world_size:
+        ok = [w for w in range(1, min(global_batch, 64) + 1) if global_batch % w == 0]
+        raise ConfigError(f"train.global_batch={global_batch} cannot be split over {world_size} ranks (each rank's "
+                          f"micro-batches must be equal); run on {', '.join(map(str, ok))} ranks or set "
+                          f"train.global_batch to a multiple of {world_size}")
+    per_rank = global_batch // world_size
+    k = next(k for k in range(1, per_rank + 1) if per_rank % k == 0 and per_rank // k <= max_micro)
+    return per_rank // k, k
+
+
+def for_world(cfg: Config, world_size: int) -> Config:
+    """`cfg` as it runs on `world_size` ranks: with train.global_batch set, data.batch_size and
+    train.grad_accum replaced by the derived split (a copy; the dataclasses are not re-validated,
+    since global_batch together with grad_accum > 1 is refused for user configs only)."""
+    g = cfg.train.global_batch
+    if not g:
+        return cfg
+    b, k = split_global_batch(g, world_size, cfg.data.batch_size)
+    out = copy.deepcopy(cfg)
+    out.data.batch_size, out.train.grad_accum = b, k
+    return out
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    """Clips per optimizer step of `cfg` (already `for_world`) on `world_size` ranks."""
+    return cfg.data.batch_size * cfg.train.grad_accum * world_size

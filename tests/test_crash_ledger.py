@@ -1,0 +1,83 @@
+"""A sample that hangs a decode worker past data.decode_timeout_s, or kills it, goes into the run's crash
+ledger; the run finishes without it; a resumed run skips it instead of meeting it again.
+
+Real processes: `hiervl.launch.train` (1 rank, DeepSpeed engine) with PyAV decode workers; the decoder of
+the chosen sample blocks forever in a kernel read (`decode-hang`) or dies of SIGSEGV (`decode-crash`),
+the fault hooks of pipeline/data/decode_pool.py. The resume runs two more epochs with the *other* fault
+armed for the same sample: had it been decoded again, its skip line would give that fault's reason;
+instead its slot is skipped as "in the crash ledger" in every epoch that holds it.
+The limit is 30 s: with 4 s, on 2 shared cores at load ~35, a second, healthy sample was also ledgered (its
+decode took longer than the limit, presumably starved of CPU), so a limit must leave room for the machine's load.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["model.preset=hit", "data.batch_size=8", "train.log_every=1", "train.log_samples=true",
+        "checkpoint.every_steps=0", "optimizer.warmup_steps=2", "data.decode_workers=1", "data.prefetch=1",
+        "data.decode_timeout_s=30", "data.decoder=pyav", "model.vision.layers=1", "model.text.num_layers=1", "data.num_frames=4"]
+
+
+@pytest.fixture(scope="module")
+def shards(prepared_dataset_40):
+    return prepared_dataset_40  # tests/conftest.py: 40 synthetic samples, shared with the other training tests
+
+
+def _train(shards, out, steps, fault, key):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HIERVL_FAULT=fault, HIERVL_FAULT_MATCH=key)
+    cmd = [sys.executable, "-m", "hiervl.launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
+           f"data.path={shards}", f"train.out_dir={out}", f"train.steps={steps}"]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res.stdout + res.stderr  # this run's output alone (logs/rank0.log accumulates every run's)
+
+
+def _slots(out, key):
+    """[(step, valid)] of every slot that held `key` in the per-step sample log."""
+    rows = [json.loads(line) for line in (Path(out) / "samples" / "rank0.jsonl").read_text().splitlines()]
+    return [(r["step"], v) for r in rows for k, v in zip(r["keys"], r["valid"]) if k == key]
+
+
+@pytest.mark.parametrize("fault,other,reason", [("decode-hang", "decode-crash", "decode timed out after 30s"),
+                                                ("decode-crash", "decode-hang", "decode worker died (SIGSEGV)")])
+def test_a_hanging_or_crashing_sample_is_ledgered_skipped_and_not_met_again(shards, tmp_path, fault, other, reason):
+    from hiervl.data.loader import DatasetIndex
+    from hiervl.data.sampler import epoch_order
+
+    table = pq.read_table(Path(shards) / "manifest.parquet", columns=["key", "split", "shard"]).to_pylist()
+    train = [r for r in table if r["split"] == "train"]
+    epoch = len(train) // 8  # steps per epoch (the rest is dropped)
+    index = DatasetIndex(shards, "train")
+    orders = [epoch_order(len(index), 0, e) for e in range(3)]  # data.seed=0, data.order=global
+    i = int(orders[0][9])  # a sample of epoch 0's second step
+    key = index.keys[i]
+    epochs_met = [e for e in range(3) if list(orders[e]).index(i) < epoch * 8]
+    out = tmp_path / "run"
+    _train(shards, out, epoch, fault, key)  # one epoch: the sample is met once, and hangs or crashes its worker
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == epoch
+    ledger = [json.loads(line) for line in (out / "crash_ledger" / "rank0.jsonl").read_text().splitlines()]
+    assert len(ledger) == 1, ledger
+    assert [(r["key"], r["shard"]) for r in ledger] == [(key, next(r["shard"] for r in train if r["key"] == key))]
+    assert reason in ledger[0]["reason"]
+    assert status["crash_ledger"] == {key: {"shard": ledger[0]["shard"], "reason": ledger[0]["reason"]}}
+    assert [v for _, v in _slots(out, key)] == [False]  # the batch went on without it
+
+    log = _train(shards, out, 3 * epoch, other, key)  # resume: two more epochs, the other fault armed
+    skips = [line for line in log.splitlines() if f"skipping sample {key}" in line]
+    assert skips and all("in the crash ledger, not decoded" in line for line in skips), log[-3000:]
+    # had it been decoded again, the other fault would have failed it anew: a skip line without the ledger
+    met = _slots(out, key)
+    assert len(met) == len(epochs_met) and not any(v for _, v in met)  # in every epoch that held it, never decoded
+    assert len(epochs_met) >= 2  # so the resumed run met it at least once
+    assert len((out / "crash_ledger" / "rank0.jsonl").read_text().splitlines()) == 1
+    assert json.loads((out / "status.json").read_text())["crash_ledger"] == status["crash_ledger"]

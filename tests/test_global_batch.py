@@ -1,0 +1,54 @@
+"""train.global_batch: the split into per-rank micro-batches and accumulation steps, and the epoch cut
+into whole optimizer steps (the same steps whatever the split)."""
+
+import numpy as np
+import pytest
+from hiervl.config import ConfigError, load_config
+from hiervl.data.sampler import num_batches, rank_plan
+from hiervl.train.global_batch import for_world, split_global_batch
+
+
+@pytest.mark.parametrize("g,w,bmax,want", [(12, 2, 4, (3, 2)), (12, 1, 4, (4, 3)), (12, 3, 4, (4, 1)),
+                                           (12, 2, 6, (6, 1)), (64, 8, 16, (8, 1)), (64, 4, 5, (4, 4)),
+                                           (7, 1, 3, (1, 7))])
+def test_split_is_exact_with_the_largest_micro_batch_that_fits(g, w, bmax, want):
+    b, k = split_global_batch(g, w, bmax)
+    assert (b, k) == want and b * k * w == g and b <= bmax
+
+
+@pytest.mark.parametrize("g,w", [(12, 5), (10, 4), (3, 4)])
+def test_a_global_batch_the_ranks_cannot_split_is_refused_in_one_line(g, w):
+    with pytest.raises(ConfigError) as err:
+        split_global_batch(g, w, 16)
+    msg = str(err.value)
+    assert "\n" not in msg and f"train.global_batch={g}" in msg and f"{w} ranks" in msg and "run on 1" in msg
+
+
+def test_for_world_derives_batch_and_accumulation_and_refuses_grad_accum_with_global_batch():
+    cfg = load_config("tiny", ["train.global_batch=12", "data.batch_size=4"])
+    w2 = for_world(cfg, 2)
+    assert (w2.data.batch_size, w2.train.grad_accum) == (3, 2) and (cfg.data.batch_size, cfg.train.grad_accum) == (4, 1)
+    assert for_world(load_config("tiny"), 2).data.batch_size == 16  # unset: data.batch_size is per rank, as before
+    with pytest.raises(ConfigError, match="train.grad_accum"):
+        load_config("tiny", ["train.global_batch=12", "train.grad_accum=2"])
+    with pytest.raises(ConfigError, match="accum_mode"):
+        load_config("tiny", ["train.accum_mode=cached"])
+
+
+def _steps(order, world, b, k, remainder="drop"):
+    """The optimizer steps of an epoch as lists of global sample indices, in micro-batch then rank order."""
+    plans = [rank_plan(order, 0, b, r, world, remainder, accum=k) for r in range(world)]
+    n = len(plans[0])
+    assert n % k == 0 and all(len(p) == n for p in plans)
+    return [[int(i) for m in range(s * k, (s + 1) * k) for p in plans for i in p.batches[m]] for s in range(n // k)]
+
+
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_every_split_of_one_global_batch_sees_the_same_steps(remainder):
+    order = np.random.default_rng(0).permutation(40)
+    ref = _steps(order, 2, 6, 1, remainder)  # G = 12: 3 whole steps of 40 (drop) or 4 with 8 pads (pad)
+    assert len(ref) == (3 if remainder == "drop" else 4)
+    for world, b, k in ((1, 4, 3), (3, 4, 1), (2, 3, 2), (1, 12, 1), (6, 1, 2)):
+        assert _steps(order, world, b, k, remainder) == ref, (world, b, k)
+    # without the cut into whole steps, the 1-rank split would yield a 4th partial step (10 batches of 4)
+    assert num_batches(40, 4, 1, "drop") == 10 and num_batches(40, 4, 1, "drop", accum=3) == 9
