@@ -96,11 +96,14 @@ class HierVLModel:
         """Frames `frames` of an encoded video, uint8 [T, H, W, 3] upright, by the eval loader's decoder
         choice (PyAV for a video with a display rotation: pipeline/data/video_file.py turns it)."""
         from hiervl.data.decode import DaliVideoDecoder, choose_backend
+        from hiervl.data.decode_pool import resolve_decode_workers
         from hiervl.data.video_file import decode_video_file
 
         where = "gpu" if self.device.type == "cuda" else "cpu"
+        # the eval loader's choice: with decode workers (data.decode_workers, auto on a CPU machine) it is PyAV
+        workers = resolve_decode_workers(self.cfg.data.decode_workers, where, 1)
         try:
-            backend = "pyav" if turns else choose_backend(self.decoder, codec, where)
+            backend = "pyav" if turns else choose_backend(self.decoder, codec, where, workers=workers)
         except RuntimeError as exc:  # decoder=dali without DALI installed
             raise UserError(str(exc).replace("data.decoder", "decoder")) from None
         if backend == "dali":
