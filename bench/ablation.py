@@ -30,6 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from hiervl.model.text_model import load_tokenizer
 from hiervl_cli import run_hiervl, write_results
 
 PRESETS = ("flat", "hit", "hcmi", "hanet")
@@ -52,13 +53,13 @@ def sibling_analysis(run: Path, shards: Path, split_name: str = "test") -> dict:
     from hiervl.dataprep.synth import GROUP
     from hiervl.eval.evaluate import embed_batches, load_groups
     from hiervl.eval.metrics import group_metrics
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import load_model_for_inference
 
     model, cfg = load_model_for_inference(run)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(shards)))
     with torch.no_grad():
         split = embed_batches(model, iter_eval(cfg, split=split_name, rank=0, world_size=1,
-                                               batch_size=cfg.eval.batch_size))
+                                               batch_size=cfg.eval.batch_size, tokenizer=load_tokenizer(cfg.model.text.path)))
         sim = model.similarity(split.texts, split.videos)["fused"]  # [captions, videos]
     groups = load_groups(shards, split_name)
     video_group = [groups.get(k) if groups else int(k.removeprefix("synth")) // GROUP for k in split.keys]

@@ -79,6 +79,7 @@ def build(cfg, with_copies: bool):
 
 
 def save_once(engine, out: Path, step: int, before: bool) -> dict:
+    from hiervl import run_dir
     from hiervl.train import checkpoint as ckpt
 
     real = ckpt.WriteRecorder
@@ -93,7 +94,7 @@ def save_once(engine, out: Path, step: int, before: bool) -> dict:
         ckpt.WriteRecorder = real
     tag_dir = ckpt.checkpoint_dir(out) / tag
     files = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in tag_dir.rglob("*") if p.is_file()}
-    assert ckpt.verify(ckpt.checkpoint_dir(out), tag) is None
+    assert run_dir.verify(run_dir.checkpoint_dir(out), tag) is None
     return {"bytes": sum(files.values()), "files": files, "save_s": wall, "cpu_s": cpu, "load": os.getloadavg()[0]}
 
 

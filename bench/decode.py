@@ -94,6 +94,7 @@ class HiervlLoader:
 
     def __init__(self, shards: Path, batch: int, **data):
         from hiervl.data.loader import VideoTextLoader
+        from hiervl.model.text_model import load_tokenizer
 
         cfg = Config()
         d = cfg.data
@@ -101,7 +102,7 @@ class HiervlLoader:
         d.prefetch, d.remainder = 2, "pad"
         for k, v in data.items():
             setattr(d, k, v)
-        self.loader = VideoTextLoader(cfg, split="train")
+        self.loader = VideoTextLoader(cfg, split="train", tokenizer=load_tokenizer(cfg.model.text.path))
         self.epoch = 0
 
     def epoch_clips(self) -> int:

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from hiervl.model.text_model import load_tokenizer  # noqa: E402
 
 
 def prepare(work: Path, keyframe_interval: float, num_videos: int, seconds: float, size: int, codec: str = "h264") -> Path:
@@ -93,7 +94,7 @@ def run_loader(cfg_path: str, overrides: list[str], data: Path, decoder: str, wo
                                              f"data.device={'gpu' if device == 'cuda' else 'cpu'}"])
     load = os.getloadavg()[0]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the trainer asks for there
-    loader = VideoTextLoader(cfg, split="train", dtype=dtype)
+    loader = VideoTextLoader(cfg, split="train", dtype=dtype, tokenizer=load_tokenizer(cfg.model.text.path))
     try:
         it = iter(loader)
         next(it)  # warm-up: worker start-up, DALI build, tokenizer

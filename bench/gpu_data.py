@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.path={out / 'shards'}", "data.device=cpu",
                                                    f"model.text.path={out / 'text'}"])
-    batch = next(iter(iter_eval(cfg, split="test", batch_size=8)))
+    batch = next(iter(iter_eval(cfg, split="test", batch_size=8, tokenizer=load_tokenizer(cfg.model.text.path))))
     torch.save({"keys": batch["keys"], "valid": batch["valid"], "video": batch["video"]}, out / "reference.pt")
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out}: {total / 2**20:.1f} MiB (shards, text model, reference batch of {len(batch['keys'])})")

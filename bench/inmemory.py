@@ -115,7 +115,7 @@ def train(cfg: Config, data: dict, seed: int, log_every: int = 0) -> tuple[torch
     groups = data["group"].numpy()
     batches = _batches(train_idx, groups, cfg.data.batch_size, seed, cfg.data.order == "grouped")
     rng = np.random.default_rng([seed, 11])
-    t0, losses = time.perf_counter(), []
+    t0, c0, losses = time.perf_counter(), time.process_time(), []
     for step in range(cfg.train.steps):
         idx = next(batches)
         video = torch.stack([_clip(data["frames"][i], cfg.data.num_frames, rng) for i in idx])  # [B, T, 3, S, S]
@@ -132,10 +132,12 @@ def train(cfg: Config, data: dict, seed: int, log_every: int = 0) -> tuple[torch
         opt.step()
         model.momentum_update()
         model.enqueue(out)
-        losses.append(float(out["loss"]))
+        losses.append(float(out["loss"].detach()))
         if log_every and (step + 1) % log_every == 0:
             print(f"  step {step + 1}: loss {np.mean(losses[-log_every:]):.3f}", flush=True)
-    return model, {"train_s": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-20:]))}
+    # cpu_s: this process's CPU seconds, the figure to plan a grid by on a shared machine (wall is load)
+    return model, {"train_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                   "final_loss": float(np.mean(losses[-20:]))}
 
 
 @torch.no_grad()

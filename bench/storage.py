@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from hiervl.model.text_model import load_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -133,7 +135,7 @@ def main() -> None:
                            ("s3, no read-ahead, 1 thread", url, {"read_threads": 1, "readahead": 0}),
                            ("s3 + cache_dir", url, {"cache_dir": str(cache)})):
         cfg = cfg_for(path, **st)
-        loader = VideoTextLoader(cfg, rank=0, world_size=1)
+        loader = VideoTextLoader(cfg, rank=0, world_size=1, tokenizer=load_tokenizer(cfg.model.text.path))
         rates = []
         for epoch in range(3):  # epoch 0 cold (a cache_dir downloads then), epochs 1-2 warm
             loader.set_epoch(epoch)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from hiervl.dataprep.sample import Sample
 from hiervl.errors import UserError
+from hiervl.storage import is_remote
 
 FORMATS = ("msrvtt", "msvd", "lsmdc", "didemo", "activitynet")
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".wmv", ".3gp")
@@ -50,7 +51,7 @@ VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".wmv", "
 def find_video(videos_dir: Path | None, name: str, stems: tuple = ()) -> str:
     """Path of a video under `videos_dir`: `name` itself, else any stem with a usual extension.
     When nothing exists, the first candidate (quarantined as missing later)."""
-    if videos_dir is not None and "://" in str(videos_dir):  # an object-store prefix: no listing per video,
+    if videos_dir is not None and is_remote(str(videos_dir)):  # an object-store prefix: no listing per video,
         return str(videos_dir).rstrip("/") + "/" + name  # so the name as the annotations give it
     base = Path(videos_dir) if videos_dir else Path(".")
     first = base / name
@@ -151,7 +152,7 @@ def read_lsmdc(path: Path, videos_dir, split: str | None = None) -> list[Sample]
             continue
         clip, sentence = parts[0].strip(), parts[5].strip()
         movie = clip.rsplit("_", 1)[0]
-        folder = f"{videos_dir}/{movie}" if "://" in str(videos_dir) else Path(videos_dir or ".") / movie
+        folder = f"{videos_dir}/{movie}" if is_remote(str(videos_dir)) else Path(videos_dir or ".") / movie
         out.append(Sample(key=clip, video=find_video(folder, f"{clip}.avi"),
                           captions=[sentence], split=split, video_id=clip))
     return out

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from hiervl.data.manifest import DATASET_FILE
 from hiervl.errors import UserError
-from hiervl.storage import Store
+from hiervl.storage import Store, as_local_path, is_remote
 
 SHARD_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)-(?P<n>\d{6})\.(tar|idx|stats\.json)$")
 RECORD_FILE = re.compile(r"^input-[0-9a-f]{12}\.json$")
@@ -44,7 +44,7 @@ RECORD_FILE = re.compile(r"^input-[0-9a-f]{12}\.json$")
 def input_identity(input, fmt: str | None, options: dict) -> dict:
     """What names an input: its absolute path (or URL), format and reader options."""
     text = str(input)
-    path = text if "://" in text else str(Path(text).resolve())
+    path = text if is_remote(text) else str(Path(as_local_path(text)).resolve())
     return {"input": path, "format": fmt or "manifest", "options": {k: options[k] for k in sorted(options)}}
 
 

@@ -188,7 +188,7 @@ def prepare(cfg, input, out_dir, fmt: str | None = None, videos_dir=None, ray_ad
         _check_sources(good, storage)
         plan = make_plan(good, prep)
         out_cfg = output_config(prep)
-        named = input if fmt not in (None, "manifest") or "://" in str(input) else manifest_path(input)
+        named = input if fmt not in (None, "manifest") or is_remote(str(input)) else manifest_path(input)
         identity = input_identity(named, fmt, format_options)
         state = reconcile(store, plan, identity, out_cfg, overwrite)
         _clean(store, state["remove"])

@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 
+from hiervl.storage import as_local_path, is_remote
+
 # PrepConfig fields that change the bytes of a sample (not workers, memory or failure rate)
 OUTPUT_FIELDS = ("codec", "fps", "short_side", "max_seconds", "min_seconds", "keyframe_interval", "crf")
 
@@ -31,10 +33,10 @@ def shard_name(split: str, index: int) -> str:
 
 
 def _source_size(path: str) -> int:
-    if "://" in path:
+    if is_remote(path):
         return 0
     try:
-        return os.path.getsize(path)
+        return os.path.getsize(as_local_path(path))
     except OSError:
         return 0
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from hiervl.dataprep.benchmarks import read_benchmark
 from hiervl.dataprep.sample import Refusal, Sample
 from hiervl.errors import UserError
-from hiervl.storage import is_remote, join, open_store, parent
+from hiervl.storage import as_local_path, is_remote, join, open_store, parent
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -149,7 +149,7 @@ def _text_or_none(v, column: str) -> str | None:
 
 
 def _resolve(path: str, base: str) -> str:
-    if "://" in path or Path(path).is_absolute():
+    if is_remote(path) or Path(as_local_path(path)).is_absolute():
         return path
     return join(base, path)  # base may be an s3:// / gs:// / http(s):// prefix
 
@@ -159,7 +159,16 @@ def _structure_error(path: Path, where, what: str) -> UserError:
     return UserError(f"{path}:{where}: {what}")
 
 
-def _read_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
+def _needs(path: Path, columns, caption_required: bool) -> None:
+    """The manifest's columns: `video`, and `caption` too unless `caption_required` is off."""
+    columns = list(columns)
+    want = ("video", "caption") if caption_required else ("video",)
+    if not all(c in columns for c in want):
+        raise UserError(f"{path}: needs column{'s' if len(want) > 1 else ''} {' and '.join(repr(c) for c in want)} "
+                        f"(has {', '.join(map(str, columns))})")
+
+
+def _read_rows(path: Path, kind: str, caption_required: bool = True) -> list[tuple[int, dict]]:
     """(row number, row) pairs; the number is the line for CSV / JSONL, the position for JSON / Parquet.
     A file that cannot be read as rows at all raises UserError naming the row and the fix."""
     if kind == "csv":
@@ -189,8 +198,7 @@ def _read_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
             except csv.Error as exc:
                 raise _structure_error(path, reader.line_num, f"not valid CSV ({exc}); quote cells that hold "
                                                               "the delimiter, quotes or line breaks") from None
-        if "video" not in header or "caption" not in header:
-            raise UserError(f"{path}: needs columns 'video' and 'caption' (has {', '.join(header)})")
+        _needs(path, header, caption_required)
         return rows
     if kind == "parquet":
         import pyarrow as pa
@@ -199,8 +207,7 @@ def _read_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as exc:
             raise UserError(f"{path}: not a readable Parquet file ({exc}); write it again") from None
-        if "video" not in table.column_names or "caption" not in table.column_names:
-            raise UserError(f"{path}: needs columns 'video' and 'caption' (has {', '.join(table.column_names)})")
+        _needs(path, table.column_names, caption_required)
         return list(enumerate(table.to_pylist(), 1))
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         text = f.read()
@@ -225,8 +232,8 @@ def _read_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
         if not isinstance(row, dict):
             raise _structure_error(path, n, f"{unit} is {_describe(row)}, not an object; write each row as "
                                             '{"video": ..., "caption": ...}')
-    if rows and not any("video" in r and "caption" in r for _, r in rows[:1]):
-        raise UserError(f"{path}: needs columns 'video' and 'caption' (has {', '.join(rows[0][1])})")
+    if rows:
+        _needs(path, rows[0][1], caption_required)
     return rows
 
 
@@ -247,7 +254,8 @@ def _row_sample(row: dict, n: int, i: int, base: str) -> Sample:
 
     video = cell("video", _text_or_none) or ""
     key = cell("key", _text_or_none)
-    captions = cell("caption", lambda v, c: parse_captions(v), [])
+    captions = cell("caption" if "caption" in row or "captions" not in row else "captions",
+                    lambda v, c: parse_captions(v), [])
     split = cell("split", _text_or_none) or "train"
     start = cell("start", _seconds_or_none)
     end = cell("end", _seconds_or_none)
@@ -264,20 +272,22 @@ def _row_sample(row: dict, n: int, i: int, base: str) -> Sample:
                   start=start, end=end, group=group, invalid=invalid)
 
 
-def read_manifest(path: str | Path, videos_dir: str | Path | None = None, base: str | None = None) -> list[Sample]:
+def read_manifest(path: str | Path, videos_dir: str | Path | None = None, base: str | None = None,
+                  caption_required: bool = True) -> list[Sample]:
     """Read a CSV / TSV / JSONL / JSON (a list of objects) / Parquet manifest into samples (keys not yet
     checked). The file's structure is all-or-nothing (UserError naming file:row and the fix); a bad
     cell only marks its row's sample `invalid`, quarantined with the row and column by check_samples.
 
     Relative video paths resolve against `videos_dir`, else `base` (the folder or URL prefix the
-    manifest came from, when `path` is a downloaded copy), else the manifest's folder."""
+    manifest came from, when `path` is a downloaded copy), else the manifest's folder.
+    `caption_required=False` (a list of videos to index for search): the caption column is optional."""
     path = Path(path)
     kind = MANIFEST_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise UserError(f"{path}: unknown manifest type; use .csv, .tsv, .jsonl, .json or .parquet, or give --format")
     if not path.is_file():
         raise UserError(f"{path}: manifest not found")
-    rows = _read_rows(path, kind)
+    rows = _read_rows(path, kind, caption_required)
     base = str(videos_dir) if videos_dir else (base or str(path.parent))
     return [_row_sample(row, n, i, base) for i, (n, row) in enumerate(rows)]
 

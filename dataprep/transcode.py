@@ -34,7 +34,7 @@ import av
 import numpy as np
 from hiervl import faults
 from hiervl.data.video_file import looks_like_video, truncation, upright_turns
-from hiervl.storage import is_remote, open_store, parent
+from hiervl.storage import as_local_path, is_remote, open_store, parent
 
 OUTPUT = {"vp9": ("libvpx-vp9", "webm", "webm"), "h264": ("libx264", "mp4", "mp4")}
 
@@ -93,11 +93,12 @@ def open_source(path: str):
         finally:
             f.close()
         return
-    if "://" in path and not path.startswith("file://"):
-        scheme = path.split("://", 1)[0]
+    local = as_local_path(path)  # file:// is a local path (storage.py: the one URL test)
+    if "://" in local:  # neither local nor a store's URL (ftp://, ...)
+        scheme = local.split("://", 1)[0]
         raise SampleRefused("probe", f"unsupported URL scheme {scheme}:// ({path}); give a local path or an "
                                      "s3://, gs:// or http(s):// URL")
-    yield _local_path(path[len("file://"):] if path.startswith("file://") else path)
+    yield _local_path(local)
 
 
 def _av_open(src):

@@ -66,7 +66,7 @@ def merged_config(ckpt_cfg, cli_cfg, data: str | None, checkpoint: str | None = 
     path, the decoder settings and the eval section taken from the command line. The data path is
     absolute (it goes into index.json): --data from here, else the checkpoint's data.path (a
     relative one, from a run older than absolute paths, found from the checkpoint's folder)."""
-    from hiervl.run_paths import absolute, find_recorded
+    from hiervl.run_dir import absolute, find_recorded
 
     d = ckpt_cfg.data
     path = absolute(data) if data else absolute(find_recorded(d.path, checkpoint or "."))
@@ -99,12 +99,10 @@ def check_split(data: str | None, split: str) -> None:
 
 def main(args, cfg) -> int:
     check_split(args.data, args.split or cfg.eval.split)  # before the slow imports and the model
-    import torch
     from hiervl import distributed as dist
     from hiervl.eval.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
-    from hiervl.eval.fingerprint import checkpoint_step
     from hiervl.log import setup_logging
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import checkpoint_step, eval_dir, load_model_for_inference
 
     refuse_model_overrides(args.overrides)  # before any rank starts work
     info = dist.init()
@@ -112,10 +110,9 @@ def main(args, cfg) -> int:
     try:
         model, ckpt_cfg = load_model_for_inference(args.checkpoint)
         run_cfg = merged_config(ckpt_cfg, cfg, args.data, args.checkpoint)
-        if torch.cuda.is_available():
-            model = model.to(f"cuda:{info.local_rank % torch.cuda.device_count()}")
+        model = model.to(dist.resolve_device("auto", info.local_rank))
         split = args.split or cfg.eval.split
-        out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval-{split}"
+        out = Path(args.out) if args.out else eval_dir(args.checkpoint, split)
         result = evaluate_model(model, run_cfg, split=split, out_dir=out, export=not args.no_export,
                                 meta={"checkpoint": str(Path(args.checkpoint).resolve()),
                                       "checkpoint_step": checkpoint_step(args.checkpoint)},

@@ -1,7 +1,7 @@
 """`hiervl export`: a training checkpoint -> a self-contained model directory (pipeline/export.py).
 
 Owns: `hiervl export` arguments, the round-trip check and printing.
-Must not touch: the export format (pipeline/export.py) or checkpoint reading (pipeline/train/checkpoint.py).
+Must not touch: the export format (pipeline/export.py) or checkpoint reading (pipeline/run_dir.py).
 """
 
 from __future__ import annotations
@@ -34,15 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def checkpoint_source(run: Path) -> dict:
     """Which checkpoint a run path names (the tag load_model_for_inference reads), for the export's record."""
-    from hiervl.train.checkpoint import META, find_latest, read_meta
+    from hiervl.run_dir import read_meta, resolve_checkpoint
 
-    if (run / META).is_file():
-        ckpt_dir, tag = run.parent, run.name
-    else:
-        ckpt_dir = run / "checkpoints" if (run / "checkpoints").is_dir() else run
-        tag = find_latest(ckpt_dir) if ckpt_dir.is_dir() else None
-    meta = (read_meta(ckpt_dir, tag) or {}) if tag else {}
-    return {"checkpoint": str(run.resolve()), "tag": tag, "step": meta.get("step")}
+    ckpt_dir, tag = resolve_checkpoint(run, check=False)
+    return {"checkpoint": str(run.resolve()), "tag": tag, "step": (read_meta(ckpt_dir, tag) or {}).get("step")}
 
 
 def round_trip_difference(model, cfg, out: Path) -> float:
@@ -71,7 +66,7 @@ def round_trip_difference(model, cfg, out: Path) -> float:
 def main(args, cfg) -> int:
     from hiervl.errors import UserError
     from hiervl.export import write_export
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import load_model_for_inference
 
     if args.overrides or args.config:
         raise UserError("export takes no --config or KEY=VALUE overrides: it writes the checkpoint's own config "

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from hiervl import run_dir
 from hiervl.atomic_write import write_atomic
 from hiervl.config import to_yaml
 from hiervl.errors import UserError
@@ -100,7 +101,7 @@ def submit_cli(args, cfg) -> int:
     """`hiervl submit ray`: prep (--input, --out) or training (--train) as a Ray job."""
     if args.train:
         out = Path(cfg.train.out_dir).resolve()
-        config_path = out / "config.yaml"
+        config_path = out / run_dir.CONFIG
         entry = train_entrypoint(config_path, args.python)
     else:
         if not args.input or not args.out:

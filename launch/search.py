@@ -99,8 +99,9 @@ def build_index(args, cfg) -> int:
     from hiervl.eval.search import build_video_index  # slow (torch, the model): after the cheap checks
 
     t0 = time.perf_counter()
-    summary = build_video_index(args.checkpoint, args.out, videos=args.videos, manifest=args.manifest,
-                                ann=args.ann, batch_size=args.batch_size, num_threads=cfg.data.num_threads)
+    entries = manifest_entries(args.manifest, args.videos) if args.manifest else None
+    summary = build_video_index(args.checkpoint, args.out, videos=None if entries else args.videos, entries=entries,
+                                source=args.manifest, ann=args.ann, batch_size=args.batch_size, num_threads=cfg.data.num_threads)
     print(f"indexed {summary['count']} videos ({summary['skipped']} skipped, {summary['captioned']} with captions) "
           f"into {args.out} ({summary['ann']} ANN on level {summary['level']}) in {time.perf_counter() - t0:.1f}s")
     for key, reason in summary.get("skipped_videos", [])[:5]:
@@ -109,6 +110,29 @@ def build_index(args, cfg) -> int:
     if audio:
         print(f"  not indexed: {len(audio)} audio file(s) with no picture ({', '.join(audio[:5])})")
     return 0
+
+
+def manifest_entries(manifest: str, videos: str | None = None) -> list:
+    """The videos a manifest lists, for an index: read by the one input-manifest reader (dataprep/sources.py,
+    captions optional), relative paths from the manifest's folder or `videos`. A bad cell, a clip bound
+    (start/end: cut the clips first, or prep them and use `hiervl eval`) or a URL is refused in one line."""
+    from hiervl.dataprep.sources import manifest_path, read_manifest
+    from hiervl.errors import UserError
+    from hiervl.eval.video_index import CatalogEntry
+    from hiervl.storage import is_remote
+
+    path = manifest_path(manifest)
+    entries = []
+    for s in read_manifest(path, videos, caption_required=False):
+        if s.invalid:
+            raise UserError(f"--manifest {path}: {s.invalid}; fix that row")
+        if s.start is not None or s.end is not None:
+            raise UserError(f"--manifest {path}: clip bounds (start/end) are not supported by `search index`; cut "
+                            "the clips into files first, or `hiervl prep` them and index with `hiervl eval`")
+        if not s.video or is_remote(s.video):
+            raise UserError(f"--manifest {path}: video {s.video!r} (key {s.key}) is not a local file path")
+        entries.append(CatalogEntry(s.key, str(Path(s.video).resolve()), [c.strip() for c in s.captions if c.strip()]))
+    return entries
 
 
 def read_queries(args) -> list[str]:
@@ -143,7 +167,7 @@ def _check_search_args(args) -> list[str]:
 def run_search(args) -> int:
     queries = _check_search_args(args)  # before the slow imports below
     from hiervl.errors import UserError
-    from hiervl.eval.fingerprint import check_fingerprint, checkpoint_step
+    from hiervl.eval.fingerprint import check_fingerprint
     from hiervl.eval.search import (
         SearchIndex,
         contact_sheet,
@@ -153,7 +177,7 @@ def run_search(args) -> int:
         search_batch,
     )
     from hiervl.log import get_logger
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import checkpoint_step, load_model_for_inference
 
     index = SearchIndex.load(args.index)
     checkpoint = args.checkpoint or index.meta.get("checkpoint")

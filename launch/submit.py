@@ -14,6 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
+from hiervl import run_dir
 from hiervl.atomic_write import write_atomic
 from hiervl.config import load_config, to_yaml
 from hiervl.errors import UserError
@@ -108,7 +109,7 @@ def main(args, cfg) -> int:
         from hiervl.launch import ray_job
         return ray_job.submit_cli(args, cfg)
     out = Path(cfg.train.out_dir).resolve()
-    config_path, log_dir = out / "config.yaml", ds.rank_log_dir(out)
+    config_path, log_dir = out / run_dir.CONFIG, ds.rank_log_dir(out)
     if not args.dry_run:
         write_atomic(config_path, to_yaml(cfg))
     env = ds.rank_env(gpus=gpus)

@@ -45,12 +45,12 @@ def main(args, cfg) -> int:
     """Check the run here (one line, exit 2, before any rank starts), write the resolved config
     with absolute paths, then start the ranks; --dry-run prints the command and creates nothing."""
     import torch
-    from hiervl.run_paths import absolute_paths
+    from hiervl.run_dir import CONFIG, absolute_paths
     from hiervl.train.preflight import check_training_run
 
     check_training_run(cfg, world_size=cfg.train.ranks)
     cfg = absolute_paths(cfg)  # the run folder's config.yaml and every checkpoint work from any directory
-    config_path = Path(cfg.train.out_dir) / "config.yaml"
+    config_path = Path(cfg.train.out_dir) / CONFIG  # written here once: the ranks read it
     gpus = torch.cuda.is_available()
     cmd = ds.local_command(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
     if args.dry_run:
@@ -75,13 +75,13 @@ def rank_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from hiervl.config import ConfigError
     from hiervl.errors import UserError
+    from hiervl.eval.evaluate import evaluate_model
+    from hiervl.run_dir import absolute_paths
     from hiervl.train.trainer import PeerLost, run
 
     try:
-        from hiervl.run_paths import absolute_paths
-
         cfg = absolute_paths(load_config(args.config, args.overrides))  # as `hiervl train` stores it
-        return run(cfg)
+        return run(cfg, evaluate=evaluate_model)  # the periodic eval, handed in: train/ does not import eval/
     except (ConfigError, UserError) as exc:
         # an error every rank raised alike (a checkpoint write, a resume plan) is reported by rank 0 alone
         if not getattr(exc, "same_on_every_rank", False) or os.environ.get("RANK", "0") == "0":

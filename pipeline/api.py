@@ -7,10 +7,10 @@
     v = model.encode_video(["clip.webm", frames])         # paths, or uint8 frames [T, H, W, 3]
     s = model.similarity(t, v)                            # {level: [1, 2], "fused": [1, 2]}
 
-Preprocessing is the evaluation's, built in and read from the model's own config: a video's
-`data.num_frames` frames are the centres of that many equal segments of the whole clip
-(`hiervl.data.sampler.frame_indices`), decoded by DALI or PyAV exactly as the eval loader picks
-them (`hiervl.data.decode.choose_backend`), then `transform_clip` resizes the short side to
+Preprocessing is the evaluation's, the same code as the eval loader's (`hiervl.data.preprocess`),
+read from the model's own config: a video's `data.num_frames` frames are the centres of that many
+equal segments of the whole clip, decoded by DALI or PyAV exactly as the eval loader picks
+them (`hiervl.data.decode.choose_backend`), then the clip transform resizes the short side to
 `data.short_side`, centre-crops `data.size`, and normalises with `data.mean` / `data.std`; frame
 differences and the rest of the video tower's inputs are made inside the model. Captions are
 tokenized like the eval loader's (padded to `data.max_words`, truncated). So for a video of a
@@ -23,67 +23,22 @@ Outputs are dicts of float32 tensors on the model's device: per level `[N, D]` (
 `similarity` gives `[Nt, Nv]` per level and `fused` (the `model.level_weights` mean), the scores
 eval ranks by.
 
-Owns: `load`, `HierVLModel` (encode_text, encode_video, similarity) and `Preprocessing`.
+Owns: `load`, `HierVLModel` (encode_text, encode_video, similarity). `Preprocessing` is
+pipeline/data/preprocess.py's (re-exported here), so these tensors are the eval loader's.
 Must not touch: training, checkpoint writing, or the eval's metrics.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from hiervl.data.preprocess import Preprocessing, probe_video
+from hiervl.distributed import resolve_device
 from hiervl.errors import UserError
 
-__all__ = ["HierVLModel", "Preprocessing", "load"]
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What a video and a caption go through before the towers (the eval loader's settings)."""
-
-    num_frames: int  # frames per clip: the centres of num_frames equal segments
-    size: int  # square crop (centre) after the resize
-    short_side: int  # the short side is resized to this (bilinear, antialiased)
-    mean: tuple[float, float, float]  # (x / 255 - mean) / std, RGB
-    std: tuple[float, float, float]
-    max_words: int  # tokens per caption (padded, truncated)
-
-    @classmethod
-    def from_config(cls, cfg) -> "Preprocessing":
-        d = cfg.data
-        return cls(int(d.num_frames), int(d.size), int(d.short_side), tuple(float(x) for x in d.mean),
-                   tuple(float(x) for x in d.std), int(d.max_words))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std),
-                "frame_sampling": "centre of each of num_frames equal segments", "crop": "centre"}
-
-
-def resolve_device(device) -> torch.device:
-    """'auto' (CUDA when there is one), 'cpu', 'cuda', 'cuda:N' or a torch.device."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={device!r} but CUDA is not available here; use device='cpu' (or 'auto')")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"device={device!r}: only 'cpu' and 'cuda' are supported")
-    return dev
-
-
-def probe_video(data: bytes, name: str) -> tuple[int, str]:
-    """(frame count, codec name) of a user's encoded video, counted as the decoder indexes frames
-    (`decode_pyav`: one per non-empty packet with a timestamp); a UserError when it has no video
-    stream, is unreadable or truncated (pipeline/data/video_file.py)."""
-    from hiervl.data.video_file import probe_video_file
-
-    info = probe_video_file(data, name)
-    return info.frames, info.codec
+__all__ = ["HierVLModel", "Preprocessing", "load", "probe_video", "resolve_device"]
 
 
 class HierVLModel:
@@ -120,9 +75,7 @@ class HierVLModel:
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask [N, max_words] int64, as the eval loader tokenizes captions."""
-        tok = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                             max_length=self.preprocessing.max_words, return_tensors="pt")
-        return {"input_ids": tok["input_ids"].long(), "attention_mask": tok["attention_mask"].long()}
+        return self.preprocessing.tokenize(self.tokenizer, texts)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str] | str, batch_size: int = 256) -> dict[str, torch.Tensor]:
@@ -162,9 +115,6 @@ class HierVLModel:
     def preprocess_video(self, video) -> torch.Tensor:
         """One video (a path, encoded bytes, or uint8 frames [T, H, W, 3] of the whole clip) ->
         the model's input [num_frames, 3, size, size] float32, as the eval loader makes it."""
-        from hiervl.data.decode import transform_clip
-        from hiervl.data.sampler import frame_indices
-
         p = self.preprocessing
         if isinstance(video, (str, Path, bytes, bytearray)):
             if isinstance(video, (bytes, bytearray)):
@@ -174,24 +124,15 @@ class HierVLModel:
                 if not path.is_file():
                     raise UserError(f"video {path} does not exist")
                 data, name = path.read_bytes(), str(path)
-            from hiervl.data.video_file import probe_video_file
-
-            info = probe_video_file(data, name)  # UserError: no video stream, unreadable, truncated
-            idx = frame_indices(info.frames, p.num_frames, None)  # [T] centres of T equal segments
-            clip = self._decode(data, idx, info.codec, name, info.turns)
-        else:
-            frames = video.cpu() if isinstance(video, torch.Tensor) else np.asarray(video)
-            is_uint8 = frames.dtype == (torch.uint8 if isinstance(frames, torch.Tensor) else np.uint8)
-            if not is_uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-                raise UserError(f"a video as frames must be uint8 [T, H, W, 3] (RGB); got {tuple(frames.shape)} "
-                                f"{frames.dtype}")
-            if len(frames) == 0:
-                raise UserError("a video as frames has no frames (T = 0)")
-            idx = frame_indices(len(frames), p.num_frames, None)
-            clip = frames[torch.as_tensor(idx, dtype=torch.long)] if isinstance(frames, torch.Tensor) else frames[idx]
-        if len(clip) != p.num_frames:
-            raise UserError(f"decoding gave {len(clip)} frames, wanted {p.num_frames}")
-        return transform_clip(clip, p.short_side, p.size, (0.5, 0.5), False, p.mean, p.std)  # [T, 3, S, S]
+            return p.clip_from_bytes(data, name, lambda data, idx, codec, turns: self._decode(data, idx, codec, name, turns))
+        frames = video.cpu() if isinstance(video, torch.Tensor) else np.asarray(video)
+        is_uint8 = frames.dtype == (torch.uint8 if isinstance(frames, torch.Tensor) else np.uint8)
+        if not is_uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise UserError(f"a video as frames must be uint8 [T, H, W, 3] (RGB); got {tuple(frames.shape)} "
+                            f"{frames.dtype}")
+        if len(frames) == 0:
+            raise UserError("a video as frames has no frames (T = 0)")
+        return p.clip_from_frames(frames)  # [T, 3, S, S]
 
     @torch.no_grad()
     def encode_video(self, videos, batch_size: int = 8) -> dict[str, torch.Tensor]:
@@ -253,7 +194,7 @@ def load(path: str | Path, device="auto", decoder: str = "auto") -> HierVLModel:
     if is_export(path):
         towers, cfg = load_export(path)
     else:
-        from hiervl.train.checkpoint import load_model_for_inference
+        from hiervl.run_dir import load_model_for_inference
 
         towers, cfg = load_model_for_inference(path)
     return HierVLModel(towers, cfg, dev, decoder, source=str(path))

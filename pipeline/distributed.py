@@ -242,7 +242,7 @@ def init(backend: str | None = None, timeout_s: int = 600, use_deepspeed: bool =
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(resolve_device("auto", info.local_rank))
     set_socket_ifname(socket_ifname_setting)
     if use_deepspeed:
         import deepspeed
@@ -251,6 +251,28 @@ def init(backend: str | None = None, timeout_s: int = 600, use_deepspeed: bool =
     else:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return info
+
+
+def resolve_device(device="auto", local_rank: int | None = None, setting: str = "device") -> torch.device:
+    """The one device choice. 'auto' (or None): this rank's GPU (`local_rank` modulo the GPUs, the
+    current one without a rank) when CUDA is available, else the CPU; 'cpu', 'cuda' / 'gpu', 'cuda:N' or
+    a torch.device as given, refused in one line (naming `setting`) when CUDA is not there."""
+    if device in (None, "auto"):
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count()) if local_rank is not None else \
+            torch.device("cuda")
+    from hiervl.errors import UserError
+
+    try:
+        dev = torch.device("cuda" if device == "gpu" else device)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"{setting}={device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{setting}={device!r} but CUDA is not available here; use {setting}='cpu' (or 'auto')")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"{setting}={device!r}: only 'cpu' and 'cuda' are supported")
+    return dev
 
 
 def destroy() -> None:

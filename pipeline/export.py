@@ -15,7 +15,7 @@ every tensor comes from model.safetensors (strict: a missing or extra tensor is 
 The directory appears whole: it is written under a temporary name and renamed last.
 
 Owns: the export format, writing and reading it.
-Must not touch: checkpoints (pipeline/train/checkpoint.py reads those) or training.
+Must not touch: checkpoints (pipeline/run_dir.py reads those), training, or the API (which reads exports).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def tower_state(model) -> dict[str, torch.Tensor]:
 
 def write_export(model, cfg, out: str | Path, source: dict | None = None, overwrite: bool = False) -> Path:
     """Write `model`'s query towers (a HierarchicalModel or QueryTowers built from `cfg`) to `out`."""
-    from hiervl.api import Preprocessing
+    from hiervl.data.preprocess import Preprocessing
     from hiervl.model.text_model import load_tokenizer
     from safetensors.torch import save_file
 
@@ -128,7 +128,7 @@ def export_config(path: Path):
 
 def load_export(path: str | Path):
     """(QueryTowers in eval mode, cfg) from an export directory. Imports no DeepSpeed."""
-    from hiervl.api import Preprocessing
+    from hiervl.data.preprocess import Preprocessing
     from hiervl.model.hierarchical import QueryTowers
     from safetensors.torch import load_file
     from transformers import CLIPVisionConfig

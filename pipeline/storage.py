@@ -57,8 +57,15 @@ _defaults_lock = threading.Lock()
 
 
 def is_remote(path) -> bool:
-    """True for s3://, gs://, http(s):// URLs (a local path, file:// or Path is not)."""
+    """True for s3://, gs://, http(s):// URLs (a local path, file:// or Path is not). The one URL test:
+    a file:// URL is a local path everywhere (`as_local_path`), any other scheme an error of its reader."""
     return isinstance(path, str) and urllib.parse.urlsplit(path).scheme in REMOTE_SCHEMES
+
+
+def as_local_path(path) -> str:
+    """A local path or file:// URL as a path (file:///data/x -> /data/x); anything else as written."""
+    path = str(path)
+    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def join(base: str, name: str) -> str:
@@ -213,7 +220,7 @@ class LocalStore(Store):
 
     def __init__(self, root: str | Path):
         root = str(root)
-        self.root = Path(root[len("file://"):] if root.startswith("file://") else root)
+        self.root = Path(as_local_path(root))
         self.url = str(self.root)
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures import write_shards
+from hiervl.model.text_model import load_tokenizer
 from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def eval_embeddings(model, cfg):
     from hiervl.data.loader import iter_eval
     from hiervl.eval.evaluate import embed_batches
 
-    return embed_batches(model, iter_eval(cfg, split="test"))
+    return embed_batches(model, iter_eval(cfg, split="test", tokenizer=load_tokenizer(cfg.model.text.path)))
 
 
 def test_files_and_captions_embed_as_eval_does(setup):
@@ -229,3 +230,43 @@ def test_the_readme_example_runs(setup, tmp_path, monkeypatch):
     shown = printed.getvalue()
     for name, s in want.items():
         assert f"'{name}': {round(float(s[0, 0]), 3)}" in shown, (name, shown)
+
+
+def test_one_clip_is_the_same_tensor_through_every_path(setup):
+    """The eval loader (in process and in a decode worker process), `hiervl.load(...).encode_video`
+    and `hiervl search index` (video_index.embed_videos) all preprocess a clip through
+    data/preprocess.py: the same input tensor, so the same embeddings, bit for bit."""
+    import dataclasses
+
+    import hiervl
+    from hiervl.data.loader import iter_eval
+    from hiervl.data.preprocess import Preprocessing
+    from hiervl.eval.video_index import CatalogEntry, embed_videos
+
+    cfg, model, run, _, paths = setup
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decoder="pyav", prefetch=0))
+    pooled = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decode_workers=1))
+    loaded = next(iter_eval(cfg, split="test", batch_size=NUM_VIDEOS, tokenizer=load_tokenizer(cfg.model.text.path)))
+    from_pool = next(iter_eval(pooled, split="test", batch_size=NUM_VIDEOS, tokenizer=load_tokenizer(pooled.model.text.path)))
+    key = loaded["keys"][1]
+    clip = loaded["video"][1]  # [T, 3, S, S] float32
+    assert clip.shape == (cfg.data.num_frames, 3, cfg.data.size, cfg.data.size) and clip.abs().sum() > 0
+    assert from_pool["keys"][1] == key and torch.equal(from_pool["video"][1], clip)
+
+    api = hiervl.load(run, device="cpu", decoder="pyav")
+    assert api.preprocessing == Preprocessing.from_config(cfg)
+    assert torch.equal(api.preprocess_video(paths[key]), clip)
+    assert torch.equal(api.preprocess_video(paths[key].read_bytes()), clip)
+    with torch.no_grad():  # each path's model on the loader's clip: what its own preprocessing must feed it
+        want_api = api.towers.encode_video(clip[None])  # level -> [1, ...]
+        want_index = model.eval().encode_video(clip[None])
+    got_api = api.encode_video([paths[key]])
+    _, got_index, skipped = embed_videos(model, [CatalogEntry(key, str(paths[key]))], progress=False)
+    assert not skipped and set(got_api) == set(got_index) == set(want_api)
+    for name in want_api:
+        assert torch.equal(got_api[name], want_api[name].float()), name
+        assert torch.equal(got_index[name], want_index[name].float()), name
+    # and a caption is tokenized alike by the loader and the API
+    tok = api.tokenize([loaded["captions"][1][0]])
+    first = int((loaded["caption_index"] == 1).nonzero()[0])
+    assert torch.equal(tok["input_ids"][0], loaded["caption_input_ids"][first])

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pipeline", "launch", "dataprep", "tests", "bench")
 OLD_NAMES = {"pipeline", "launch", "dataprep"}
@@ -58,3 +60,85 @@ def test_packaged_configs_are_found_by_name_from_any_folder(tmp_path):
     res = subprocess.run([sys.executable, "-m", "hiervl.launch.cli", "train", "--config", "configs/tiny.yaml",
                           "--print-config"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and f"steps: {tiny.train.steps}" in res.stdout, res.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ floors
+FOLDERS = {"pipeline": "hiervl", "launch": "hiervl.launch", "dataprep": "hiervl.dataprep"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    name = ".".join([FOLDERS[parts[0]], *parts[1:]])
+    return name.removesuffix(".__init__")
+
+
+def project_imports() -> list[tuple[str, int, str]]:
+    """(importing module, line, imported hiervl module) for every hiervl import in the installed folders,
+    top-level and inside functions; `from hiervl import x` counts as hiervl.x."""
+    out = []
+    for folder in FOLDERS:
+        for p in (ROOT / folder).rglob("*.py"):
+            me = module_name(p)
+            for node in ast.walk(ast.parse(p.read_text(), str(p))):
+                if isinstance(node, ast.Import):
+                    out += [(me, node.lineno, a.name) for a in node.names if a.name.startswith("hiervl")]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("hiervl"):
+                    if node.module == "hiervl":
+                        out += [(me, node.lineno, f"hiervl.{a.name}") for a in node.names]
+                    else:
+                        out.append((me, node.lineno, node.module))
+    return out
+
+
+def within(module: str, *owners: str) -> bool:
+    return any(module == o or module.startswith(o + ".") for o in owners)
+
+
+# (importer, must not import, why): DESIGN.md's floors; lower never imports higher, siblings never each other
+BACK_ARROWS = [
+    ("hiervl.train", ("hiervl.eval",), "train/ and eval/ are siblings: the trainer is handed its evaluate function"),
+    ("hiervl.eval", ("hiervl.train",), "train/ and eval/ are siblings: eval reads checkpoints through run_dir"),
+    ("hiervl.export", ("hiervl.api",), "the API reads exports; preprocessing is data/preprocess.py's"),
+    ("hiervl.data", ("hiervl.model", "hiervl.train", "hiervl.eval", "hiervl.api", "hiervl.export", "hiervl.run_dir",
+                     "hiervl.launch", "hiervl.dataprep"), "data/ sits below all but the bottom floor (the tokenizer is passed in)"),
+    ("hiervl.model", ("hiervl.data", "hiervl.train", "hiervl.eval", "hiervl.api", "hiervl.export", "hiervl.run_dir",
+                      "hiervl.launch", "hiervl.dataprep"), "model/ sits below all but the bottom floor"),
+    ("hiervl.run_dir", ("hiervl.train", "hiervl.eval", "hiervl.api", "hiervl.export", "hiervl.launch"),
+     "run_dir is below train/, eval/, export and the API"),
+    ("hiervl.eval", ("hiervl.api", "hiervl.export", "hiervl.launch", "hiervl.dataprep"), "eval/ is below the API and launch/"),
+    ("hiervl.train", ("hiervl.api", "hiervl.export", "hiervl.launch", "hiervl.dataprep"), "train/ is below the API and launch/"),
+]
+for bottom in ("hiervl.config", "hiervl.storage", "hiervl.distributed", "hiervl.log", "hiervl.errors", "hiervl.atomic_write",
+               "hiervl.faults", "hiervl.presets"):
+    BACK_ARROWS.append((bottom, ("hiervl.data", "hiervl.model", "hiervl.run_dir", "hiervl.train", "hiervl.eval",
+                                 "hiervl.api", "hiervl.export", "hiervl.launch", "hiervl.dataprep"), "the bottom floor"))
+
+
+def back_arrows(imports) -> list[str]:
+    return [f"{me}:{line} imports {mod}: {why}" for me, line, mod in imports for src, banned, why in BACK_ARROWS
+            if within(me, src) and within(mod, *banned)]
+
+
+def test_no_import_runs_back_up_the_floors():
+    bad = back_arrows(project_imports())
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("importer,imported", [
+    ("hiervl.train.trainer", "hiervl.eval.evaluate"), ("hiervl.eval.report", "hiervl.train.checkpoint"),
+    ("hiervl.export", "hiervl.api"), ("hiervl.data.loader", "hiervl.model.text_model"),
+    ("hiervl.run_dir", "hiervl.train.checkpoint"), ("hiervl.eval.search", "hiervl.api"),
+    ("hiervl.storage", "hiervl.data.manifest"), ("hiervl.eval.video_index", "hiervl.dataprep.sources"),
+])
+def test_each_back_arrow_named_in_the_design_is_caught(importer, imported):
+    """The check above is not vacuous: each arrow the floors forbid (the ones the code had) is reported."""
+    assert back_arrows([(importer, 1, imported)]) != []
+
+
+def test_the_floor_check_sees_the_real_imports():
+    imports = project_imports()
+    seen = {(me, mod) for me, _, mod in imports}
+    assert ("hiervl.launch.train", "hiervl.eval.evaluate") in seen  # the launcher hands the trainer its eval
+    assert ("hiervl.data.loader", "hiervl.data.preprocess") in seen and ("hiervl.eval.report", "hiervl.run_dir") in seen
+    assert len(imports) > 150

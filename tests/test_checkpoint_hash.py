@@ -32,6 +32,7 @@ def test_the_recorded_digest_is_the_files_and_it_loads(tmp_path, zipfile):
 SAVE = r'''
 import json, os, sys
 import torch, deepspeed
+from hiervl import run_dir
 from hiervl.train import checkpoint as ckpt
 torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 8))
@@ -40,12 +41,12 @@ engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters
     "zero_optimization": {"stage": int(sys.argv[2])}})
 engine.backward(engine(torch.randn(1, 64)).sum()); engine.step()
 read = []
-plain = ckpt._sha256
-ckpt._sha256 = lambda p: (read.append(p.name), plain(p))[1]
+plain = run_dir._sha256  # the one hasher of checkpoint files (run_dir.file_manifest, run_dir.verify)
+run_dir._sha256 = lambda p: (read.append(p.name), plain(p))[1]
 tag = ckpt.save(engine, sys.argv[1], 1, {"step": 1}, {"rng": 1}, {"world_size": 1, "zero_stage": 0}, keep=2)
-ckpt._sha256 = plain
-print(json.dumps({"tag": tag, "read": read, "verify": ckpt.verify(ckpt.checkpoint_dir(sys.argv[1]), tag),
-                  "files": ckpt.read_meta(ckpt.checkpoint_dir(sys.argv[1]), tag)["files"]}))
+run_dir._sha256 = plain
+print(json.dumps({"tag": tag, "read": read, "verify": run_dir.verify(run_dir.checkpoint_dir(sys.argv[1]), tag),
+                  "files": run_dir.read_meta(run_dir.checkpoint_dir(sys.argv[1]), tag)["files"]}))
 '''
 
 

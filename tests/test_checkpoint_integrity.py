@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hiervl import run_dir
 from hiervl.errors import UserError
 from hiervl.train import checkpoint as ckpt
 
@@ -30,14 +31,14 @@ SMALL = ["model.preset=hit", "data.batch_size=4", "train.log_every=1", "optimize
 
 def _fake_checkpoint(ckpt_dir: Path, step: int, payload: bytes) -> str:
     """A checkpoint folder as `save` leaves it: files, then meta.json with their manifest."""
-    tag = ckpt.tag_for(step)
+    tag = run_dir.tag_for(step)
     d = ckpt_dir / tag
     d.mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(payload)
     (d / "rank0.pt").write_bytes(payload[::-1] + b"rank")
     (d / "zero").mkdir()
     (d / "zero" / "part.pt").write_bytes(b"nested file")
-    (d / ckpt.META).write_text(json.dumps({"world_size": 1, "zero_stage": 0, "files": ckpt.file_manifest(d)}))
+    (d / run_dir.META).write_text(json.dumps({"world_size": 1, "zero_stage": 0, "files": run_dir.file_manifest(d)}))
     (ckpt_dir / "latest").write_text(tag)
     return tag
 
@@ -61,15 +62,15 @@ def warnings_logged(caplog):
 
 
 def test_manifest_lists_every_file_with_size_and_sha256(two_checkpoints):
-    meta = ckpt.read_meta(two_checkpoints, "step00000006")
+    meta = run_dir.read_meta(two_checkpoints, "step00000006")
     assert sorted(meta["files"]) == ["mp_rank_00_model_states.pt", "rank0.pt", "zero/part.pt"]
     assert meta["files"]["mp_rank_00_model_states.pt"]["size"] == 5000
     import hashlib
 
     data = (two_checkpoints / "step00000006" / "rank0.pt").read_bytes()
     assert meta["files"]["rank0.pt"]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert ckpt.verify(two_checkpoints, "step00000006") is None
-    assert ckpt.find_latest(two_checkpoints) == "step00000006"
+    assert run_dir.verify(two_checkpoints, "step00000006") is None
+    assert run_dir.find_latest(two_checkpoints) == "step00000006"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
@@ -83,7 +84,7 @@ def test_a_damaged_newest_checkpoint_falls_back_with_one_warning_naming_the_file
         bad.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
     else:
         bad.unlink()
-    assert ckpt.find_latest(two_checkpoints) == "step00000003"
+    assert run_dir.find_latest(two_checkpoints) == "step00000003"
     warnings = warnings_logged()
     assert len(warnings) == 1, warnings
     assert str(bad) in warnings[0] and "step00000003" in warnings[0]
@@ -99,7 +100,7 @@ def test_a_damaged_checkpoint_named_directly_is_refused(two_checkpoints):
     with pytest.raises(UserError, match="that checkpoint is damaged .*rank0.pt has 5 bytes"):
         ckpt.plan_resume(str(two_checkpoints / "step00000006"), "unused", world_size=1, zero_stage=0)
     with pytest.raises(UserError, match="rank0.pt has 5 bytes"):
-        ckpt.load_model_for_inference(two_checkpoints / "step00000006")
+        run_dir.load_model_for_inference(two_checkpoints / "step00000006")
 
 
 def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(two_checkpoints):
@@ -113,8 +114,8 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(two_checkpoints)
                                                                      "files": {"rank0.pt": 5}})])
 def test_a_garbled_meta_json_falls_back_too(two_checkpoints, warnings_logged, meta_text):
     """meta.json itself unreadable (incomplete) or its manifest edited into nonsense (damaged): no traceback."""
-    (two_checkpoints / "step00000006" / ckpt.META).write_text(meta_text)
-    assert ckpt.find_latest(two_checkpoints) == "step00000003"
+    (two_checkpoints / "step00000006" / run_dir.META).write_text(meta_text)
+    assert run_dir.find_latest(two_checkpoints) == "step00000003"
     warnings = warnings_logged()
     assert len(warnings) == 1 and "step00000006" in warnings[0], warnings
     assert ("incomplete" if meta_text.startswith("{not") else "malformed manifest entry for 'rank0.pt'") in warnings[0]
@@ -123,9 +124,9 @@ def test_a_garbled_meta_json_falls_back_too(two_checkpoints, warnings_logged, me
 def test_a_checkpoint_from_before_manifests_still_resumes(tmp_path):
     tag_dir = tmp_path / "checkpoints" / "step00000004"
     tag_dir.mkdir(parents=True)
-    (tag_dir / ckpt.META).write_text(json.dumps({"world_size": 1, "zero_stage": 0}))
-    assert ckpt.verify(tmp_path / "checkpoints", "step00000004") is None
-    assert ckpt.find_latest(tmp_path / "checkpoints") == "step00000004"
+    (tag_dir / run_dir.META).write_text(json.dumps({"world_size": 1, "zero_stage": 0}))
+    assert run_dir.verify(tmp_path / "checkpoints", "step00000004") is None
+    assert run_dir.find_latest(tmp_path / "checkpoints") == "step00000004"
 
 
 # ------------------------------------------------------------------------------ a full disk
@@ -195,7 +196,7 @@ def _assert_disk_full_reported(res, ckpts, out):
     assert "Traceback" not in res.stderr
     assert (ckpts / "latest").read_text().strip() == "step00000001"
     assert not (ckpts / "step00000002").exists()  # the partial folder is removed
-    assert ckpt.find_latest(ckpts) == "step00000001"  # and the previous one verifies
+    assert run_dir.find_latest(ckpts) == "step00000001"  # and the previous one verifies
 
 
 @pytest.mark.integration

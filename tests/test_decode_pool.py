@@ -20,6 +20,7 @@ from hiervl.data.decode import dali_available
 from hiervl.data.decode_pool import DecodeWorkerError
 from hiervl.data.loader import VideoTextLoader
 from hiervl.data.schedule import DecoderSplit
+from hiervl.model.text_model import load_tokenizer
 from test_loader import global_keys, make_cfg, run_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +90,8 @@ def test_pool_exactly_once_then_stop_and_resume_at_three_ranks(dataset):
 
 
 def test_pool_prefetch_zero_and_eval_match_the_thread_path(dataset):
-    a = VideoTextLoader(make_cfg(dataset, decoder="pyav", prefetch=0), train=False)
-    b = VideoTextLoader(make_cfg(dataset, decoder="pyav", prefetch=0, decode_workers=1), train=False)
+    a = VideoTextLoader(make_cfg(dataset, decoder="pyav", prefetch=0), train=False, tokenizer=load_tokenizer())
+    b = VideoTextLoader(make_cfg(dataset, decoder="pyav", prefetch=0, decode_workers=1), train=False, tokenizer=load_tokenizer())
     ba, bb = list(a), list(b)
     assert [x["keys"] for x in ba] == [x["keys"] for x in bb]
     assert all(torch.equal(x["video"], y["video"]) for x, y in zip(ba, bb))
@@ -138,7 +139,7 @@ def test_split_follows_the_measured_rates():
 
 
 def test_a_killed_worker_raises_a_clear_error_naming_it(dataset):
-    loader = VideoTextLoader(make_cfg(dataset, decoder="pyav", prefetch=0, decode_workers=1))
+    loader = VideoTextLoader(make_cfg(dataset, decoder="pyav", prefetch=0, decode_workers=1), tokenizer=load_tokenizer())
     it = iter(loader)
     next(it)
     (pid,) = loader._pool.pids
@@ -150,7 +151,7 @@ def test_a_killed_worker_raises_a_clear_error_naming_it(dataset):
 
 
 def test_a_killed_worker_with_prefetch_raises_in_the_consumer(dataset):
-    loader = VideoTextLoader(make_cfg(dataset, decoder="pyav", prefetch=2, decode_workers=2, batch_size=1))
+    loader = VideoTextLoader(make_cfg(dataset, decoder="pyav", prefetch=2, decode_workers=2, batch_size=1), tokenizer=load_tokenizer())
     it = iter(loader)
     next(it)
     for pid in loader._pool.pids:
@@ -166,13 +167,14 @@ import os, sys, time
 sys.path.insert(0, sys.argv[1])
 from hiervl.config import Config
 from hiervl.data.loader import VideoTextLoader
+from hiervl.model.text_model import load_tokenizer
 
 if __name__ == "__main__":  # worker processes import the main module (spawn / forkserver)
     cfg = Config()
     d = cfg.data
     d.path, d.batch_size, d.num_frames, d.size, d.short_side, d.max_words = sys.argv[2], 2, 4, 16, 20, 12
     d.decoder, d.decode_workers, d.num_threads = "pyav", 2, 1
-    loader = VideoTextLoader(cfg)
+    loader = VideoTextLoader(cfg, tokenizer=load_tokenizer(cfg.model.text.path))
     batch = next(iter(loader))
     print(" ".join(map(str, loader._pool.pids)), flush=True)
     if sys.argv[3] == "wait":

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from fixtures import write_shards
+from hiervl.model.text_model import load_tokenizer
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 SMALL = ["data.num_frames=4", "data.max_words=12", "data.size=16", "data.short_side=20", "data.num_threads=1",
@@ -60,7 +61,7 @@ def test_blocked_eval_equals_full_matrix_and_maps_captions(hit, data, tmp_path):
     cfg, model = hit
     res = evaluate_model(model, cfg, split="test", out_dir=tmp_path, export=True)
     assert res["block_rows"] == 3  # really blocked: 19 captions in 7 blocks
-    emb = embed_batches(model, iter_eval(cfg, split="test"))
+    emb = embed_batches(model, iter_eval(cfg, split="test", tokenizer=load_tokenizer(cfg.model.text.path)))
     want = expected_captions()
     assert sorted(emb.keys) == sorted(want)
     assert len(emb.captions) == res["num_captions"] == sum(len(c) for c in want.values())
@@ -96,7 +97,7 @@ def test_reports_mark_dsl_and_export_round_trips(hit, tmp_path):
     from hiervl.data.loader import iter_eval
     from hiervl.eval.evaluate import embed_batches
 
-    emb = embed_batches(model, iter_eval(cfg, split="test"))
+    emb = embed_batches(model, iter_eval(cfg, split="test", tokenizer=load_tokenizer(cfg.model.text.path)))
     order = [emb.keys.index(k) for k in index.keys]
     for name in ("feature", "semantic"):
         torch.testing.assert_close(index.videos[name], emb.videos[name][order], rtol=0, atol=0)
@@ -251,8 +252,8 @@ def test_order_pairs_are_own_video_forward_and_reversed(hit):
     from hiervl.eval.evaluate import embed_batches
 
     cfg, model = hit
-    emb = embed_batches(model, iter_eval(cfg, split="test"), reverse=True)
-    rev = embed_batches(model, flipped(iter_eval(cfg, split="test")))  # an independent reversed pass
+    emb = embed_batches(model, iter_eval(cfg, split="test", tokenizer=load_tokenizer(cfg.model.text.path)), reverse=True)
+    rev = embed_batches(model, flipped(iter_eval(cfg, split="test", tokenizer=load_tokenizer(cfg.model.text.path))))  # an independent reversed pass
     assert rev.keys == emb.keys and set(emb.order_pairs) == set(model.levels) | {"fused"}
     with torch.no_grad():
         fwd_full = model.similarity(emb.texts, emb.videos)  # level -> [19, 10]
@@ -264,7 +265,7 @@ def test_order_pairs_are_own_video_forward_and_reversed(hit):
         torch.testing.assert_close(pairs[:, 1], rev_full[name].gather(1, own)[:, 0], rtol=1e-5, atol=1e-6)
     # the temporal encoder sees order: reversing changes the fused scores (else the diagnostic is moot)
     assert not torch.allclose(emb.order_pairs["fused"][:, 0], emb.order_pairs["fused"][:, 1])
-    assert embed_batches(model, iter_eval(cfg, split="test")).order_pairs == {}  # off unless asked
+    assert embed_batches(model, iter_eval(cfg, split="test", tokenizer=load_tokenizer(cfg.model.text.path))).order_pairs == {}  # off unless asked
 
 
 def test_eval_cli_reports_order_and_group_diagnostics(hit, data, tmp_path, capsys):
@@ -281,8 +282,8 @@ def test_eval_cli_reports_order_and_group_diagnostics(hit, data, tmp_path, capsy
     printed = capsys.readouterr().out
     res = json.loads((out / "eval.json").read_text())
     # independent figures from the full similarity matrices
-    emb = embed_batches(model, iter_eval(make_cfg(grouped), split="test"))
-    rev = embed_batches(model, flipped(iter_eval(make_cfg(grouped), split="test")))
+    emb = embed_batches(model, iter_eval(make_cfg(grouped), split="test", tokenizer=load_tokenizer()))
+    rev = embed_batches(model, flipped(iter_eval(make_cfg(grouped), split="test", tokenizer=load_tokenizer())))
     with torch.no_grad():
         fwd = model.similarity(emb.texts, emb.videos)["fused"]  # [19, 10]
         back = model.similarity(emb.texts, rev.videos)["fused"]

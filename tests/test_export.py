@@ -47,7 +47,7 @@ def test_export_embeds_and_scores_exactly_as_eval_on_the_checkpoint(trained, cap
     from hiervl.eval.evaluate import EmbeddedSplit, rank_split
     from hiervl.eval.search import SearchIndex
     from hiervl.launch.cli import main
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import load_model_for_inference
 
     shards, run, root = trained
     model_dir, eval_dir = root / "model", root / "eval"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hiervl.model.text_model import load_tokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_dali_mixed_frames_match_the_cpu_loaders_pyav_frames(data):
     ref = torch.load(data / "reference.pt", weights_only=False)
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.path={data / 'shards'}", "data.device=gpu",
                                                    f"model.text.path={data / 'text'}"])
-    loader = iter_eval(cfg, split="test", batch_size=len(ref["keys"]))
+    loader = iter_eval(cfg, split="test", batch_size=len(ref["keys"]), tokenizer=load_tokenizer(cfg.model.text.path))
     batch = next(iter(loader))
     assert batch["keys"] == ref["keys"] and batch["video"].is_cuda
     assert bool(batch["valid"].all())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hiervl.model.text_model import load_tokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def test_dali_mixed_and_pyav_processes_fill_one_gpu_batch_that_matches_the_cpu_r
     ref = torch.load(DATA / "reference.pt", weights_only=False)
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.path={DATA / 'shards'}", "data.device=gpu",
                                                    "data.decode_workers=2", f"model.text.path={DATA / 'text'}"])
-    loader = VideoTextLoader(cfg, split="test", train=False, batch_size=len(ref["keys"]))
+    loader = VideoTextLoader(cfg, split="test", train=False, batch_size=len(ref["keys"]), tokenizer=load_tokenizer(cfg.model.text.path))
     try:
         batch = next(iter(loader))
         assert loader.hybrid and batch["keys"] == ref["keys"] and bool(batch["valid"].all())

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import write_shards
+from hiervl.model.text_model import load_tokenizer
 from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +169,7 @@ def test_malicious_shard_member_is_never_unpickled(tiny, tmp_path, capsys):
     rows[0].update(video_offset=member.offset_data, video_size=member.size, video_ext="pyd")
     pq.write_table(pa.Table.from_pylist(rows), data / "manifest.parquet")
     cfg = load_config(TINY, SMALL + [f"data.path={data}"])
-    batches = list(iter_eval(cfg, split="test"))
+    batches = list(iter_eval(cfg, split="test", tokenizer=load_tokenizer(cfg.model.text.path)))
     valid = [bool(v) for b in batches for v in b["valid"].tolist()]
     assert valid.count(False) == 1 and valid.count(True) == 3  # the pickle is a skipped, undecodable video
     from hiervl.dataprep.verify import verify

@@ -9,6 +9,7 @@ import torch
 from hiervl.config import Config
 from hiervl.data.loader import DatasetIndex, VideoTextLoader, iter_eval
 from hiervl.errors import UserError
+from hiervl.model.text_model import load_tokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ def run_epoch(cfg, w, epoch, state=None, limit=None):
     """Per rank: list of batches (keys, valid, position) and the loaders."""
     out, loaders = [], []
     for r in range(w):
-        loader = VideoTextLoader(cfg, rank=r, world_size=w)
+        loader = VideoTextLoader(cfg, rank=r, world_size=w, tokenizer=load_tokenizer(cfg.model.text.path))
         loader.set_epoch(epoch)
         if state is not None:
             loader.load_state_dict(state)
@@ -71,7 +72,7 @@ def assert_groups_contiguous(keys, index):
 @pytest.mark.parametrize("w", [1, 2, 3])
 def test_exactly_once_over_three_epochs_with_equal_batch_counts(dataset, w, order):
     cfg = make_cfg(dataset, remainder="pad", prefetch=2, order=order, group_chunk=4)
-    n = len(VideoTextLoader(cfg).index)
+    n = len(VideoTextLoader(cfg, tokenizer=load_tokenizer(cfg.model.text.path)).index)
     # a batch size that leaves a remainder at every world size tested
     cfg.data.batch_size = next(b for b in range(2, 12) if all(n % (b * v) for v in (1, 2, 3)))
     orders = []
@@ -158,25 +159,25 @@ def test_grouped_state_refuses_a_dataset_with_other_groups(dataset, tmp_path):
     m = pd.read_parquet(copy / "manifest.parquet")
     m["group"] = "one"  # same keys, other groups: the grouped order would differ
     m.to_parquet(copy / "manifest.parquet")
-    state = VideoTextLoader(make_cfg(dataset, order="grouped")).state_dict()
+    state = VideoTextLoader(make_cfg(dataset, order="grouped"), tokenizer=load_tokenizer()).state_dict()
     with pytest.raises(UserError, match="group"):
-        VideoTextLoader(make_cfg(copy, order="grouped")).load_state_dict(state)
-    VideoTextLoader(make_cfg(copy)).load_state_dict(VideoTextLoader(make_cfg(dataset)).state_dict())  # global: fine
+        VideoTextLoader(make_cfg(copy, order="grouped"), tokenizer=load_tokenizer()).load_state_dict(state)
+    VideoTextLoader(make_cfg(copy), tokenizer=load_tokenizer()).load_state_dict(VideoTextLoader(make_cfg(dataset), tokenizer=load_tokenizer()).state_dict())  # global: fine
     # the state's group_chunk wins over the config's, so the resumed order is the one the run had
-    resumed = VideoTextLoader(make_cfg(dataset, order="grouped", group_chunk=8))
+    resumed = VideoTextLoader(make_cfg(dataset, order="grouped", group_chunk=8), tokenizer=load_tokenizer())
     resumed.load_state_dict(state)
     assert resumed.group_chunk == 16 and np.array_equal(
-        resumed.order(0), VideoTextLoader(make_cfg(dataset, order="grouped")).order(0))
+        resumed.order(0), VideoTextLoader(make_cfg(dataset, order="grouped"), tokenizer=load_tokenizer()).order(0))
 
 
 def test_load_state_refuses_another_dataset(dataset, tmp_path):
     cfg = make_cfg(dataset)
-    state = VideoTextLoader(cfg).state_dict()
+    state = VideoTextLoader(cfg, tokenizer=load_tokenizer(cfg.model.text.path)).state_dict()
     state["num_samples"] += 1
     with pytest.raises(UserError, match="another dataset"):
-        VideoTextLoader(cfg).load_state_dict(state)
+        VideoTextLoader(cfg, tokenizer=load_tokenizer(cfg.model.text.path)).load_state_dict(state)
     with pytest.raises(UserError, match="manifest.parquet"):
-        VideoTextLoader(make_cfg(tmp_path))
+        VideoTextLoader(make_cfg(tmp_path), tokenizer=load_tokenizer())
 
 
 def test_corrupt_sample_is_skipped_counted_and_the_epoch_goes_on(dataset, tmp_path):
@@ -209,7 +210,7 @@ def test_eval_iteration_sees_every_video_once_with_all_captions(dataset):
     m = m[m["split"] == "train"]
     seen, counts = {}, []
     for r in range(3):
-        batches = list(iter_eval(cfg, split="train", rank=r, world_size=3))
+        batches = list(iter_eval(cfg, split="train", rank=r, world_size=3, tokenizer=load_tokenizer(cfg.model.text.path)))
         counts.append(len(batches))
         for batch in batches:
             assert batch["caption_input_ids"].shape[0] == len(batch["caption_index"]) == sum(map(len, batch["captions"]))
@@ -221,14 +222,14 @@ def test_eval_iteration_sees_every_video_once_with_all_captions(dataset):
     assert len(set(counts)) == 1
     assert seen == {k: list(c) for k, c in zip(m["key"], m["captions"])}
     # eval is deterministic: centre frames and crop, no flip
-    a = next(iter_eval(cfg, split="train"))["video"]
-    b = next(iter_eval(cfg, split="train"))["video"]
+    a = next(iter_eval(cfg, split="train", tokenizer=load_tokenizer(cfg.model.text.path)))["video"]
+    b = next(iter_eval(cfg, split="train", tokenizer=load_tokenizer(cfg.model.text.path)))["video"]
     assert torch.equal(a, b)
 
 
 def test_captions_are_tokenized_and_vary_by_epoch(dataset):
     cfg = make_cfg(dataset, prefetch=0)
-    loader = VideoTextLoader(cfg)
+    loader = VideoTextLoader(cfg, tokenizer=load_tokenizer(cfg.model.text.path))
     picks = []
     for epoch in range(4):
         loader.set_epoch(epoch)
@@ -242,13 +243,13 @@ def test_captions_are_tokenized_and_vary_by_epoch(dataset):
 def test_dali_and_pyav_paths_give_the_same_batch_for_the_same_vp9_clips(dataset):
     batches = {}
     for decoder in ("dali", "pyav"):
-        loader = VideoTextLoader(make_cfg(dataset, decoder=decoder, prefetch=0))
+        loader = VideoTextLoader(make_cfg(dataset, decoder=decoder, prefetch=0), tokenizer=load_tokenizer())
         batches[decoder] = next(iter(loader))
         assert dict(loader.stats["decode_path"]) == {decoder: 2}
     a, b = batches["dali"], batches["pyav"]
     assert a["keys"] == b["keys"] and a["valid"].all() and b["valid"].all()
     diff = (a["video"] - b["video"]).abs()
     assert diff.mean() < 0.03, diff.mean()  # normalised units: ~1/255 / std
-    other = VideoTextLoader(make_cfg(dataset, decoder="pyav", prefetch=0))
+    other = VideoTextLoader(make_cfg(dataset, decoder="pyav", prefetch=0), tokenizer=load_tokenizer())
     other.set_epoch(1)  # other frames / crops: far from equal, so the tolerance above means something
     assert (next(iter(other))["video"] - a["video"]).abs().mean() > 5 * diff.mean()

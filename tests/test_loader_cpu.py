@@ -5,6 +5,7 @@ import pytest
 from fixtures import write_shards
 from hiervl.data.cpu_meter import pid_cpu_seconds
 from hiervl.data.loader import VideoTextLoader
+from hiervl.model.text_model import load_tokenizer
 from test_loader import make_cfg
 
 
@@ -23,7 +24,7 @@ def _epochs(loader, n=3):
 def test_decode_threads_are_counted_as_the_loaders(shards):
     """PyAV in 2 decode threads beside the producer: the consumer here only waits, so nearly all
     of the process's CPU over the epochs is the loader's (uncounted threads would leave most out)."""
-    loader = VideoTextLoader(make_cfg(shards, decoder="pyav", decode_workers=0, num_threads=2, prefetch=2))
+    loader = VideoTextLoader(make_cfg(shards, decoder="pyav", decode_workers=0, num_threads=2, prefetch=2), tokenizer=load_tokenizer())
     try:
         _epochs(loader, 1)  # warm-up: imports, first allocations
         l0, t0 = loader.cpu_seconds()
@@ -36,7 +37,7 @@ def test_decode_threads_are_counted_as_the_loaders(shards):
 
 
 def test_decode_worker_processes_are_counted_in_the_loader_and_the_tree(shards):
-    loader = VideoTextLoader(make_cfg(shards, decoder="pyav", decode_workers=1, prefetch=2))
+    loader = VideoTextLoader(make_cfg(shards, decoder="pyav", decode_workers=1, prefetch=2), tokenizer=load_tokenizer())
     try:
         _epochs(loader, 1)
         pids = loader._pool.pids

@@ -32,14 +32,13 @@ def encode(model, texts):
 
 
 def test_known_answer_index_returns_the_matching_video_first(tmp_path):
-    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
-    from hiervl.eval.search import SearchIndex, search
+    from hiervl.eval.search import SearchIndex, search, write_index
 
     model = flat_model()
     # videos whose embeddings are the captions' own text embeddings: caption i must find video i
     t = encode(model, CAPTIONS)
     keys = [f"vid{i}" for i in range(len(CAPTIONS))]
-    export_embeddings(tmp_path, EmbeddedSplit(keys, {"global": t["global"]}, {}, torch.zeros(0)), {"split": "x"})
+    write_index(tmp_path, keys, {"global": t["global"]}, {"split": "x"})
     index = SearchIndex.load(tmp_path)
     assert index.keys == keys and index.split == "x"
     for i, caption in enumerate(CAPTIONS):
@@ -54,15 +53,14 @@ def test_known_answer_index_returns_the_matching_video_first(tmp_path):
 
 def test_hierarchical_scores_equal_model_similarity(tmp_path):
     from hiervl.config import load_config
-    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
-    from hiervl.eval.search import SearchIndex, search
+    from hiervl.eval.search import SearchIndex, search, write_index
 
     model = make_model(load_config(TINY, SMALL + ["model.preset=hcmi"]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         v = model.encode_video(torch.randn(7, 4, 3, 16, 16, generator=g))  # token and global levels
     keys = [f"k{i}" for i in range(7)]
-    export_embeddings(tmp_path, EmbeddedSplit(keys, v, {}, torch.zeros(0)), {})
+    write_index(tmp_path, keys, v, {})
     index = SearchIndex.load(tmp_path)
     for name in v:
         torch.testing.assert_close(index.videos[name], v[name], rtol=0, atol=0)
@@ -100,13 +98,12 @@ def test_contact_sheet_shows_the_hits_frames(tmp_path):
 
 def test_user_errors(tmp_path):
     from hiervl.errors import UserError
-    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
-    from hiervl.eval.search import SearchIndex, search
+    from hiervl.eval.search import SearchIndex, search, write_index
 
     with pytest.raises(UserError, match="hiervl eval"):
         SearchIndex.load(tmp_path / "nope")
     model = flat_model()
-    export_embeddings(tmp_path, EmbeddedSplit(["a"], {"global": encode(model, ["x"])["global"]}, {}, torch.zeros(0)), {})
+    write_index(tmp_path, ["a"], {"global": encode(model, ["x"])["global"]}, {})
     with pytest.raises(UserError, match="empty"):
         search(model, SearchIndex.load(tmp_path), "   ")
 
@@ -246,14 +243,12 @@ def test_search_index_of_a_video_folder_equals_eval_embeddings_and_shows_paths(t
 
 def test_a_large_eval_index_keeps_the_ann_index_it_builds(tmp_path, monkeypatch):
     import hiervl.eval.ann as ann
-    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
-    from hiervl.eval.search import SearchIndex, search
+    from hiervl.eval.search import SearchIndex, search, write_index
 
     monkeypatch.setattr(ann, "EXACT_BELOW", 4)  # "large" = 4 videos or more, so `auto` builds an IVF
     model = flat_model()
     t = encode(model, CAPTIONS)
-    export_embeddings(tmp_path, EmbeddedSplit([f"v{i}" for i in range(6)], {"global": t["global"]}, {},
-                                              torch.zeros(0)), {})
+    write_index(tmp_path, [f"v{i}" for i in range(6)], {"global": t["global"]}, {})
     index = SearchIndex.load(tmp_path)
     assert search(model, index, CAPTIONS[4], k=1, candidates=2)[0].key == "v4"
     assert index.meta["ann"] == {"level": "global", "kind": "ivf", "file": "ann.faiss"}
@@ -263,24 +258,26 @@ def test_a_large_eval_index_keeps_the_ann_index_it_builds(tmp_path, monkeypatch)
 
 
 def test_manifest_index_keeps_captions_and_refuses_bad_cells(tmp_path):
+    """A manifest for `search index` is read by dataprep/sources.py (the one manifest reader), captions optional."""
     from hiervl.errors import UserError
     from hiervl.eval.video_index import list_videos
+    from hiervl.launch.search import manifest_entries
 
     (tmp_path / "a.webm").write_bytes(b"x")
     (tmp_path / "m.csv").write_text('\ufeffkey,video,caption\nk1,a.webm,a red dot\nk2,a.webm,\n'
                                     'k3,a.webm,"[""one"", ""two""]"\n', encoding="utf-8")
-    entries = list_videos(manifest=tmp_path / "m.csv")
+    entries = list_videos(entries=manifest_entries(str(tmp_path / "m.csv")))
     assert [(e.key, e.captions) for e in entries] == [("k1", ["a red dot"]), ("k2", []), ("k3", ["one", "two"])]
     assert entries[0].path == str((tmp_path / "a.webm").resolve())
     (tmp_path / "bad.jsonl").write_text('{"video": "a.webm", "caption": 42}\n')
-    with pytest.raises(UserError, match="row 1: caption 42"):
-        list_videos(manifest=tmp_path / "bad.jsonl")
+    with pytest.raises(UserError, match=r"row 1, column caption: a number \(42\) is not a caption"):
+        manifest_entries(str(tmp_path / "bad.jsonl"))
     (tmp_path / "dup.jsonl").write_text('{"video": "a.webm"}\n{"video": "a.webm"}\n')
     with pytest.raises(UserError, match="two videos have the key 'a'"):
-        list_videos(manifest=tmp_path / "dup.jsonl")
+        list_videos(entries=manifest_entries(str(tmp_path / "dup.jsonl")))
     (tmp_path / "clip.jsonl").write_text('{"video": "a.webm", "start": 1.0, "end": 2.0}\n')
     with pytest.raises(UserError, match="start/end"):
-        list_videos(manifest=tmp_path / "clip.jsonl")
+        manifest_entries(str(tmp_path / "clip.jsonl"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no video files"):
         list_videos(videos=tmp_path / "empty")
@@ -291,8 +288,8 @@ def test_manifest_index_keeps_captions_and_refuses_bad_cells(tmp_path):
 def test_an_index_from_another_model_is_refused_in_one_line(tmp_path, capsys):
     """Issue 15 item 8: another run of the same preset (other weights) or another preset."""
     from hiervl.config import load_config
-    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
     from hiervl.eval.fingerprint import model_fingerprint
+    from hiervl.eval.search import write_index
     from hiervl.launch.cli import main
 
     cfg = load_config(TINY, SMALL + ["model.preset=flat"])
@@ -304,9 +301,8 @@ def test_an_index_from_another_model_is_refused_in_one_line(tmp_path, capsys):
     c = make_model(load_config(TINY, SMALL + ["model.preset=hit"]))
     run_a, run_b, run_c = (save_checkpoint(m, tmp_path / n) for m, n in ((a, "a"), (b, "b"), (c, "c")))
     t = encode(a, CAPTIONS)
-    export_embeddings(tmp_path / "idx", EmbeddedSplit([f"v{i}" for i in range(6)], {"global": t["global"]}, {},
-                                                     torch.zeros(0)), {"checkpoint": str(run_a),
-                                                                       "model": model_fingerprint(a, 1)})
+    write_index(tmp_path / "idx", [f"v{i}" for i in range(6)], {"global": t["global"]},
+                {"checkpoint": str(run_a), "model": model_fingerprint(a, 1)})
     assert main(["search", CAPTIONS[2], "--index", str(tmp_path / "idx"), "--no-sheet"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[3] == "v2"  # rank, score, global, key: its own checkpoint
     for run, what in ((run_b, "embedded by another model"), (run_c, "has levels")):
@@ -365,7 +361,7 @@ def test_train_then_eval_above_chance_and_search_finds_a_training_video(tmp_path
     rows = pq.read_table(tmp_path / "shards" / "manifest.parquet", columns=["key", "split", "captions"]).to_pylist()
     train = [r for r in rows if r["split"] == "train"]
     from hiervl.eval.search import SearchIndex, search
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import load_model_for_inference
 
     model, _ = load_model_for_inference(run)
     index = SearchIndex.load(out)

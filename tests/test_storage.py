@@ -24,6 +24,7 @@ import torch
 from hiervl import storage
 from hiervl.config import Config
 from hiervl.errors import UserError
+from hiervl.model.text_model import load_tokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +75,7 @@ def _epoch(cfg, world: int = 2) -> list[tuple[int, list[str], torch.Tensor, int]
 
     out = []
     for rank in range(world):
-        loader = VideoTextLoader(cfg, rank=rank, world_size=world)
+        loader = VideoTextLoader(cfg, rank=rank, world_size=world, tokenizer=load_tokenizer(cfg.model.text.path))
         loader.set_epoch(0)
         try:
             out += [(rank, b["keys"], b["video"], b["position"]) for b in loader]
@@ -190,7 +191,7 @@ def test_cache_downloads_each_shard_once(creds, local_and_remote, tmp_path):
     _, remote = local_and_remote
     cfg = _cfg(remote, creds, cache_dir=str(tmp_path / "cache"))
     cfg.data = dataclasses.replace(cfg.data, remainder="pad")  # every sample read, so every shard
-    loader = VideoTextLoader(cfg, rank=0, world_size=1)
+    loader = VideoTextLoader(cfg, rank=0, world_size=1, tokenizer=load_tokenizer(cfg.model.text.path))
     try:
         first = [b["keys"] for b in loader]
         src = loader.index.source
@@ -212,11 +213,11 @@ def test_server_restart_mid_epoch_loses_and_repeats_nothing(creds, local_and_rem
     from hiervl.data.loader import VideoTextLoader
 
     local, remote = local_and_remote
-    reference = VideoTextLoader(_cfg(local, creds), rank=0, world_size=1)
+    reference = VideoTextLoader(_cfg(local, creds), rank=0, world_size=1, tokenizer=load_tokenizer())
     want = [b["keys"] for b in reference]
     reference.close()
     cfg = _cfg(remote, creds, readahead=0, retries=8)
-    loader = VideoTextLoader(cfg, rank=0, world_size=1)
+    loader = VideoTextLoader(cfg, rank=0, world_size=1, tokenizer=load_tokenizer(cfg.model.text.path))
     got, valid = [], []
     before = storage.stats["retries"]
     restarter = None
@@ -364,7 +365,7 @@ def test_decode_worker_processes_read_from_s3(creds, local_and_remote):
     want = _epoch(_cfg(local, creds), world=1)
     cfg = _cfg(remote, creds)
     cfg.data = dataclasses.replace(cfg.data, decode_workers=2, prefetch=1)
-    loader = VideoTextLoader(cfg, rank=0, world_size=1)
+    loader = VideoTextLoader(cfg, rank=0, world_size=1, tokenizer=load_tokenizer(cfg.model.text.path))
     try:
         got = [(b["keys"], b["video"], b["position"], bool(b["valid"].all())) for b in loader]
         assert loader.stats["pool_decoded"] == 18 and loader.stats["skipped"] == 0

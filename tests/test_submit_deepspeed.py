@@ -25,7 +25,7 @@ def shards(prepared_dataset_16):
 
 
 def test_two_no_ssh_launchers_train_together(tmp_path, shards):
-    from hiervl.train.checkpoint import find_latest
+    from hiervl.run_dir import find_latest
 
     out = tmp_path / "run 1"
     args = ["--config", str(ROOT / "configs/tiny.yaml"), "--hosts", "127.0.0.1,localhost", "--nodes", "2",

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hiervl.train.checkpoint import find_latest
+from hiervl.run_dir import find_latest
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

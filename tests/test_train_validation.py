@@ -214,7 +214,7 @@ def test_submit_nodes_option_is_used_as_given(tmp_path, cli):
 
 def test_recorded_relative_paths_are_found_from_the_run_folder(tmp_path, monkeypatch):
     """A run older than absolute paths recorded `runs/demo/shards`: found from the checkpoint's ancestors."""
-    from hiervl.run_paths import absolute_paths, find_recorded
+    from hiervl.run_dir import absolute_paths, find_recorded
 
     (tmp_path / "runs/demo/shards").mkdir(parents=True)
     ckpt = tmp_path / "runs/demo/train/checkpoints/step00000004"

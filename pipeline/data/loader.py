@@ -59,11 +59,11 @@ from hiervl.data.decode import (
 )
 from hiervl.data.decode_pool import DecodePool, TransformSpec, resolve_decode_workers
 from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
+from hiervl.data.preprocess import Preprocessing
 from hiervl.data.sampler import (
     PAD,
     choose_caption,
     epoch_order,
-    frame_indices,
     group_codes,
     num_batches,
     rank_plan,
@@ -71,9 +71,9 @@ from hiervl.data.sampler import (
     stable_hash,
 )
 from hiervl.data.schedule import DecoderSplit
+from hiervl.distributed import resolve_device
 from hiervl.errors import UserError
 from hiervl.log import get_logger
-from hiervl.model.text_model import load_tokenizer
 from hiervl.storage import is_remote, join, open_store
 
 log = get_logger(__name__)
@@ -100,7 +100,7 @@ class DatasetIndex:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        # storage hook (issue 16): root may be a local folder or a URL (s3://, gs://, http(s)://);
+        # root may be a local folder or a URL (s3://, gs://, http(s)://);
         # every read goes through the store, the sample bytes through `self.source` (byte_source.py)
         self.root = root if is_remote(root) else Path(root)
         self.store = open_store(root, storage)
@@ -157,14 +157,6 @@ class DatasetIndex:
         self.source.close()
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if device == "gpu" and not torch.cuda.is_available():
-        raise UserError("data.device=gpu but CUDA is not available; set data.device=auto or cpu")
-    return device
-
-
 class VideoTextLoader:
     """Batches of (video, caption) for one rank of `world_size`; see the module docstring.
 
@@ -179,7 +171,7 @@ class VideoTextLoader:
     """
 
     def __init__(self, cfg, split: str | None = None, train: bool = True, rank: int = 0, world_size: int = 1,
-                 batch_size: int | None = None, dtype: torch.dtype = torch.float32, ledger=None):
+                 batch_size: int | None = None, dtype: torch.dtype = torch.float32, ledger=None, *, tokenizer):
         """`ledger`: the run's CrashLedger (pipeline/data/crash_ledger.py; training only): ledgered samples
         are not decoded, and a sample that kills or outlasts (data.decode_timeout_s) a decode worker is
         recorded in it instead of stopping the loader."""
@@ -190,7 +182,8 @@ class VideoTextLoader:
         self.batch_size = batch_size or self.cfg.batch_size
         self.split = split or self.cfg.split
         self.index = DatasetIndex(self.cfg.path, self.split, getattr(cfg, "storage", None))
-        self.tokenizer = load_tokenizer(cfg.model.text.path)
+        self.tokenizer = tokenizer  # the model's (model/text_model.load_tokenizer), passed in: data/ has no model
+        self.prep = Preprocessing.from_config(self.cfg)  # frame plan, clip transform, tokenising
         self.seed = self.cfg.seed
         self.order_mode = self.cfg.order if train else "sequential"
         self.block_window, self.group_chunk = self.cfg.block_window, self.cfg.group_chunk  # order parameters
@@ -207,7 +200,7 @@ class VideoTextLoader:
         # whole steps (sampler.num_batches), so every split of the same global batch sees the same steps
         train_cfg = getattr(cfg, "train", None)
         self.accum = train_cfg.grad_accum if train and train_cfg is not None and train_cfg.global_batch else 1
-        self.device = resolve_device(self.cfg.device)
+        self.device = "gpu" if resolve_device(self.cfg.device, setting="data.device").type == "cuda" else "cpu"
         self.device_id = torch.cuda.current_device() if self.device == "gpu" else None
         self.dtype = dtype  # of the video tensor: the trainer's compute dtype (it owns precision)
         self.ledger = ledger
@@ -383,13 +376,8 @@ class VideoTextLoader:
 
     def _sample_plan(self, i: int, epoch: int) -> tuple[np.ndarray, tuple[float, float], bool]:
         """Frame indices, crop position and flip of sample i: a pure function of (seed, epoch, key)."""
-        if not self.train:
-            return frame_indices(self.index.num_frames[i], self.cfg.num_frames, None), (0.5, 0.5), False
-        rng = sample_rng(self.seed, epoch, self.index.keys[i])
-        frames = frame_indices(self.index.num_frames[i], self.cfg.num_frames, rng)
-        crop = (float(rng.random()), float(rng.random()))
-        flip = bool(self.cfg.flip and rng.random() < 0.5)
-        return frames, crop, flip
+        rng = sample_rng(self.seed, epoch, self.index.keys[i]) if self.train else None
+        return self.prep.plan(self.index.num_frames[i], rng, flip=self.cfg.flip)
 
     def _log_path(self, backend: str, codec: str) -> None:
         where = " in worker processes" if backend == "pyav" and self._pool is not None else ""
@@ -554,17 +542,16 @@ class VideoTextLoader:
             video.index_copy_(0, where, normalize_clip(staged.to(dev, non_blocking=True), cfg.mean, cfg.std, self.dtype))
         if tids:
             self._pool.release(tids.values())  # every pool clip has been copied out of its ring slot
-        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.max_words, return_tensors="pt")
-        batch = {"video": video, "input_ids": tok["input_ids"].long(), "attention_mask": tok["attention_mask"].long(),
+        tok = self.prep.tokenize(self.tokenizer, texts)  # [B, L] each
+        batch = {"video": video, "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
                  "keys": keys, "video_ids": torch.tensor(vids, dtype=torch.int64), "valid": valid,
                  "epoch": epoch, "position": work["position"]}
         if not self.train:
             flat = [c for caps in all_caps for c in caps]
             index = [slot for slot, caps in enumerate(all_caps) for _ in caps]
-            ctok = self.tokenizer(flat or [""], padding="max_length", truncation=True, max_length=cfg.max_words,
-                                  return_tensors="pt")
-            batch.update(captions=all_caps, caption_input_ids=ctok["input_ids"][:len(flat)].long(),
-                         caption_attention_mask=ctok["attention_mask"][:len(flat)].long(),
+            ctok = self.prep.tokenize(self.tokenizer, flat)  # [Nc, L] each
+            batch.update(captions=all_caps, caption_input_ids=ctok["input_ids"],
+                         caption_attention_mask=ctok["attention_mask"],
                          caption_index=torch.tensor(index, dtype=torch.int64))
         if self.device == "gpu":
             for name in ("input_ids", "attention_mask", "video_ids", "valid"):
@@ -590,14 +577,15 @@ class VideoTextLoader:
         self.index.close()
 
 
-def iter_eval(cfg, split: str | None = None, rank: int = 0, world_size: int = 1, batch_size: int | None = None):
+def iter_eval(cfg, split: str | None = None, rank: int = 0, world_size: int = 1, batch_size: int | None = None, *,
+              tokenizer):
     """Every sample of `split` (default cfg.eval.split) exactly once across ranks, in manifest order.
 
     Centre frames and centre crop, no flip, all captions per video (see VideoTextLoader). The
     last global batch is padded (valid=False), so every rank yields the same number of batches.
     """
     loader = VideoTextLoader(cfg, split=split or cfg.eval.split, train=False, rank=rank, world_size=world_size,
-                             batch_size=batch_size or cfg.eval.batch_size)
+                             batch_size=batch_size or cfg.eval.batch_size, tokenizer=tokenizer)
     try:
         yield from loader
     finally:

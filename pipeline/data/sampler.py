@@ -46,15 +46,18 @@ def stable_hash(text: str, bits: int = 63) -> int:
 
 
 def group_codes(groups) -> np.ndarray:
-    """Group names (str, or None / "" for no group) -> int64 [N] codes, -1 = no group.
+    """Group names (str, or None / "" / NaN for no group) -> int64 [N] codes, -1 = no group; an integer
+    array of codes passes through (negative = no group). The one definition: the sampler and eval use it.
 
     Codes number the groups in order of first appearance, so they depend only on the dataset
     (its sample order and names), not on Python's hash salt or the process.
     """
+    if isinstance(groups, np.ndarray) and groups.dtype.kind in "iu":  # codes already: negative = no group
+        return np.where(groups >= 0, groups, -1).astype(np.int64)
     codes: dict[str, int] = {}
     out = np.full(len(groups), -1, dtype=np.int64)
     for i, g in enumerate(groups):
-        if g is not None and g != "":
+        if g is not None and g != "" and not (isinstance(g, float) and g != g):  # None, "" and NaN: no group
             out[i] = codes.setdefault(g, len(codes))
     return out
 

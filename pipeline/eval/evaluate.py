@@ -36,27 +36,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from hiervl import distributed as dist
-from hiervl.atomic_write import atomic_output
 from hiervl.data.loader import DatasetIndex, iter_eval
 from hiervl.data.manifest import MANIFEST_FILE
+from hiervl.data.sampler import group_codes
 from hiervl.errors import UserError
 from hiervl.eval.metrics import (
     blocked_group_hits,
     blocked_ranks,
     group_chance,
-    group_codes,
     metrics_from_ranks,
     order_sensitivity,
     rows_for_budget,
 )
+from hiervl.eval.search import write_index
 from hiervl.log import get_logger
 from hiervl.storage import is_remote
 
 log = get_logger(__name__)
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
-EMBEDDINGS_FILE = "embeddings.parquet"
-INDEX_FILE = "index.json"
-CATALOG_FILE = "catalog.parquet"  # key, path, captions of every indexed video (shown with search hits)
 
 
 @dataclass
@@ -297,7 +294,10 @@ def evaluate_model(model, cfg, split: str | None = None, device: torch.device | 
     try:
         t0 = time.time()
         if batches is None:
-            batches = iter_eval(cfg, split=split, rank=rank, world_size=world, batch_size=cfg.eval.batch_size)
+            from hiervl.model.text_model import load_tokenizer
+
+            batches = iter_eval(cfg, split=split, rank=rank, world_size=world, batch_size=cfg.eval.batch_size,
+                                tokenizer=load_tokenizer(cfg.model.text.path))
         local = embed_batches(model, batches, device, progress=rank == 0, reverse=diagnostics)
         embed_s = time.time() - t0
         gathered = gather_split(local, device)
@@ -315,9 +315,9 @@ def evaluate_model(model, cfg, split: str | None = None, device: torch.device | 
                     from hiervl.eval.fingerprint import model_fingerprint
 
                     fp = model_fingerprint(model, (meta or {}).get("checkpoint_step"))  # checked by hiervl search
-                    export_embeddings(Path(out_dir), gathered, {**(meta or {}), "model": fp, "split": split,
-                                                                "data": str(cfg.data.path)},
-                                      catalog=split_catalog(gathered, cfg.data.path))
+                    write_index(Path(out_dir), gathered.keys, gathered.videos,
+                                {**(meta or {}), "model": fp, "split": split, "data": str(cfg.data.path)},
+                                catalog=split_catalog(gathered, cfg.data.path))
             log.info("eval %s: %d videos, %d captions; t2v fused R@1 %.1f, v2t fused R@1 %.1f (%.1fs)", split,
                      result["num_videos"], result["num_captions"], result["t2v"]["fused"]["R1"],
                      result["v2t"]["fused"]["R1"], time.time() - t0)
@@ -408,37 +408,3 @@ def split_catalog(split: EmbeddedSplit, data_path: str | Path) -> list[dict]:
     if manifest.is_file() and "source" in pq.read_schema(manifest).names:
         sources = dict(zip(*pq.read_table(manifest, columns=["key", "source"]).to_pydict().values()))
     return [{"key": k, "path": sources.get(k), "captions": caps[k]} for k in split.keys]
-
-
-def export_embeddings(out_dir: Path, split: EmbeddedSplit, meta: dict, catalog: list[dict] | None = None) -> Path:
-    """Write the video embeddings as Parquet (key, level, vector) plus index.json (shapes, meta) and,
-    with `catalog` ({key, path, captions} per video), catalog.parquet (what search shows per hit)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = len(split.keys)
-    shapes, dtypes, keys, levels, offsets, values = {}, {}, [], [], [0], []
-    for name, x in split.videos.items():
-        flat = x.reshape(n, -1).float().numpy()  # [N, prod(shape)]
-        shapes[name], dtypes[name] = list(x.shape[1:]), str(x.dtype).replace("torch.", "")
-        keys += split.keys
-        levels += [name] * n
-        values.append(flat.ravel())
-        offsets += (offsets[-1] + flat.shape[1] * np.arange(1, n + 1)).tolist()
-    vector = pa.ListArray.from_arrays(pa.array(offsets, pa.int64() if offsets[-1] > 2**31 - 1 else pa.int32()),
-                                      pa.array(np.concatenate(values), pa.float32()))
-    table = pa.table({"key": pa.array(keys, pa.string()), "level": pa.array(levels, pa.string()), "vector": vector})
-    path = out_dir / EMBEDDINGS_FILE
-    with atomic_output(path) as tmp:
-        pq.write_table(table, tmp)
-    if catalog is not None:
-        cat = pa.table({"key": pa.array([c["key"] for c in catalog], pa.string()),
-                        "path": pa.array([c.get("path") for c in catalog], pa.string()),
-                        "captions": pa.array([list(c.get("captions") or []) for c in catalog], pa.list_(pa.string()))})
-        with atomic_output(out_dir / CATALOG_FILE) as tmp:
-            pq.write_table(cat, tmp)
-    index = {"schema_version": 1, "count": n, "shapes": shapes, "dtypes": dtypes, "embeddings": EMBEDDINGS_FILE,
-             **meta}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return path

@@ -29,10 +29,8 @@ import json
 
 import torch
 from hiervl.config import to_dict
+from hiervl.data.preprocess import Preprocessing
 from hiervl.errors import UserError
-
-PREPROCESSING_KEYS = ("num_frames", "size", "short_side", "max_words", "mean", "std")
-
 
 INIT_ONLY_KEYS = ("pretrained", "clip_path")  # where the initial weights came from: not the embedding space
 
@@ -45,7 +43,7 @@ def _without_init_keys(tree):
 
 def config_sha(cfg) -> str:
     d = to_dict(cfg)
-    what = {"model": _without_init_keys(d["model"]), "data": {k: d["data"][k] for k in PREPROCESSING_KEYS}}
+    what = {"model": _without_init_keys(d["model"]), "data": {k: d["data"][k] for k in Preprocessing.fields()}}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -95,20 +93,3 @@ def check_fingerprint(index_fp: dict | None, index_levels: list[str], model, che
                 f"config (config {index_fp.get('config_sha')} vs {mine['config_sha']}); re-index if its "
                 "preprocessing (frames, size, words) changed")
     return None
-
-
-def checkpoint_step(path) -> int | None:
-    """The step of the checkpoint `path` names (a run, its checkpoints/ or one tag folder), for display."""
-    from pathlib import Path
-
-    from hiervl.train.checkpoint import META, find_latest
-
-    path = Path(path)
-    try:
-        if (path / META).is_file():
-            return int(json.loads((path / META).read_text())["step"])
-        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        tag = find_latest(ckpt_dir) if ckpt_dir.is_dir() else None
-        return int(tag[4:]) if tag and tag.startswith("step") else None
-    except (OSError, ValueError, KeyError):
-        return None

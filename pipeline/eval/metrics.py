@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from hiervl.data.sampler import group_codes
 
 KS = (1, 5, 10)
 DEFAULT_DSL_SCALE = 100.0
@@ -276,19 +277,6 @@ def order_sensitivity(forward, backward) -> dict:
         raise ValueError("no captions to score: order sensitivity needs at least one")
     wins = f > b  # NaN compares False: a failure
     return {"order": float(100.0 * wins.mean()), "queries": int(f.size), "ties": int(np.sum(f == b))}
-
-
-def group_codes(video_group) -> np.ndarray:
-    """Group names per video (None or "" = no group) -> int64 codes [Nv], -1 for no group.
-    Integer codes pass through (negative = no group)."""
-    if isinstance(video_group, np.ndarray) and video_group.dtype.kind in "iu":
-        return np.where(video_group >= 0, video_group, -1).astype(np.int64)
-    names: dict = {}
-    out = np.full(len(video_group), -1, dtype=np.int64)
-    for i, g in enumerate(video_group):
-        if g is not None and g != "" and not (isinstance(g, float) and g != g):
-            out[i] = names.setdefault(g, len(names))
-    return out
 
 
 def blocked_group_hits(score_rows: Callable[[int, int], dict], num_texts: int, caption_to_video,

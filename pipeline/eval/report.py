@@ -25,7 +25,7 @@ from hiervl.data.manifest import MANIFEST_FILE
 from hiervl.eval.evaluate import diagnostics_note, format_diagnostics
 from hiervl.eval.search import SearchIndex, contact_sheet, format_hits, load_frames, search
 from hiervl.log import get_logger
-from hiervl.train.checkpoint import load_model_for_inference
+from hiervl.run_dir import load_model_for_inference
 
 log = get_logger(__name__)
 

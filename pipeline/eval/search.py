@@ -21,7 +21,8 @@ With `candidates >= N` (or `exact=True`) every video is scored: the brute-force 
 outside the global level's top `candidates` cannot be returned even if its fine levels would
 lift it: that is the approximation, measured by bench/search.py (recall of the ANN stage).
 
-Owns: the search index over exported embeddings, queries and contact sheets.
+Owns: the search-index format (writing it: `write_index`, reading it: `SearchIndex.load`),
+queries and contact sheets.
 Must not touch: training or evaluation.
 """
 
@@ -34,17 +35,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hiervl.atomic_write import atomic_output
 from hiervl.data.decode import decode_pyav
 from hiervl.data.loader import DatasetIndex, is_plain_name
+from hiervl.data.preprocess import Preprocessing
 from hiervl.data.sampler import frame_indices
+from hiervl.data.video_file import decode_video_file, probe_video_file
 from hiervl.errors import UserError
 from hiervl.eval.ann import AnnIndex
-from hiervl.eval.evaluate import CATALOG_FILE, EMBEDDINGS_FILE, INDEX_FILE
 from hiervl.log import get_logger
 from hiervl.model.text_model import load_tokenizer
-from hiervl.run_paths import find_recorded
+from hiervl.run_dir import find_recorded
 
 log = get_logger(__name__)
+EMBEDDINGS_FILE = "embeddings.parquet"
+INDEX_FILE = "index.json"
+CATALOG_FILE = "catalog.parquet"  # key, path, captions of every indexed video (shown with search hits)
 ANN_FILE = "ann.faiss"
 DEFAULT_CANDIDATES = 100
 TEXT_CHUNK = 256  # queries encoded per forward pass
@@ -148,12 +154,10 @@ class SearchIndex:
     def _keep_ann(self, ann: AnnIndex, level: str) -> None:
         """Save an ANN index built at load (a large index `hiervl eval` exported) beside the embeddings,
         so the next search reads it instead of building it again; a read-only index just logs."""
-        from hiervl.atomic_write import write_atomic
-
         try:
             ann.save(self.directory / ANN_FILE)
             self.meta["ann"] = {"level": level, "kind": ann.kind, "file": ANN_FILE}
-            write_atomic(self.directory / INDEX_FILE, json.dumps(self.meta, indent=2) + "\n")
+            write_meta(self.directory, self.meta)
             log.info("saved the %s ANN index of level %s to %s", ann.kind, level, self.directory / ANN_FILE)
         except OSError as exc:
             log.warning("could not save the ANN index to %s (%s): it is rebuilt at every search", self.directory, exc)
@@ -175,11 +179,11 @@ def encode_queries(model, queries: list[str]) -> dict[str, torch.Tensor]:
         if not isinstance(q, str) or not q.strip():
             raise UserError("a search query is empty; give a sentence, e.g. \"a red circle slides left\"")
     tokenizer = load_tokenizer(model.cfg.model.text.path)
+    prep = Preprocessing.from_config(model.cfg)
     device = next(model.parameters()).device
     parts = []
     for i in range(0, len(queries), TEXT_CHUNK):
-        tok = tokenizer(queries[i:i + TEXT_CHUNK], padding="max_length", truncation=True,
-                        max_length=model.cfg.data.max_words, return_tensors="pt")
+        tok = prep.tokenize(tokenizer, queries[i:i + TEXT_CHUNK])  # [b, L] each, as the eval loader's
         parts.append(model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -261,20 +265,21 @@ def hits_to_json(query: str, hits: list[Hit]) -> dict:
 
 
 def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Path | None = None,
-                      manifest: str | Path | None = None, ann: str = "auto", batch_size: int = 16,
-                      num_threads: int = 2, model=None) -> dict:
-    """Embed a folder or manifest of videos with `checkpoint` into a new index at `out`.
+                      entries: list | None = None, source: str | Path | None = None, ann: str = "auto",
+                      batch_size: int = 16, num_threads: int = 2, model=None) -> dict:
+    """Embed a folder of videos, or `entries` (video_index.CatalogEntry: a manifest's rows, read by
+    `hiervl search index` with dataprep/sources.py; `source` names the manifest) with `checkpoint`
+    into a new index at `out`.
 
     Writes embeddings.parquet, catalog.parquet, index.json (with the model fingerprint) and, unless
     the ANN kind is exact flat (rebuilt at load in milliseconds), ann.faiss for the global level.
     Returns a summary {count, skipped, captioned, ann, level}.
     """
-    from hiervl.eval.evaluate import EmbeddedSplit, export_embeddings
-    from hiervl.eval.fingerprint import checkpoint_step, model_fingerprint
+    from hiervl.eval.fingerprint import model_fingerprint
     from hiervl.eval.video_index import audio_files, embed_videos, list_videos
-    from hiervl.train.checkpoint import load_model_for_inference
+    from hiervl.run_dir import checkpoint_step, load_model_for_inference
 
-    entries = list_videos(videos, manifest)  # user errors before the model loads
+    entries = list_videos(videos, entries)  # user errors before the model loads
     AnnIndex.choose_kind(len(entries), ann)
     if model is None:
         model, _ = load_model_for_inference(checkpoint)
@@ -287,27 +292,70 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
     catalog = [{"key": k, "path": by_key[k].path, "captions": by_key[k].captions} for k in keys]
     g = global_level(model)
     meta = {"checkpoint": str(Path(checkpoint).resolve()), "model": model_fingerprint(model, checkpoint_step(checkpoint)),
-            "source": str(Path(manifest or videos).resolve()), "skipped": len(skipped),
+            "source": str(Path(source or videos).resolve()), "skipped": len(skipped),
             "skipped_videos": [{"key": k, "reason": r} for k, r in skipped[:1000]]}
     kind = AnnIndex.choose_kind(len(keys), ann)
     if g is not None:
         meta["ann"] = {"level": g, "kind": kind, "file": ANN_FILE if kind != "flat" else None}
-    export_embeddings(out, EmbeddedSplit(keys, embedded, {}, torch.zeros(0, dtype=torch.long)), meta, catalog=catalog)
+    write_index(out, keys, embedded, meta, catalog=catalog)
     if g is not None and kind != "flat":
         AnnIndex.build(embedded[g].numpy(), kind).save(out / ANN_FILE)
     elif (out / ANN_FILE).exists():
         (out / ANN_FILE).unlink()  # a stale file from an earlier, larger index in the same folder
-    audio = audio_files(videos) if videos is not None and manifest is None else []
+    audio = audio_files(videos) if videos is not None and entries is None else []
     return {"count": len(keys), "skipped": len(skipped), "captioned": sum(1 for c in catalog if c["captions"]),
             "ann": kind, "level": g, "skipped_videos": skipped, "audio_files": audio}
+
+
+def write_index(out_dir: str | Path, keys: list[str], videos: dict[str, torch.Tensor], meta: dict,
+                catalog: list[dict] | None = None) -> Path:
+    """Write an index: the video embeddings `videos` (level -> [N, ...], rows in `keys` order) as
+    Parquet (key, level, vector), index.json (shapes, dtypes, `meta`) and, with `catalog` ({key,
+    path, captions} per video), catalog.parquet (what search shows per hit). index.json is last."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(keys)
+    row_keys = keys
+    shapes, dtypes, keys, levels, offsets, values = {}, {}, [], [], [0], []
+    for name, x in videos.items():
+        flat = x.reshape(n, -1).float().numpy()  # [N, prod(shape)]
+        shapes[name], dtypes[name] = list(x.shape[1:]), str(x.dtype).replace("torch.", "")
+        keys += row_keys
+        levels += [name] * n
+        values.append(flat.ravel())
+        offsets += (offsets[-1] + flat.shape[1] * np.arange(1, n + 1)).tolist()
+    vector = pa.ListArray.from_arrays(pa.array(offsets, pa.int64() if offsets[-1] > 2**31 - 1 else pa.int32()),
+                                      pa.array(np.concatenate(values), pa.float32()))
+    table = pa.table({"key": pa.array(keys, pa.string()), "level": pa.array(levels, pa.string()), "vector": vector})
+    path = out_dir / EMBEDDINGS_FILE
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)
+    if catalog is not None:
+        cat = pa.table({"key": pa.array([c["key"] for c in catalog], pa.string()),
+                        "path": pa.array([c.get("path") for c in catalog], pa.string()),
+                        "captions": pa.array([list(c.get("captions") or []) for c in catalog], pa.list_(pa.string()))})
+        with atomic_output(out_dir / CATALOG_FILE) as tmp:
+            pq.write_table(cat, tmp)
+    index = {"schema_version": 1, "count": n, "shapes": shapes, "dtypes": dtypes, "embeddings": EMBEDDINGS_FILE,
+             **meta}
+    write_meta(out_dir, index)
+    return path
+
+
+def write_meta(directory: Path, meta: dict) -> None:
+    """index.json of the index at `directory` (replaced atomically)."""
+    from hiervl.atomic_write import write_atomic
+
+    write_atomic(Path(directory) / INDEX_FILE, json.dumps(meta, indent=2) + "\n")
 
 
 def frames_for_hits(index: SearchIndex, hits: list[Hit], count: int = 4, data: str | None = None) -> dict:
     """Contact-sheet frames of each hit: from the dataset's tars (an eval index) or the video files."""
     data = data or index.data
     frames = load_frames(data, index.split, [h.key for h in hits], count=count) if data and index.split else {}
-    from hiervl.data.video_file import decode_video_file, probe_video_file
-
     for h in hits:
         if h.key not in frames and h.path and Path(h.path).is_file():
             try:

@@ -17,15 +17,17 @@ A write that fails (a full disk, no permission) is one `CheckpointWriteError` on
 ("No space left on device while writing <dir>"): the partial directory is removed, `latest` and
 the previous checkpoint are untouched.
 
-Owns: checkpoint layout, save with the `latest` commit, resume planning, universal conversion,
-loading for inference.
-Must not touch: the training loop.
+The folder names and finding / verifying / reading a checkpoint belong to pipeline/run_dir.py
+(eval, the API and export read checkpoints without importing train/); this module writes them.
+
+Owns: save with the `latest` commit, the client-state keys and the queue copy in it, resume
+planning, universal conversion, loading for resume.
+Must not touch: the training loop, or reading checkpoints for inference (run_dir.py).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -40,17 +42,33 @@ import torch
 from hiervl import distributed as dist
 from hiervl import faults, safe_load
 from hiervl.atomic_write import write_atomic
-from hiervl.config import ConfigError, from_dict
+from hiervl.config import ConfigError
 from hiervl.errors import UserError
 from hiervl.log import get_logger
-from hiervl.model.hierarchical import build_model
+from hiervl.run_dir import (
+    LATEST,
+    META,
+    UNIVERSAL_SUFFIX,
+    checkpoint_dir,
+    complete_tags,
+    file_manifest,
+    find_latest,
+    read_meta,
+    resolve_checkpoint,
+    tag_for,
+)
 from hiervl.train.checkpoint_hash import WriteRecorder
 
 log = get_logger(__name__)
-META = "meta.json"
 
+# The client state DeepSpeed saves beside the engine (rank 0's copy; the same on every rank)
+STEP, EPOCH, SAMPLES_SEEN, MOMENTUM_UPDATES = "step", "epoch", "samples_seen", "momentum_updates"
+LOADER, QUEUES, BAD_TOTAL, BEST, CONFIG = "loader", "queue", "bad_total", "best", "config"
+WORLD_SIZE = "world_size"
+MOMENTUM = "momentum"  # fp32 shadows of bf16 momentum-encoder weights
+# this rank's own file, rank{R}.pt: its RNG states and loader state
+RNG = "rng"
 
-HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a checkpoint file
 LOW_SPACE = 64 << 20  # a write error with less than this free on the filesystem is a full disk
 
 
@@ -61,103 +79,31 @@ class CheckpointWriteError(UserError):
     same_on_every_rank = True
 
 
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
+def queue_state(model) -> dict:
+    """Every MomentumQueue's buffers (keys, video ids, pointer), by module name.
 
-
-def checkpoint_dir(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "checkpoints"
-
-
-def read_meta(ckpt_dir: Path, tag: str) -> dict | None:
-    path = ckpt_dir / tag / META
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_manifest(tag_dir: Path, known: dict | None = None) -> dict:
-    """{path relative to tag_dir: {"size", "sha256"}} for every file of a checkpoint but meta.json.
-
-    `known`: entries hashed while they were written (checkpoint_hash.py); only the other files are
-    read to hash them (and a known entry whose file now has another size is re-read)."""
-    known = known or {}
-    out = {}
-    for p in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != META):
-        name, size = p.relative_to(tag_dir).as_posix(), p.stat().st_size
-        entry = known.get(name)
-        out[name] = entry if entry is not None and entry["size"] == size else {"size": size, "sha256": _sha256(p)}
-    return out
-
-
-def verify(ckpt_dir: Path, tag: str, meta: dict | None = None) -> str | None:
-    """None when every file in the checkpoint's manifest has its recorded size and sha256, else
-    what is wrong with the first file that does not (a checkpoint written before manifests passes)."""
-    meta = read_meta(ckpt_dir, tag) if meta is None else meta
-    if meta is None:
-        return f"{ckpt_dir / tag / META} is missing or unreadable"
-    files = meta.get("files")
-    if not isinstance(files, dict):
-        return None  # written before checkpoints carried a manifest: nothing to check against
-    tag_dir = ckpt_dir / tag
-    for name, want in sorted(files.items()):  # sizes first: a truncated file is found without reading
-        if not (isinstance(want, dict) and isinstance(want.get("size"), int) and isinstance(want.get("sha256"), str)):
-            return f"{tag_dir / META} has a malformed manifest entry for {name!r}"
-        path = tag_dir / name
-        if not path.is_file():
-            return f"{path} is missing"
-        size = path.stat().st_size
-        if size != want["size"]:
-            return f"{path} has {size} bytes, its manifest says {want['size']}" + (" (truncated)" if size < want["size"] else "")
-    for name, want in sorted(files.items()):
-        if _sha256(tag_dir / name) != want["sha256"]:
-            return f"{tag_dir / name} does not match its sha256 in {META} (corrupted)"
-    return None
-
-
-def _complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags with a readable meta.json, oldest first."""
-    return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir() and not p.name.endswith("_universal")
-                  and read_meta(ckpt_dir, p.name) is not None)
-
-
-def find_latest(ckpt_dir: str | Path, check: bool = True) -> str | None:
-    """Tag of the newest complete, intact checkpoint: `latest` if it is one, else the newest before it.
-
-    With `check`, each candidate's files are verified against its manifest; a damaged one is skipped
-    with one warning naming the bad file. When checkpoints exist but every one is damaged, a
-    UserError says so (starting over silently would throw the run away).
+    They are also in the module's state_dict; the copy in the client state is what survives a
+    universal-checkpoint conversion (the queue is replicated, so rank 0's copy is the whole state).
     """
-    ckpt_dir = Path(ckpt_dir)
-    latest = ckpt_dir / "latest"
-    named = latest.read_text().strip() if latest.is_file() else None
-    complete = _complete_tags(ckpt_dir)
-    if named is not None and named not in complete:
-        log.warning("checkpoint %s named by %s is incomplete; looking for an older complete one", named, latest)
-    candidates = ([named] if named in complete else []) + [t for t in reversed(complete) if t != named]
-    damaged = []
-    for tag in candidates:
-        problem = verify(ckpt_dir, tag) if check else None
-        if problem is None:
-            for bad_tag, bad in damaged:
-                log.warning("checkpoint %s is damaged: %s; resuming from %s instead", ckpt_dir / bad_tag, bad, tag)
-            return tag
-        damaged.append((tag, problem))
-    if damaged:
-        raise UserError(f"every checkpoint under {ckpt_dir} is damaged (newest, {damaged[0][0]}: {damaged[0][1]}); "
-                        "move the folder away to start over, or point train.resume at an intact checkpoint")
-    return None
+    from hiervl.model.queue import MomentumQueue
+
+    return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+            for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
+
+
+def load_queue_state(model, state: dict) -> None:
+    from hiervl.model.queue import MomentumQueue
+
+    queues = {name: m for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
+    # checkpoints written before the objective became its own module name the queues `queues.*`
+    state = {name if name in queues or f"objective.{name}" not in queues else f"objective.{name}": value
+             for name, value in state.items()}
+    if set(queues) != set(state):
+        raise RuntimeError(f"checkpoint queues {sorted(state)} do not match the model's {sorted(queues)}")
+    for name, module in queues.items():
+        ref = next(iter(module.state_dict().values()), None)
+        device = ref.device if ref is not None else "cpu"
+        module.load_state_dict({k: v.to(device) for k, v in state[name].items()})
 
 
 def rng_state() -> dict:
@@ -232,7 +178,7 @@ def _write_error(exc: BaseException, path: Path, ckpt_dir: Path) -> str | None:
         free = shutil.disk_usage(ckpt_dir).free
     except OSError:
         free = None
-    latest = ckpt_dir / "latest"
+    latest = ckpt_dir / LATEST
     kept = (f"; {latest} still names {latest.read_text().strip()}, which is intact" if latest.is_file()
             else "; no earlier checkpoint exists")
     full = (oserr is not None and oserr.errno in (errno.ENOSPC, errno.EDQUOT)) or (
@@ -277,7 +223,7 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
             # nor its universal conversion.
             if tag_dir.exists():
                 shutil.rmtree(tag_dir)
-            shutil.rmtree(ckpt_dir / f"{tag}_universal", ignore_errors=True)
+            shutil.rmtree(ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
             tag_dir.mkdir()
         except Exception as exc:  # noqa: BLE001 - classified below; anything else re-raised
             problem = _write_error(exc, tag_dir, ckpt_dir)
@@ -313,7 +259,7 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
             files = file_manifest(tag_dir, known={k: v for _, files in gathered for k, v in files.items()})
             _write_json_atomic(tag_dir / META, {**meta, "tag": tag, "step": step, "saved_at": time.time(),
                                                 "save_seconds": round(time.time() - t0, 3), "files": files})
-            _write_json_atomic(ckpt_dir / "latest", tag)
+            _write_json_atomic(ckpt_dir / LATEST, tag)
         except Exception as exc:  # noqa: BLE001
             problem = _write_error(exc, tag_dir, ckpt_dir)
             if problem is None:
@@ -326,11 +272,11 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
 
 def prune(ckpt_dir: Path, keep: int, protect: tuple = ()) -> None:
     """Keep the newest `keep` complete checkpoints (and protected ones, e.g. the best); drop the rest."""
-    for tag in _complete_tags(ckpt_dir)[:-keep]:
+    for tag in complete_tags(ckpt_dir)[:-keep]:
         if tag in protect:
             continue
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-        shutil.rmtree(ckpt_dir / f"{tag}_universal", ignore_errors=True)
+        shutil.rmtree(ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ resume
@@ -349,20 +295,8 @@ def plan_resume(resume: str, out_dir: str | Path, world_size: int, zero_stage: i
         if tag is None:
             return None
     else:
-        path = Path(resume)
-        if (path / META).is_file():
-            ckpt_dir, tag = path.parent, path.name
-            problem = verify(ckpt_dir, tag)
-            if problem is not None:
-                raise UserError(f"train.resume={resume}: that checkpoint is damaged ({problem}); point train.resume "
-                                "at another one, or at its run folder to take the newest intact one")
-        elif path.is_dir():
-            ckpt_dir, tag = (path / "checkpoints" if (path / "checkpoints").is_dir() else path), None
-            tag = find_latest(ckpt_dir)
-        else:
-            raise ConfigError(f"train.resume={resume}: no such checkpoint directory; use auto, never or a path")
-        if tag is None:
-            raise ConfigError(f"train.resume={resume}: no complete checkpoint found there")
+        ckpt_dir, tag = resolve_checkpoint(resume, setting="train.resume", error=ConfigError,
+                                           hint="use auto, never or a path")
     meta = read_meta(ckpt_dir, tag)
     saved_ws, saved_stage = meta["world_size"], meta["zero_stage"]
     same_family = (saved_stage == 3) == (zero_stage == 3)
@@ -374,7 +308,7 @@ def plan_resume(resume: str, out_dir: str | Path, world_size: int, zero_stage: i
     # Plain DeepSpeed loading works when the partitioning is unchanged: the same world size and stage,
     # or stage 0 (nothing partitioned). Anything else goes through a universal checkpoint.
     universal = (saved_ws != world_size or saved_stage != zero_stage) and not (saved_stage == 0 and zero_stage == 0)
-    return {"dir": str(ckpt_dir), "tag": tag, "load_tag": f"{tag}_universal" if universal else tag,
+    return {"dir": str(ckpt_dir), "tag": tag, "load_tag": f"{tag}{UNIVERSAL_SUFFIX}" if universal else tag,
             "universal": universal, "meta": meta}
 
 
@@ -429,50 +363,3 @@ def load(engine, plan: dict) -> tuple[dict, dict | None]:
     same_world = plan["meta"]["world_size"] == dist.get_world_size()
     rank_state = safe_load.load(rank_file) if same_world and rank_file.is_file() else None
     return client, rank_state
-
-
-# ------------------------------------------------------------------------- inference
-
-
-def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
-    """(model, cfg) from a run directory, its checkpoints/ folder or one checkpoint tag directory.
-
-    Reads the resolved config stored in the checkpoint and the full module weights (ZeRO 0-2 keep
-    them in `mp_rank_00_model_states.pt`; ZeRO 3 is consolidated with DeepSpeed's zero_to_fp32).
-    """
-
-    path = Path(path)
-    if (path / META).is_file():
-        tag_dir = path
-        problem = verify(path.parent, path.name)
-        if problem is not None:
-            raise UserError(f"checkpoint {path} is damaged ({problem}); point --checkpoint at its run folder "
-                            "to take the newest intact checkpoint")
-    else:
-        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        tag = find_latest(ckpt_dir) if ckpt_dir.is_dir() else None
-        if tag is None:
-            raise UserError(f"no complete checkpoint under {path}; point --checkpoint at a training out_dir "
-                            "(train.out_dir) or one of its checkpoints/stepNNNNNNNN folders")
-        tag_dir = ckpt_dir / tag
-    meta = json.loads((tag_dir / META).read_text())
-    cfg = from_dict(meta["config"])
-    cfg.model.text.pretrained = False  # weights come from the checkpoint; skip loading them twice
-    model = build_model(cfg)
-    states = tag_dir / "mp_rank_00_model_states.pt"
-    if meta["zero_stage"] == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with safe_load.deepspeed_loads_safely():
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        buffers = safe_load.load(states, map_location=map_location).get("module") or {}
-        sd = {**{k: v for k, v in buffers.items() if k not in sd}, **sd}
-    else:
-        sd = safe_load.load(states, map_location=map_location)["module"]
-    sd = {k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or [m for m in missing if "queue" not in m]:
-        raise UserError(f"checkpoint {tag_dir} does not match the model it describes "
-                        f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.eval()
-    return model, cfg

@@ -23,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+from hiervl import run_dir
 from hiervl.config import to_dict
 from hiervl.log import get_logger
 
@@ -63,9 +64,9 @@ class Monitor:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(str(out_dir / "tensorboard"))
+            tb = SummaryWriter(str(out_dir / run_dir.TENSORBOARD))
         except ImportError:  # e.g. a bare GPU image: metrics.jsonl still has every figure
-            log.warning("tensorboard is not installed: metrics go to %s only", out_dir / "metrics.jsonl")
+            log.warning("tensorboard is not installed: metrics go to %s only", out_dir / run_dir.METRICS)
             tb = None
         run = None
         if cfg.train.wandb:
@@ -82,7 +83,7 @@ class Monitor:
         return cls(out_dir, tb, run)
 
     def log(self, record: dict) -> None:
-        path = self.out / "metrics.jsonl"
+        path = self.out / run_dir.METRICS
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")

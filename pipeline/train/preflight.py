@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 from hiervl.config import Config, ConfigError
-from hiervl.run_paths import is_url
-from hiervl.train.checkpoint import META, checkpoint_dir
+from hiervl.run_dir import CONFIG, META, resolve_checkpoint
+from hiervl.storage import is_remote
 from hiervl.train.deepspeed_config import build_deepspeed_config
 
 
@@ -32,11 +32,7 @@ def check_resume(resume: str) -> None:
     if not path.is_dir():
         guess = " (did you mean auto?)" if resume.lower() in ("latest", "last", "newest", "true", "yes") else ""
         raise ConfigError(f"train.resume={resume}: no such checkpoint directory{guess}; {hint}")
-    if (path / META).is_file():
-        return
-    ckpt_dir = checkpoint_dir(path) if (path / "checkpoints").is_dir() else path
-    if not any((p / META).is_file() for p in ckpt_dir.glob("step*") if not p.name.endswith("_universal")):
-        raise ConfigError(f"train.resume={resume}: no complete checkpoint there (no stepNNNNNNNN/{META}); {hint}")
+    resolve_checkpoint(path, check=False, setting="train.resume", error=ConfigError, hint=hint)  # no hashing here
 
 
 # model.* keys that shape the weights (and queue.* the buffers): a checkpoint written with other values
@@ -60,22 +56,14 @@ def _dotted(tree: dict, key: str):
 
 def resume_checkpoint(cfg: Config) -> Path | None:
     """The checkpoint folder `train.resume` will load (newest complete one; files not hashed here), or None."""
-    from hiervl.train.checkpoint import find_latest
-
     resume = cfg.train.resume
     if resume == "never":
         return None
-    path = Path(cfg.train.out_dir) if resume == "auto" else Path(resume)
-    if (path / META).is_file():
-        return path
-    ckpt_dir = checkpoint_dir(path) if (path / "checkpoints").is_dir() else path
-    if not ckpt_dir.is_dir():
-        return None
     try:
-        tag = find_latest(ckpt_dir, check=False)
-    except Exception:  # noqa: BLE001 - the ranks' plan reports a damaged folder in full
+        ckpt_dir, tag = resolve_checkpoint(Path(cfg.train.out_dir) if resume == "auto" else resume, check=False)
+    except Exception:  # noqa: BLE001 - none yet (a fresh run), or a damaged folder the ranks' plan reports in full
         return None
-    return ckpt_dir / tag if tag else None
+    return ckpt_dir / tag
 
 
 def check_resume_checkpoint(cfg: Config) -> None:
@@ -99,7 +87,7 @@ def check_resume_checkpoint(cfg: Config) -> None:
               if _dotted(saved, k) is not _ABSENT and _dotted(saved, k) != _dotted(mine, k)]
     if differ:
         raise ConfigError(f"train.resume={cfg.train.resume}: checkpoint {tag_dir} was written for another model "
-                          f"({'; '.join(differ[:4])}); resume it with its own config ({tag_dir.parent.parent / 'config.yaml'}), "
+                          f"({'; '.join(differ[:4])}); resume it with its own config ({tag_dir.parent.parent / CONFIG}), "
                           "or set train.out_dir to a new folder / train.resume=never to start over")
     safe_load.check_files(tag_dir)
 
@@ -121,7 +109,7 @@ def check_dataset(cfg: Config, world_size: int) -> None:
     from hiervl.data.sampler import num_batches
 
     d = cfg.data
-    if is_url(d.path):
+    if is_remote(d.path):
         return
     root = Path(d.path)
     make = "make one with `hiervl prep --input MANIFEST --out DIR` and set data.path=DIR"

@@ -22,16 +22,31 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from hiervl import distributed as dist
-from hiervl import faults
+from hiervl import faults, run_dir
 from hiervl.config import Config, to_dict, to_yaml
 from hiervl.errors import UserError
 from hiervl.log import get_logger, setup_logging
 from hiervl.train import checkpoint as ckpt
+from hiervl.train.checkpoint import (
+    BAD_TOTAL,
+    BEST,
+    CONFIG,
+    EPOCH,
+    LOADER,
+    MOMENTUM,
+    MOMENTUM_UPDATES,
+    QUEUES,
+    RNG,
+    SAMPLES_SEEN,
+    STEP,
+    WORLD_SIZE,
+)
 from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
 from hiervl.train.global_batch import for_world
 
@@ -51,33 +66,6 @@ class TooManyBadSteps(RuntimeError):
 class PeerLost(UserError):
     """A collective failed or timed out mid-run: a node or the network to it is gone. The process
     group is broken, so the rank exits without tearing it down (that would wait on the lost peer)."""
-
-
-def queue_state(model) -> dict:
-    """Every MomentumQueue's buffers (keys, video ids, pointer), by module name.
-
-    They are also in the module's state_dict; the copy in the client state is what survives a
-    universal-checkpoint conversion (the queue is replicated, so rank 0's copy is the whole state).
-    """
-    from hiervl.model.queue import MomentumQueue
-
-    return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-            for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
-
-
-def load_queue_state(model, state: dict) -> None:
-    from hiervl.model.queue import MomentumQueue
-
-    queues = {name: m for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
-    # checkpoints written before the objective became its own module name the queues `queues.*`
-    state = {name if name in queues or f"objective.{name}" not in queues else f"objective.{name}": value
-             for name, value in state.items()}
-    if set(queues) != set(state):
-        raise RuntimeError(f"checkpoint queues {sorted(state)} do not match the model's {sorted(queues)}")
-    for name, module in queues.items():
-        ref = next(iter(module.state_dict().values()), None)
-        device = ref.device if ref is not None else "cpu"
-        module.load_state_dict({k: v.to(device) for k, v in state[name].items()})
 
 
 def _hold_global_batch(cfg: Config, plan: dict | None) -> Config:
@@ -107,20 +95,27 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    """One rank's training. `evaluate(model, cfg, split, device, diagnostics)` -> the result dict of
+    `hiervl.eval.evaluate.evaluate_model` is what `eval.every_steps` calls (launch/train.py hands it
+    in: train/ does not import eval/)."""
+
+    def __init__(self, cfg: Config, evaluate: Callable | None = None):
         import deepspeed
         from hiervl.data.loader import VideoTextLoader
         from hiervl.model.hierarchical import build_model, compile_towers, set_matmul_precision
+        from hiervl.model.text_model import load_tokenizer
 
         self.out = Path(cfg.train.out_dir)
+        if cfg.eval.every_steps and evaluate is None:
+            raise ValueError("eval.every_steps is set but the Trainer was given no evaluate function")
+        self.evaluate_fn = evaluate
         info = dist.init(use_deepspeed=True, socket_ifname_setting=cfg.launch.socket_ifname)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        setup_logging(self.rank, self.out / "logs")
+        setup_logging(self.rank, self.out / run_dir.LOGS)
         self.peers = self._meet_peers()
         self._check_shared_out_dir()
         # the trainer owns device and precision: the loader delivers video in `self.dtype` on its device
-        self.device = torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available()
-                                   else "cpu")
+        self.device = dist.resolve_device("auto", info.local_rank)
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
         plan = ckpt.plan_resume_on_main(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
@@ -145,8 +140,8 @@ class Trainer:
             ds_config["checkpoint"] = {"load_universal": True}
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_deepspeed_config(ds_config, self.out / "deepspeed_config.json")
-            (self.out / "config.yaml").write_text(to_yaml(self.run_cfg))
+            write_deepspeed_config(ds_config, self.out / run_dir.DS_CONFIG)
+            (self.out / run_dir.CONFIG).write_text(to_yaml(self.run_cfg))  # the run's own (a resume may hold its global batch)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg, self.device, ds_config)  # PyTorch AdamW: no JIT build
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=params,
@@ -160,7 +155,8 @@ class Trainer:
         if self.ledger.entries and self.rank == 0:
             log.info("crash ledger: %d samples are skipped (%s)", len(self.ledger.entries), self.ledger.folder)
         self.loader = VideoTextLoader(cfg, split=cfg.data.split, train=True, rank=self.rank, world_size=self.world,
-                                      dtype=self.dtype, ledger=self.ledger)
+                                      dtype=self.dtype, ledger=self.ledger,
+                                      tokenizer=load_tokenizer(cfg.model.text.path))
         if len(self.loader) == 0:
             raise UserError(f"dataset {cfg.data.path} split '{cfg.data.split}' has fewer samples than one global "
                             f"batch ({cfg.data.batch_size} x {self.world} ranks); lower data.batch_size")
@@ -230,36 +226,36 @@ class Trainer:
 
     def _client_state(self) -> dict:
         return {
-            "step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
-            "momentum_updates": self.momentum_updates,
-            "loader": self.loader.state_dict(), "queue": queue_state(self.model),
-            "momentum": self.model.momentum_state(),  # fp32 shadows of bf16 key weights (momentum_update)
-            "bad_total": self.bad_total, "best": self.best, "config": to_dict(self.run_cfg),
-            "world_size": self.world, "universal_checkpoint_info": {},
+            STEP: self.step, EPOCH: self.epoch, SAMPLES_SEEN: self.samples_seen,
+            MOMENTUM_UPDATES: self.momentum_updates,
+            LOADER: self.loader.state_dict(), QUEUES: ckpt.queue_state(self.model),
+            MOMENTUM: self.model.momentum_state(),  # fp32 shadows of bf16 key weights (momentum_update)
+            BAD_TOTAL: self.bad_total, BEST: self.best, CONFIG: to_dict(self.run_cfg),
+            WORLD_SIZE: self.world, "universal_checkpoint_info": {},  # DeepSpeed's own key
         }
 
     def _resume(self, plan: dict) -> None:
         client, rank_state = ckpt.load(self.engine, plan)
-        self.step, self.epoch = client["step"], client["epoch"]
-        self.samples_seen, self.bad_total, self.best = client["samples_seen"], client["bad_total"], client["best"]
-        self.momentum_updates = client.get("momentum_updates", self.step)
-        load_queue_state(self.model, client["queue"])
-        if client.get("momentum"):
-            self.model.load_momentum_state(client["momentum"])
-        self.loader.load_state_dict(client["loader"])
+        self.step, self.epoch = client[STEP], client[EPOCH]
+        self.samples_seen, self.bad_total, self.best = client[SAMPLES_SEEN], client[BAD_TOTAL], client[BEST]
+        self.momentum_updates = client.get(MOMENTUM_UPDATES, self.step)
+        ckpt.load_queue_state(self.model, client[QUEUES])
+        if client.get(MOMENTUM):
+            self.model.load_momentum_state(client[MOMENTUM])
+        self.loader.load_state_dict(client[LOADER])
         if rank_state is not None:
-            ckpt.set_rng_state(rank_state["rng"])
+            ckpt.set_rng_state(rank_state[RNG])
         else:  # another world size: per-rank RNG streams cannot carry over; derive fresh ones
             seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
         log.info("resumed from %s/%s at step %d (epoch %d, position %d, lr %.3g)%s", plan["dir"], plan["tag"],
-                 self.step, self.epoch, client["loader"].get("position", -1), self._lr(),
+                 self.step, self.epoch, client[LOADER].get("position", -1), self._lr(),
                  f" via universal checkpoint ({plan['meta']['world_size']} -> {self.world} ranks)" if plan["universal"] else "")
 
     def save(self) -> str:
         meta = {"world_size": self.world, "zero_stage": self.cfg.train.zero_stage, "epoch": self.epoch,
                 "config": to_dict(self.run_cfg), "samples_seen": self.samples_seen}
         protect = (self.best["tag"],) if self.best else ()
-        rank_state = {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
+        rank_state = {RNG: ckpt.rng_state(), LOADER: self.loader.state_dict()}
         t0 = time.time()
         tag = ckpt.save(self.engine, self.out, self.step, self._client_state(), rank_state, meta,
                         keep=self.cfg.checkpoint.keep, protect=protect)
@@ -274,8 +270,8 @@ class Trainer:
 
     def _truncate_logs_after(self, step: int) -> None:
         """After a resume, drop log lines a killed run wrote past the checkpoint (no duplicates)."""
-        files = [self.out / "metrics.jsonl"] if self.rank == 0 else []
-        files += [self.out / "samples" / f"rank{self.rank}.jsonl"]
+        files = [self.out / run_dir.METRICS] if self.rank == 0 else []
+        files += [self.out / run_dir.SAMPLES / f"rank{self.rank}.jsonl"]
         for path in files:
             if path.is_file():
                 kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -433,7 +429,7 @@ class Trainer:
         self.momentum_updates += 1
         self.step += 1
         if self.cfg.train.log_samples:
-            self._append_jsonl(self.out / "samples" / f"rank{self.rank}.jsonl",
+            self._append_jsonl(self.out / run_dir.SAMPLES / f"rank{self.rank}.jsonl",
                                {"step": self.step, "epoch": batches[-1]["epoch"],
                                 "keys": [k for b in batches for k in b["keys"]],
                                 "valid": [bool(v) for b in batches for v in b["valid"].tolist()]})
@@ -580,21 +576,19 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         """Evaluation hook: R@1/5/10 on eval.split; the best checkpoint (by R@sum) is kept. Returns the result."""
-        from hiervl.eval.evaluate import evaluate_model
-
         self.model.eval()
-        result = evaluate_model(self.model, self.cfg, split=self.cfg.eval.split, device=self.device, diagnostics=False)
+        result = self.evaluate_fn(self.model, self.cfg, split=self.cfg.eval.split, device=self.device, diagnostics=False)
         self.model.train()
         t2v = result["t2v"]["fused"]
         rsum = t2v["R1"] + t2v["R5"] + t2v["R10"]
         if self.rank == 0:
-            self._append_jsonl(self.out / "eval.jsonl", {"step": self.step, "t2v": t2v, "rsum": rsum})
+            self._append_jsonl(self.out / run_dir.EVAL_LOG, {"step": self.step, "t2v": t2v, "rsum": rsum})
             log.info("eval step %d: t2v R@1 %.1f R@5 %.1f R@10 %.1f", self.step, t2v["R1"], t2v["R5"], t2v["R10"])
         if self.best is None or rsum > self.best["rsum"]:
             self.best = {"step": self.step, "rsum": rsum, "tag": ckpt.tag_for(self.step)}
             self.save()
             if self.rank == 0:
-                (self.out / "best.json").write_text(json.dumps(self.best, indent=2) + "\n")
+                (self.out / run_dir.BEST).write_text(json.dumps(self.best, indent=2) + "\n")
         return result
 
     def _write_status(self, reason: str, tag: str, exit_code: int) -> None:
@@ -611,13 +605,14 @@ class Trainer:
                       "momentum_updates": self.momentum_updates, "checkpoint_save_seconds": self.save_seconds,
                       "resume_seconds": self.resume_seconds, "universal_conversion_seconds": self.convert_seconds,
                       "crash_ledger": ledger}
-            (self.out / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+            (self.out / run_dir.STATUS).write_text(json.dumps(status, indent=2) + "\n")
             log.info("%s at step %d; checkpoint %s; skipped samples %d; non-finite steps %d", reason, self.step,
                      tag, status["skipped_samples"], self.bad_total)
 
 
-def run(cfg: Config) -> int:
-    """Train with `cfg` in this process (one rank); the entry point of `python -m hiervl.launch.train`."""
+def run(cfg: Config, evaluate: Callable | None = None) -> int:
+    """Train with `cfg` in this process (one rank); the entry point of `python -m hiervl.launch.train`.
+    `evaluate`: the periodic evaluation (`hiervl.eval.evaluate.evaluate_model`), see `Trainer`."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)))
@@ -628,7 +623,7 @@ def run(cfg: Config) -> int:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, evaluate)
     try:
         code = trainer.fit()
     except PeerLost:
