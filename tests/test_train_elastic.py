@@ -9,8 +9,9 @@ give the uninterrupted 2-rank run's per-step losses (rel 2e-4: float32, differen
 and Adam steps on weights that went through universal-checkpoint conversions), its LRs (rel 1e-9), the
 same 12 sample keys per step in the same order (exactly; the train split of the 40-sample corpus holds
 2 steps, so the run crosses epochs) and the same final momentum queues (atol 1e-4).
-Four launches take ~9.5 min on 2 shared cores (load ~12), so that test is `slow`; `make test` keeps
-the cheaper one below (two launches, no resume): 1 rank (3 x 4) and 3 ranks (1 x 4) give the same curve.
+Four launches take 3.6 min (load ~8-12) to 9.5 min (load ~12-20) on 2 shared cores, so that test is `slow`;
+`make test` keeps the cheaper one below (two launches, no resume; 3.8 min at load ~13): 1 rank (3 x 4) and
+3 ranks (1 x 4) give the same curve.
 """
 
 import json
