@@ -120,10 +120,17 @@ def unsafe_globals(path) -> list[str]:
             and n.replace("numpy.core", "numpy._core") not in allowed]
 
 
-def check_files(folder: Path) -> None:
+def check_files(folder: Path, skip_unreadable: bool = False) -> None:
     """Refuse (UnsafeFileError) when any `*.pt` file under `folder` names a global outside the safe set:
-    before a subprocess that loads them with weights_only=False (DeepSpeed's universal converter)."""
+    before a subprocess that loads them with weights_only=False (DeepSpeed's universal converter).
+    `skip_unreadable`: a file that is not a torch zip at all (truncated, damaged) is left to the
+    caller's integrity check and fallback (every in-process load is weights_only anyway)."""
     for path in sorted(Path(folder).rglob("*.pt")):
-        bad = unsafe_globals(path)
+        try:
+            bad = unsafe_globals(path)
+        except UnsafeFileError:
+            if skip_unreadable:
+                continue
+            raise
         if bad:
             raise _refusal(path, RuntimeError(f"GLOBAL {bad[0]}"))

@@ -89,7 +89,7 @@ def check_resume_checkpoint(cfg: Config) -> None:
         raise ConfigError(f"train.resume={cfg.train.resume}: checkpoint {tag_dir} was written for another model "
                           f"({'; '.join(differ[:4])}); resume it with its own config ({tag_dir.parent.parent / CONFIG}), "
                           "or set train.out_dir to a new folder / train.resume=never to start over")
-    safe_load.check_files(tag_dir)
+    safe_load.check_files(tag_dir, skip_unreadable=True)  # damaged: the ranks' plan falls back to an intact one
 
 
 def _split_counts(root: Path) -> dict[str, int]:
