@@ -273,7 +273,10 @@ class DecodePool:
             raise UserError(f"cannot allocate {mib:.0f} MiB of shared memory for data.decode_workers ({exc}); "
                             "give the machine a larger /dev/shm (docker --shm-size) or lower data.prefetch / "
                             "data.batch_size, or set data.decode_workers=0") from None
-        self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        # Results travel through a SimpleQueue: a worker's put() is written to the pipe before it returns.
+        # A Queue's put() only hands the item to a feeder thread, so a worker that crashes on its next
+        # sample could take a finished result down with it, and the batch would wait for it forever.
+        self._tasks, self._results = ctx.Queue(), ctx.SimpleQueue()
         self._current = ctx.Array("q", [-1] * self.workers, lock=False)  # tid each worker is on, -1 idle
         self._floor = ctx.Value("q", 0, lock=False)  # tasks below this tid are dropped
         self._started = ctx.Array("d", [0.0] * self.workers, lock=False)  # when each worker's task began
@@ -315,9 +318,9 @@ class DecodePool:
             if p.is_alive():
                 p.kill()
                 p.join(1.0)
-        for q in (self._tasks, self._results):
-            q.cancel_join_thread()  # items left in a queue must not block interpreter exit
-            q.close()
+        self._tasks.cancel_join_thread()  # items left in a queue must not block interpreter exit
+        self._tasks.close()
+        self._results.close()
         self._done.clear()
         self._ring = None
 
@@ -364,10 +367,10 @@ class DecodePool:
     def _receive(self) -> None:
         """Take one result off the queue (or check the workers' health after 0.2 s without one)."""
         try:
-            tid, ok, reason, seconds = self._results.get(timeout=0.2)
-        except queue.Empty:
-            self._check_workers()
-            return
+            if not self._results._reader.poll(0.2):  # SimpleQueue.get has no timeout
+                self._check_workers()
+                return
+            tid, ok, reason, seconds = self._results.get()
         except (EOFError, OSError):
             # a worker that died while sending leaves a broken message: name the dead worker
             # (its exit code may take a moment to show)
