@@ -279,6 +279,7 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
     from hiervl.eval.video_index import audio_files, embed_videos, list_videos
     from hiervl.run_dir import checkpoint_step, load_model_for_inference
 
+    from_folder = videos is not None and entries is None  # audio files are reported for a --videos folder
     entries = list_videos(videos, entries)  # user errors before the model loads
     AnnIndex.choose_kind(len(entries), ann)
     if model is None:
@@ -302,7 +303,7 @@ def build_video_index(checkpoint: str | Path, out: str | Path, videos: str | Pat
         AnnIndex.build(embedded[g].numpy(), kind).save(out / ANN_FILE)
     elif (out / ANN_FILE).exists():
         (out / ANN_FILE).unlink()  # a stale file from an earlier, larger index in the same folder
-    audio = audio_files(videos) if videos is not None and entries is None else []
+    audio = audio_files(videos) if from_folder else []
     return {"count": len(keys), "skipped": len(skipped), "captioned": sum(1 for c in catalog if c["captions"]),
             "ann": kind, "level": g, "skipped_videos": skipped, "audio_files": audio}
 
