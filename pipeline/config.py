@@ -267,6 +267,9 @@ class QueueConfig:
     size: int = 4096  # K; need not divide the global batch
     momentum: float = 0.99  # key encoder EMA: theta_k = m*theta_k + (1-m)*theta_q
     mask_same_video: bool = True  # batch and queue entries of the query's own video are not negatives
+    # queue entries of the query's own `group` (the manifest's column: its siblings, e.g. the other clips of
+    # its source video) are not negatives; the global batch's siblings stay (data.order=grouped's hard negatives)
+    mask_same_group: bool = False
     gather_batch_with_grad: bool = False  # momentum only: also score the global batch's queries with gradient
     batch_negatives: bool = True  # the global batch's other samples are negatives (momentum: keys; symmetric: queries)
 
