@@ -35,6 +35,8 @@ VARIANTS = [
     ("hanet", ["queue.objective=symmetric", "model.loss=hinge"]),
     # both: the in-batch rows plus the momentum rows with the queue
     ("hit", ["queue.objective=both"]), ("hcmi", ["queue.objective=both"]),
+    # the query's siblings in the queue masked: group ids gathered with the keys, kept by the queue
+    ("hit", ["queue.objective=both", "queue.mask_same_group=true"]),
 ]
 SMALL = ["data.num_frames=4", "data.max_words=12", "queue.enabled=true", "queue.size=10", "model.embed_dim=32",
          "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.text.num_layers=2",
@@ -53,6 +55,8 @@ def make_global_batch(step: int, n: int) -> dict:
         "input_ids": torch.randint(1000, 3000, (n, 12), generator=g) * mask,
         "attention_mask": mask,
         "video_ids": torch.tensor([(i // 2) + 10 * step for i in range(n)]),  # pairs share a video
+        # groups of 4 slots, the same across steps (queue entries of earlier steps are siblings); one without
+        "group_ids": torch.tensor([-1 if i == 1 else i // 4 for i in range(n)]),
         "valid": valid,
     }
 
