@@ -27,12 +27,12 @@ VARIANTS = [
     ("hanet", ["queue.objective=momentum"]), ("flat", ["queue.objective=momentum"]),
     ("hit", ["queue.objective=momentum", "queue.gather_batch_with_grad=true"]),
     ("hcmi", ["queue.objective=momentum", "model.label_denoise=true", "model.marginal_enhance=true"]),
-    ("hanet", ["queue.objective=momentum", "model.loss=hinge"]),
+    ("hanet", ["queue.objective=momentum", "model.loss=infonce", "model.loss_on=levels"]),  # default: fused hinge
     # the symmetric recipe: the global batch's queries all-gathered with gradient, queue keys as negatives
     ("hit", ["queue.objective=symmetric"]), ("hcmi", ["queue.objective=symmetric"]),
     ("hanet", ["queue.objective=symmetric"]), ("flat", ["queue.objective=symmetric"]),
     ("hcmi", ["queue.objective=symmetric", "model.label_denoise=true", "model.marginal_enhance=true"]),
-    ("hanet", ["queue.objective=symmetric", "model.loss=hinge"]),
+    ("hanet", ["queue.objective=symmetric", "model.loss=infonce", "model.loss_on=levels"]),  # default: fused hinge
     # both: the in-batch rows plus the momentum rows with the queue
     ("hit", ["queue.objective=both"]), ("hcmi", ["queue.objective=both"]),
     # the query's siblings in the queue masked: group ids gathered with the keys, kept by the queue
