@@ -74,8 +74,13 @@ install() {  # once per warm machine
   if compgen -G "/tmp/dw/part_0*" > /dev/null; then
     cat /tmp/dw/part_0* > /tmp/dw/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl && rm -f /tmp/dw/part_0*
   fi
-  local wheels=() d
-  for d in /tmp/dw .dev/whl .dev/whl2; do compgen -G "$d/*.whl" > /dev/null && wheels+=("$d"/*.whl); done
+  local wheels=() d w seen=" "
+  for d in /tmp/dw .dev/whl .dev/whl2; do  # one copy of each wheel (pip refuses two files of one version)
+    for w in "$d"/*.whl; do
+      [[ -f $w && $seen != *" $(basename "$w") "* ]] || continue
+      wheels+=("$w"); seen+="$(basename "$w") "
+    done
+  done
   (( ${#wheels[@]} )) && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
       "${wheels[@]}"
   say "wheels rc=$? (${#wheels[@]} wheels)"
@@ -118,7 +123,7 @@ stage() {
     model model-ac-off 170 --presets hit --reference train.activation_checkpointing=false
     ;;
   ac-on)  # what activation checkpointing costs (a lever, not the default): last in the long command
-    model model-ac-on 90 --presets hit train.activation_checkpointing=true
+    model model-ac-on 90 --presets hit --warmup 2 train.activation_checkpointing=true  # an option after --presets
     ;;
   compile)  # torch.compile of the towers (compiled during the 2 warmup steps, which are not timed)
     model model-compile 240 --presets hit --warmup 3 train.activation_checkpointing=false train.compile=true

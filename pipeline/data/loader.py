@@ -138,6 +138,8 @@ class DatasetIndex:
         self.groups: list[str | None] = ([g if isinstance(g, str) and g else None for g in table["group"]]
                                          if "group" in table.columns else [None] * len(self.keys))
         self.group_ids = group_codes(self.groups)  # int64 [N], -1 = no group (sampler.grouped_order)
+        # int64 [N] process- and dataset-independent group ids for the batch (queue.mask_same_group), -1 = none
+        self.group_hashes = np.array([-1 if g is None else stable_hash(g) for g in self.groups], dtype=np.int64)
         self.group_fingerprint = stable_hash("\n".join(g or "" for g in self.groups))
         self.fingerprint = stable_hash("\n".join(self.keys))
         self.source = SampleByteSource(self.store, self.shards, self.offsets, self.sizes, storage)
@@ -164,7 +166,8 @@ class VideoTextLoader:
       video [B, T, 3, size, size] in `dtype` (the trainer's compute dtype; float32 by default), normalised,
         on the GPU when data.device is gpu
       input_ids, attention_mask [B, L] int64 (one caption per sample; the first one in eval mode)
-      keys list[str], video_ids [B] int64, valid [B] bool, epoch int, position int
+      keys list[str], video_ids [B] int64, group_ids [B] int64 (the manifest's `group` hashed, -1 = none
+        or padding), valid [B] bool, epoch int, position int
     Eval mode (`train=False`, see `iter_eval`) adds every caption of each video:
       captions list[list[str]], caption_input_ids / caption_attention_mask [Nc, L] int64,
       caption_index [Nc] int64 (the batch slot each caption belongs to).
@@ -505,12 +508,13 @@ class VideoTextLoader:
         video = torch.empty(b, t, 3, cfg.size, cfg.size, dtype=self.dtype, device=dev)
         host_slots, host_clips = [], []  # CPU clips bound for the GPU: one pinned, asynchronous copy per batch
         valid = torch.zeros(b, dtype=torch.bool)
-        keys, vids, texts, all_caps = [], [], [], []
+        keys, vids, gids, texts, all_caps = [], [], [], [], []
         for slot, i in enumerate(int(x) for x in idx):
             if i == PAD:
                 video[slot].zero_()
                 keys.append("")
                 vids.append(-1)
+                gids.append(-1)
                 texts.append("")
                 all_caps.append([])
                 self.stats["padded"] += 1
@@ -518,6 +522,7 @@ class VideoTextLoader:
             key = self.index.keys[i]
             keys.append(key)
             vids.append(int(self.index.video_ids[i]))
+            gids.append(int(self.index.group_hashes[i]))
             caps = self.index.captions[i]
             all_caps.append(list(caps))
             texts.append(choose_caption(caps, self.seed, epoch, key) if self.train else (caps[0] if caps else ""))
@@ -544,7 +549,8 @@ class VideoTextLoader:
             self._pool.release(tids.values())  # every pool clip has been copied out of its ring slot
         tok = self.prep.tokenize(self.tokenizer, texts)  # [B, L] each
         batch = {"video": video, "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
-                 "keys": keys, "video_ids": torch.tensor(vids, dtype=torch.int64), "valid": valid,
+                 "keys": keys, "video_ids": torch.tensor(vids, dtype=torch.int64),
+                 "group_ids": torch.tensor(gids, dtype=torch.int64), "valid": valid,
                  "epoch": epoch, "position": work["position"]}
         if not self.train:
             flat = [c for caps in all_caps for c in caps]
@@ -554,7 +560,7 @@ class VideoTextLoader:
                          caption_attention_mask=ctok["attention_mask"],
                          caption_index=torch.tensor(index, dtype=torch.int64))
         if self.device == "gpu":
-            for name in ("input_ids", "attention_mask", "video_ids", "valid"):
+            for name in ("input_ids", "attention_mask", "video_ids", "group_ids", "valid"):
                 batch[name] = batch[name].pin_memory().to(dev, non_blocking=True)
         return batch
 
