@@ -3,7 +3,9 @@
 A training run (`train.out_dir`) holds
 
     config.yaml              the resolved config, absolute paths (written once, by `hiervl train` /
-                             `hiervl submit`, before any rank starts: the ranks read it)
+                             `hiervl submit`, before any rank starts: the ranks read it; rank 0 writes
+                             it only where that is missing or a resume held the checkpoint's
+                             train.global_batch that `submit` could not see: train/global_batch.py)
     deepspeed_config.json    the DeepSpeed config the ranks ran with
     metrics.jsonl            one record per log step (train/monitor.py); tensorboard/, logs/, samples/
     eval.jsonl, best.json    periodic evaluation: one line per evaluation, the best step (R@sum)
