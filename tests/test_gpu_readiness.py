@@ -15,6 +15,7 @@ import pytest
 import torch
 from hiervl.config import ConfigError, load_config
 from hiervl.data import decode_pool
+from hiervl.data.preprocess import Preprocessing
 from hiervl.errors import UserError
 from hiervl.train.preflight import check_training_run
 
@@ -42,8 +43,8 @@ def test_a_ring_larger_than_dev_shm_is_refused_before_it_is_allocated(monkeypatc
                         lambda p: Usage(64 << 20, 0, 64 << 20) if str(p) == decode_pool.SHM else real(p))
     allocated = []
     monkeypatch.setattr(torch.Tensor, "share_memory_", lambda self: allocated.append(self) or self)
-    spec = decode_pool.TransformSpec(num_frames=12, short_side=224, size=224)  # uint8 clips (issue 27)
-    pool = decode_pool.DecodePool(2, tmp_path, spec, slots=320)  # base.yaml: (prefetch 4 + 1) x batch 64
+    prep = Preprocessing(num_frames=12, size=224, short_side=224, mean=(0.5,) * 3, std=(0.5,) * 3, max_words=32)
+    pool = decode_pool.DecodePool(2, tmp_path, prep, slots=320)  # uint8 clips [12, 3, 224, 224]  # base.yaml: (prefetch 4 + 1) x batch 64
     with pytest.raises(UserError) as exc:
         pool.start()
     msg = str(exc.value)
