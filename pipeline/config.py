@@ -388,6 +388,10 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 100  # 0 = only at the end
     keep: int = 2  # newest complete checkpoints kept (>= 2: a resume can fall back past a damaged newest one)
+    # periodic saves copy the state to host memory and write it in a background thread while training
+    # goes on (train/async_save.py); `latest` still moves only once every rank's files are durable.
+    # Costs a second host copy of the model + optimizer state while a save is in flight.
+    async_save: bool = False
 
     def __post_init__(self):
         _positive("checkpoint.every_steps", self.every_steps, allow_zero=True)

@@ -48,16 +48,8 @@ import torch
 from hiervl.data.byte_source import SampleByteSource
 from hiervl.data.cpu_meter import LoaderCpuMeter, process_tree_seconds, thread_ids
 from hiervl.data.crash_ledger import is_crash
-from hiervl.data.decode import (
-    DaliVideoDecoder,
-    choose_backend,
-    dali_available,
-    decode_pyav,
-    normalize_clip,
-    resize_crop_uint8,
-    transform_clip,
-)
-from hiervl.data.decode_pool import DecodePool, TransformSpec, resolve_decode_workers
+from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav
+from hiervl.data.decode_pool import DecodePool, resolve_decode_workers
 from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
 from hiervl.data.preprocess import Preprocessing
 from hiervl.data.sampler import (
@@ -219,10 +211,9 @@ class VideoTextLoader:
         self._pool: DecodePool | None = None
         self.decode_workers = resolve_decode_workers(self.cfg.decode_workers, self.device, world_size)
         if self.decode_workers > 0:
-            spec = TransformSpec(self.cfg.num_frames, self.cfg.short_side, self.cfg.size)
             # ring slots: the samples of the batches in flight (data.prefetch ahead + the one being assembled)
             storage = getattr(cfg, "storage", None)  # storage hook: each worker opens its own store
-            self._pool = DecodePool(self.decode_workers, self.index.root, spec,
+            self._pool = DecodePool(self.decode_workers, self.index.root, self.prep,
                                     slots=(self.cfg.prefetch + 1) * self.batch_size,
                                     storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage,
                                     crash_ledger=ledger is not None, timeout_s=self.cfg.decode_timeout_s)
@@ -456,13 +447,10 @@ class VideoTextLoader:
         def _work(i: int):
             try:
                 clip = frames[i] if i in frames else decode_pyav(blobs[i], plans[i][0])
-                if len(clip) != self.cfg.num_frames:
-                    raise ValueError(f"decoder returned {len(clip)} frames, wanted {self.cfg.num_frames}")
                 if isinstance(clip, torch.Tensor) and clip.is_cuda:  # DALI mixed: the float transform on the GPU
-                    return i, transform_clip(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2],
-                                             self.cfg.mean, self.cfg.std, dtype), None
+                    return i, self.prep.clip(clip, plans[i][1], plans[i][2], dtype), None
                 # CPU frames: resized once in uint8 here, normalised straight into the batch slot
-                return i, resize_crop_uint8(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2]), None
+                return i, self.prep.resize_crop(clip, plans[i][1], plans[i][2]), None
             except Exception as exc:  # noqa: BLE001 - a corrupt video must not stop the run
                 return i, None, f"{'PyAV' if i not in frames else 'transform'} failed: {type(exc).__name__}: {exc}"
 
@@ -532,7 +520,7 @@ class VideoTextLoader:
                     host_slots.append(slot)
                     host_clips.append(clip)
                 elif clip.dtype == torch.uint8:
-                    normalize_clip(clip, cfg.mean, cfg.std, self.dtype, out=video[slot])  # the one copy
+                    self.prep.normalize(clip, self.dtype, out=video[slot])  # the one copy
                 else:
                     video[slot] = clip
                 valid[slot] = True
@@ -544,7 +532,7 @@ class VideoTextLoader:
             staged = torch.empty((len(host_clips), *host_clips[0].shape), dtype=torch.uint8, pin_memory=True)
             torch.stack(host_clips, out=staged)  # [n, T, 3, S, S] uint8 in page-locked memory (a quarter of float32)
             where = torch.tensor(host_slots, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
-            video.index_copy_(0, where, normalize_clip(staged.to(dev, non_blocking=True), cfg.mean, cfg.std, self.dtype))
+            video.index_copy_(0, where, self.prep.normalize(staged.to(dev, non_blocking=True), self.dtype))
         if tids:
             self._pool.release(tids.values())  # every pool clip has been copied out of its ring slot
         tok = self.prep.tokenize(self.tokenizer, texts)  # [B, L] each

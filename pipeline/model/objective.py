@@ -18,10 +18,9 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   steps. The positive is a detached key, so a tower gets gradient only as the query side of one
   direction. `queue.gather_batch_with_grad` adds (d) the global batch's *query* embeddings with
   gradient: then the row is the symmetric one below (balanced, the own query column is the
-  positive) with the batch's momentum keys as extra negatives, the own key masked. (Scoring the
-  in-batch queries only as negatives, against a key positive, pushed every video away from every
-  caption with no matching pull: both towers went to two antipodal points, all similarities -1,
-  the loss stuck at log(2G-1); tests/test_model.py trains that configuration now.)
+  positive) with the batch's momentum keys as extra negatives, the own key masked (queries scored
+  only as negatives, against a key positive, would push every video from every caption with no
+  matching pull).
 - `symmetric` (CLIP's in-batch InfoNCE over the global batch, plus the queue as in ALBEF/BLIP's
   ITC): the positive and the in-batch negatives are the global batch's *query* embeddings,
   all-gathered with gradient (`dist.all_gather_with_grad`), so both towers get gradient from both
@@ -30,8 +29,7 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   only the queue is momentum-encoded.) Balanced: a row's query gets its gradient from the softmax
   over batch and queue, the batch columns theirs from the softmax over the batch alone (as in
   CLIP), because through the full row a column gets its positive's pull but only the batch's
-  share of the push, a net pull of every video towards every caption (on a fixed batch whose queue
-  holds its own keys, both towers collapsed to one point within 20 steps). The loss value is the
+  share of the push, a net pull of every video towards every caption. The loss value is the
   full row's; without a queue it is exactly CLIP's symmetric InfoNCE, value and gradient
   (tests/test_losses.py). `queue.batch_negatives=false` keeps only the queue's negatives.
 
@@ -40,8 +38,10 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   then sit only in rows whose positive is a momentum key too, so they are consistent with it. In
   `symmetric` a row's positive is a query and its queue negatives are momentum keys: the towers
   can lower that loss by moving away from where the (lagging) keys were rather than by telling
-  samples apart (measured on the demo corpus: the queue cost 11 points of R@1 at momentum 0.99,
-  and at momentum 0.5 training collapsed to chance; bench/RESULTS.md).
+  samples apart.
+
+What each of these guards against was seen in training runs: pipeline/model/FIDELITY.md, "The
+objective: what was seen without each guard".
 
 How the levels combine (`model.loss_on`): `levels` (default) trains one loss per level and sums
 them with `model.loss_weights` (HiT/HCMI's per-level contrast; missing levels weigh 1); `fused`
