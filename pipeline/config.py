@@ -374,10 +374,16 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 100  # 0 = only at the end
     keep: int = 2  # newest complete checkpoints kept (>= 2: a resume can fall back past a damaged newest one)
+    # where checkpoints go: "" = <train.out_dir>/checkpoints; s3://bucket/prefix (or gs://) for nodes that share
+    # no filesystem: each rank uploads its own files, rank 0 meta.json then `latest` (train/checkpoint_remote.py)
+    dir: str = ""
 
     def __post_init__(self):
         _positive("checkpoint.every_steps", self.every_steps, allow_zero=True)
         _check(self.keep >= 1, "checkpoint.keep must be >= 1")
+        _check(not self.dir or self.dir.split("://", 1)[0] in ("s3", "gs") and "://" in self.dir,
+               f"checkpoint.dir={self.dir}: give s3://bucket/prefix or gs://bucket/prefix (or leave it empty: "
+               "checkpoints go to <train.out_dir>/checkpoints)")
 
 
 @dataclass
@@ -448,8 +454,15 @@ class LaunchConfig:
     # the interface of gloo/NCCL sockets, per node: auto (the route to the master, found on each node),
     # one name for all nodes, or per host "n1:eno1,n2:ens5"; a node's own GLOO/NCCL_SOCKET_IFNAME wins
     socket_ifname: str = "auto"
+    # whether train.out_dir (where checkpoints go unless checkpoint.dir is s3://) is one folder every node sees:
+    # auto = only when it is on a network filesystem (NFS, Lustre, GPFS, CephFS, BeeGFS, ...); true = declared
+    # shared (e.g. the same bind mount on every node; still probed by the ranks). A multi-node run whose
+    # checkpoints are not shared is refused before any rank starts (launch/shared_checkpoints.py)
+    shared_fs: str = "auto"
 
     def __post_init__(self):
+        self.shared_fs = str(self.shared_fs).lower()
+        _check(self.shared_fs in ("auto", "true"), f"launch.shared_fs={self.shared_fs!r}: give auto or true")
         _check(self.nodes >= 1, "launch.nodes must be >= 1")
         _check(bool(re.fullmatch(r"[\w.-]+|[\w.-]+:[\w.-]+(,[\w.-]+:[\w.-]+)*", self.socket_ifname or "")),
                f"launch.socket_ifname={self.socket_ifname!r}: give auto, an interface name (eth0) or per host "

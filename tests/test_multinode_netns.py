@@ -81,6 +81,8 @@ def _launch(cluster, shards, out, *extra):
     """One `hiervl submit deepspeed --no-ssh --node-rank R` launcher in each node."""
     args = [*COMMON, "--hosts", "n1,n2", "--nodes", "2", "--no-ssh", f"data.path={shards}", f"train.out_dir={out}",
             "train.ranks=1", "data.batch_size=2", *extra]
+    if not any(e.startswith("checkpoint.dir=") for e in extra):  # /tmp is one folder for both namespaces here
+        args.append("launch.shared_fs=true")
     return [cluster.popen(node, [sys.executable, "-m", "hiervl.launch.cli", "submit", "deepspeed", *args,
                                  "--node-rank", str(r)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -152,7 +154,9 @@ def test_cut_link_stops_both_nodes_within_the_timeout_then_n1_alone_resumes_exac
 
 def test_a_run_folder_local_to_each_node_is_refused_in_one_line(cluster, shards):
     """train.out_dir on each node's own disk (the same path, a different folder on each: a mount
-    namespace per node) is refused before any step: n2 cannot see what n1 wrote."""
+    namespace per node), declared shared by mistake (launch.shared_fs=true), is refused before any
+    step: n2 cannot see what n1 wrote. (Undeclared, it is refused before the ranks start:
+    tests/test_shared_checkpoints.py.)"""
     out = cluster.local / "run"  # n1 sees nodes/n1/run there, n2 sees nodes/n2/run
     procs = _launch(cluster, shards, out)
     outs = _wait(procs, 900)
