@@ -40,8 +40,9 @@ Example:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a training out_dir, its checkpoints/ folder, or one checkpoints/stepNNNNNNNN folder")
+    from hiervl.run_dir import MODEL_PATHS
+
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help=f"the model: {MODEL_PATHS}")
     parser.add_argument("--data", metavar="DIR", help="prepared dataset directory or s3:// / gs:// / http(s):// prefix (default: the checkpoint's data.path)")
     parser.add_argument("--split", default=None, help="split to evaluate (default: eval.split, 'test')")
     parser.add_argument("--out", metavar="DIR", help="where eval.json, eval.md and the index go")

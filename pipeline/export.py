@@ -28,15 +28,12 @@ from pathlib import Path
 import torch
 from hiervl.config import ConfigError, from_dict, to_yaml, yaml_load
 from hiervl.errors import UserError
+from hiervl.run_dir import EXPORT_MARK as EXPORT_FILE
+from hiervl.run_dir import is_export
 
-EXPORT_FILE = "hiervl-export.json"
 FORMAT, VERSION = "hiervl-export", 1
 WEIGHTS, CONFIG, VISION_DIR, TEXT_DIR = "model.safetensors", "config.yaml", "vision", "text"
 TOWER_PREFIXES = ("video.", "text.")  # the query towers + heads; HierarchicalModel's video_key.* etc. stay out
-
-
-def is_export(path: str | Path) -> bool:
-    return (Path(path) / EXPORT_FILE).is_file()
 
 
 def tower_state(model) -> dict[str, torch.Tensor]:
