@@ -27,7 +27,7 @@ from pathlib import Path
 from hiervl.launch.processes import RANK_MODULE, child_env, host_rendezvous, run_forwarding_signals
 
 # Variables the ranks need on every node; DeepSpeed's pdsh runner exports what .deepspeed_env lists.
-PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                   "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED", "TORCH_EXTENSIONS_DIR",
                   # not NCCL/GLOO_SOCKET_IFNAME: one value for every node breaks nodes whose interfaces are
                   # named differently; each rank finds its node's own (launch.socket_ifname, distributed.py)

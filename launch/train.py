@@ -47,8 +47,11 @@ def main(args, cfg) -> int:
     with absolute paths, then start the ranks; --dry-run prints the command and creates nothing."""
     import torch
     from hiervl.run_dir import CONFIG, absolute_paths
-    from hiervl.train.preflight import check_training_run
+    from hiervl.train.global_batch import hold_global_batch
+    from hiervl.train.preflight import check_training_run, resume_checkpoint, resumed_config
 
+    # a resume keeps the checkpoint's train.global_batch: held here, so config.yaml is written once, as the ranks run
+    cfg = hold_global_batch(cfg, resumed_config(resume_checkpoint(cfg)))
     check_training_run(cfg, world_size=cfg.train.ranks)
     cfg = absolute_paths(cfg)  # the run folder's config.yaml and every checkpoint work from any directory
     config_path = Path(cfg.train.out_dir) / CONFIG  # written here once: the ranks read it

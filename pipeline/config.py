@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 from hiervl.errors import UserError
-from hiervl.presets import PRESETS, TOKEN_ALIGNS, level_names
+from hiervl.presets import PRESET_LOSS, PRESETS, TOKEN_ALIGNS, level_names
 
 
 class ConfigError(UserError, ValueError):
@@ -192,12 +192,13 @@ class ModelConfig:
     num_phrases: int = 4  # HCMI: phrase tokens that words are clustered into
     level_weights: dict = field(default_factory=dict)  # inference fusion weights per level name
     # training: `levels` = one loss per level, summed with `loss_weights` (missing levels weigh 1);
-    # `fused` = HANet's one loss on the level_weights mean of the level similarities (pipeline/model/FIDELITY.md)
-    loss_on: str = "levels"
+    # `fused` = HANet's one loss on the level_weights mean of the level similarities (pipeline/model/FIDELITY.md);
+    # null = the preset's (presets.PRESET_LOSS: fused for hanet, as HANet's code trains; levels otherwise)
+    loss_on: str | None = None
     loss_weights: dict = field(default_factory=dict)  # training weight per level name (loss_on=levels)
     token_align: str = "max"  # token levels: max (X-CLIP/DRL TI, order-blind) | monotonic (word/frame order kept)
     detach_token_levels: bool = False  # token levels read detached encoder states: their losses train only their heads
-    loss: str = "infonce"  # infonce | hinge (VSE++ hardest negative, HANet's)
+    loss: str | None = None  # infonce | hinge (VSE++ hardest negative, HANet's); null = the preset's (hinge for hanet)
     margin: float = 0.2
     temperature: float = 0.07  # initial temperature (learnable in hcmi)
     max_logit_scale: float = 100.0
@@ -223,6 +224,14 @@ class ModelConfig:
             self.vision.clip_path = self.clip_path
             self.text.path = self.clip_path
         _one_of("model.preset", self.preset, tuple(PRESETS))
+        # the preset's loss where none is set; a run's saved config then names it (a resume keeps it)
+        default_loss, default_on = PRESET_LOSS.get(self.preset, ("infonce", "levels"))
+        if self.loss_on is None:
+            self.loss_on = default_on
+            if self.loss_on == "fused" and self.loss_weights:
+                self.loss_on = "levels"  # per-level weights asked for: the per-level losses they weigh
+        if self.loss is None:
+            self.loss = default_loss
         names = level_names(self.preset)
         unknown = sorted(set(self.level_weights) - set(names))
         _check(not unknown, f"model.level_weights names {unknown} but preset '{self.preset}' has levels {names}")
@@ -267,6 +276,9 @@ class QueueConfig:
     size: int = 4096  # K; need not divide the global batch
     momentum: float = 0.99  # key encoder EMA: theta_k = m*theta_k + (1-m)*theta_q
     mask_same_video: bool = True  # batch and queue entries of the query's own video are not negatives
+    # queue entries of the query's own `group` (the manifest's column: its siblings, e.g. the other clips of
+    # its source video) are not negatives; the global batch's siblings stay (data.order=grouped's hard negatives)
+    mask_same_group: bool = False
     gather_batch_with_grad: bool = False  # momentum only: also score the global batch's queries with gradient
     batch_negatives: bool = True  # the global batch's other samples are negatives (momentum: keys; symmetric: queries)
 

@@ -165,3 +165,37 @@ def test_detached_token_levels_train_their_heads_but_not_the_shared_encoders(det
 def test_level_knobs_are_validated(extra, message):
     with pytest.raises(UserError, match=message):
         _cfg(extra)
+
+
+def test_hanet_trains_hanets_fused_hinge_by_default_and_other_presets_keep_per_level_infonce():
+    # HANet's released code (FIDELITY.md): one VSE++ hinge on the mean of the level scores
+    hanet = _cfg(preset="hanet")
+    assert (hanet.model.loss, hanet.model.loss_on) == ("hinge", "fused")
+    for preset in ("hit", "hcmi", "flat"):
+        cfg = _cfg(preset=preset)
+        assert (cfg.model.loss, cfg.model.loss_on) == ("infonce", "levels")
+    # set explicitly, either knob wins; per-level weights ask for per-level losses
+    assert _cfg(["model.loss=infonce"], preset="hanet").model.loss_on == "fused"
+    assert _cfg(["model.loss_on=levels"], preset="hanet").model.loss == "hinge"
+    assert _cfg(["model.loss_weights={global: 2.0}"], preset="hanet").model.loss_on == "levels"
+    assert _cfg(["model.loss_on=fused"]).model.loss == "infonce"  # hit stays InfoNCE when fused
+
+
+def test_hanet_default_loss_is_the_hinge_on_the_fused_score():
+    from hiervl.model.hierarchical import build_model
+
+    def loss(extra):
+        torch.manual_seed(0)
+        model = build_model(_cfg(["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2",
+                                  *extra], preset="hanet"))
+        g = torch.Generator().manual_seed(1)
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+        batch = {"video": torch.randn(4, 3, 3, 32, 32, generator=g), "attention_mask": mask,
+                 "input_ids": torch.randint(1000, 3000, (4, 5), generator=g) * mask, "video_ids": torch.arange(4)}
+        return model(batch)
+
+    default = loss([])
+    assert set(default["losses"]) == {"fused"}
+    assert default["loss"].item() == pytest.approx(loss(["model.loss=hinge", "model.loss_on=fused"])["loss"].item())
+    assert default["loss"].item() != pytest.approx(loss(["model.loss=infonce", "model.loss_on=levels"])["loss"].item(),
+                                                   rel=1e-2)

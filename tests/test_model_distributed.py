@@ -27,14 +27,16 @@ VARIANTS = [
     ("hanet", ["queue.objective=momentum"]), ("flat", ["queue.objective=momentum"]),
     ("hit", ["queue.objective=momentum", "queue.gather_batch_with_grad=true"]),
     ("hcmi", ["queue.objective=momentum", "model.label_denoise=true", "model.marginal_enhance=true"]),
-    ("hanet", ["queue.objective=momentum", "model.loss=hinge"]),
+    ("hanet", ["queue.objective=momentum", "model.loss=infonce", "model.loss_on=levels"]),  # default: fused hinge
     # the symmetric recipe: the global batch's queries all-gathered with gradient, queue keys as negatives
     ("hit", ["queue.objective=symmetric"]), ("hcmi", ["queue.objective=symmetric"]),
     ("hanet", ["queue.objective=symmetric"]), ("flat", ["queue.objective=symmetric"]),
     ("hcmi", ["queue.objective=symmetric", "model.label_denoise=true", "model.marginal_enhance=true"]),
-    ("hanet", ["queue.objective=symmetric", "model.loss=hinge"]),
+    ("hanet", ["queue.objective=symmetric", "model.loss=infonce", "model.loss_on=levels"]),  # default: fused hinge
     # both: the in-batch rows plus the momentum rows with the queue
     ("hit", ["queue.objective=both"]), ("hcmi", ["queue.objective=both"]),
+    # the query's siblings in the queue masked: group ids gathered with the keys, kept by the queue
+    ("hit", ["queue.objective=both", "queue.mask_same_group=true"]),
 ]
 SMALL = ["data.num_frames=4", "data.max_words=12", "queue.enabled=true", "queue.size=10", "model.embed_dim=32",
          "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.text.num_layers=2",
@@ -53,6 +55,8 @@ def make_global_batch(step: int, n: int) -> dict:
         "input_ids": torch.randint(1000, 3000, (n, 12), generator=g) * mask,
         "attention_mask": mask,
         "video_ids": torch.tensor([(i // 2) + 10 * step for i in range(n)]),  # pairs share a video
+        # groups of 4 slots, the same across steps (queue entries of earlier steps are siblings); one without
+        "group_ids": torch.tensor([-1 if i == 1 else i // 4 for i in range(n)]),
         "valid": valid,
     }
 

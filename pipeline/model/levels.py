@@ -170,13 +170,13 @@ def global_similarity(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return t @ v.transpose(0, 1)
 
 
-def token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tensor,
-                     max_elements: int = 1 << 25) -> torch.Tensor:
-    """Token-wise aggregation (WTI): t [Nt, L, D] with t_mask [Nt, L], v [Nv, T, D] -> [Nt, Nv].
+def _blocked_similarity(halves, t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tensor,
+                        max_elements: int) -> torch.Tensor:
+    """The token-wise scores' one driver: t [Nt, L, D] with t_mask [Nt, L], v [Nv, T, D] -> [Nt, Nv].
 
-    t2v half: every valid word takes its best frame, mean over valid words.
-    v2t half: every frame takes its best valid word, mean over frames. Result: the average.
-    Computed in blocks of videos so [Nt, block, L, T] stays under `max_elements`.
+    Videos go in blocks so the scores s [Nt, block, L, T] stay under `max_elements`;
+    `halves(s, t_mask, words)` -> (t2v, v2t) [Nt, Nb] each is the alignment; the result is their
+    average, with v2t 0 for a caption without a valid word (e.g. empty queue slots).
     """
     nt, nl = t.shape[:2]
     if t_mask is None:
@@ -186,15 +186,30 @@ def token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tens
     block = max(1, max_elements // max(1, nt * nl * v.shape[1]))
     parts = []
     for start in range(0, v.shape[0], block):
-        vb = v[start:start + block]
-        s = torch.einsum("ald,btd->ablt", t, vb)  # [Nt, Nb, L, T]
-        word_best = s.max(dim=3).values  # [Nt, Nb, L]
-        t2v = (word_best * t_mask[:, None, :].to(s.dtype)).sum(dim=2) / words[:, None]  # [Nt, Nb]
-        s = s.masked_fill(~t_mask[:, None, :, None], float("-inf"))
-        v2t = s.max(dim=2).values.mean(dim=2)  # [Nt, Nb]; -inf where a caption has no valid word
-        v2t = torch.where(t_mask.any(dim=1)[:, None], v2t, torch.zeros_like(v2t))  # e.g. empty queue slots
+        s = torch.einsum("ald,btd->ablt", t, v[start:start + block])  # [Nt, Nb, L, T]
+        t2v, v2t = halves(s, t_mask, words)  # [Nt, Nb] each; v2t -inf where a caption has no valid word
+        v2t = torch.where(t_mask.any(dim=1)[:, None], v2t, torch.zeros_like(v2t))
         parts.append(0.5 * (t2v + v2t))
     return torch.cat(parts, dim=1) if parts else t.new_zeros(nt, 0)
+
+
+def _max_halves(s: torch.Tensor, t_mask: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """WTI: every valid word's best frame, mean over valid words; every frame's best valid word, mean over frames."""
+    word_best = s.max(dim=3).values  # [Nt, Nb, L]
+    t2v = (word_best * t_mask[:, None, :].to(s.dtype)).sum(dim=2) / words[:, None]  # [Nt, Nb]
+    s = s.masked_fill(~t_mask[:, None, :, None], float("-inf"))
+    return t2v, s.max(dim=2).values.mean(dim=2)  # [Nt, Nb] each
+
+
+def token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tensor,
+                     max_elements: int = 1 << 25) -> torch.Tensor:
+    """Token-wise aggregation (WTI): t [Nt, L, D] with t_mask [Nt, L], v [Nv, T, D] -> [Nt, Nv].
+
+    t2v half: every valid word takes its best frame, mean over valid words.
+    v2t half: every frame takes its best valid word, mean over frames. Result: the average.
+    Computed in blocks of videos so [Nt, block, L, T] stays under `max_elements`.
+    """
+    return _blocked_similarity(_max_halves, t, t_mask, v, max_elements)
 
 
 def _monotone_best(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -211,6 +226,16 @@ def _monotone_best(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return best.max(dim=-1).values  # [...]
 
 
+def _monotone_halves(s: torch.Tensor, t_mask: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order-aware: the best monotone word->frame alignment over the valid words, and frame->word over the frames."""
+    nt, nb, nl, nf = s.shape
+    word_valid = t_mask[:, None, :].expand(nt, nb, nl)  # [Nt, Nb, L]
+    t2v = _monotone_best(s, word_valid) / words[:, None]  # [Nt, Nb]
+    st = s.masked_fill(~t_mask[:, None, :, None], float("-inf")).transpose(2, 3)  # [Nt, Nb, T, L]
+    frame_valid = torch.ones(nt, nb, nf, dtype=torch.bool, device=s.device)
+    return t2v, _monotone_best(st, frame_valid) / nf  # [Nt, Nb] each
+
+
 def monotonic_token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tensor,
                                max_elements: int = 1 << 24) -> torch.Tensor:
     """Order-aware token similarity: t [Nt, L, D] with t_mask [Nt, L], v [Nv, T, D] -> [Nt, Nv].
@@ -220,25 +245,7 @@ def monotonic_token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: 
     each take a valid word, word positions non-decreasing; the best sum over the frames. The two
     halves are averaged. Without the order constraint this is `token_similarity` (the `max` align).
     """
-    nt, nl = t.shape[:2]
-    if t_mask is None:
-        t_mask = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
-    t_mask = t_mask.bool()
-    words = t_mask.to(t.dtype).sum(dim=1).clamp(min=1.0)  # [Nt]
-    block = max(1, max_elements // max(1, nt * nl * v.shape[1]))
-    parts = []
-    for start in range(0, v.shape[0], block):
-        vb = v[start:start + block]
-        nb, nf = vb.shape[:2]
-        s = torch.einsum("ald,btd->ablt", t, vb)  # [Nt, Nb, L, T]
-        word_valid = t_mask[:, None, :].expand(nt, nb, nl)  # [Nt, Nb, L]
-        t2v = _monotone_best(s, word_valid) / words[:, None]  # [Nt, Nb]
-        st = s.masked_fill(~t_mask[:, None, :, None], float("-inf")).transpose(2, 3)  # [Nt, Nb, T, L]
-        frame_valid = torch.ones(nt, nb, nf, dtype=torch.bool, device=t.device)
-        v2t = _monotone_best(st, frame_valid) / nf  # [Nt, Nb]; -inf where a caption has no valid word
-        v2t = torch.where(t_mask.any(dim=1)[:, None], v2t, torch.zeros_like(v2t))
-        parts.append(0.5 * (t2v + v2t))
-    return torch.cat(parts, dim=1) if parts else t.new_zeros(nt, 0)
+    return _blocked_similarity(_monotone_halves, t, t_mask, v, max_elements)
 
 
 def level_similarity(level: Level, t_emb: dict, v_emb: dict) -> torch.Tensor:

@@ -66,22 +66,29 @@ def resume_checkpoint(cfg: Config) -> Path | None:
     return ckpt_dir / tag
 
 
+def resumed_config(tag_dir: Path | None) -> dict | None:
+    """The config a checkpoint folder was written with (its meta.json's), or None (no folder, unreadable)."""
+    import json
+
+    if tag_dir is None:
+        return None
+    try:
+        return json.loads((tag_dir / META).read_text()).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def check_resume_checkpoint(cfg: Config) -> None:
     """The checkpoint a run would resume holds only tensors (no pickled code: pipeline/safe_load.py)
     and was written for this run's model (same preset and shapes): else one line, before any rank
-    starts and before config.yaml is rewritten."""
-    import json
-
+    starts and before config.yaml is written."""
     from hiervl import safe_load
     from hiervl.config import to_dict
 
     tag_dir = resume_checkpoint(cfg)
-    if tag_dir is None:
-        return
-    try:
-        saved = json.loads((tag_dir / META).read_text()).get("config") or {}
-    except (OSError, ValueError):
-        return  # the ranks' plan skips an unreadable meta.json
+    saved = resumed_config(tag_dir)
+    if saved is None:
+        return  # nothing to resume, or an unreadable meta.json the ranks' plan skips
     mine = to_dict(cfg)
     differ = [f"{k}={_dotted(saved, k)!r} there, {_dotted(mine, k)!r} here" for k in ARCHITECTURE_KEYS
               if _dotted(saved, k) is not _ABSENT and _dotted(saved, k) != _dotted(mine, k)]

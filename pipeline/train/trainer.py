@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from hiervl import distributed as dist
 from hiervl import faults, run_dir
+from hiervl.atomic_write import write_atomic
 from hiervl.config import Config, to_dict, to_yaml
 from hiervl.errors import UserError
 from hiervl.log import get_logger, setup_logging
@@ -49,7 +50,7 @@ from hiervl.train.checkpoint import (
 )
 from hiervl.train.checkpoint_remote import RemoteCheckpoints, converts_here, fetch_on_every_node
 from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
-from hiervl.train.global_batch import for_world
+from hiervl.train.global_batch import for_world, hold_global_batch
 
 log = get_logger(__name__)
 
@@ -67,26 +68,6 @@ class TooManyBadSteps(RuntimeError):
 class PeerLost(UserError):
     """A collective failed or timed out mid-run: a node or the network to it is gone. The process
     group is broken, so the rank exits without tearing it down (that would wait on the lost peer)."""
-
-
-def _hold_global_batch(cfg: Config, plan: dict | None) -> Config:
-    """The run keeps the global batch it was started with: a resume whose config leaves
-    train.global_batch unset takes the checkpoint's; one that sets another value is refused."""
-    saved = int(((plan or {}).get("meta", {}).get("config") or {}).get("train", {}).get("global_batch", 0) or 0)
-    if not saved or cfg.train.global_batch == saved:
-        return cfg
-    if cfg.train.global_batch:
-        from hiervl.errors import UserError
-
-        raise UserError(f"the checkpoint in {cfg.train.out_dir} was trained with train.global_batch={saved}, the config "
-                        f"says {cfg.train.global_batch}; set train.global_batch={saved} (or train.resume=never and a "
-                        "new train.out_dir)")
-    import copy
-
-    log.info("resuming with the checkpoint's train.global_batch=%d", saved)
-    cfg = copy.deepcopy(cfg)
-    cfg.train.global_batch = saved
-    return cfg
 
 
 def seed_everything(seed: int) -> None:
@@ -126,7 +107,7 @@ class Trainer:
             plan = fetch_on_every_node(plan, self.remote, self.out, self.peers)
         # the run's config (written to config.yaml and checkpoints) and the one these ranks run: with
         # train.global_batch, data.batch_size and train.grad_accum derived for this world size
-        self.run_cfg = cfg = _hold_global_batch(cfg, plan)
+        self.run_cfg = cfg = hold_global_batch(cfg, ((plan or {}).get("meta") or {}).get("config"))
         self.cfg = cfg = for_world(cfg, self.world)
         if cfg.train.global_batch and self.rank == 0:
             log.info("train.global_batch=%d on %d ranks: %d micro-batches of %d per rank per step (%s accumulation)",
@@ -146,7 +127,7 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             write_deepspeed_config(ds_config, self.out / run_dir.DS_CONFIG)
-            (self.out / run_dir.CONFIG).write_text(to_yaml(self.run_cfg))  # the run's own (a resume may hold its global batch)
+            self._write_run_config()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg, self.device, ds_config)  # PyTorch AdamW: no JIT build
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=params,
@@ -182,6 +163,18 @@ class Trainer:
         else:
             self.loader.set_epoch(0)
         self._truncate_logs_after(self.step)
+
+    def _write_run_config(self) -> None:
+        """config.yaml is the launcher's (`hiervl train` writes it once, the global batch already held);
+        rank 0 writes it only where it is missing (a Trainer started in-process) or says otherwise (a
+        `hiervl submit` launcher could not see the checkpoint whose global batch this resume holds)."""
+        path, text = self.out / run_dir.CONFIG, to_yaml(self.run_cfg)
+        try:
+            if path.read_text() == text:
+                return
+        except OSError:
+            pass
+        write_atomic(path, text)
 
     def _meet_peers(self) -> list[dict]:
         """Every rank's host, address and socket interface (rank order), logged by each rank in its
