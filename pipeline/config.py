@@ -386,6 +386,10 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 100  # 0 = only at the end
     keep: int = 2  # newest complete checkpoints kept (>= 2: a resume can fall back past a damaged newest one)
+    # periodic saves copy the state to host memory and write it in a background thread while training
+    # goes on (train/async_save.py); `latest` still moves only once every rank's files are durable.
+    # Costs a second host copy of the model + optimizer state while a save is in flight.
+    async_save: bool = False
     # where checkpoints go: "" = <train.out_dir>/checkpoints; s3://bucket/prefix (or gs://) for nodes that share
     # no filesystem: each rank uploads its own files, rank 0 meta.json then `latest` (train/checkpoint_remote.py)
     dir: str = ""
@@ -396,6 +400,8 @@ class CheckpointConfig:
         _check(not self.dir or self.dir.split("://", 1)[0] in ("s3", "gs") and "://" in self.dir,
                f"checkpoint.dir={self.dir}: give s3://bucket/prefix or gs://bucket/prefix (or leave it empty: "
                "checkpoints go to <train.out_dir>/checkpoints)")
+        _check(not (self.dir and self.async_save), f"checkpoint.async_save=true with checkpoint.dir={self.dir}: "
+               "checkpoints to an object store are written in the foreground; set checkpoint.async_save=false")
 
 
 @dataclass

@@ -193,20 +193,28 @@ def _write_error(exc: BaseException, path: Path, ckpt_dir: Path) -> str | None:
 
 
 def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state: dict, meta: dict,
-         keep: int, protect: tuple = (), remote=None) -> str:
-    """Save on every rank; returns the tag. `latest` moves only after all ranks finished and rank 0
-    wrote the manifest (meta.json, sizes and sha256 of every file). With `remote` (a
-    checkpoint_remote.RemoteCheckpoints: checkpoint.dir=s3://...) the same contract in the object store.
+         keep: int, protect: tuple = (), background: bool = False, wait_s: float = 1800.0, remote=None):
+    """Save on every rank; returns the tag, or with `background` the AsyncSave writing it. `latest`
+    moves only after all ranks finished and rank 0 wrote the manifest (meta.json, sizes and sha256 of
+    every file). With `remote` (a checkpoint_remote.RemoteCheckpoints: checkpoint.dir=s3://...) the same
+    contract in the object store (written in the foreground).
 
     Three phases, each ending in a collective in this function, so a write error on one rank
     never leaves the others waiting: rank 0 prepares the directory; every rank writes (a rank
     whose DeepSpeed save raised still joins DeepSpeed's closing barrier); rank 0 hashes and commits.
     A failure in any phase removes the partial directory and raises CheckpointWriteError on every rank.
+
+    With `background` (checkpoint.async_save) the second phase only copies this rank's state to host
+    memory; the files are written, fsync'd and committed by a background thread (train/async_save.py)
+    whose outcome `finish` collects on every rank. `wait_s`: how long rank 0's thread waits for the
+    other ranks' files before it gives the checkpoint up.
     """
     if remote is not None:
         from hiervl.train.checkpoint_remote import save_remote
 
         return save_remote(engine, remote, out_dir, step, client_state, rank_state, meta, keep, protect)
+    from hiervl.train.async_save import AsyncSave, DeferredRecorder, pending_dir
+
     ckpt_dir = checkpoint_dir(out_dir)
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -225,10 +233,11 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             # A folder of this step is stale: half-written by a killed run, or damaged and skipped at
             # resume. Its files (another world size's rank and optimizer files) must not outlive it,
-            # nor its universal conversion.
+            # nor its universal conversion, nor the marks of a killed run's background write.
             if tag_dir.exists():
                 shutil.rmtree(tag_dir)
             shutil.rmtree(ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+            shutil.rmtree(pending_dir(ckpt_dir, tag), ignore_errors=True)
             tag_dir.mkdir()
         except Exception as exc:  # noqa: BLE001 - classified below; anything else re-raised
             problem = _write_error(exc, tag_dir, ckpt_dir)
@@ -238,13 +247,14 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
 
     t0 = time.time()
     problem, deepspeed_done = None, False
-    written = WriteRecorder(tag_dir)  # each file's sha256, computed as it is written (no re-read)
+    # each file's sha256, computed as it is written (no re-read); deferred: copied now, written later
+    written = DeferredRecorder(tag_dir) if background else WriteRecorder(tag_dir)
+    rank_file = tag_dir / f"rank{dist.get_rank()}.pt"
     try:
         with written.deepspeed(engine):
             engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         deepspeed_done = True
-        rank_file = tag_dir / f"rank{dist.get_rank()}.pt"
-        if faults.injected("disk-full-during-checkpoint", step):
+        if faults.injected("disk-full-during-checkpoint", step) and not background:  # background: in its thread
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rank_file))
         written.save(rank_state, rank_file)
     except Exception as exc:  # noqa: BLE001
@@ -253,6 +263,21 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
             raise
         if not deepspeed_done:
             dist.barrier()  # DeepSpeed's save ends in a barrier the other ranks are waiting in
+
+    def commit(known: dict) -> None:  # rank 0, once every rank's files are written
+        files = file_manifest(tag_dir, known=known)
+        _write_json_atomic(tag_dir / META, {**meta, "tag": tag, "step": step, "saved_at": time.time(),
+                                            "save_seconds": round(time.time() - t0, 3), "files": files,
+                                            "async": background})
+        _write_json_atomic(ckpt_dir / LATEST, tag)
+        prune(ckpt_dir, keep, protect=protect + (tag,))
+
+    if background:
+        # every rank has its copy in host memory (or said why not); from here training may change the engine
+        fail_on_every_rank(next((p for p in dist.all_gather_object(problem) if p), None))
+        return AsyncSave(tag, step, tag_dir, ckpt_dir, dist.get_rank(), dist.get_world_size(), written, commit,
+                         classify=lambda exc: _write_error(exc, tag_dir, ckpt_dir), wait_s=wait_s)
+
     if faults.injected("kill-during-checkpoint", step):
         os._exit(9)  # die after writing files, before the commit
     gathered = dist.all_gather_object((problem, written.files))  # every rank has written its part (or said why not)
@@ -261,18 +286,30 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
     problem = None
     if dist.is_main():
         try:
-            files = file_manifest(tag_dir, known={k: v for _, files in gathered for k, v in files.items()})
-            _write_json_atomic(tag_dir / META, {**meta, "tag": tag, "step": step, "saved_at": time.time(),
-                                                "save_seconds": round(time.time() - t0, 3), "files": files})
-            _write_json_atomic(ckpt_dir / LATEST, tag)
+            commit({k: v for _, files in gathered for k, v in files.items()})
         except Exception as exc:  # noqa: BLE001
             problem = _write_error(exc, tag_dir, ckpt_dir)
             if problem is None:
                 raise
-        else:
-            prune(ckpt_dir, keep, protect=protect + (tag,))
     fail_on_every_rank(dist.broadcast_object(problem))
     return tag
+
+
+def finish(job) -> str | None:
+    """Wait for a background save (`save(background=True)`) on every rank; returns its tag once
+    committed. A collective: every rank calls it at the same point (the next save, the end of the run).
+    A write or commit that failed on any rank is one CheckpointWriteError on every rank (a bug's
+    exception is re-raised on the rank where it happened)."""
+    if job is None:
+        return None
+    job.join()
+    problems = dist.all_gather_object(job.problem)  # rank 0's includes the commit
+    if job.error is not None:
+        raise job.error
+    problem = next((p for p in problems if p), None)
+    if problem is not None:
+        raise CheckpointWriteError(problem)
+    return job.tag
 
 
 def prune(ckpt_dir: Path, keep: int, protect: tuple = ()) -> None:

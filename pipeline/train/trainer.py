@@ -155,6 +155,7 @@ class Trainer:
         self.engine_grad_norm = None  # does DeepSpeed's optimizer report the grad norm? (known after a step)
         self.resume_seconds, self.save_seconds = None, None  # for status.json (bench/train.py reads them)
         self.saved_step = None  # the step of the newest checkpoint on disk (so a finished run never rewrites it)
+        self.pending_save = None  # the background save in flight (checkpoint.async_save), finished by finish_save
         if plan:
             t0 = time.time()
             self._resume(plan)
@@ -249,17 +250,36 @@ class Trainer:
                  self.step, self.epoch, client[LOADER].get("position", -1), self._lr(),
                  f" via universal checkpoint ({plan['meta']['world_size']} -> {self.world} ranks)" if plan["universal"] else "")
 
-    def save(self) -> str:
+    def save(self, sync: bool = False) -> str:
+        """Checkpoint this step. With checkpoint.async_save a periodic save returns once the state is
+        in host memory and its files are written in the background; the save in flight is finished
+        (a collective) before the next one and before the final one, which is synchronous (`sync`): a run
+        that stops (SIGTERM, its last step) leaves every checkpoint it started complete. The best
+        checkpoint's save is synchronous too, so best.json never names an uncommitted one."""
+        self.finish_save()
         meta = {"world_size": self.world, "zero_stage": self.cfg.train.zero_stage, "epoch": self.epoch,
                 "config": to_dict(self.run_cfg), "samples_seen": self.samples_seen}
         protect = (self.best["tag"],) if self.best else ()
         rank_state = {RNG: ckpt.rng_state(), LOADER: self.loader.state_dict()}
+        background = self.cfg.checkpoint.async_save and not sync
         t0 = time.time()
-        tag = ckpt.save(self.engine, self.out, self.step, self._client_state(), rank_state, meta,
-                        keep=self.cfg.checkpoint.keep, protect=protect, remote=self.remote)
+        result = ckpt.save(self.engine, self.out, self.step, self._client_state(), rank_state, meta,
+                           keep=self.cfg.checkpoint.keep, protect=protect, background=background,
+                           wait_s=self.cfg.train.dist_timeout_s, remote=self.remote)
         self.save_seconds, self.saved_step = round(time.time() - t0, 3), self.step
-        log.info("checkpoint %s written in %.1fs", tag, self.save_seconds)
-        return tag
+        if background:
+            self.pending_save = result
+            log.info("checkpoint %s copied to host memory in %.2fs; written in the background", result.tag,
+                     self.save_seconds)
+            return result.tag
+        log.info("checkpoint %s written in %.1fs", result, self.save_seconds)
+        return result
+
+    def finish_save(self) -> None:
+        """Wait for the background save in flight, if any, on every rank (raises if it failed)."""
+        job, self.pending_save = self.pending_save, None
+        if job is not None and ckpt.finish(job):
+            log.info("checkpoint %s written in the background in %.1fs", job.tag, job.write_seconds or 0.0)
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0]) if self.engine.get_lr() else self.cfg.train.lr
@@ -514,7 +534,8 @@ class Trainer:
         if exit_code == EXIT_NO_DATA and self.step == 0:
             tag = None  # nothing was learnt: no checkpoint of the initial weights
         else:
-            tag = self.save() if self.saved_step != self.step else ckpt.tag_for(self.step)
+            tag = self.save(sync=True) if self.saved_step != self.step else ckpt.tag_for(self.step)
+        self.finish_save()  # a background save of this very step (eval's or the last periodic one)
         if monitor is not None:
             monitor.close()
         self._write_status(reason, tag, exit_code)
@@ -584,7 +605,7 @@ class Trainer:
             log.info("eval step %d: t2v R@1 %.1f R@5 %.1f R@10 %.1f", self.step, t2v["R1"], t2v["R5"], t2v["R10"])
         if self.best is None or rsum > self.best["rsum"]:
             self.best = {"step": self.step, "rsum": rsum, "tag": ckpt.tag_for(self.step)}
-            self.save()
+            self.save(sync=True)
             if self.rank == 0:
                 (self.out / run_dir.BEST).write_text(json.dumps(self.best, indent=2) + "\n")
         return result
