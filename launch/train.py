@@ -67,7 +67,10 @@ def main(args, cfg) -> int:
     from hiervl.dataprep.out_lock import train_lock
 
     Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+    from hiervl.launch.slurm import refuse_active_job
+
     with train_lock(cfg.train.out_dir):  # a second `hiervl train` into this out_dir is refused in one line
+        refuse_active_job(cfg.train.out_dir)  # and so is one into the folder of a queued or running SLURM job
         write_atomic(config_path, to_yaml(cfg))
         return ds.run_local(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
 
