@@ -35,6 +35,9 @@ DESCRIPTION = """Render one config to a backend and run it (or print it with --d
   slurm      sbatch script (preemption: SIGTERM -> checkpoint -> requeue -> auto resume); prints job id
   ray        shard prep (--input, --out) or training (--train) as a Ray job; exit code = job status
   status JOB / cancel JOB   squeue / scancel
+Multi-node runs (deepspeed on other hosts, slurm --nodes > 1) need checkpoints every node sees, else they are
+refused before any rank starts: checkpoint.dir=s3://BUCKET/PREFIX (nodes sharing no filesystem), train.out_dir
+on a network filesystem (NFS, Lustre, GPFS, CephFS, ...), or launch.shared_fs=true to declare a folder shared.
 Example: hiervl submit slurm --config configs/base.yaml --nodes 2 --gpus-per-node 8 launch.partition=gpu --dry-run"""
 
 ACTIONS = ("local", "deepspeed", "slurm", "ray", "status", "cancel")
@@ -129,6 +132,14 @@ def _submit(args, cfg, out: Path) -> int:
     """Write config.yaml (not for --dry-run) and run or print the backend's commands."""
     gpus = cfg.launch.gpus_per_node > 0
     config_path, log_dir = out / run_dir.CONFIG, ds.rank_log_dir(out)
+    if not args.dry_run and args.action in ("slurm", "deepspeed"):  # before anything is written or started
+        from hiervl.launch.shared_checkpoints import check_shared_checkpoints
+
+        if args.action == "slurm":
+            check_shared_checkpoints(cfg, cfg.launch.nodes)
+        else:
+            hosts = ds.resolve_hosts(args.hostfile, args.hosts, out / "hostfile", 1)[0]
+            check_shared_checkpoints(cfg, len(hosts), hosts)
     if not args.dry_run:
         write_atomic(config_path, to_yaml(cfg))
     env = ds.rank_env(gpus=gpus)

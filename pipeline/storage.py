@@ -6,6 +6,8 @@
     store.open_input(name)                                  # a seekable file read by ranges (av.open takes it)
     store.put(name, data) / store.put_file(name, local_path)  # the whole object appears at once
     store.delete(name) / store.check(write=True)            # clear UserError before heavy work
+    store.list_dirs() / store.delete_tree(name)             # sub-folders (prefixes); a folder and all in it
+    store.get_file(name, local_path)                        # streamed download: (size, sha256 of the bytes)
 
 Layer: `pyarrow.fs` (S3FileSystem, GcsFileSystem; pyarrow is already a dependency, its C++ S3 client
 releases the GIL during requests and was faster than s3fs on ranged reads here, bench/RESULTS.md
@@ -169,6 +171,34 @@ class Store:
     def delete(self, name: str) -> None:
         raise NotImplementedError
 
+    def list_dirs(self) -> list[str]:
+        """Names of the folders (object-store prefixes) directly under the root."""
+        raise NotImplementedError
+
+    def delete_tree(self, name: str) -> None:
+        """Delete folder `name` and everything under it (absent: nothing to do)."""
+        raise NotImplementedError
+
+    def get_file(self, name: str, local_path: str | Path) -> tuple[int, str]:
+        """Download `name` to `local_path` in chunks (never whole in memory; FileNotFoundError when
+        absent); returns (size, sha256) of the bytes written. The file appears whole or not at all."""
+        import hashlib
+
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local_path.with_name(f".{local_path.name}.part-{uuid.uuid4().hex[:8]}")
+        sha, size = hashlib.sha256(), 0
+        try:
+            with self.open_input(name, buffer_size=8 << 20) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(8 << 20):
+                    sha.update(chunk)
+                    dst.write(chunk)
+                    size += len(chunk)
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size, sha.hexdigest()
+
     def check(self, write: bool = False) -> None:
         """Raise UserError (one line) when the root cannot be read (or written)."""
 
@@ -262,6 +292,13 @@ class LocalStore(Store):
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
+
+    def list_dirs(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+
+    def delete_tree(self, name: str) -> None:
+        import shutil
+        shutil.rmtree(self.root / name, ignore_errors=True)
 
     def check(self, write: bool = False) -> None:
         if write:
@@ -410,7 +447,12 @@ class ArrowStore(_Retrying, Store):
         self._retry(f"write {name}", go)
 
     def put_file(self, name: str, local_path: str | Path) -> None:
-        self.put(name, Path(local_path).read_bytes())
+        """Upload a local file in 8-MiB chunks (a multi-GB checkpoint file is never read whole into memory)."""
+        def go():
+            with open(local_path, "rb") as src, self.fs.open_output_stream(self._path(name)) as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+        self._retry(f"write {name}", go)
 
     def delete(self, name: str) -> None:
         def go():
@@ -419,6 +461,20 @@ class ArrowStore(_Retrying, Store):
             except FileNotFoundError:
                 pass
         self._retry(f"delete {name}", go)
+
+    def list_dirs(self) -> list[str]:
+        from pyarrow import fs
+        sel = fs.FileSelector(self._path(), allow_not_found=True, recursive=False)
+        infos = self._retry("list", lambda: self.fs.get_file_info(sel))
+        return sorted(i.base_name for i in infos if i.type == fs.FileType.Directory)
+
+    def delete_tree(self, name: str) -> None:
+        def go():
+            try:
+                self.fs.delete_dir(self._path(name))
+            except FileNotFoundError:
+                pass
+        self._retry(f"delete {name}/", go)
 
     def check(self, write: bool = False) -> None:
         """One listing (and, for writing, a probe object put then deleted): fails fast with one line."""

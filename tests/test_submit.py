@@ -154,7 +154,7 @@ def test_sbatch_script_starts_one_launcher_per_node(tmp_path, fake_slurm):
     env, log = fake_slurm
     out = tmp_path / "run dir"
     res = hiervl("slurm", "--config", TINY, "--nodes", "2", f"train.out_dir={out}", "launch.master_port=29613",
-                 "train.ranks=1", env=env)
+                 "train.ranks=1", "launch.shared_fs=true", env=env)
     assert "submitted batch job 4242" in res.stdout
     calls = (log / "calls").read_text().splitlines()
     assert calls[0] == f"sbatch --parsable {out / 'submit.sbatch'}"
@@ -205,7 +205,7 @@ def test_shell_characters_in_values_stay_literal(tmp_path, fake_slurm):
     evil = f"$(touch {marker})"
     out = tmp_path / f"out {evil} 'q'"
     res = hiervl("slurm", "--config", TINY, "--nodes", "2", f"train.out_dir={out}", f"launch.job_name=j {evil}",
-                 "train.ranks=1", env=env)
+                 "train.ranks=1", "launch.shared_fs=true", env=env)
     assert "4242" in res.stdout
     assert (out / "hostfile-4242").exists() and (out / "config.yaml").exists()
     assert f"#SBATCH --job-name={shlex.quote('j ' + evil)}" in (out / "submit.sbatch").read_text()
