@@ -74,3 +74,6 @@ def test_the_model_bench_runs_without_the_packaged_minilm(monkeypatch, tmp_path)
     # and a CUDA run asked for on a machine without one is one line, exit 2
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--device", "cuda", "--out", str(tmp_path / "m.json")]) == 2
+    # an override right after --presets is an override, not a preset (both gpu_visit stages that did this died)
+    assert bench.split_presets(["hit", "train.activation_checkpointing=true"], ["queue.size=8"]) == (
+        ["hit"], ["train.activation_checkpointing=true", "queue.size=8"])

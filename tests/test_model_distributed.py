@@ -35,6 +35,9 @@ VARIANTS = [
     ("hit", ["queue.objective=both"]), ("hcmi", ["queue.objective=both"]),
     # the query's siblings in the queue masked: group ids gathered with the keys, kept by the queue
     ("hit", ["queue.objective=both", "queue.mask_same_group=true"]),
+    # directed token alignment: the captions' direction logits gathered with gradient and queued
+    ("hit", ["queue.objective=both", "model.token_align=directed"]),
+    ("hcmi", ["queue.objective=symmetric", "model.token_align=directed"]),
 ]
 SMALL = ["data.num_frames=4", "data.max_words=12", "queue.enabled=true", "queue.size=10", "model.embed_dim=32",
          "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.text.num_layers=2",
