@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hiervl import compat
 from hiervl.data.byte_source import SampleByteSource
 from hiervl.data.cpu_meter import LoaderCpuMeter, process_tree_seconds, thread_ids
 from hiervl.data.crash_ledger import is_crash
@@ -265,8 +266,7 @@ class VideoTextLoader:
         if state["order"] == "grouped" and state.get("group_fingerprint") != self.index.group_fingerprint:
             raise UserError("the checkpoint's loader state is for other `group`s than data.path's manifest has, and "
                             "data.order=grouped depends on them; point data.path at the dataset the run was started with")
-        # older states lack the order parameters: they default to the config's (what those runs used)
-        state = {"block_window": self.block_window, "group_chunk": self.group_chunk, **state}
+        state = compat.loader_state(state, self.block_window, self.group_chunk)  # older states lack the order parameters
         used = {"block": "block_window", "grouped": "group_chunk"}.get(state["order"])  # the mode's parameter
         for name, mine in (("seed", self.seed), ("order", self.order_mode), ("block_window", self.block_window),
                            ("group_chunk", self.group_chunk)):
