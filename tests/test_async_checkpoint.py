@@ -138,8 +138,6 @@ def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint_lates
     assert (ckpts / "latest").read_text().strip() == "step00000002"
     assert (ckpts / "step00000004").is_dir() and not (ckpts / "step00000004" / "meta.json").exists()
     assert find_latest(ckpts) == "step00000002"
-
-    assert (ckpts / "step00000004" / "rank1.pt").is_file()  # the kill came after the files, before the commit
     # (resuming such a run equals the uninterrupted one: tests/test_train.py, the same commit order)
 
 
