@@ -62,7 +62,7 @@ class CrashLedger:
         for f in sorted(self.folder.glob(INFLIGHT.format("*"))) if exists else []:
             self._read_journal(f)
         for f in sorted(self.folder.glob(SUSPECTS.format("*", "*"))) if exists else []:
-            self.suspects.update(_read_json(f).get("keys", []))
+            self.suspects.update(key for key, _ in _read_json(f).get("samples", []))  # the renamed journal
         for f in sorted(self.folder.glob("rank*.jsonl")) if exists else []:
             for line in f.read_text().splitlines():
                 if line.strip():
