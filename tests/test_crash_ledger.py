@@ -94,6 +94,7 @@ def _slots_all(out, key):
     return sorted(met)
 
 
+@pytest.mark.slow  # 230-340 s on 2 shared cores (two 2-rank runs); the 1-rank tests above are in make test
 def test_two_ranks_a_sample_that_kills_rank_1s_decoder_is_ledgered_and_the_resumed_run_skips_it(shards, tmp_path):
     """2 ranks under DeepSpeed's launcher (`hiervl train`), 4 clips per rank: a sample of rank 1's share
     of step 2 kills its decode worker (SIGSEGV). Rank 1 ledgers it in its own file; the batch goes on
