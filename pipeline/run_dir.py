@@ -15,6 +15,8 @@ A training run (`train.out_dir`) holds
                                        mark with the sha256 manifest, train/checkpoint.py writes it)
     checkpoints/stepNNNNNNNN_universal/
     checkpoints/latest       the tag of the newest complete checkpoint
+    .hiervl-train.lock       held by the `hiervl train` / `hiervl submit local|deepspeed` running here
+    .hiervl-slurm-job        the SLURM job `hiervl submit slurm` last submitted into this folder
 
 "Which checkpoint does this path name" has one answer, `resolve_checkpoint`: a checkpoint folder
 (it holds meta.json) is that checkpoint, checked against its manifest; a run folder or its
@@ -62,6 +64,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # in checkpoints/: the tag of the newest complete checkpoint
 META = "meta.json"  # in a checkpoint folder: the completion mark and its manifest
 UNIVERSAL_SUFFIX = "_universal"
+SLURM_JOB = ".hiervl-slurm-job"  # the id of the SLURM job training into this folder (launch/slurm.py)
 HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a checkpoint file
 
 # what a model path may be, in every help text and error (eval, search, search index, export, hiervl.load)

@@ -193,10 +193,11 @@ def _write_error(exc: BaseException, path: Path, ckpt_dir: Path) -> str | None:
 
 
 def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state: dict, meta: dict,
-         keep: int, protect: tuple = (), background: bool = False, wait_s: float = 1800.0):
+         keep: int, protect: tuple = (), background: bool = False, wait_s: float = 1800.0, remote=None):
     """Save on every rank; returns the tag, or with `background` the AsyncSave writing it. `latest`
     moves only after all ranks finished and rank 0 wrote the manifest (meta.json, sizes and sha256 of
-    every file).
+    every file). With `remote` (a checkpoint_remote.RemoteCheckpoints: checkpoint.dir=s3://...) the same
+    contract in the object store (written in the foreground).
 
     Three phases, each ending in a collective in this function, so a write error on one rank
     never leaves the others waiting: rank 0 prepares the directory; every rank writes (a rank
@@ -208,6 +209,10 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
     whose outcome `finish` collects on every rank. `wait_s`: how long rank 0's thread waits for the
     other ranks' files before it gives the checkpoint up.
     """
+    if remote is not None:
+        from hiervl.train.checkpoint_remote import save_remote
+
+        return save_remote(engine, remote, out_dir, step, client_state, rank_state, meta, keep, protect)
     from hiervl.train.async_save import AsyncSave, DeferredRecorder, pending_dir
 
     ckpt_dir = checkpoint_dir(out_dir)
@@ -319,14 +324,23 @@ def prune(ckpt_dir: Path, keep: int, protect: tuple = ()) -> None:
 # ------------------------------------------------------------------------------ resume
 
 
-def plan_resume(resume: str, out_dir: str | Path, world_size: int, zero_stage: int) -> dict | None:
+def plan_resume(resume: str, out_dir: str | Path, world_size: int, zero_stage: int, remote=None) -> dict | None:
     """Decide what to load before the engine is built (the DeepSpeed config depends on it).
 
-    Returns None (fresh start) or {"dir", "tag", "load_tag", "universal", "meta"}.
+    Returns None (fresh start) or {"dir", "tag", "load_tag", "universal", "meta"} (+ "remote": the URL,
+    when `remote` is set: the checkpoint was downloaded into this node's cache, see checkpoint_remote.py).
     """
     if resume == "never":
         return None
-    if resume == "auto":
+    remote_url = None
+    if resume == "auto" and remote is not None:
+        from hiervl.train.checkpoint_remote import cache_dir, plan_remote
+
+        found = plan_remote(remote, out_dir)
+        if found is None:
+            return None
+        ckpt_dir, tag, remote_url = cache_dir(out_dir), found["tag"], found["remote"]
+    elif resume == "auto":
         ckpt_dir = checkpoint_dir(out_dir)
         tag = find_latest(ckpt_dir) if ckpt_dir.is_dir() else None
         if tag is None:
@@ -345,17 +359,19 @@ def plan_resume(resume: str, out_dir: str | Path, world_size: int, zero_stage: i
     # Plain DeepSpeed loading works when the partitioning is unchanged: the same world size and stage,
     # or stage 0 (nothing partitioned). Anything else goes through a universal checkpoint.
     universal = (saved_ws != world_size or saved_stage != zero_stage) and not (saved_stage == 0 and zero_stage == 0)
-    return {"dir": str(ckpt_dir), "tag": tag, "load_tag": f"{tag}{UNIVERSAL_SUFFIX}" if universal else tag,
+    plan = {"dir": str(ckpt_dir), "tag": tag, "load_tag": f"{tag}{UNIVERSAL_SUFFIX}" if universal else tag,
             "universal": universal, "meta": meta}
+    return {**plan, "remote": remote_url} if remote_url else plan
 
 
-def plan_resume_on_main(resume: str, out_dir: str | Path, world_size: int, zero_stage: int) -> dict | None:
+def plan_resume_on_main(resume: str, out_dir: str | Path, world_size: int, zero_stage: int,
+                        remote=None) -> dict | None:
     """`plan_resume` on rank 0 only (it hashes the candidates and logs what it skipped, once), its
     plan, or its UserError, sent to every rank."""
     result = None
     if dist.is_main():
         try:
-            result = plan_resume(resume, out_dir, world_size, zero_stage)
+            result = plan_resume(resume, out_dir, world_size, zero_stage, remote=remote)
         except UserError as exc:
             result = exc
     result = dist.broadcast_object(result)
@@ -365,13 +381,14 @@ def plan_resume_on_main(resume: str, out_dir: str | Path, world_size: int, zero_
     return result
 
 
-def ensure_universal(plan: dict) -> None:
-    """Convert the planned checkpoint to DeepSpeed's universal format (rank 0), once."""
+def ensure_universal(plan: dict, converter: bool | None = None) -> None:
+    """Convert the planned checkpoint to DeepSpeed's universal format, once: by rank 0 (a shared run
+    folder), or by every rank given `converter=True` (the first rank of each node, in its own cache)."""
     if not plan or not plan["universal"]:
         return
     src = Path(plan["dir"]) / plan["tag"]
     dst = Path(plan["dir"]) / plan["load_tag"]
-    if dist.is_main() and not (dst / "done").is_file():
+    if (dist.is_main() if converter is None else converter) and not (dst / "done").is_file():
         safe_load.check_files(src)  # the converter loads them with weights_only=False in a subprocess
         shutil.rmtree(dst, ignore_errors=True)
         log.info("world size or ZeRO stage changed (%s ranks/stage %s -> now); converting %s to a universal checkpoint",

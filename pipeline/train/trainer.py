@@ -48,6 +48,7 @@ from hiervl.train.checkpoint import (
     STEP,
     WORLD_SIZE,
 )
+from hiervl.train.checkpoint_remote import RemoteCheckpoints, converts_here, fetch_on_every_node
 from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
 from hiervl.train.global_batch import for_world, hold_global_batch
 
@@ -87,6 +88,8 @@ class Trainer:
         from hiervl.model.text_model import load_tokenizer
 
         self.out = Path(cfg.train.out_dir)
+        # checkpoint.dir=s3://...: checkpoints in an object store, the run folder may be each node's own
+        self.remote = RemoteCheckpoints(cfg.checkpoint.dir, cfg.storage) if cfg.checkpoint.dir else None
         if cfg.eval.every_steps and evaluate is None:
             raise ValueError("eval.every_steps is set but the Trainer was given no evaluate function")
         self.evaluate_fn = evaluate
@@ -99,7 +102,9 @@ class Trainer:
         self.device = dist.resolve_device("auto", info.local_rank)
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
-        plan = ckpt.plan_resume_on_main(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
+        plan = ckpt.plan_resume_on_main(cfg.train.resume, self.out, self.world, cfg.train.zero_stage, remote=self.remote)
+        if plan and plan.get("remote"):  # every node downloads it into its own cache
+            plan = fetch_on_every_node(plan, self.remote, self.out, self.peers)
         # the run's config (written to config.yaml and checkpoints) and the one these ranks run: with
         # train.global_batch, data.batch_size and train.grad_accum derived for this world size
         self.run_cfg = cfg = hold_global_batch(cfg, ((plan or {}).get("meta") or {}).get("config"))
@@ -108,7 +113,7 @@ class Trainer:
             log.info("train.global_batch=%d on %d ranks: %d micro-batches of %d per rank per step (%s accumulation)",
                      cfg.train.global_batch, self.world, cfg.train.grad_accum, cfg.data.batch_size, cfg.train.accum_mode)
         t0 = time.time()
-        ckpt.ensure_universal(plan)
+        ckpt.ensure_universal(plan, converter=converts_here(self.peers) if plan and plan.get("remote") else None)
         self.convert_seconds = round(time.time() - t0, 3) if plan and plan["universal"] else None
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
@@ -197,7 +202,7 @@ class Trainer:
         written there by every rank and resumed from by any. A folder local to each node (not a
         shared filesystem) is refused here, before any step, in one line naming the hosts."""
         hosts = sorted({p["host"] for p in self.peers})
-        if len(hosts) < 2:
+        if len(hosts) < 2 or self.remote is not None:  # checkpoints in an object store: nothing shared here
             return
         probe = self.out / f".shared-check-{dist.broadcast_object(os.urandom(6).hex())}"
         if self.rank == 0:
@@ -211,8 +216,8 @@ class Trainer:
         blind = sorted({p["host"] for p, ok in zip(self.peers, seen) if not ok})
         if blind:
             err = UserError(f"train.out_dir {self.out} is not shared between the nodes: {', '.join(blind)} cannot see "
-                            f"the file {self.peers[0]['host']} wrote there; a multi-node run needs one run folder every "
-                            "node sees (a shared filesystem), since every rank writes its part of each checkpoint there")
+                            f"the file {self.peers[0]['host']} wrote there; every rank writes its part of each checkpoint "
+                            "there: set checkpoint.dir=s3://BUCKET/PREFIX, or use a folder every node sees")
             err.same_on_every_rank = True
             raise err
 
@@ -260,7 +265,7 @@ class Trainer:
         t0 = time.time()
         result = ckpt.save(self.engine, self.out, self.step, self._client_state(), rank_state, meta,
                            keep=self.cfg.checkpoint.keep, protect=protect, background=background,
-                           wait_s=self.cfg.train.dist_timeout_s)
+                           wait_s=self.cfg.train.dist_timeout_s, remote=self.remote)
         self.save_seconds, self.saved_step = round(time.time() - t0, 3), self.step
         if background:
             self.pending_save = result
