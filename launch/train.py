@@ -102,4 +102,7 @@ def rank_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from hiervl.redact import RedactingStream
+
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)  # a rank's tracebacks too
     sys.exit(rank_main())
