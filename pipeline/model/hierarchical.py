@@ -79,7 +79,8 @@ class QueryTowers(nn.Module):
         return self.video(video)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Query-encoder level embeddings of captions: {level: [N, D] | [N, L', D], level_mask: [N, L']}."""
+        """Query-encoder level embeddings of captions: {level: [N, D] | [N, L', D], level_mask: [N, L']}
+        (token_align=directed: also level_dir [N], the caption's direction logit)."""
         return self.text(input_ids, attention_mask)
 
     def similarity(self, t: dict, v: dict) -> dict[str, torch.Tensor]:
