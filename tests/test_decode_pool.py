@@ -210,22 +210,12 @@ def test_decode_workers_is_validated():
 def test_train_with_decode_workers_sigterm_then_resume_on_one_rank_sees_each_key_once(tmp_path, prepared_dataset_40):
     """`hiervl train` (DeepSpeed launcher, 2 CPU ranks) with the pool: SIGTERM mid-run checkpoints and exits 0,
     the 1-rank resume (pool again) continues at the exact data position: every key of epoch 0 once."""
-    from test_train import STEPS, _cmd, _env, _samples, _train, _train_keys
+    from test_train import STEPS, _cmd, _samples, _sigterm_after_two_steps, _train, _train_keys
 
     shards = prepared_dataset_40
     out = tmp_path / "run"
     pool = ["data.decode_workers=1", "checkpoint.every_steps=0"]
-    proc = subprocess.Popen(_cmd(shards, out, extra=pool), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline, metrics = time.time() + 600, out / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stdout.read()[-4000:]
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output[-4000:]
+    output = _sigterm_after_two_steps(_cmd(shards, out, extra=pool), out)
     assert "worker processes" in output  # the ranks decoded with the pool (hybrid with DALI on VP9)
     stopped = json.loads((out / "status.json").read_text())["step"]
     res = _train(shards, out, ranks=1, extra=pool)
