@@ -118,7 +118,8 @@ class TreeSampler(threading.Thread):
                 with p.oneshot():
                     t = p.cpu_times()
                     rss += p.memory_info().rss
-                    name = self.cpu[key][0] if key in self.cpu else kind(p.cmdline())
+                    cmdline = p.cmdline()  # each time: a rank is first seen as its launcher's fork, before exec
+                    name = kind(cmdline) if cmdline else self.cpu.get(key, ("workers", 0))[0]  # [] once exited
                 self.cpu[key] = (name, t.user + t.system)
             except psutil.Error:
                 pass
