@@ -50,7 +50,7 @@ from hiervl.data.cpu_meter import LoaderCpuMeter, process_tree_seconds, thread_i
 from hiervl.data.crash_ledger import is_crash
 from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav
 from hiervl.data.decode_pool import DecodePool, resolve_decode_workers
-from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
+from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info, read_manifest
 from hiervl.data.preprocess import Preprocessing
 from hiervl.data.sampler import (
     PAD,
@@ -102,12 +102,11 @@ class DatasetIndex:
                             "`hiervl prep --out DIR` (it holds manifest.parquet and the tars)")
         read_dataset_info(root, self.store)  # refuses a dataset of another schema version, naming the fix
         manifest_bytes = pa.BufferReader(self.store.read(MANIFEST_FILE))
-        present = set(pq.read_schema(manifest_bytes).names)
         # `group` (hard-negative group, dataprep/sources.py) is optional: manifests prepared before it have none
-        table = pq.read_table(manifest_bytes, columns=READ_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in present])
-        table = table.to_pandas()
+        table = read_manifest(manifest_bytes, READ_COLUMNS, manifest, optional=OPTIONAL_COLUMNS).to_pandas()
         table = table[table["split"] == split].sort_values(["shard", "index_in_shard"], kind="stable")
         if len(table) == 0:
+            manifest_bytes.seek(0)
             splits = sorted(set(pq.read_table(manifest_bytes, columns=["split"]).column(0).to_pylist()))
             raise UserError(f"{manifest} has no samples of split '{split}' (it has: {', '.join(splits) or 'none'}); "
                             "set data.split / eval.split to one of those")
