@@ -51,8 +51,11 @@ def main(args, cfg) -> int:
     from hiervl.train.preflight import check_training_run, resume_checkpoint, resumed_config
 
     # a resume keeps the checkpoint's train.global_batch: held here, so config.yaml is written once, as the ranks run
-    cfg = hold_global_batch(cfg, resumed_config(resume_checkpoint(cfg)))
-    check_training_run(cfg, world_size=cfg.train.ranks)
+    resumed = resume_checkpoint(cfg)
+    saved = resumed_config(resumed)
+    cfg = hold_global_batch(cfg, saved)
+    held = ((saved or {}).get("train") or {}).get("global_batch")
+    check_training_run(cfg, world_size=cfg.train.ranks, held_from=str(resumed) if held else None)
     cfg = absolute_paths(cfg)  # the run folder's config.yaml and every checkpoint work from any directory
     config_path = Path(cfg.train.out_dir) / CONFIG  # written here once: the ranks read it
     gpus = torch.cuda.is_available()
@@ -102,4 +105,7 @@ def rank_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from hiervl.redact import RedactingStream
+
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)  # a rank's tracebacks too
     sys.exit(rank_main())

@@ -196,7 +196,9 @@ class ModelConfig:
     # null = the preset's (presets.PRESET_LOSS: fused for hanet, as HANet's code trains; levels otherwise)
     loss_on: str | None = None
     loss_weights: dict = field(default_factory=dict)  # training weight per level name (loss_on=levels)
-    token_align: str = "max"  # token levels: max (X-CLIP/DRL TI, order-blind) | monotonic (word/frame order kept)
+    # token levels: max (X-CLIP/DRL TI, order-blind) | monotonic (words follow time) | directed (monotonic, forward or
+    # backward as a learned per-caption gate reads the caption: "B after A" runs backward)
+    token_align: str = "max"
     detach_token_levels: bool = False  # token levels read detached encoder states: their losses train only their heads
     loss: str | None = None  # infonce | hinge (VSE++ hardest negative, HANet's); null = the preset's (hinge for hanet)
     margin: float = 0.2

@@ -45,6 +45,7 @@ from pathlib import Path
 from hiervl.atomic_write import write_atomic
 from hiervl.errors import UserError
 from hiervl.log import get_logger
+from hiervl.redact import redact
 
 log = get_logger(__name__)
 REMOTE_SCHEMES = ("s3", "gs", "http", "https")
@@ -378,6 +379,10 @@ class ArrowStore(_Retrying, Store):
         self.url, self.opts, self.scheme = url.rstrip("/"), opts, parts.scheme
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
+        if "@" in parts.netloc:  # s3://KEY:SECRET@bucket: pyarrow would fail on it, and print it
+            self.url = redact(self.url)
+            raise UserError(f"{self.url}: credentials do not go in the URL; set AWS_ACCESS_KEY_ID and "
+                            f"AWS_SECRET_ACCESS_KEY (or ~/.aws) and write {parts.scheme}://BUCKET/PREFIX")
         if not self.bucket:
             raise UserError(f"{url}: no bucket in the URL; write {parts.scheme}://BUCKET/PREFIX")
         endpoint = opts["endpoint_url"] or (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -489,10 +494,22 @@ class HttpStore(_Retrying, Store):
     """A read-only http(s):// prefix: ranged GETs (`Range: bytes=a-b`) with retries."""
 
     def __init__(self, url: str, opts: dict):
-        self.url, self.opts = url.rstrip("/"), opts
-        self.where = urllib.parse.urlsplit(url).netloc
+        parts = urllib.parse.urlsplit(url.rstrip("/"))
+        self._auth = None
+        if parts.username is not None:  # https://user:token@host/...: HTTP basic auth, never in messages
+            import base64
+
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            host = parts.hostname + (f":{parts.port}" if parts.port else "")
+            parts = parts._replace(netloc=host)
+        self.url, self.opts = urllib.parse.urlunsplit(parts), opts  # without the credentials
+        self.where = parts.netloc
 
     def _get(self, name: str, headers: dict, method: str = "GET"):
+        if self._auth:
+            headers = {**headers, "Authorization": self._auth}
         req = urllib.request.Request(f"{self.url}/{urllib.parse.quote(name)}", headers=headers, method=method)
         return urllib.request.urlopen(req, timeout=float(self.opts["request_timeout_s"]))
 

@@ -115,7 +115,7 @@ BACK_ARROWS = [
     ("hiervl.train", ("hiervl.api", "hiervl.export", "hiervl.launch", "hiervl.dataprep"), "train/ is below the API and launch/"),
 ]
 for bottom in ("hiervl.config", "hiervl.storage", "hiervl.distributed", "hiervl.log", "hiervl.errors", "hiervl.atomic_write",
-               "hiervl.faults", "hiervl.presets"):
+               "hiervl.faults", "hiervl.presets", "hiervl.redact"):
     BACK_ARROWS.append((bottom, ("hiervl.data", "hiervl.model", "hiervl.run_dir", "hiervl.train", "hiervl.eval",
                                  "hiervl.api", "hiervl.export", "hiervl.launch", "hiervl.dataprep"), "the bottom floor"))
 

@@ -10,7 +10,13 @@ A level is either `global` (one L2-normalised vector per video / caption, cosine
 - `monotonic`: the same two halves, but the words' chosen frames must not go back in time as the
   caption goes on (and the frames' chosen words must not go back in the caption): the best
   monotone alignment, a hard DTW with one partner per token, found by dynamic programming. A
-  caption "A then B" then scores higher against the video where A happens before B.
+  caption "A then B" then scores higher against the video where A happens before B. It assumes
+  the words run in the order of time, which "B after A" does not.
+- `directed`: `monotonic` either way: g * forward + (1 - g) * backward (the words' frames going
+  back in time as the caption goes on), with g = sigmoid of a per-caption logit that the text
+  head reads off the caption's mean top-layer state (`<level>_dir` [N] in the text embeddings;
+  starts at g = 0.88). The gate is the caption's, not the pair's, so the level stays order-aware:
+  a caption that reads forward still scores "A then B" against A->B above B->A.
 `model.detach_token_levels` makes the token levels read detached encoder states: their losses then
 train only their own heads (projections, cluster pools), never the shared encoders.
 
@@ -127,6 +133,15 @@ class LevelHeads(nn.Module):
             if source == "clusters":
                 num = cfg.model.num_clips if modality == "video" else cfg.model.num_phrases
                 self.pools[lv.name] = ClusterPool(width, num)
+        # token_align=directed: per text token level, the caption's direction logit (forward = positive)
+        self.gates = nn.ModuleDict()
+        if modality == "text" and cfg.model.token_align == "directed":
+            for lv in self.levels:
+                if lv.kind == "token":
+                    gate = nn.Linear(width, 1)
+                    nn.init.zeros_(gate.weight)
+                    nn.init.constant_(gate.bias, 2.0)  # sigmoid(2) = 0.88: forward, the usual caption order
+                    self.gates[lv.name] = gate
         self.num_windows = cfg.model.num_clips
 
     def forward(self, states: list[torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -159,6 +174,8 @@ class LevelHeads(nn.Module):
                 if tok_mask is None:
                     tok_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
                 out[f"{lv.name}_mask"] = tok_mask.bool()  # [B, n]
+            if lv.name in self.gates:
+                out[f"{lv.name}_dir"] = self.gates[lv.name](masked_mean(top, mask)).squeeze(-1).float()  # [B]
         return out
 
 
@@ -248,12 +265,32 @@ def monotonic_token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: 
     return _blocked_similarity(_monotone_halves, t, t_mask, v, max_elements)
 
 
+def directed_token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, direction: torch.Tensor,
+                              v: torch.Tensor) -> torch.Tensor:
+    """`token_align=directed`: t [Nt, L, D], t_mask [Nt, L], direction [Nt] logits, v [Nv, T, D] -> [Nt, Nv].
+
+    g * monotonic(forward) + (1 - g) * monotonic(frames reversed), g = sigmoid(direction): a caption
+    whose words run backward in time ("B after A") can align backward; the caption decides, not the pair.
+    """
+    g = torch.sigmoid(direction.float()).to(t.dtype)[:, None]  # [Nt, 1]
+    forward = monotonic_token_similarity(t, t_mask, v)
+    backward = monotonic_token_similarity(t, t_mask, v.flip(1))
+    return g * forward + (1 - g) * backward
+
+
 def level_similarity(level: Level, t_emb: dict, v_emb: dict) -> torch.Tensor:
     """[Nt, Nv] similarity of one level from text and video embedding dicts (see module doc)."""
     if level.kind == "global":
         return global_similarity(t_emb[level.name], v_emb[level.name])
+    t, t_mask = t_emb[level.name], t_emb.get(f"{level.name}_mask")
+    if level.align == "directed":
+        direction = t_emb.get(f"{level.name}_dir")
+        if direction is None:
+            raise ValueError(f"level {level.name!r} aligns `directed` but the text embeddings have no "
+                             f"'{level.name}_dir' (the text head of model.token_align=directed makes it)")
+        return directed_token_similarity(t, t_mask, direction, v_emb[level.name])
     score = monotonic_token_similarity if level.align == "monotonic" else token_similarity
-    return score(t_emb[level.name], t_emb.get(f"{level.name}_mask"), v_emb[level.name])
+    return score(t, t_mask, v_emb[level.name])
 
 
 def level_weights(cfg: Config) -> dict[str, float]:

@@ -78,6 +78,11 @@ from hiervl.model.queue import MomentumQueue
 from torch import nn
 
 
+def _text(name: str, fields: dict) -> dict:
+    """A bank's or queue's text fields {emb, mask?, dir?} as a level's text embedding dict."""
+    return {name: fields["emb"], f"{name}_mask": fields.get("mask"), f"{name}_dir": fields.get("dir")}
+
+
 class HierarchicalContrastiveLoss(nn.Module):
     """See the module docstring. `queues` maps "<level>_<modality>" to its MomentumQueue."""
 
@@ -98,6 +103,8 @@ class HierarchicalContrastiveLoss(nn.Module):
                     fields = {"emb": (shape, torch.float32)}
                     if n is not None and modality == "text":
                         fields["mask"] = ((n,), torch.bool)
+                        if lv.align == "directed":
+                            fields["dir"] = ((), torch.float32)  # the caption's direction logit
                     self.queues[f"{lv.name}_{modality}"] = MomentumQueue(qc.size, fields, groups=qc.mask_same_group)
 
     # ------------------------------------------------------------------ banks
@@ -130,6 +137,8 @@ class HierarchicalContrastiveLoss(nn.Module):
                 fields = {"emb": keys[lv.name]}
                 if f"{lv.name}_mask" in keys:
                     fields["mask"] = keys[f"{lv.name}_mask"]
+                if f"{lv.name}_dir" in keys:
+                    fields["dir"] = keys[f"{lv.name}_dir"]  # [B]
                 for field, x in fields.items():
                     layout.append((f"{lv.name}_{modality}", field, tuple(x.shape[1:]), x.dtype))
                     parts.append(x.reshape(b, -1).float())
@@ -197,7 +206,7 @@ class HierarchicalContrastiveLoss(nn.Module):
         n_batch = gathered["video_ids"].shape[0]
         bt_fields, bt_ids, bt_valid = self._bank(f"{name}_text", gathered, qc.enabled)
         bv_fields, bv_ids, bv_valid = self._bank(f"{name}_video", gathered, qc.enabled)
-        bank_t = {name: bt_fields["emb"], f"{name}_mask": bt_fields.get("mask")}
+        bank_t = _text(name, bt_fields)
         bank_v = {name: bv_fields["emb"]}
         sim_v2t = level_similarity(lv, bank_t, qv).transpose(0, 1)  # [B, G+K]
         sim_t2v = level_similarity(lv, qt, bank_v)  # [B, G+K]
@@ -221,6 +230,8 @@ class HierarchicalContrastiveLoss(nn.Module):
         all_t = {name: dist.all_gather_with_grad(qt[name])}  # [G, ...], gradient back to each rank's slice
         if lv.kind == "token":
             all_t[f"{name}_mask"] = dist.all_gather(qt[f"{name}_mask"].long()).bool()
+        if qt.get(f"{name}_dir") is not None:  # token_align=directed: the captions' direction, with gradient
+            all_t[f"{name}_dir"] = dist.all_gather_with_grad(qt[f"{name}_dir"])
         all_v = {name: dist.all_gather_with_grad(qv[name])}
         # in-batch query negatives: switched by batch_negatives in symmetric; with_keys (momentum +
         # gather_batch_with_grad) they are always on and batch_negatives switches the key negatives
@@ -239,7 +250,7 @@ class HierarchicalContrastiveLoss(nn.Module):
                 keys = gathered["banks"][f"{name}_{modality}"]
                 key_neg = allowed(qc.batch_negatives)
                 key_neg[torch.arange(local.shape[0], device=local.device), local] = False
-                sims.append(sim(query, {name: keys["emb"], f"{name}_mask": keys.get("mask")}))
+                sims.append(sim(query, _text(name, keys)))
                 negs.append(key_neg)
                 target = n_batch + local
             sims.append(sim(query, sg(columns)))  # [B, G]: gradient to the queries only
@@ -247,7 +258,7 @@ class HierarchicalContrastiveLoss(nn.Module):
             bank = self._queue_bank(f"{name}_{modality}", qv[name].device) if with_queue else None
             if bank is not None:
                 fields, ids, q_valid = bank
-                sims.append(sim(query, {name: fields["emb"], f"{name}_mask": fields.get("mask")}))  # [B, K]
+                sims.append(sim(query, _text(name, fields)))  # [B, K]
                 negs.append(self._neg_mask(video_ids, ids, q_valid, 0, True, group_ids,
                                            self._queue_groups(f"{name}_{modality}")))
             out.append({"sim": torch.cat(sims, dim=1), "target": target, "neg": torch.cat(negs, dim=1),
@@ -334,7 +345,7 @@ class HierarchicalContrastiveLoss(nn.Module):
         for lv in self.level_specs:
             name = lv.name
             qv = {name: q_v[name].float()}
-            qt = {name: q_t[name].float(), f"{name}_mask": q_t.get(f"{name}_mask")}
+            qt = {name: q_t[name].float(), f"{name}_mask": q_t.get(f"{name}_mask"), f"{name}_dir": q_t.get(f"{name}_dir")}
             rows[name] = {}
             if with_grad:  # "both": CLIP's in-batch rows alone; the queue serves the key term below
                 rows[name]["symmetric"] = self._symmetric_rows(lv, qt, qv, gathered, video_ids, local,
