@@ -93,7 +93,10 @@ TASKS = {
         "common": ["model.preset=flat", "data.batch_size=8", "queue.size=1024", "queue.momentum=0.99",
                    "queue.mask_same_video=true"],
         "arms": {"no-queue": ["queue.objective=symmetric", "queue.enabled=false"],
-                 "queue-both": ["queue.objective=both", "queue.enabled=true"]},
+                 "queue-both": ["queue.objective=both", "queue.enabled=true"],
+                 # issue #28 second session, secondary (registered in RESULTS before it ran): the query's
+                 # siblings in the queue are not negatives
+                 "queue-both-group": ["queue.objective=both", "queue.enabled=true", "queue.mask_same_group=true"]},
         "metrics": ("sentence",),
     },
 }

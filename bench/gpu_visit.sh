@@ -6,10 +6,11 @@
 #            once per warm machine;
 #   probe    GPU, versions, modules, CPUs, /dev/shm;
 #   model    bench/model.py at configs/base.yaml: `hit` beside the plain ViT-B/16 reference with activation
-#            checkpointing off (base.yaml's default now), then `hit` with it on (clips/s, MFU, peak memory);
+#            checkpointing off (base.yaml's default now) (clips/s, MFU, peak memory);
 #   feed     bench/feed.py: the loader's clips/s with DALI mixed alone + the hybrid (12 PyAV processes), then
 #            the pool alone, on base-shaped H.264 shards;
 #   tests    the gpu-marked tests (base.yaml's recipe at a small shape), all of them (no -x), junit XML;
+#   ac-on    `hit` with activation checkpointing on (a lever: the first stage the deadline cuts);
 #   optional: compile (hit with train.compile=true), train (`hiervl train` at base.yaml: samples/s and
 #            data-wait share), flat (the flat preset at the same shape).
 # Speed first (an idle GPU), then the loader, then the tests. Every log and JSON is written under $WORK and,
@@ -34,7 +35,7 @@ WORK=${WORK:-/tmp/gpu-visit}
 mkdir -p "$OUT" "$WORK"
 T0=$(date +%s)
 DEADLINE=${DEADLINE:-585}
-STAGES=${*:-probe model feed tests}
+STAGES=${*:-probe model feed tests ac-on}
 GPU_DATA=$PWD/.dev/gpu-data
 TEXT="model.text.path=$GPU_DATA/text"  # the loader's tokenizer (MiniLM's, saved with a 2-layer BERT)
 FEED=$PWD/.dev/feed-data/kf1
@@ -73,8 +74,13 @@ install() {  # once per warm machine
   if compgen -G "/tmp/dw/part_0*" > /dev/null; then
     cat /tmp/dw/part_0* > /tmp/dw/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl && rm -f /tmp/dw/part_0*
   fi
-  local wheels=() d
-  for d in /tmp/dw .dev/whl .dev/whl2; do compgen -G "$d/*.whl" > /dev/null && wheels+=("$d"/*.whl); done
+  local wheels=() d w seen=" "
+  for d in /tmp/dw .dev/whl .dev/whl2; do  # one copy of each wheel (pip refuses two files of one version)
+    for w in "$d"/*.whl; do
+      [[ -f $w && $seen != *" $(basename "$w") "* ]] || continue
+      wheels+=("$w"); seen+="$(basename "$w") "
+    done
+  done
   (( ${#wheels[@]} )) && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
       "${wheels[@]}"
   say "wheels rc=$? (${#wheels[@]} wheels)"
@@ -113,15 +119,17 @@ model() {  # NAME LIMIT EXTRA...: bench/model.py at base.yaml (text: MiniLM-shap
 stage() {
   case $1 in
   probe) probe > "$WORK/probe.log" 2>&1; cat "$WORK/probe.log"; pack ;;
-  model)
+  model)  # the headline: hit beside the plain ViT-B/16 reference, activation checkpointing off (base.yaml's default)
     model model-ac-off 170 --presets hit --reference train.activation_checkpointing=false
-    model model-ac-on 90 --presets hit train.activation_checkpointing=true
+    ;;
+  ac-on)  # what activation checkpointing costs (a lever, not the default): last in the long command
+    model model-ac-on 90 --presets hit --warmup 2 train.activation_checkpointing=true  # an option after --presets
     ;;
   compile)  # torch.compile of the towers (compiled during the 2 warmup steps, which are not timed)
     model model-compile 240 --presets hit --warmup 3 train.activation_checkpointing=false train.compile=true
     ;;
   flat)
-    model model-flat 120 --presets flat train.activation_checkpointing=false
+    model model-flat 120 --presets flat --warmup 2 train.activation_checkpointing=false
     ;;
   feed)  # DALI mixed alone, DALI + 12 PyAV processes (hybrid), then the 12 processes alone
     local ring=()
@@ -150,7 +158,7 @@ stage() {
     cp /tmp/hiervl-train-base/{metrics.jsonl,status.json,deepspeed_config.json} "$WORK/" 2>/dev/null
     pack
     ;;
-  *) say "unknown stage $1 (stages: probe model feed tests compile flat train)" ;;
+  *) say "unknown stage $1 (stages: probe model feed tests ac-on compile flat train)" ;;
   esac
 }
 

@@ -124,7 +124,7 @@ def train(cfg: Config, data: dict, seed: int, log_every: int = 0) -> tuple[torch
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
         out = model({"video": video, "input_ids": ids, "attention_mask": am,
-                     "video_ids": torch.as_tensor(idx, dtype=torch.long)})
+                     "video_ids": torch.as_tensor(idx, dtype=torch.long), "group_ids": data["group"][idx]})
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         if oc.grad_clip > 0:

@@ -31,7 +31,7 @@ from hiervl.launch.processes import RANK_MODULE, child_env, host_rendezvous, run
 LOCAL_LAUNCH_MODULE = "hiervl.launch.local_launch"  # DeepSpeed's per-node launcher, for local CPU runs
 
 # Variables the ranks need on every node; DeepSpeed's pdsh runner exports what .deepspeed_env lists.
-PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                   "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED", "TORCH_EXTENSIONS_DIR",
                   # not NCCL/GLOO_SOCKET_IFNAME: one value for every node breaks nodes whose interfaces are
                   # named differently; each rank finds its node's own (launch.socket_ifname, distributed.py)
@@ -89,12 +89,16 @@ def runner_world_info(nranks: int) -> str:
 def run_local(cfg, config_path, *, nranks: int, gpus: bool, log_dir=None, echo: bool = False) -> int:
     """Run `local_command` with the rendezvous port held by this process for the whole run
     (launch.master_port when free, else any free one): two runs started together never collide."""
+    from hiervl.launch.build_locks import clear_stale_build_locks
+
+    env = rank_env(gpus=gpus)
+    clear_stale_build_locks(env)  # an interrupted op build's lock would keep every rank waiting forever
     store, port, extra = host_rendezvous(cfg.launch.master_port, any_free=True)
     cmd = local_command(cfg, config_path, nranks=nranks, gpus=gpus, log_dir=log_dir, port=port)
     if echo:
         print(shell_join(cmd), flush=True)
     try:
-        return run_forwarding_signals(cmd, {**rank_env(gpus=gpus), **extra})
+        return run_forwarding_signals(cmd, {**env, **extra})
     finally:
         del store
 
@@ -209,6 +213,9 @@ def run_node(cfg, cmd, *, node_rank: int, env: dict, hostfile=None, log_dir=None
     failed, their one-line errors (in the per-rank files) are repeated here."""
     import time
 
+    from hiervl.launch.build_locks import clear_stale_build_locks
+
+    clear_stale_build_locks(env)  # an interrupted op build's lock would keep every rank waiting forever
     store, extra = None, {}
     if node_rank == 0:
         store, _, extra = host_rendezvous(cfg.launch.master_port, any_free=False)

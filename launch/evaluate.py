@@ -40,8 +40,9 @@ Example:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a training out_dir, its checkpoints/ folder, or one checkpoints/stepNNNNNNNN folder")
+    from hiervl.run_dir import MODEL_PATHS
+
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help=f"the model: {MODEL_PATHS}")
     parser.add_argument("--data", metavar="DIR", help="prepared dataset directory or s3:// / gs:// / http(s):// prefix (default: the checkpoint's data.path)")
     parser.add_argument("--split", default=None, help="split to evaluate (default: eval.split, 'test')")
     parser.add_argument("--out", metavar="DIR", help="where eval.json, eval.md and the index go")
@@ -87,12 +88,10 @@ def check_split(data: str | None, split: str) -> None:
     if not manifest.is_file():
         raise UserError(f"--data {data} is not a prepared dataset (no manifest.parquet); make one with "
                         "`hiervl prep --input MANIFEST --out DIR`")
-    import pyarrow.parquet as pq
+    from hiervl.data.manifest import read_dataset_info, read_manifest
 
-    try:
-        splits = set(pq.read_table(manifest, columns=["split"]).column(0).to_pylist())
-    except Exception as exc:  # noqa: BLE001 - a damaged manifest: one line naming it
-        raise UserError(f"{manifest} is unreadable ({type(exc).__name__}); prepare the dataset again") from None
+    read_dataset_info(data)  # damaged, foreign or of another schema version: one line naming it
+    splits = set(read_manifest(manifest, ["split"]).column(0).to_pylist())  # the same for the manifest
     if split not in splits:
         raise UserError(f"{data} has no samples of split '{split}' (it has: {', '.join(sorted(map(str, splits))) or 'none'})")
 

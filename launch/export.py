@@ -25,8 +25,9 @@ Example:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN",
-                        help="a training out_dir, its checkpoints/ folder, or one checkpoints/stepNNNNNNNN folder")
+    from hiervl.run_dir import CHECKPOINT_PATHS
+
+    parser.add_argument("run", metavar="RUN", help=f"the checkpoint to export: {CHECKPOINT_PATHS}")
     parser.add_argument("--out", required=True, metavar="DIR", help="the export directory to write (new or empty)")
     parser.add_argument("--force", action="store_true", help="replace an existing export at --out")
     parser.add_argument("--no-verify", action="store_true", help="skip loading the export back and comparing")
@@ -36,7 +37,7 @@ def checkpoint_source(run: Path) -> dict:
     """Which checkpoint a run path names (the tag load_model_for_inference reads), for the export's record."""
     from hiervl.run_dir import read_meta, resolve_checkpoint
 
-    ckpt_dir, tag = resolve_checkpoint(run, check=False)
+    ckpt_dir, tag = resolve_checkpoint(run, check=False, setting="RUN")  # an export is refused: it is one already
     return {"checkpoint": str(run.resolve()), "tag": tag, "step": (read_meta(ckpt_dir, tag) or {}).get("step")}
 
 
@@ -72,8 +73,9 @@ def main(args, cfg) -> int:
         raise UserError("export takes no --config or KEY=VALUE overrides: it writes the checkpoint's own config "
                         f"(got {' '.join(([f'--config {args.config}'] if args.config else []) + args.overrides)})")
     run = Path(args.run)
-    model, ckpt_cfg = load_model_for_inference(run)
-    out = write_export(model, ckpt_cfg, args.out, source=checkpoint_source(run), overwrite=args.force)
+    source = checkpoint_source(run)  # before the model loads: one line for a wrong RUN
+    model, ckpt_cfg = load_model_for_inference(run, setting="RUN")
+    out = write_export(model, ckpt_cfg, args.out, source=source, overwrite=args.force)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"exported {ckpt_cfg.model.preset} ({', '.join(model.levels)}) from {run} to {out} "
           f"({size / 2**20:.1f} MiB)")

@@ -46,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact", action="store_true", help="score every video (brute force), no ANN stage")
     parser.add_argument("--nprobe", type=int, help="IVF cells scanned per query (default 32)")
     parser.add_argument("--json", action="store_true", help="print JSON (one object per query) instead of a table")
-    parser.add_argument("--checkpoint", metavar="DIR", help="the model (search: default the index's; index: required)")
+    from hiervl.run_dir import MODEL_PATHS
+
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help=f"the model (search: default the index's; index: required): {MODEL_PATHS}")
     parser.add_argument("--data", metavar="DIR", help="dataset for the contact sheet frames (default: the index's)")
     parser.add_argument("--sheet", metavar="PNG", help="contact sheet path (one query; default <index>/search-<query>.png)")
     parser.add_argument("--frames", type=int, default=4, help="frames per video on the contact sheet")
@@ -94,8 +97,9 @@ def build_index(args, cfg) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
     if not Path(args.checkpoint).exists():
-        raise UserError(f"--checkpoint {args.checkpoint} does not exist; give a training run folder (train.out_dir) "
-                        "or one of its checkpoints/stepNNNNNNNN folders")
+        from hiervl.run_dir import MODEL_PATHS
+
+        raise UserError(f"--checkpoint {args.checkpoint} does not exist; give {MODEL_PATHS}")
     from hiervl.eval.search import build_video_index  # slow (torch, the model): after the cheap checks
 
     t0 = time.perf_counter()

@@ -19,7 +19,8 @@ prepared dataset, the embeddings are those `hiervl eval` computes. `hiervl prep`
 frames at the rate and size the model was trained on, for the same numbers as on the dataset.
 
 Outputs are dicts of float32 tensors on the model's device: per level `[N, D]` (global levels) or
-`[N, n, D]` (token levels, with a `<level>_mask` [N, n] bool for text), L2-normalised.
+`[N, n, D]` (token levels, with a `<level>_mask` [N, n] bool for text, and with
+`model.token_align=directed` a `<level>_dir` [N] direction logit), L2-normalised.
 `similarity` gives `[Nt, Nv]` per level and `fused` (the `model.level_weights` mean), the scores
 eval ranks by.
 
@@ -185,19 +186,13 @@ def load(path: str | Path, device="auto", decoder: str = "auto") -> HierVLModel:
     (as data.decoder: auto picks DALI where it can decode the codec, PyAV otherwise). An export loads
     with neither DeepSpeed nor the checkpoint.
     """
-    from hiervl.export import is_export, load_export
+    from hiervl.run_dir import MODEL_PATHS, load_model_for_inference
 
     dev = resolve_device(device)
     if decoder not in ("auto", "dali", "pyav"):
         raise UserError(f"decoder={decoder!r}: use 'auto', 'dali' or 'pyav'")
     path = Path(path).expanduser()
     if not path.exists():
-        raise UserError(f"{path} does not exist; pass a training run directory, a checkpoint folder or an "
-                        "export directory (hiervl export RUN --out DIR)")
-    if is_export(path):
-        towers, cfg = load_export(path)
-    else:
-        from hiervl.run_dir import load_model_for_inference
-
-        towers, cfg = load_model_for_inference(path)
+        raise UserError(f"hiervl.load: {path} does not exist; pass {MODEL_PATHS}")
+    towers, cfg = load_model_for_inference(path, setting="hiervl.load's path")  # an export: no DeepSpeed
     return HierVLModel(towers, cfg, dev, decoder, source=str(path))

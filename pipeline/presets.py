@@ -1,7 +1,8 @@
 """The model presets, defined once: each preset's levels and its defaults.
 
 Owns: `Level` (a level's name, kind and where each tower's tokens come from), `PRESETS` (the
-levels of hit, hcmi, hanet and flat), `preset_levels`, `level_names` and `learns_temperature`
+levels of hit, hcmi, hanet and flat), `PRESET_LOSS` (a preset's default loss and how its levels
+combine), `preset_levels`, `level_names` and `learns_temperature`
 (the preset default of `model.learnable_temperature`). `pipeline/config.py` validates names against
 it at load; `pipeline/model/` builds the heads, losses and queues from it.
 Must not touch: torch or any module; it is plain data, read by config and model alike.
@@ -29,7 +30,12 @@ PRESETS: dict[str, tuple[Level, ...]] = {
               Level("global", "global", "pooled", "pooled")),
     "flat": (Level("global", "global", "pooled", "pooled"),),
 }
-TOKEN_ALIGNS = ("max", "monotonic")  # model.token_align: how a token level reduces its token x token matrix
+# model.token_align: how a token level reduces its token x token matrix (pipeline/model/levels.py)
+TOKEN_ALIGNS = ("max", "monotonic", "directed")
+# (model.loss, model.loss_on) where the config leaves them null: HANet's released code (Roc-Ng/HANet
+# mlmatch.py, pipeline/model/FIDELITY.md) trains one VSE++ hinge on the mean of its level scores;
+# the other presets' papers train an InfoNCE per level. Not tuned: a fidelity default.
+PRESET_LOSS = {"hanet": ("hinge", "fused")}
 LEARNED_TEMPERATURE = ("hcmi",)  # presets whose temperature is learnable unless model.learnable_temperature says
 
 

@@ -3,7 +3,9 @@
 A training run (`train.out_dir`) holds
 
     config.yaml              the resolved config, absolute paths (written once, by `hiervl train` /
-                             `hiervl submit`, before any rank starts: the ranks read it)
+                             `hiervl submit`, before any rank starts: the ranks read it; rank 0 writes
+                             it only where that is missing or a resume held the checkpoint's
+                             train.global_batch that `submit` could not see: train/global_batch.py)
     deepspeed_config.json    the DeepSpeed config the ranks ran with
     metrics.jsonl            one record per log step (train/monitor.py); tensorboard/, logs/, samples/
     eval.jsonl, best.json    periodic evaluation: one line per evaluation, the best step (R@sum)
@@ -13,12 +15,19 @@ A training run (`train.out_dir`) holds
                                        mark with the sha256 manifest, train/checkpoint.py writes it)
     checkpoints/stepNNNNNNNN_universal/
     checkpoints/latest       the tag of the newest complete checkpoint
+    .hiervl-train.lock       held by the `hiervl train` / `hiervl submit local|deepspeed` running here
+    .hiervl-slurm-job        the SLURM job `hiervl submit slurm` last submitted into this folder
 
 "Which checkpoint does this path name" has one answer, `resolve_checkpoint`: a checkpoint folder
 (it holds meta.json) is that checkpoint, checked against its manifest; a run folder or its
 checkpoints/ folder is the newest complete, intact checkpoint there (`find_latest`: `latest` if
 it verifies, else the newest before it, with one warning naming the damaged file). Every reader
-(resume, inference, fingerprint, export, preflight) asks it.
+(resume, inference, fingerprint, export, preflight) asks it. "Which model does this path name"
+has one answer too, `load_model_for_inference`: an export directory (`hiervl export`, it holds
+hiervl-export.json) is that model, anything else is `resolve_checkpoint`'s checkpoint; `eval`,
+`search`, `search index`, `hiervl.load` and `export` read their model through it, and say what
+they accept with the same words (`MODEL_PATHS`). An export has no optimizer state: training cannot
+resume from one (refused in one line).
 
 Paths a run records (data.path, train.out_dir, index.json "data") are stored absolute
 (`absolute_paths`) so they work from any directory; `find_recorded` reads a relative path that an
@@ -37,6 +46,7 @@ import json
 from pathlib import Path
 
 from hiervl.errors import UserError
+from hiervl.export_files import EXPORT_FILE, is_export
 from hiervl.log import get_logger
 from hiervl.storage import as_local_path, is_remote
 
@@ -54,7 +64,12 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # in checkpoints/: the tag of the newest complete checkpoint
 META = "meta.json"  # in a checkpoint folder: the completion mark and its manifest
 UNIVERSAL_SUFFIX = "_universal"
+SLURM_JOB = ".hiervl-slurm-job"  # the id of the SLURM job training into this folder (launch/slurm.py)
 HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a checkpoint file
+
+# what a model path may be, in every help text and error (eval, search, search index, export, hiervl.load)
+CHECKPOINT_PATHS = "a training run folder (train.out_dir), its checkpoints/ folder or one checkpoints/stepNNNNNNNN folder"
+MODEL_PATHS = f"{CHECKPOINT_PATHS}, or an export directory (hiervl export RUN --out DIR)"
 
 
 def eval_dir(run: str | Path, split: str) -> Path:
@@ -178,8 +193,10 @@ def resolve_checkpoint(path: str | Path, check: bool = True, setting: str = "--c
     or a named checkpoint that is damaged.
     """
     path = Path(path)
-    hint = hint or (f"point {setting} at a training run folder (train.out_dir) or one of its "
-                    "checkpoints/stepNNNNNNNN folders")
+    hint = hint or f"point {setting} at {CHECKPOINT_PATHS}"
+    if is_export(path):
+        raise error(f"{setting}={path} is an export (inference weights, no optimizer or training state); "
+                    f"point {setting} at {CHECKPOINT_PATHS}")
     if (path / META).is_file():
         problem = verify(path.parent, path.name) if check else None
         if problem is not None:
@@ -196,8 +213,12 @@ def resolve_checkpoint(path: str | Path, check: bool = True, setting: str = "--c
 
 
 def checkpoint_step(path) -> int | None:
-    """The step of the checkpoint `path` names (as `resolve_checkpoint`), for display; None if unknown."""
+    """The step of the checkpoint `path` names (as `resolve_checkpoint`; an export's: the step it was
+    exported from), for display; None if unknown."""
     try:
+        if is_export(path):
+            step = json.loads((Path(path) / EXPORT_FILE).read_text())["source"].get("step")
+            return int(step) if step is not None else None
         ckpt_dir, tag = resolve_checkpoint(path, check=False)
         return int((read_meta(ckpt_dir, tag) or {})["step"])
     except (UserError, OSError, ValueError, KeyError, TypeError):
@@ -207,19 +228,27 @@ def checkpoint_step(path) -> int | None:
 # ---------------------------------------------------------------------------- inference
 
 
-def load_model_for_inference(path: str | Path, map_location: str = "cpu"):
-    """(model, cfg) from a run folder, its checkpoints/ folder or one checkpoint folder (see
-    `resolve_checkpoint`), in eval mode.
+def load_model_for_inference(path: str | Path, map_location: str = "cpu", setting: str = "--checkpoint"):
+    """(model, cfg) in eval mode from any of `MODEL_PATHS`: an export directory (QueryTowers, read by
+    pipeline/export.py: no DeepSpeed, no checkpoint), else the checkpoint `resolve_checkpoint` names
+    (HierarchicalModel). Both answer encode_text / encode_video / similarity / levels alike, and
+    embed alike (the export holds the checkpoint's query towers in float32, as read here).
 
-    Reads the resolved config stored in the checkpoint and the full module weights (ZeRO 0-2 keep
-    them in `mp_rank_00_model_states.pt`; ZeRO 3 is consolidated with DeepSpeed's zero_to_fp32).
+    `setting` names the path in errors (`--checkpoint`, `RUN`, `hiervl.load path`). A checkpoint's
+    resolved config is stored in it, with the full module weights (ZeRO 0-2 keep them in
+    `mp_rank_00_model_states.pt`; ZeRO 3 is consolidated with DeepSpeed's zero_to_fp32).
     """
+    path = Path(path).expanduser()
+    if is_export(path):
+        from hiervl.export_files import load_export
+
+        return load_export(path)
     import torch
     from hiervl import safe_load
     from hiervl.config import from_dict
     from hiervl.model.hierarchical import build_model
 
-    ckpt_dir, tag = resolve_checkpoint(path)
+    ckpt_dir, tag = resolve_checkpoint(path, setting=setting, hint=f"point {setting} at {MODEL_PATHS}")
     tag_dir = ckpt_dir / tag
     meta = json.loads((tag_dir / META).read_text())
     cfg = from_dict(meta["config"])

@@ -8,7 +8,8 @@ namespace of its own (`<prefix>-hub`): nothing is added to the machine's own net
 started with `Cluster.popen(node, argv)` also gets its own hostname (UTS namespace: `hostname`
 says n1) and its own mount namespace, in which `/etc/hosts` names the nodes (the node's own name as 127.0.1.1, as
 Debian installs it: a launch that trusts its hostname to find its address gets loopback) and `Cluster.local`
-(one path) is that node's private folder: shared-nothing where a test wants it. `cut(node)` takes
+(one path) is that node's private folder: shared-nothing where a test wants it. The hub's bridge
+has the address HUB_ADDR (10.77.0.254), where a service every node reaches can run (`hub_argv`). `cut(node)` takes
 a node's link down (packets are dropped, no reset: a partition, not a crash); `heal(node)` brings
 it back. `close()` kills every process left in the namespaces and deletes them, also after a
 failure (the fixture calls it; so does `down`).
@@ -17,6 +18,7 @@ Needs root (`ip netns add`); `available()` says in one line why not, for a pytes
 
 A person can use it too:
   python tests/netns.py up --prefix hv1                # start n1, n2; print how to use them
+  python tests/netns.py up --prefix hv1 --ssh          # ... with sshd in each (throwaway key)
   python tests/netns.py exec --prefix hv1 n2 -- hostname
   python tests/netns.py down --prefix hv1
 """
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 
 SUBNET = "10.77.0"  # a private /24 that only these namespaces have
+HUB_ADDR = f"{SUBNET}.254"  # the bridge's own address in the hub: a service every node reaches (an S3 server)
 IFNAMES = ("eno1", "ens5", "enp3s0", "eth1")  # one per node, different on purpose
 STATE = Path(tempfile.gettempdir()) / "hiervl-netns"  # <prefix>.json: what `down` must remove
 
@@ -69,6 +72,18 @@ class Cluster:
         self.local = self.root / "local"  # one path; each node sees its own folder mounted there
         self.procs: list[subprocess.Popen] = []
         self.hub = f"{self.prefix}-hub"
+        self.binds: list[tuple[str, str]] = []  # (source, target): mounted in every node's mount namespace
+
+    def bind(self, source: str | Path, target: str | Path) -> None:
+        """From now on, commands started in the nodes see `source` at `target` (an existing file or
+        folder of the machine, hidden only inside the nodes: e.g. a throwaway /etc/ssh/ssh_config)."""
+        self.binds.append((str(source), str(target)))
+        self._save_state()
+
+    def unbind(self, target: str | Path) -> None:
+        """Commands started from now on see the machine's own `target` again."""
+        self.binds = [b for b in self.binds if b[1] != str(target)]
+        self._save_state()
 
     def ns(self, node: str) -> str:
         return f"{self.prefix}-{node}"
@@ -80,13 +95,13 @@ class Cluster:
     # ------------------------------------------------------------------ up / down
 
     def up(self) -> Cluster:
-        STATE.mkdir(parents=True, exist_ok=True)
-        (STATE / f"{self.prefix}.json").write_text(json.dumps({"ns": [self.hub] + [self.ns(n) for n in self.names],
-                                                               "root": str(self.root), "pid": os.getpid()}))
+        self._save_state(pid=os.getpid())
         try:
             _ip("netns", "add", self.hub)
             _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
             _ip("-n", self.hub, "link", "set", "br0", "up")
+            _ip("-n", self.hub, "addr", "add", f"{HUB_ADDR}/24", "dev", "br0")
+            _ip("-n", self.hub, "link", "set", "lo", "up")
             for node in self.names:  # as Debian writes it: a node's own name first maps to 127.0.1.1
                 hosts = f"127.0.0.1 localhost\n127.0.1.1 {node}\n" + "".join(
                     f"{a} {n}\n" for n, a in self.addr.items() if n != node)
@@ -106,6 +121,17 @@ class Cluster:
             self.close()
             raise
         return self
+
+    def _save_state(self, pid: int | None = None) -> None:
+        """What `down` (and `remove_stale`, and `exec` for the binds) must know: <STATE>/<prefix>.json."""
+        STATE.mkdir(parents=True, exist_ok=True)
+        path = STATE / f"{self.prefix}.json"
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        info.update({"ns": [self.hub] + [self.ns(n) for n in self.names], "root": str(self.root),
+                     "binds": self.binds})
+        if pid is not None:
+            info["pid"] = pid
+        path.write_text(json.dumps(info))
 
     def close(self) -> None:
         """Kill what runs in the namespaces (ours: we made them) and delete them; never raises."""
@@ -132,16 +158,22 @@ class Cluster:
 
     def wrap(self, node: str, argv: list[str]) -> list[str]:
         """argv run inside `node`: its network, hostname, /etc/hosts and private `local` folder."""
-        setup = ('hostname "$1" && mount --bind "$2" /etc/hosts && mount --bind "$3" "$4" && shift 4 && exec "$@"')
+        setup = ('hostname "$1" && mount --bind "$2" /etc/hosts && mount --bind "$3" "$4" && shift 4 && '
+                 'while [ "$1" != -- ]; do mount --bind "$1" "$2" || exit 1; shift 2; done && shift && exec "$@"')
         return ["ip", "netns", "exec", self.ns(node), "unshare", "--uts", "--mount", "--propagation", "private", "--",
                 "sh", "-c", setup, "sh", node, str(self.root / f"hosts.{node}"), str(self.node_dir(node)), str(self.local),
-                *map(str, argv)]
+                *[w for pair in self.binds for w in pair], "--", *map(str, argv)]
 
     def popen(self, node: str, argv: list[str], **kw) -> subprocess.Popen:
         """Start argv in `node` (own process group, killed by `close`)."""
         p = subprocess.Popen(self.wrap(node, argv), start_new_session=True, **kw)
         self.procs.append(p)
         return p
+
+    def hub_argv(self, argv: list[str]) -> list[str]:
+        """argv run in the hub namespace (the machine's filesystem, the bridge's address HUB_ADDR):
+        where a service for every node runs, e.g. the S3 server of a shared-nothing test."""
+        return ["ip", "netns", "exec", self.hub, *map(str, argv)]
 
     def run(self, node: str, argv: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         p = self.popen(node, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
@@ -152,6 +184,11 @@ class Cluster:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=10)
         return subprocess.CompletedProcess(p.args, p.returncode, out, None)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the nodes (daemons a test started, what their sessions left), keeping
+        the namespaces up for the next test."""
+        kill_in([self.ns(n) for n in self.names])
 
     def cut(self, node: str) -> None:
         """Partition `node`: its link to the bridge goes down (its packets are dropped, nothing resets)."""
@@ -180,6 +217,14 @@ def remove_stale() -> list[str]:
 
 def teardown(prefix: str, namespaces: list[str]) -> None:
     """SIGKILL every process inside `namespaces` (bounded: 5 rounds) and delete them."""
+    kill_in(namespaces)
+    for ns in namespaces:
+        _ip("netns", "del", ns, check=False)
+    (STATE / f"{prefix}.json").unlink(missing_ok=True)
+
+
+def kill_in(namespaces: list[str]) -> None:
+    """SIGKILL every process inside `namespaces` (bounded: 5 rounds each)."""
     for ns in namespaces:
         for _ in range(5):
             res = _ip("netns", "pids", ns, check=False)
@@ -192,8 +237,6 @@ def teardown(prefix: str, namespaces: list[str]) -> None:
                 except OSError:
                     pass
             time.sleep(0.2)
-        _ip("netns", "del", ns, check=False)
-    (STATE / f"{prefix}.json").unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("node", nargs="?")
     p.add_argument("--prefix", default="hvdemo")
     p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--ssh", action="store_true", help="up: also sshd in every node under a throwaway key "
+                   "(tests/netns_ssh.py): `ssh n2`, pdsh and DeepSpeed's default launch work inside the nodes")
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_intermixed_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -216,6 +261,22 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         c = Cluster(args.nodes, prefix=args.prefix).up()
+        if args.ssh:
+            import netns_ssh
+
+            why = netns_ssh.available(pdsh=True)
+            if why:
+                c.close()
+                print(f"netns: {why}", file=sys.stderr)
+                return 1
+            try:
+                print(f"sshd in {', '.join(c.names)}; keys and configs in {netns_ssh.start_sshd(c)}")
+            except BaseException:
+                c.close()
+                raise
+        info = json.loads(state.read_text())
+        info.pop("pid", None)  # a person's cluster: `down` removes it, not remove_stale
+        state.write_text(json.dumps(info))
         for n in c.names:
             print(f"{n}: {c.addr[n]} on {c.ifname[n]}  (python tests/netns.py exec --prefix {c.prefix} {n} -- CMD)")
         print(f"node-private folder: {c.local} (each node sees its own; from here: {c.root / 'nodes'}/<node>)")
@@ -225,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     info = json.loads(state.read_text())
     c = Cluster(len(info["ns"]) - 1, prefix=args.prefix, root=info["root"])
+    c.binds = [tuple(b) for b in info.get("binds", [])]
     if args.action == "down":
         teardown(args.prefix, info["ns"])
         return 0

@@ -44,11 +44,11 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_2(tmp_path):
     assert lines[0].startswith("gpu-visit: no CUDA GPU") and not (tmp_path / "out").exists()
 
 
-def test_speed_then_loader_then_tests_every_log_packed_into_out(tmp_path):
+def test_speed_then_loader_then_tests_then_levers_every_log_packed_into_out(tmp_path):
     res = subprocess.run(["bash", str(SCRIPT)], env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     log = res.stdout
     assert res.returncode == 0, log + res.stderr
-    order = [log.index(f"start {name} ") for name in ("model-ac-off", "model-ac-on", "feed", "feed-pool", "tests")]
+    order = [log.index(f"start {name} ") for name in ("model-ac-off", "feed", "feed-pool", "tests", "model-ac-on")]
     assert order == sorted(order), log
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["visit.log", "visit.tar.gz"]  # <= 8 files back
     with tarfile.open(tmp_path / "out" / "visit.tar.gz") as tar:
@@ -62,7 +62,8 @@ def test_speed_then_loader_then_tests_every_log_packed_into_out(tmp_path):
 
 
 def test_the_deadline_caps_a_stage_and_skips_the_rest_with_a_line(tmp_path):
-    res = subprocess.run(["bash", str(SCRIPT), "model", "feed"], env=_env(tmp_path, DEADLINE="36", STUB_SLEEP="3"),
+    res = subprocess.run(["bash", str(SCRIPT), "model", "ac-on", "feed"],
+                         env=_env(tmp_path, DEADLINE="36", STUB_SLEEP="3"),
                          capture_output=True, text=True, timeout=120)
     log = res.stdout
     assert res.returncode == 0, log + res.stderr

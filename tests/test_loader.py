@@ -8,6 +8,7 @@ import pytest
 import torch
 from hiervl.config import Config
 from hiervl.data.loader import DatasetIndex, VideoTextLoader, iter_eval
+from hiervl.data.sampler import stable_hash
 from hiervl.errors import UserError
 from hiervl.model.text_model import load_tokenizer
 
@@ -151,6 +152,14 @@ def test_group_column_reaches_the_loader_and_old_manifests_load_without_it(datas
     cfg = make_cfg(copy, remainder="pad", order="grouped")
     per_rank, _ = run_epoch(cfg, 2, 0)
     assert sorted(k for b in per_rank for k in valid_keys(b)) == sorted(old.keys)
+    # every batch carries each sample's group as a stable id (queue.mask_same_group), -1 = none or padding
+    for path, groups in ((dataset, dict(zip(index.keys, index.groups))), (copy, {})):
+        loader = VideoTextLoader(make_cfg(path, remainder="pad"), tokenizer=load_tokenizer("default"))
+        for n, batch in enumerate(loader):
+            want = [stable_hash(groups[k]) if groups.get(k) else -1 for k in batch["keys"]]
+            assert batch["group_ids"].tolist() == want and batch["group_ids"].dtype == torch.int64
+            if n == 2:
+                break
 
 
 def test_grouped_state_refuses_a_dataset_with_other_groups(dataset, tmp_path):

@@ -44,14 +44,17 @@ def _one_thread():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_every_parameter_and_overfits_a_small_batch(preset, objective):
     torch.manual_seed(0)
-    model = build_model(_cfg(preset, [f"queue.objective={objective}"]))
+    cfg = _cfg(preset, [f"queue.objective={objective}"])
+    model = build_model(cfg)
     batch = _batch()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     losses = []
-    for step in range(25):
+    hinge = cfg.model.loss == "hinge"  # hanet's default: VSE++'s hardest-negative hinge learns more slowly
+    for step in range(60 if hinge else 25):
         out = model(batch)
-        assert set(out["losses"]) == set(model.levels)
+        # hanet trains HANet's one loss on the fused score by default (presets.PRESET_LOSS)
+        assert set(out["losses"]) == ({"fused"} if cfg.model.loss_on == "fused" else set(model.levels))
         out["loss"].backward()
         if step == 0:  # every trainable parameter is reached (ZeRO needs no unused parameters)
             missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -62,7 +65,13 @@ def test_preset_trains_every_parameter_and_overfits_a_small_batch(preset, object
         model.enqueue(out)
         losses.append(out["loss"].item())
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < (0.7 if hinge else 0.5) * losses[0], losses
+    if hinge:  # a hinge can stay above 0 with the ranking right: the batch must be retrieved
+        model.eval()
+        with torch.no_grad():
+            sim = model.similarity(model.encode_text(batch["input_ids"], batch["attention_mask"]),
+                                   model.encode_video(batch["video"]))["fused"]  # [8 texts, 8 videos]
+        assert sim.argmax(dim=1).tolist() == list(range(8))
 
 
 def test_levels_per_preset_and_key_encoders_are_frozen():

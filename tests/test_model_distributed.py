@@ -10,13 +10,11 @@ the single-rank queues. The batches contain a padded sample and repeated video i
 queue size does not divide the global batch, so wrap-around, padding and masking are exercised.
 """
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from fixtures import assert_same_queues
 from hiervl import distributed as D
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -27,14 +25,19 @@ VARIANTS = [
     ("hanet", ["queue.objective=momentum"]), ("flat", ["queue.objective=momentum"]),
     ("hit", ["queue.objective=momentum", "queue.gather_batch_with_grad=true"]),
     ("hcmi", ["queue.objective=momentum", "model.label_denoise=true", "model.marginal_enhance=true"]),
-    ("hanet", ["queue.objective=momentum", "model.loss=hinge"]),
+    ("hanet", ["queue.objective=momentum", "model.loss=infonce", "model.loss_on=levels"]),  # default: fused hinge
     # the symmetric recipe: the global batch's queries all-gathered with gradient, queue keys as negatives
     ("hit", ["queue.objective=symmetric"]), ("hcmi", ["queue.objective=symmetric"]),
     ("hanet", ["queue.objective=symmetric"]), ("flat", ["queue.objective=symmetric"]),
     ("hcmi", ["queue.objective=symmetric", "model.label_denoise=true", "model.marginal_enhance=true"]),
-    ("hanet", ["queue.objective=symmetric", "model.loss=hinge"]),
+    ("hanet", ["queue.objective=symmetric", "model.loss=infonce", "model.loss_on=levels"]),  # default: fused hinge
     # both: the in-batch rows plus the momentum rows with the queue
     ("hit", ["queue.objective=both"]), ("hcmi", ["queue.objective=both"]),
+    # the query's siblings in the queue masked: group ids gathered with the keys, kept by the queue
+    ("hit", ["queue.objective=both", "queue.mask_same_group=true"]),
+    # directed token alignment: the captions' direction logits gathered with gradient and queued
+    ("hit", ["queue.objective=both", "model.token_align=directed"]),
+    ("hcmi", ["queue.objective=symmetric", "model.token_align=directed"]),
 ]
 SMALL = ["data.num_frames=4", "data.max_words=12", "queue.enabled=true", "queue.size=10", "model.embed_dim=32",
          "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.text.num_layers=2",
@@ -53,6 +56,8 @@ def make_global_batch(step: int, n: int) -> dict:
         "input_ids": torch.randint(1000, 3000, (n, 12), generator=g) * mask,
         "attention_mask": mask,
         "video_ids": torch.tensor([(i // 2) + 10 * step for i in range(n)]),  # pairs share a video
+        # groups of 4 slots, the same across steps (queue entries of earlier steps are siblings); one without
+        "group_ids": torch.tensor([-1 if i == 1 else i // 4 for i in range(n)]),
         "valid": valid,
     }
 
@@ -87,30 +92,16 @@ def run_steps(preset: str, overrides: list, rank: int, world: int) -> dict:
     return {"losses": losses, "queues": queues}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _job(rank, world):
+    """Every variant on one of the session's two gloo ranks (conftest.py `gloo_pair`)."""
     torch.set_num_threads(1)
-    D.init(backend="gloo")
-    try:
-        for i, (preset, overrides) in enumerate(VARIANTS):
-            out[(rank, i)] = run_steps(preset, overrides, rank, WORLD)
-    finally:
-        D.destroy()
+    return [run_steps(preset, overrides, rank, world) for preset, overrides in VARIANTS]
 
 
 @pytest.fixture(scope="module")
-def two_rank_results():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    return dict(out)
+def two_rank_results(gloo_pair):
+    r0, r1 = gloo_pair.run(_job)
+    return {(rank, i): res for rank, results in enumerate((r0, r1)) for i, res in enumerate(results)}
 
 
 @pytest.mark.parametrize("index", range(len(VARIANTS)), ids=[f"{p}{'+' if o else ''}{'+'.join(o)}" for p, o in VARIANTS])
@@ -125,14 +116,8 @@ def test_two_ranks_equal_one_rank_of_double_batch(two_rank_results, index):
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), f"step {step} {key}: 1 rank {a[key]} vs 2 ranks {b[key]}"
     assert r0["losses"] == r1["losses"]
-    for name, ref_q in ref["queues"].items():
-        for buf, ref_v in ref_q.items():
-            v0, v1 = r0["queues"][name][buf], r1["queues"][name][buf]
-            assert torch.equal(v0, v1), f"{name}.{buf} differs between ranks"
-            if ref_v.is_floating_point():
-                torch.testing.assert_close(v0, ref_v, atol=1e-5, rtol=0)
-            else:
-                assert torch.equal(v0, ref_v), f"{name}.{buf}: {v0.tolist()} vs {ref_v.tolist()}"
+    assert_same_queues(r0["queues"], r1["queues"], atol=0.0, what="rank 1 vs rank 0")  # identical on both ranks
+    assert_same_queues(ref["queues"], r0["queues"], atol=1e-5, what="2 ranks vs 1 rank")
     # 3 steps x 7 valid keys into 10 slots: wrapped around, every slot filled
     some = next(iter(ref["queues"].values()))
     assert int(some["ptr"]) == (STEPS * (B_LOCAL * WORLD - 1)) % 10 and bool(some["valid"].all())

@@ -4,11 +4,15 @@ own address, hostname and an interface named differently (eno1 on n1, ens5 on n2
 - `hiervl submit deepspeed --no-ssh`, one launcher per node: each node's rank finds its own socket
   interface, the per-rank logs name both hosts, and the keys and losses of every step equal a
   single-process run at the same global batch (2 nodes x batch 2 == 1 rank x batch 4).
+- `hiervl submit deepspeed` without --no-ssh (DeepSpeed's default): one launcher in n1 reaches both
+  nodes over pdsh + ssh (sshd in each node under a throwaway key, tests/netns_ssh.py); the same
+  per-host logs and the same keys and losses per step as the single-process run.
 - n2's link cut mid-run: both launchers exit non-zero within train.dist_timeout_s, each with one
   line naming the unreachable peer (not a 600-s hang); relaunched on n1 alone (2 local ranks, the
   same world size) the run resumes from the newest checkpoint and every step equals the reference.
 
-Skips with one line where namespaces cannot be made (not root, no iproute2).
+Skips with one line where namespaces cannot be made (not root, no iproute2), or, for the pdsh test,
+where sshd or pdsh is missing (.ci/run installs them as root).
 """
 
 import json
@@ -19,6 +23,7 @@ import time
 from pathlib import Path
 
 import netns
+import netns_ssh
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -40,6 +45,18 @@ def cluster(tmp_path_factory):
     c = netns.Cluster(2, root=tmp_path_factory.mktemp("netns"))
     with c:
         yield c
+
+
+@pytest.fixture
+def sshd(cluster):
+    """sshd in n1 and n2 under a throwaway key for one test; killed after it, also after a failure."""
+    why = netns_ssh.available(pdsh=True)
+    if why:
+        pytest.skip(why)
+    try:
+        yield netns_ssh.start_sshd(cluster)
+    finally:
+        netns_ssh.stop_sshd(cluster)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +98,8 @@ def _launch(cluster, shards, out, *extra):
     """One `hiervl submit deepspeed --no-ssh --node-rank R` launcher in each node."""
     args = [*COMMON, "--hosts", "n1,n2", "--nodes", "2", "--no-ssh", f"data.path={shards}", f"train.out_dir={out}",
             "train.ranks=1", "data.batch_size=2", *extra]
+    if not any(e.startswith("checkpoint.dir=") for e in extra):  # /tmp is one folder for both namespaces here
+        args.append("launch.shared_fs=true")
     return [cluster.popen(node, [sys.executable, "-m", "hiervl.launch.cli", "submit", "deepspeed", *args,
                                  "--node-rank", str(r)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -106,9 +125,35 @@ def test_no_ssh_launchers_on_two_hosts_equal_one_process(cluster, shards, refere
         assert text is not None, f"{node} did not finish in 900 s"
         assert p.returncode == 0, f"{node}:\n{text[-4000:]}"
     # each rank ran on its own host, on its node's own interface (not one value for every node)
+    _assert_host_lines(out)
+    _assert_same_steps(_steps(out, ranks=2), reference)
+
+
+def _assert_host_lines(out: Path) -> None:
+    """Each rank's log names its own host and that host's interface, once (one line per start)."""
     rank0, rank1 = (out / "logs" / "rank0.log").read_text(), (out / "logs" / "rank1.log").read_text()
+    assert rank0.count(" on host ") == 1 and rank1.count(" on host ") == 1, rank0[:2000] + rank1[:2000]
     assert "rank 0 of 2 on host n1 (10.77.0.1, interface eno1); world: 0@n1 1@n2" in rank0, rank0[:2000]
     assert "rank 1 of 2 on host n2 (10.77.0.2, interface ens5)" in rank1, rank1[:2000]
+
+
+@pytest.mark.slow  # 204 s at load 16 (plus the shared 12-step reference, 198 s)
+@pytest.mark.timeout(1800)
+def test_pdsh_ssh_launch_on_two_hosts_equals_one_process(cluster, sshd, shards, reference, tmp_path):
+    """DeepSpeed's default path: `hiervl submit deepspeed --hosts n1,n2` in n1, no --no-ssh. Rank 1
+    runs on n2 only if pdsh reached n2's sshd (the launcher itself runs in n1)."""
+    out = tmp_path / "ssh"
+    res = cluster.run("n1", [sys.executable, "-m", "hiervl.launch.cli", "submit", "deepspeed", *COMMON,
+                             "--hosts", "n1,n2", "--nodes", "2", f"data.path={shards}", f"train.out_dir={out}",
+                             "train.ranks=1", "data.batch_size=2", "launch.shared_fs=true"],  # /tmp: one folder here
+                      timeout=900, env=ENV, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "pdsh -S -f 1024 -w n1,n2" in res.stdout, res.stdout[-4000:]  # DeepSpeed's runner chose pdsh
+    lines = res.stdout.splitlines()
+    for node, rank in (("n1", 0), ("n2", 1)):  # pdsh prefixes each node's launcher output with its name
+        assert any(ln.startswith(f"{node}: ") and f"node_rank={rank}" in ln for ln in lines), res.stdout[-4000:]
+    assert "OMP_NUM_THREADS=1" in (out / ".deepspeed_env").read_text()  # reaches the ranks over ssh
+    _assert_host_lines(out)
     _assert_same_steps(_steps(out, ranks=2), reference)
 
 
@@ -152,7 +197,9 @@ def test_cut_link_stops_both_nodes_within_the_timeout_then_n1_alone_resumes_exac
 
 def test_a_run_folder_local_to_each_node_is_refused_in_one_line(cluster, shards):
     """train.out_dir on each node's own disk (the same path, a different folder on each: a mount
-    namespace per node) is refused before any step: n2 cannot see what n1 wrote."""
+    namespace per node), declared shared by mistake (launch.shared_fs=true), is refused before any
+    step: n2 cannot see what n1 wrote. (Undeclared, it is refused before the ranks start:
+    tests/test_shared_checkpoints.py.)"""
     out = cluster.local / "run"  # n1 sees nodes/n1/run there, n2 sees nodes/n2/run
     procs = _launch(cluster, shards, out)
     outs = _wait(procs, 900)

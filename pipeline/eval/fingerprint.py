@@ -7,8 +7,10 @@ run) gives plausible-looking nonsense. So an index records
     {"preset", "levels", "config_sha", "weights_sha", "step"}
 
 - `config_sha`: sha256 of what shapes the embeddings besides the weights: the resolved `model`
-  section (less where its initial weights came from: `pretrained`, `clip_path`) and the data settings a clip and a caption are preprocessed with (frames, size,
-  short side, mean/std, max words).
+  section (less where its initial weights and tokenizer files came from: `pretrained`, `clip_path`,
+  `text.path`; an export of a checkpoint carries its own copy of the tokenizer, and is the same
+  model) and the data settings a clip and a caption are preprocessed with (frames, size, short
+  side, mean/std, max words).
 - `weights_sha`: sha256 of the level heads' weights (both towers): the last layers every
   embedding passes through, so two runs, or two steps of one run, never share it, while the same
   checkpoint loaded anywhere (CPU or GPU, another directory) always does.
@@ -43,7 +45,9 @@ def _without_init_keys(tree):
 
 def config_sha(cfg) -> str:
     d = to_dict(cfg)
-    what = {"model": _without_init_keys(d["model"]), "data": {k: d["data"][k] for k in Preprocessing.fields()}}
+    model = _without_init_keys(d["model"])
+    model.get("text", {}).pop("path", None)  # where the tokenizer files are: a checkpoint's run, or its export
+    what = {"model": model, "data": {k: d["data"][k] for k in Preprocessing.fields()}}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -23,6 +23,7 @@ import copy
 import math
 
 import torch
+from hiervl import compat
 from hiervl import distributed as dist
 from hiervl.config import Config
 from hiervl.model.encoders import TextEncoder, VideoEncoder
@@ -78,7 +79,8 @@ class QueryTowers(nn.Module):
         return self.video(video)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Query-encoder level embeddings of captions: {level: [N, D] | [N, L', D], level_mask: [N, L']}."""
+        """Query-encoder level embeddings of captions: {level: [N, D] | [N, L', D], level_mask: [N, L']}
+        (token_align=directed: also level_dir [N], the caption's direction logit)."""
         return self.text(input_ids, attention_mask)
 
     def similarity(self, t: dict, v: dict) -> dict[str, torch.Tensor]:
@@ -118,7 +120,7 @@ class HierarchicalModel(QueryTowers):
             self.register_buffer("logit_scale", init, persistent=False)
 
         self.objective = HierarchicalContrastiveLoss(cfg)  # owns the queues: objective.queues.<level>_<modality>
-        self.register_load_state_dict_pre_hook(_rename_old_queue_keys)
+        self.register_load_state_dict_pre_hook(compat.rename_old_queue_keys)  # old checkpoints' queue names
         self.register_load_state_dict_pre_hook(_match_key_encoders)
 
     @property
@@ -134,7 +136,7 @@ class HierarchicalModel(QueryTowers):
         The two phases of contrastive accumulation (pipeline/train/grad_cache.py), which go through
         the module's forward so that DeepSpeed's engine (ZeRO-3 gathering, hooks) runs them:
         `embed` (call under no_grad): the step's features of this micro-batch, {"q_v", "q_t", "k_v",
-        "k_t", "video_ids", "valid", "logit_scale"}; `replay`: the query towers again, with gradient,
+        "k_t", "video_ids", "valid", "group_ids", "logit_scale"}; `replay`: the query towers again, with gradient,
         and {"loss": sum of <query embedding, its cached gradient>} (plus <logit_scale, its gradient>
         when grads has "logit_scale"), whose backward gives this micro-batch's share of the gradient
         of the loss over the whole step. grads: {"q_v": {level: like q_v}, "q_t": {...}, "logit_scale"?}.
@@ -144,6 +146,8 @@ class HierarchicalModel(QueryTowers):
         video_ids = batch["video_ids"].to(video.device).long()
         valid = batch.get("valid")
         valid = torch.ones(b, dtype=torch.bool, device=video.device) if valid is None else valid.to(video.device).bool()
+        group_ids = batch.get("group_ids")  # [B] int64, -1 = no group (queue.mask_same_group); None = unknown
+        group_ids = None if group_ids is None else group_ids.to(video.device).long()
 
         q_v = self.video(video)  # {level: [B, D] | [B, T', D]}
         q_t = self.text(ids, am)  # {level: [B, D] | [B, L', D], level_mask: [B, L']}
@@ -165,11 +169,11 @@ class HierarchicalModel(QueryTowers):
                 k_t = self.text_key(ids, am)
         if phase == "embed":
             return {"q_v": q_v, "q_t": q_t, "k_v": k_v, "k_t": k_t, "video_ids": video_ids, "valid": valid,
-                    "logit_scale": self.logit_scale.detach().clone()}
+                    "group_ids": group_ids, "logit_scale": self.logit_scale.detach().clone()}
         if phase != "loss":
             raise ValueError(f"unknown forward phase {phase!r} (loss | embed | replay)")
         return self.objective(q_v, q_t, k_v, k_t, video_ids, valid, self.logit_scale,
-                              rank=dist.get_rank(), world_size=dist.get_world_size())
+                              rank=dist.get_rank(), world_size=dist.get_world_size(), group_ids=group_ids)
 
     def _momentum_pairs(self) -> list[tuple[str, nn.Module, nn.Module]]:
         """(key tower name, query tower, key tower) for both modalities."""
@@ -244,13 +248,6 @@ class HierarchicalModel(QueryTowers):
     def enqueue(self, out: dict) -> None:
         """Push the step's all-gathered keys (padded samples dropped) into every queue, in rank order."""
         self.objective.enqueue(out["keys"])
-
-
-def _rename_old_queue_keys(module, state_dict, prefix, *args) -> None:
-    """Checkpoints written before the objective module held the queues as `queues.<name>.*`."""
-    old = prefix + "queues."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[prefix + "objective." + key[len(prefix):]] = state_dict.pop(key)
 
 
 KEY_PREFIXES = {"video_key.": "video.", "text_key.": "text."}  # momentum copy -> the query tower it copies

@@ -18,10 +18,9 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   steps. The positive is a detached key, so a tower gets gradient only as the query side of one
   direction. `queue.gather_batch_with_grad` adds (d) the global batch's *query* embeddings with
   gradient: then the row is the symmetric one below (balanced, the own query column is the
-  positive) with the batch's momentum keys as extra negatives, the own key masked. (Scoring the
-  in-batch queries only as negatives, against a key positive, pushed every video away from every
-  caption with no matching pull: both towers went to two antipodal points, all similarities -1,
-  the loss stuck at log(2G-1); tests/test_model.py trains that configuration now.)
+  positive) with the batch's momentum keys as extra negatives, the own key masked (queries scored
+  only as negatives, against a key positive, would push every video from every caption with no
+  matching pull).
 - `symmetric` (CLIP's in-batch InfoNCE over the global batch, plus the queue as in ALBEF/BLIP's
   ITC): the positive and the in-batch negatives are the global batch's *query* embeddings,
   all-gathered with gradient (`dist.all_gather_with_grad`), so both towers get gradient from both
@@ -30,8 +29,7 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   only the queue is momentum-encoded.) Balanced: a row's query gets its gradient from the softmax
   over batch and queue, the batch columns theirs from the softmax over the batch alone (as in
   CLIP), because through the full row a column gets its positive's pull but only the batch's
-  share of the push, a net pull of every video towards every caption (on a fixed batch whose queue
-  holds its own keys, both towers collapsed to one point within 20 steps). The loss value is the
+  share of the push, a net pull of every video towards every caption. The loss value is the
   full row's; without a queue it is exactly CLIP's symmetric InfoNCE, value and gradient
   (tests/test_losses.py). `queue.batch_negatives=false` keeps only the queue's negatives.
 
@@ -40,8 +38,10 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   then sit only in rows whose positive is a momentum key too, so they are consistent with it. In
   `symmetric` a row's positive is a query and its queue negatives are momentum keys: the towers
   can lower that loss by moving away from where the (lagging) keys were rather than by telling
-  samples apart (measured on the demo corpus: the queue cost 11 points of R@1 at momentum 0.99,
-  and at momentum 0.5 training collapsed to chance; bench/RESULTS.md).
+  samples apart.
+
+What each of these guards against was seen in training runs: pipeline/model/FIDELITY.md, "The
+objective: what was seen without each guard".
 
 How the levels combine (`model.loss_on`): `levels` (default) trains one loss per level and sums
 them with `model.loss_weights` (HiT/HCMI's per-level contrast; missing levels weigh 1); `fused`
@@ -50,7 +50,11 @@ trains one loss on the `model.level_weights` mean of the levels' similarity rows
 queue columns, masks, targets), so the rows are averaged before the softmax / hinge.
 
 In all three, negatives from the query's own video (`queue.mask_same_video`), padded samples and
-never-filled queue slots are masked. Every term is per sample and the batch mean uses the global
+never-filled queue slots are masked; with `queue.mask_same_group` also the queue entries of the
+query's own group (its siblings: `group_ids`, from the manifest's `group` column). The global
+batch's siblings stay negatives: `data.order=grouped` puts them there as the hard negatives, and
+their keys are this step's; the queue's are older keys of the same videos, and on real data (clips
+of one source video) the group's other clips are as likely to match the caption as not. Every term is per sample and the batch mean uses the global
 valid count (pipeline/model/losses.py), so W ranks of batch b train exactly like one rank of batch W*b:
 same losses, same gradients (after DeepSpeed's averaging), same queues.
 
@@ -74,6 +78,11 @@ from hiervl.model.queue import MomentumQueue
 from torch import nn
 
 
+def _text(name: str, fields: dict) -> dict:
+    """A bank's or queue's text fields {emb, mask?, dir?} as a level's text embedding dict."""
+    return {name: fields["emb"], f"{name}_mask": fields.get("mask"), f"{name}_dir": fields.get("dir")}
+
+
 class HierarchicalContrastiveLoss(nn.Module):
     """See the module docstring. `queues` maps "<level>_<modality>" to its MomentumQueue."""
 
@@ -94,7 +103,9 @@ class HierarchicalContrastiveLoss(nn.Module):
                     fields = {"emb": (shape, torch.float32)}
                     if n is not None and modality == "text":
                         fields["mask"] = ((n,), torch.bool)
-                    self.queues[f"{lv.name}_{modality}"] = MomentumQueue(qc.size, fields)
+                        if lv.align == "directed":
+                            fields["dir"] = ((), torch.float32)  # the caption's direction logit
+                    self.queues[f"{lv.name}_{modality}"] = MomentumQueue(qc.size, fields, groups=qc.mask_same_group)
 
     # ------------------------------------------------------------------ banks
 
@@ -115,8 +126,10 @@ class HierarchicalContrastiveLoss(nn.Module):
         return emb
 
     @torch.no_grad()
-    def _gather_keys(self, k_v: dict, k_t: dict, video_ids: torch.Tensor, valid: torch.Tensor) -> dict:
-        """All ranks' momentum keys in rank order, with two all-gathers (floats, then ints)."""
+    def _gather_keys(self, k_v: dict, k_t: dict, video_ids: torch.Tensor, valid: torch.Tensor,
+                     group_ids: torch.Tensor | None = None) -> dict:
+        """All ranks' momentum keys in rank order, with two all-gathers (floats, then ints).
+        group_ids [B] (-1 = none; None = no groups) are gathered with the ids."""
         b = video_ids.shape[0]
         parts, layout = [], []
         for lv in self.level_specs:
@@ -124,11 +137,14 @@ class HierarchicalContrastiveLoss(nn.Module):
                 fields = {"emb": keys[lv.name]}
                 if f"{lv.name}_mask" in keys:
                     fields["mask"] = keys[f"{lv.name}_mask"]
+                if f"{lv.name}_dir" in keys:
+                    fields["dir"] = keys[f"{lv.name}_dir"]  # [B]
                 for field, x in fields.items():
                     layout.append((f"{lv.name}_{modality}", field, tuple(x.shape[1:]), x.dtype))
                     parts.append(x.reshape(b, -1).float())
         flat = dist.all_gather(torch.cat(parts, dim=1))  # [G, F]
-        ints = dist.all_gather(torch.stack([video_ids.long(), valid.long()], dim=1))  # [G, 2]
+        groups = torch.full_like(video_ids, -1) if group_ids is None else group_ids.to(video_ids.device)
+        ints = dist.all_gather(torch.stack([video_ids.long(), valid.long(), groups.long()], dim=1))  # [G, 3]
         banks: dict[str, dict[str, torch.Tensor]] = {}
         offset = 0
         for name, field, shape, dtype in layout:
@@ -136,7 +152,7 @@ class HierarchicalContrastiveLoss(nn.Module):
             x = flat[:, offset:offset + width].reshape(-1, *shape)
             banks.setdefault(name, {})[field] = x.bool() if dtype == torch.bool else x
             offset += width
-        return {"banks": banks, "video_ids": ints[:, 0], "valid": ints[:, 1].bool()}
+        return {"banks": banks, "video_ids": ints[:, 0], "valid": ints[:, 1].bool(), "group_ids": ints[:, 2]}
 
     def _bank(self, name: str, gathered: dict, with_queue: bool):
         """Candidates for one (level, modality): gathered keys then queue. Returns (fields, ids, valid)."""
@@ -158,34 +174,51 @@ class HierarchicalContrastiveLoss(nn.Module):
         return {k: v.to(device) for k, v in q_fields.items()}, q_ids.to(device), q_valid.to(device)
 
     def _neg_mask(self, video_ids: torch.Tensor, bank_ids: torch.Tensor, bank_valid: torch.Tensor,
-                  n_batch: int, batch_allowed: bool) -> torch.Tensor:
-        """[B, N] allowed negatives: filled/valid, not the query's own video, batch part if allowed."""
+                  n_batch: int, batch_allowed: bool, group_ids: torch.Tensor | None = None,
+                  queue_groups: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N] allowed negatives: filled/valid, not the query's own video, batch part if allowed.
+
+        The bank is n_batch batch columns then the queue; queue_groups [N - n_batch]: the queue
+        entries' groups; with queue.mask_same_group the entries of the query's group (group_ids [B],
+        -1 = none) are masked.
+        """
         mask = bank_valid.unsqueeze(0).expand(video_ids.shape[0], -1).clone()  # [B, N]
         if not batch_allowed:
             mask[:, :n_batch] = False
         if self.cfg.queue.mask_same_video:
             mask &= bank_ids.unsqueeze(0) != video_ids.unsqueeze(1)
+        if self.cfg.queue.mask_same_group and group_ids is not None and queue_groups is not None:
+            g = group_ids.to(queue_groups.device)
+            sibling = (queue_groups.unsqueeze(0) == g.unsqueeze(1)) & (g.unsqueeze(1) >= 0)  # [B, K]
+            mask[:, n_batch:] &= ~sibling
         return mask
+
+    def _queue_groups(self, name: str) -> torch.Tensor | None:
+        """[K] group ids of a queue's entries (queue.mask_same_group), else None."""
+        return self.queues[name].group_ids if name in self.queues else None
 
     # ------------------------------------------------------------------ rows of candidates
 
-    def _momentum_rows(self, lv, qt: dict, qv: dict, gathered: dict, video_ids: torch.Tensor, local: torch.Tensor):
+    def _momentum_rows(self, lv, qt: dict, qv: dict, gathered: dict, video_ids: torch.Tensor, local: torch.Tensor,
+                       group_ids: torch.Tensor | None = None):
         """(sim_v2t, sim_t2v, neg_v2t, neg_t2v, target), each row [B, G+K]: own key, batch keys, queue."""
         name, qc = lv.name, self.cfg.queue
         n_batch = gathered["video_ids"].shape[0]
         bt_fields, bt_ids, bt_valid = self._bank(f"{name}_text", gathered, qc.enabled)
         bv_fields, bv_ids, bv_valid = self._bank(f"{name}_video", gathered, qc.enabled)
-        bank_t = {name: bt_fields["emb"], f"{name}_mask": bt_fields.get("mask")}
+        bank_t = _text(name, bt_fields)
         bank_v = {name: bv_fields["emb"]}
         sim_v2t = level_similarity(lv, bank_t, qv).transpose(0, 1)  # [B, G+K]
         sim_t2v = level_similarity(lv, qt, bank_v)  # [B, G+K]
-        neg_v2t = self._neg_mask(video_ids, bt_ids, bt_valid, n_batch, qc.batch_negatives)
-        neg_t2v = self._neg_mask(video_ids, bv_ids, bv_valid, n_batch, qc.batch_negatives)
+        qg = lambda m: self._queue_groups(f"{name}_{m}") if qc.enabled else None  # noqa: E731
+        neg_v2t = self._neg_mask(video_ids, bt_ids, bt_valid, n_batch, qc.batch_negatives, group_ids, qg("text"))
+        neg_t2v = self._neg_mask(video_ids, bv_ids, bv_valid, n_batch, qc.batch_negatives, group_ids, qg("video"))
         target = local  # [B] column of each own key
         return sim_v2t, sim_t2v, neg_v2t, neg_t2v, target
 
     def _symmetric_rows(self, lv, qt: dict, qv: dict, gathered: dict, video_ids: torch.Tensor,
-                        local: torch.Tensor, with_keys: bool = False, with_queue: bool = True) -> list[dict]:
+                        local: torch.Tensor, with_keys: bool = False, with_queue: bool = True,
+                        group_ids: torch.Tensor | None = None) -> list[dict]:
         """The rows of the balanced symmetric loss for (v2t, t2v): see `_symmetric_losses`.
 
         Per direction {"sim": [B, n] query rows (gradient to the queries), "target" [B], "neg" [B, n],
@@ -197,6 +230,8 @@ class HierarchicalContrastiveLoss(nn.Module):
         all_t = {name: dist.all_gather_with_grad(qt[name])}  # [G, ...], gradient back to each rank's slice
         if lv.kind == "token":
             all_t[f"{name}_mask"] = dist.all_gather(qt[f"{name}_mask"].long()).bool()
+        if qt.get(f"{name}_dir") is not None:  # token_align=directed: the captions' direction, with gradient
+            all_t[f"{name}_dir"] = dist.all_gather_with_grad(qt[f"{name}_dir"])
         all_v = {name: dist.all_gather_with_grad(qv[name])}
         # in-batch query negatives: switched by batch_negatives in symmetric; with_keys (momentum +
         # gather_batch_with_grad) they are always on and batch_negatives switches the key negatives
@@ -215,7 +250,7 @@ class HierarchicalContrastiveLoss(nn.Module):
                 keys = gathered["banks"][f"{name}_{modality}"]
                 key_neg = allowed(qc.batch_negatives)
                 key_neg[torch.arange(local.shape[0], device=local.device), local] = False
-                sims.append(sim(query, {name: keys["emb"], f"{name}_mask": keys.get("mask")}))
+                sims.append(sim(query, _text(name, keys)))
                 negs.append(key_neg)
                 target = n_batch + local
             sims.append(sim(query, sg(columns)))  # [B, G]: gradient to the queries only
@@ -223,8 +258,9 @@ class HierarchicalContrastiveLoss(nn.Module):
             bank = self._queue_bank(f"{name}_{modality}", qv[name].device) if with_queue else None
             if bank is not None:
                 fields, ids, q_valid = bank
-                sims.append(sim(query, {name: fields["emb"], f"{name}_mask": fields.get("mask")}))  # [B, K]
-                negs.append(self._neg_mask(video_ids, ids, q_valid, 0, True))
+                sims.append(sim(query, _text(name, fields)))  # [B, K]
+                negs.append(self._neg_mask(video_ids, ids, q_valid, 0, True, group_ids,
+                                           self._queue_groups(f"{name}_{modality}")))
             out.append({"sim": torch.cat(sims, dim=1), "target": target, "neg": torch.cat(negs, dim=1),
                         "col_sim": sim(sg(query), columns), "col_neg": batch_neg})
         return out
@@ -265,18 +301,19 @@ class HierarchicalContrastiveLoss(nn.Module):
         return loss
 
     def forward(self, q_v: dict, q_t: dict, k_v: dict, k_t: dict, video_ids: torch.Tensor, valid: torch.Tensor,
-                logit_scale: torch.Tensor, rank: int, world_size: int) -> dict:
+                logit_scale: torch.Tensor, rank: int, world_size: int, group_ids: torch.Tensor | None = None) -> dict:
         """Per-level losses of this rank's batch against the global batch and the queues.
 
         q_v / q_t: query embeddings (with gradient) {level: [B, D] | [B, n, D], text: level_mask [B, n]};
         k_v / k_t: momentum keys, same layout (no gradient); video_ids [B]; valid [B] bool (False = padded);
-        logit_scale [n_levels]: log of 1/temperature per level (exp'd here, clamped at model.max_logit_scale).
+        logit_scale [n_levels]: log of 1/temperature per level (exp'd here, clamped at model.max_logit_scale);
+        group_ids [B] int64 (-1 = no group; None = none known): queue.mask_same_group's groups.
         Returns {"loss": this rank's share of the global mean, "losses": {level: detached}, "keys": gathered}.
         `model.loss_on=levels`: loss = sum over levels of loss_weights[level] * level loss;
         `fused`: one loss on the level_weights mean of the levels' similarities ("losses" has "fused").
         """
         per_sample, gathered, count = self.direction_losses(q_v, q_t, k_v, k_t, video_ids, valid, logit_scale,
-                                                            rank, world_size)
+                                                            rank, world_size, group_ids)
         losses, total = {}, 0.0
         for name, (l_v2t, l_t2v) in per_sample.items():
             level_loss = L.global_mean(0.5 * (l_v2t + l_t2v), valid, count, world_size)
@@ -285,7 +322,8 @@ class HierarchicalContrastiveLoss(nn.Module):
         return {"loss": total, "losses": losses, "keys": gathered}
 
     def direction_losses(self, q_v: dict, q_t: dict, k_v: dict, k_t: dict, video_ids: torch.Tensor,
-                         valid: torch.Tensor, logit_scale: torch.Tensor, rank: int, world_size: int):
+                         valid: torch.Tensor, logit_scale: torch.Tensor, rank: int, world_size: int,
+                         group_ids: torch.Tensor | None = None):
         """The per-sample terms before the mean: ({level: (l_v2t [B], l_t2v [B])}, gathered keys, global count).
 
         Same arguments as `forward`; the two directions apart (tests check which tower each one reaches).
@@ -293,7 +331,7 @@ class HierarchicalContrastiveLoss(nn.Module):
         """
         b = video_ids.shape[0]
         with torch.no_grad():
-            gathered = self._gather_keys(k_v, self._pad_text_tokens(k_t), video_ids, valid)
+            gathered = self._gather_keys(k_v, self._pad_text_tokens(k_t), video_ids, valid, group_ids)
         if gathered["video_ids"].shape[0] != b * world_size:
             raise ValueError(f"gathered {gathered['video_ids'].shape[0]} keys but world_size={world_size} x batch {b}")
         local = rank * b + torch.arange(b, device=video_ids.device)  # [B] global column of each own sample
@@ -307,13 +345,14 @@ class HierarchicalContrastiveLoss(nn.Module):
         for lv in self.level_specs:
             name = lv.name
             qv = {name: q_v[name].float()}
-            qt = {name: q_t[name].float(), f"{name}_mask": q_t.get(f"{name}_mask")}
+            qt = {name: q_t[name].float(), f"{name}_mask": q_t.get(f"{name}_mask"), f"{name}_dir": q_t.get(f"{name}_dir")}
             rows[name] = {}
             if with_grad:  # "both": CLIP's in-batch rows alone; the queue serves the key term below
                 rows[name]["symmetric"] = self._symmetric_rows(lv, qt, qv, gathered, video_ids, local,
-                                                               with_keys=not symmetric, with_queue=recipe != "both")
+                                                               with_keys=not symmetric, with_queue=recipe != "both",
+                                                               group_ids=group_ids)
             if not with_grad or recipe == "both":
-                rows[name]["momentum"] = self._momentum_rows(lv, qt, qv, gathered, video_ids, local)
+                rows[name]["momentum"] = self._momentum_rows(lv, qt, qv, gathered, video_ids, local, group_ids)
         scales = {lv.name: logit_scale[i] for i, lv in enumerate(self.level_specs)}
         if self.cfg.model.loss_on == "fused":  # HANet: one loss on the weighted mean of the level scores
             rows = {"fused": self._fuse_rows(rows)}
@@ -355,5 +394,6 @@ class HierarchicalContrastiveLoss(nn.Module):
             return
         keep = keys["valid"].nonzero().squeeze(1)  # identical on every rank
         ids = keys["video_ids"][keep]
+        groups = keys["group_ids"][keep] if "group_ids" in keys else None
         for name, queue in self.queues.items():
-            queue.push({field: x[keep] for field, x in keys["banks"][name].items()}, ids)
+            queue.push({field: x[keep] for field, x in keys["banks"][name].items()}, ids, groups)

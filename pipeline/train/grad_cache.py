@@ -66,7 +66,7 @@ def micro_major(keys: dict, world_size: int, micro: int, batch: int) -> dict:
     idx = torch.arange(world_size * micro * batch).reshape(world_size, micro, batch).transpose(0, 1).reshape(-1)
     idx = idx.to(keys["video_ids"].device)
     return {"banks": {name: {f: x[idx] for f, x in fields.items()} for name, fields in keys["banks"].items()},
-            "video_ids": keys["video_ids"][idx], "valid": keys["valid"][idx]}
+            "video_ids": keys["video_ids"][idx], "valid": keys["valid"][idx], "group_ids": keys["group_ids"][idx]}
 
 
 def embed_step(forward, batches: list[dict], objective, rank: int, world_size: int,
@@ -85,8 +85,10 @@ def embed_step(forward, batches: list[dict], objective, rank: int, world_size: i
     k_v, k_t = _cat([e["k_v"] for e in embs]), _cat([e["k_t"] for e in embs])
     ids = torch.cat([e["video_ids"] for e in embs])
     valid = torch.cat([e["valid"] for e in embs])
+    groups = None if embs[0]["group_ids"] is None else torch.cat([e["group_ids"] for e in embs])
     scale = embs[0]["logit_scale"].detach().requires_grad_(learn_scale)
-    out = objective(q_v, q_t, k_v, k_t, ids, valid, scale, rank=rank, world_size=world_size)  # [k*b rows]
+    out = objective(q_v, q_t, k_v, k_t, ids, valid, scale, rank=rank, world_size=world_size,
+                    group_ids=groups)  # [k*b rows]
     leaves = [(side, name, x) for side, d in (("q_v", q_v), ("q_t", q_t)) for name, x in d.items() if x.requires_grad]
     targets = [x for _, _, x in leaves] + ([scale] if learn_scale else [])
     g = torch.autograd.grad(out["loss"], targets, allow_unused=True) if out["loss"].requires_grad else [None] * len(targets)
