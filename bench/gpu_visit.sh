@@ -129,7 +129,7 @@ stage() {
     model model-compile 240 --presets hit --warmup 3 train.activation_checkpointing=false train.compile=true
     ;;
   flat)
-    model model-flat 120 --presets flat train.activation_checkpointing=false
+    model model-flat 120 --presets flat --warmup 2 train.activation_checkpointing=false
     ;;
   feed)  # DALI mixed alone, DALI + 12 PyAV processes (hybrid), then the 12 processes alone
     local ring=()

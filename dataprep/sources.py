@@ -379,6 +379,9 @@ def _read_remote_manifest(url: str, fmt: str | None, videos_dir, storage) -> lis
         data = store.read(name)
     except FileNotFoundError:
         raise UserError(f"{join(folder, name)}: manifest not found") from None
+    except OSError as exc:  # the store unreachable past storage.retries: one line (the message names the URL)
+        raise UserError(f"could not read the input manifest: {exc}; check the URL and the network, or raise "
+                        "storage.retries") from None
     with tempfile.TemporaryDirectory(prefix="hiervl-manifest-") as tmp:
         local = Path(tmp) / name
         local.write_bytes(data)

@@ -70,12 +70,16 @@ def local_command(cfg, config_path, *, nranks: int, gpus: bool, log_dir=None, py
 def run_local(cfg, config_path, *, nranks: int, gpus: bool, log_dir=None, echo: bool = False) -> int:
     """Run `local_command` with the rendezvous port held by this process for the whole run
     (launch.master_port when free, else any free one): two runs started together never collide."""
+    from hiervl.launch.build_locks import clear_stale_build_locks
+
+    env = rank_env(gpus=gpus)
+    clear_stale_build_locks(env)  # an interrupted op build's lock would keep every rank waiting forever
     store, port, extra = host_rendezvous(cfg.launch.master_port, any_free=True)
     cmd = local_command(cfg, config_path, nranks=nranks, gpus=gpus, log_dir=log_dir, port=port)
     if echo:
         print(shell_join(cmd), flush=True)
     try:
-        return run_forwarding_signals(cmd, {**rank_env(gpus=gpus), **extra})
+        return run_forwarding_signals(cmd, {**env, **extra})
     finally:
         del store
 
@@ -190,6 +194,9 @@ def run_node(cfg, cmd, *, node_rank: int, env: dict, hostfile=None, log_dir=None
     failed, their one-line errors (in the per-rank files) are repeated here."""
     import time
 
+    from hiervl.launch.build_locks import clear_stale_build_locks
+
+    clear_stale_build_locks(env)  # an interrupted op build's lock would keep every rank waiting forever
     store, extra = None, {}
     if node_rank == 0:
         store, _, extra = host_rendezvous(cfg.launch.master_port, any_free=False)

@@ -9,7 +9,11 @@ a SIGTERM srun would turn into SIGKILL, "forcing job termination") and then requ
 `scontrol requeue`; the requeued job resumes by itself
 because the ranks run with train.resume=auto. Every value from the config is `shlex.quote`d.
 
-Owns: the sbatch script, `sbatch`, `squeue` and `scancel`.
+One run folder, one training: `hiervl submit slurm` records the job id in the run folder
+(run_dir.SLURM_JOB); while squeue lists that job (pending, running, requeued...), another
+`hiervl submit` or `hiervl train` into the folder is refused in one line (`refuse_active_job`).
+
+Owns: the sbatch script, `sbatch`, `squeue` and `scancel`, the run folder's job record.
 Must not touch: the launcher commands (launch/deepspeed_launch.py).
 """
 
@@ -19,9 +23,16 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 from hiervl.errors import UserError
 from hiervl.launch.deepspeed_launch import deepspeed_env_text, rank_log_dir
+from hiervl.log import get_logger
+from hiervl.run_dir import SLURM_JOB
+
+log = get_logger(__name__)
+ENDED = {"", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+         "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}  # squeue states of a job no longer training
 
 q = shlex.quote
 
@@ -138,3 +149,40 @@ def status(job: str) -> str:
 def cancel(job: str) -> str:
     _run(["scancel", _job_id(job)])
     return f"cancelled {job}"
+
+
+def record_job(out_dir, job: str) -> None:
+    """Note in the run folder that SLURM job `job` trains into it (read by `active_job`)."""
+    from hiervl.atomic_write import write_atomic
+
+    write_atomic(Path(out_dir) / SLURM_JOB, f"{job}\n")
+
+
+def active_job(out_dir) -> tuple[str, str] | None:
+    """(job id, squeue state) of the SLURM job recorded in `out_dir` while it is queued or running;
+    None when none is recorded or it ended. Without squeue on this machine it cannot tell: a warning."""
+    try:
+        job = (Path(out_dir) / SLURM_JOB).read_text().strip()
+    except OSError:
+        return None
+    if not re.fullmatch(r"\d+(_\d+)?", job):
+        log.warning("%s holds %r, not a SLURM job id; ignoring it", Path(out_dir) / SLURM_JOB, job[:40])
+        return None
+    try:
+        res = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        log.warning("cannot ask SLURM whether job %s (recorded in %s) still trains into it (%s)", job, out_dir,
+                    "no squeue here" if isinstance(exc, FileNotFoundError) else "squeue did not answer")
+        return None
+    states = res.stdout.split() if res.returncode == 0 else []  # an unknown (long gone) job: squeue fails
+    state = next((s for s in states if s not in ENDED), None)
+    return (job, state) if state else None
+
+
+def refuse_active_job(out_dir) -> None:
+    """One line when the SLURM job recorded in `out_dir` still trains into it (see `active_job`)."""
+    found = active_job(out_dir)
+    if found:
+        job, state = found
+        raise UserError(f"{out_dir} is being trained by SLURM job {job} ({state}); wait for it, cancel it "
+                        f"(hiervl submit cancel {job}), or set another train.out_dir")

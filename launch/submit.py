@@ -4,6 +4,11 @@ Rendering lives in launch/deepspeed_launch.py, launch/slurm.py and launch/ray_jo
 picks the backend, writes the resolved config (<train.out_dir>/config.yaml, so override values
 never pass through a shell) and prints (--dry-run) or runs what was rendered.
 
+One run folder, one training, as for `hiervl train`: `local`, `deepspeed` (pdsh, or node rank 0 of
+--no-ssh) hold the run folder's train lock while they run, and `slurm` while it submits; each
+refuses in one line, before config.yaml is written, when the folder is locked by a live
+`hiervl train` / submission or its recorded SLURM job is still queued or running.
+
 Owns: `hiervl submit`: choosing a backend and writing its files.
 Must not touch: launcher argv (deepspeed_launch), environments and signals (processes).
 """
@@ -11,6 +16,7 @@ Must not touch: launcher argv (deepspeed_launch), environments and signals (proc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,6 +35,9 @@ DESCRIPTION = """Render one config to a backend and run it (or print it with --d
   slurm      sbatch script (preemption: SIGTERM -> checkpoint -> requeue -> auto resume); prints job id
   ray        shard prep (--input, --out) or training (--train) as a Ray job; exit code = job status
   status JOB / cancel JOB   squeue / scancel
+Multi-node runs (deepspeed on other hosts, slurm --nodes > 1) need checkpoints every node sees, else they are
+refused before any rank starts: checkpoint.dir=s3://BUCKET/PREFIX (nodes sharing no filesystem), train.out_dir
+on a network filesystem (NFS, Lustre, GPFS, CephFS, ...), or launch.shared_fs=true to declare a folder shared.
 Example: hiervl submit slurm --config configs/base.yaml --nodes 2 --gpus-per-node 8 launch.partition=gpu --dry-run"""
 
 ACTIONS = ("local", "deepspeed", "slurm", "ray", "status", "cancel")
@@ -104,12 +113,33 @@ def main(args, cfg) -> int:
         cfg = load_config(args.config, [args.job] + list(args.overrides))
     cfg.launch.nodes = cfg.launch.nodes if args.nodes is None else args.nodes
     cfg.launch.gpus_per_node = cfg.launch.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
-    gpus = cfg.launch.gpus_per_node > 0
     if args.action == "ray":
         from hiervl.launch import ray_job
         return ray_job.submit_cli(args, cfg)
     out = Path(cfg.train.out_dir).resolve()
+    with contextlib.ExitStack() as held:
+        if not args.dry_run and (args.action in ("local", "slurm") or not args.no_ssh or args.node_rank == 0):
+            from hiervl.dataprep.out_lock import train_lock
+            from hiervl.launch.slurm import refuse_active_job
+
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(train_lock(out))  # a live `hiervl train` / submission here: one line
+            refuse_active_job(out)  # the folder's SLURM job, queued or running: one line
+        return _submit(args, cfg, out)
+
+
+def _submit(args, cfg, out: Path) -> int:
+    """Write config.yaml (not for --dry-run) and run or print the backend's commands."""
+    gpus = cfg.launch.gpus_per_node > 0
     config_path, log_dir = out / run_dir.CONFIG, ds.rank_log_dir(out)
+    if not args.dry_run and args.action in ("slurm", "deepspeed"):  # before anything is written or started
+        from hiervl.launch.shared_checkpoints import check_shared_checkpoints
+
+        if args.action == "slurm":
+            check_shared_checkpoints(cfg, cfg.launch.nodes)
+        else:
+            hosts = ds.resolve_hosts(args.hostfile, args.hosts, out / "hostfile", 1)[0]
+            check_shared_checkpoints(cfg, len(hosts), hosts)
     if not args.dry_run:
         write_atomic(config_path, to_yaml(cfg))
     env = ds.rank_env(gpus=gpus)
@@ -126,7 +156,9 @@ def main(args, cfg) -> int:
             return 0
         script_path = out / "submit.sbatch"
         write_atomic(script_path, script)
-        print(f"submitted batch job {slurm.submit(script_path)} ({script_path})")
+        job = slurm.submit(script_path)
+        slurm.record_job(out, job)  # a later submission into this folder asks squeue about it
+        print(f"submitted batch job {job} ({script_path})")
         return 0
     # deepspeed: hostfile + pdsh, or one launcher per node
     hosts, hostfile, text = ds.resolve_hosts(args.hostfile, args.hosts, out / "hostfile",

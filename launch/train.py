@@ -30,7 +30,8 @@ DESCRIPTION = """Train the hierarchical model on a prepared dataset (data.path) 
 Starts train.ranks local ranks with DeepSpeed's launcher (CPU ranks use gloo; GPUs are used
 when present). Checkpoints go to <train.out_dir>/checkpoints; a run pointed at an out_dir that
 holds checkpoints resumes from the newest complete one (train.resume=auto), also with another
-number of ranks. Metrics: <out_dir>/metrics.jsonl and TensorBoard in <out_dir>/tensorboard.
+number of ranks. checkpoint.dir=s3://BUCKET/PREFIX (or gs://) puts checkpoints in an object store instead
+(each rank uploads its own files; meta.json, then `latest`, last). Metrics: <out_dir>/metrics.jsonl and TensorBoard in <out_dir>/tensorboard.
 
 Example:
   hiervl train --config configs/tiny.yaml data.path=runs/demo/shards train.steps=100 train.ranks=2
@@ -46,9 +47,15 @@ def main(args, cfg) -> int:
     with absolute paths, then start the ranks; --dry-run prints the command and creates nothing."""
     import torch
     from hiervl.run_dir import CONFIG, absolute_paths
-    from hiervl.train.preflight import check_training_run
+    from hiervl.train.global_batch import hold_global_batch
+    from hiervl.train.preflight import check_training_run, resume_checkpoint, resumed_config
 
-    check_training_run(cfg, world_size=cfg.train.ranks)
+    # a resume keeps the checkpoint's train.global_batch: held here, so config.yaml is written once, as the ranks run
+    resumed = resume_checkpoint(cfg)
+    saved = resumed_config(resumed)
+    cfg = hold_global_batch(cfg, saved)
+    held = ((saved or {}).get("train") or {}).get("global_batch")
+    check_training_run(cfg, world_size=cfg.train.ranks, held_from=str(resumed) if held else None)
     cfg = absolute_paths(cfg)  # the run folder's config.yaml and every checkpoint work from any directory
     config_path = Path(cfg.train.out_dir) / CONFIG  # written here once: the ranks read it
     gpus = torch.cuda.is_available()
@@ -58,10 +65,15 @@ def main(args, cfg) -> int:
         return 0
     if is_remote(cfg.data.path):  # wrong credentials / a missing bucket: one line before any rank starts
         open_store(cfg.data.path, cfg.storage).check()
+    if cfg.checkpoint.dir:  # checkpoints in an object store: it must take writes, said before any rank starts
+        open_store(cfg.checkpoint.dir, cfg.storage).check(write=True)
     from hiervl.dataprep.out_lock import train_lock
 
     Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+    from hiervl.launch.slurm import refuse_active_job
+
     with train_lock(cfg.train.out_dir):  # a second `hiervl train` into this out_dir is refused in one line
+        refuse_active_job(cfg.train.out_dir)  # and so is one into the folder of a queued or running SLURM job
         write_atomic(config_path, to_yaml(cfg))
         return ds.run_local(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
 
@@ -93,4 +105,7 @@ def rank_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from hiervl.redact import RedactingStream
+
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)  # a rank's tracebacks too
     sys.exit(rank_main())

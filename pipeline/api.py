@@ -19,7 +19,8 @@ prepared dataset, the embeddings are those `hiervl eval` computes. `hiervl prep`
 frames at the rate and size the model was trained on, for the same numbers as on the dataset.
 
 Outputs are dicts of float32 tensors on the model's device: per level `[N, D]` (global levels) or
-`[N, n, D]` (token levels, with a `<level>_mask` [N, n] bool for text), L2-normalised.
+`[N, n, D]` (token levels, with a `<level>_mask` [N, n] bool for text, and with
+`model.token_align=directed` a `<level>_dir` [N] direction logit), L2-normalised.
 `similarity` gives `[Nt, Nv]` per level and `fused` (the `model.level_weights` mean), the scores
 eval ranks by.
 

@@ -196,7 +196,9 @@ class ModelConfig:
     # null = the preset's (presets.PRESET_LOSS: fused for hanet, as HANet's code trains; levels otherwise)
     loss_on: str | None = None
     loss_weights: dict = field(default_factory=dict)  # training weight per level name (loss_on=levels)
-    token_align: str = "max"  # token levels: max (X-CLIP/DRL TI, order-blind) | monotonic (word/frame order kept)
+    # token levels: max (X-CLIP/DRL TI, order-blind) | monotonic (words follow time) | directed (monotonic, forward or
+    # backward as a learned per-caption gate reads the caption: "B after A" runs backward)
+    token_align: str = "max"
     detach_token_levels: bool = False  # token levels read detached encoder states: their losses train only their heads
     loss: str | None = None  # infonce | hinge (VSE++ hardest negative, HANet's); null = the preset's (hinge for hanet)
     margin: float = 0.2
@@ -386,10 +388,22 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 100  # 0 = only at the end
     keep: int = 2  # newest complete checkpoints kept (>= 2: a resume can fall back past a damaged newest one)
+    # periodic saves copy the state to host memory and write it in a background thread while training
+    # goes on (train/async_save.py); `latest` still moves only once every rank's files are durable.
+    # Costs a second host copy of the model + optimizer state while a save is in flight.
+    async_save: bool = False
+    # where checkpoints go: "" = <train.out_dir>/checkpoints; s3://bucket/prefix (or gs://) for nodes that share
+    # no filesystem: each rank uploads its own files, rank 0 meta.json then `latest` (train/checkpoint_remote.py)
+    dir: str = ""
 
     def __post_init__(self):
         _positive("checkpoint.every_steps", self.every_steps, allow_zero=True)
         _check(self.keep >= 1, "checkpoint.keep must be >= 1")
+        _check(not self.dir or self.dir.split("://", 1)[0] in ("s3", "gs") and "://" in self.dir,
+               f"checkpoint.dir={self.dir}: give s3://bucket/prefix or gs://bucket/prefix (or leave it empty: "
+               "checkpoints go to <train.out_dir>/checkpoints)")
+        _check(not (self.dir and self.async_save), f"checkpoint.async_save=true with checkpoint.dir={self.dir}: "
+               "checkpoints to an object store are written in the foreground; set checkpoint.async_save=false")
 
 
 @dataclass
@@ -460,8 +474,15 @@ class LaunchConfig:
     # the interface of gloo/NCCL sockets, per node: auto (the route to the master, found on each node),
     # one name for all nodes, or per host "n1:eno1,n2:ens5"; a node's own GLOO/NCCL_SOCKET_IFNAME wins
     socket_ifname: str = "auto"
+    # whether train.out_dir (where checkpoints go unless checkpoint.dir is s3://) is one folder every node sees:
+    # auto = only when it is on a network filesystem (NFS, Lustre, GPFS, CephFS, BeeGFS, ...); true = declared
+    # shared (e.g. the same bind mount on every node; still probed by the ranks). A multi-node run whose
+    # checkpoints are not shared is refused before any rank starts (launch/shared_checkpoints.py)
+    shared_fs: str = "auto"
 
     def __post_init__(self):
+        self.shared_fs = str(self.shared_fs).lower()
+        _check(self.shared_fs in ("auto", "true"), f"launch.shared_fs={self.shared_fs!r}: give auto or true")
         _check(self.nodes >= 1, "launch.nodes must be >= 1")
         _check(bool(re.fullmatch(r"[\w.-]+|[\w.-]+:[\w.-]+(,[\w.-]+:[\w.-]+)*", self.socket_ifname or "")),
                f"launch.socket_ifname={self.socket_ifname!r}: give auto, an interface name (eth0) or per host "

@@ -14,16 +14,24 @@ import logging
 import sys
 from pathlib import Path
 
+from hiervl.redact import redact
+
 _FORMAT = "%(asctime)s [%(levelname)s] [rank %(rank)s] %(name)s: %(message)s"
 
 
 class _RankFilter(logging.Filter):
+    """Adds the rank to each record, and hides credentials in URLs (pipeline/redact.py) in its text."""
+
     def __init__(self, rank: int):
         super().__init__()
         self.rank = rank
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank = self.rank
+        message = record.getMessage()
+        hidden = redact(message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
         return True
 
 

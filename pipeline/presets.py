@@ -30,7 +30,8 @@ PRESETS: dict[str, tuple[Level, ...]] = {
               Level("global", "global", "pooled", "pooled")),
     "flat": (Level("global", "global", "pooled", "pooled"),),
 }
-TOKEN_ALIGNS = ("max", "monotonic")  # model.token_align: how a token level reduces its token x token matrix
+# model.token_align: how a token level reduces its token x token matrix (pipeline/model/levels.py)
+TOKEN_ALIGNS = ("max", "monotonic", "directed")
 # (model.loss, model.loss_on) where the config leaves them null: HANet's released code (Roc-Ng/HANet
 # mlmatch.py, pipeline/model/FIDELITY.md) trains one VSE++ hinge on the mean of its level scores;
 # the other presets' papers train an InfoNCE per level. Not tuned: a fidelity default.

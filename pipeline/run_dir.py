@@ -3,7 +3,9 @@
 A training run (`train.out_dir`) holds
 
     config.yaml              the resolved config, absolute paths (written once, by `hiervl train` /
-                             `hiervl submit`, before any rank starts: the ranks read it)
+                             `hiervl submit`, before any rank starts: the ranks read it; rank 0 writes
+                             it only where that is missing or a resume held the checkpoint's
+                             train.global_batch that `submit` could not see: train/global_batch.py)
     deepspeed_config.json    the DeepSpeed config the ranks ran with
     metrics.jsonl            one record per log step (train/monitor.py); tensorboard/, logs/, samples/
     eval.jsonl, best.json    periodic evaluation: one line per evaluation, the best step (R@sum)
@@ -13,6 +15,8 @@ A training run (`train.out_dir`) holds
                                        mark with the sha256 manifest, train/checkpoint.py writes it)
     checkpoints/stepNNNNNNNN_universal/
     checkpoints/latest       the tag of the newest complete checkpoint
+    .hiervl-train.lock       held by the `hiervl train` / `hiervl submit local|deepspeed` running here
+    .hiervl-slurm-job        the SLURM job `hiervl submit slurm` last submitted into this folder
 
 "Which checkpoint does this path name" has one answer, `resolve_checkpoint`: a checkpoint folder
 (it holds meta.json) is that checkpoint, checked against its manifest; a run folder or its
@@ -42,6 +46,7 @@ import json
 from pathlib import Path
 
 from hiervl.errors import UserError
+from hiervl.export_files import EXPORT_FILE, is_export
 from hiervl.log import get_logger
 from hiervl.storage import as_local_path, is_remote
 
@@ -59,8 +64,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # in checkpoints/: the tag of the newest complete checkpoint
 META = "meta.json"  # in a checkpoint folder: the completion mark and its manifest
 UNIVERSAL_SUFFIX = "_universal"
+SLURM_JOB = ".hiervl-slurm-job"  # the id of the SLURM job training into this folder (launch/slurm.py)
 HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a checkpoint file
-EXPORT_MARK = "hiervl-export.json"  # in an export directory (pipeline/export.py EXPORT_FILE)
 
 # what a model path may be, in every help text and error (eval, search, search index, export, hiervl.load)
 CHECKPOINT_PATHS = "a training run folder (train.out_dir), its checkpoints/ folder or one checkpoints/stepNNNNNNNN folder"
@@ -207,17 +212,12 @@ def resolve_checkpoint(path: str | Path, check: bool = True, setting: str = "--c
     return ckpt_dir, tag
 
 
-def is_export(path: str | Path) -> bool:
-    """`path` is an export directory (`hiervl export` output), not a run or checkpoint."""
-    return (Path(path) / EXPORT_MARK).is_file()
-
-
 def checkpoint_step(path) -> int | None:
     """The step of the checkpoint `path` names (as `resolve_checkpoint`; an export's: the step it was
     exported from), for display; None if unknown."""
     try:
         if is_export(path):
-            step = json.loads((Path(path) / EXPORT_MARK).read_text())["source"].get("step")
+            step = json.loads((Path(path) / EXPORT_FILE).read_text())["source"].get("step")
             return int(step) if step is not None else None
         ckpt_dir, tag = resolve_checkpoint(path, check=False)
         return int((read_meta(ckpt_dir, tag) or {})["step"])
@@ -240,7 +240,7 @@ def load_model_for_inference(path: str | Path, map_location: str = "cpu", settin
     """
     path = Path(path).expanduser()
     if is_export(path):
-        from hiervl.export import load_export
+        from hiervl.export_files import load_export
 
         return load_export(path)
     import torch

@@ -6,6 +6,8 @@
     store.open_input(name)                                  # a seekable file read by ranges (av.open takes it)
     store.put(name, data) / store.put_file(name, local_path)  # the whole object appears at once
     store.delete(name) / store.check(write=True)            # clear UserError before heavy work
+    store.list_dirs() / store.delete_tree(name)             # sub-folders (prefixes); a folder and all in it
+    store.get_file(name, local_path)                        # streamed download: (size, sha256 of the bytes)
 
 Layer: `pyarrow.fs` (S3FileSystem, GcsFileSystem; pyarrow is already a dependency, its C++ S3 client
 releases the GIL during requests and was faster than s3fs on ranged reads here, bench/RESULTS.md
@@ -43,6 +45,7 @@ from pathlib import Path
 from hiervl.atomic_write import write_atomic
 from hiervl.errors import UserError
 from hiervl.log import get_logger
+from hiervl.redact import redact
 
 log = get_logger(__name__)
 REMOTE_SCHEMES = ("s3", "gs", "http", "https")
@@ -168,6 +171,34 @@ class Store:
     def delete(self, name: str) -> None:
         raise NotImplementedError
 
+    def list_dirs(self) -> list[str]:
+        """Names of the folders (object-store prefixes) directly under the root."""
+        raise NotImplementedError
+
+    def delete_tree(self, name: str) -> None:
+        """Delete folder `name` and everything under it (absent: nothing to do)."""
+        raise NotImplementedError
+
+    def get_file(self, name: str, local_path: str | Path) -> tuple[int, str]:
+        """Download `name` to `local_path` in chunks (never whole in memory; FileNotFoundError when
+        absent); returns (size, sha256) of the bytes written. The file appears whole or not at all."""
+        import hashlib
+
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local_path.with_name(f".{local_path.name}.part-{uuid.uuid4().hex[:8]}")
+        sha, size = hashlib.sha256(), 0
+        try:
+            with self.open_input(name, buffer_size=8 << 20) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(8 << 20):
+                    sha.update(chunk)
+                    dst.write(chunk)
+                    size += len(chunk)
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size, sha.hexdigest()
+
     def check(self, write: bool = False) -> None:
         """Raise UserError (one line) when the root cannot be read (or written)."""
 
@@ -262,6 +293,13 @@ class LocalStore(Store):
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
 
+    def list_dirs(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+
+    def delete_tree(self, name: str) -> None:
+        import shutil
+        shutil.rmtree(self.root / name, ignore_errors=True)
+
     def check(self, write: bool = False) -> None:
         if write:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -341,6 +379,10 @@ class ArrowStore(_Retrying, Store):
         self.url, self.opts, self.scheme = url.rstrip("/"), opts, parts.scheme
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
+        if "@" in parts.netloc:  # s3://KEY:SECRET@bucket: pyarrow would fail on it, and print it
+            self.url = redact(self.url)
+            raise UserError(f"{self.url}: credentials do not go in the URL; set AWS_ACCESS_KEY_ID and "
+                            f"AWS_SECRET_ACCESS_KEY (or ~/.aws) and write {parts.scheme}://BUCKET/PREFIX")
         if not self.bucket:
             raise UserError(f"{url}: no bucket in the URL; write {parts.scheme}://BUCKET/PREFIX")
         endpoint = opts["endpoint_url"] or (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -405,7 +447,12 @@ class ArrowStore(_Retrying, Store):
         self._retry(f"write {name}", go)
 
     def put_file(self, name: str, local_path: str | Path) -> None:
-        self.put(name, Path(local_path).read_bytes())
+        """Upload a local file in 8-MiB chunks (a multi-GB checkpoint file is never read whole into memory)."""
+        def go():
+            with open(local_path, "rb") as src, self.fs.open_output_stream(self._path(name)) as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+        self._retry(f"write {name}", go)
 
     def delete(self, name: str) -> None:
         def go():
@@ -414,6 +461,20 @@ class ArrowStore(_Retrying, Store):
             except FileNotFoundError:
                 pass
         self._retry(f"delete {name}", go)
+
+    def list_dirs(self) -> list[str]:
+        from pyarrow import fs
+        sel = fs.FileSelector(self._path(), allow_not_found=True, recursive=False)
+        infos = self._retry("list", lambda: self.fs.get_file_info(sel))
+        return sorted(i.base_name for i in infos if i.type == fs.FileType.Directory)
+
+    def delete_tree(self, name: str) -> None:
+        def go():
+            try:
+                self.fs.delete_dir(self._path(name))
+            except FileNotFoundError:
+                pass
+        self._retry(f"delete {name}/", go)
 
     def check(self, write: bool = False) -> None:
         """One listing (and, for writing, a probe object put then deleted): fails fast with one line."""
@@ -433,10 +494,22 @@ class HttpStore(_Retrying, Store):
     """A read-only http(s):// prefix: ranged GETs (`Range: bytes=a-b`) with retries."""
 
     def __init__(self, url: str, opts: dict):
-        self.url, self.opts = url.rstrip("/"), opts
-        self.where = urllib.parse.urlsplit(url).netloc
+        parts = urllib.parse.urlsplit(url.rstrip("/"))
+        self._auth = None
+        if parts.username is not None:  # https://user:token@host/...: HTTP basic auth, never in messages
+            import base64
+
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            host = parts.hostname + (f":{parts.port}" if parts.port else "")
+            parts = parts._replace(netloc=host)
+        self.url, self.opts = urllib.parse.urlunsplit(parts), opts  # without the credentials
+        self.where = parts.netloc
 
     def _get(self, name: str, headers: dict, method: str = "GET"):
+        if self._auth:
+            headers = {**headers, "Authorization": self._auth}
         req = urllib.request.Request(f"{self.url}/{urllib.parse.quote(name)}", headers=headers, method=method)
         return urllib.request.urlopen(req, timeout=float(self.opts["request_timeout_s"]))
 

@@ -1,5 +1,6 @@
 """Session-wide fixtures: the prepared datasets several modules share, one 1-rank training run
-that two modules check, and one Ray cluster.
+that two modules check, one Ray cluster, one pair of gloo ranks (tests/gloo_pair.py) for the
+modules that compare 2 ranks against 1, and one small random-init BERT config.
 
 Each dataset is built once per session, by `hiervl.dataprep` with the local distributor (no Ray
 start), and only when a test asks for it; tests read these folders and never write into them
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from fixtures import prepared_dataset
+from gloo_pair import GlooPair
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,12 +46,13 @@ def prepared_dataset_16(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def one_rank_run(tmp_path_factory, prepared_dataset_40):
-    """One real `hiervl train` (DeepSpeed launcher, 1 CPU rank, hit preset, 7 steps) that serves two
-    modules, each checking other things of it:
+    """One real `hiervl train` (DeepSpeed launcher, 1 CPU rank, hit preset, 7 steps) that serves three
+    modules, each checking other things of it (none writes into it):
     - test_train_validation.py: started from folder A with a relative data.path and train.out_dir
       and a user DeepSpeed JSON without "optimizer"; eval and checkpoint on the same steps (3, 6);
     - test_monitoring.py: log every 2 steps, eval at 3 and 6, the last step 7 off both cadences,
-      W&B offline: the figures in metrics.jsonl, TensorBoard and W&B.
+      W&B offline: the figures in metrics.jsonl, TensorBoard and W&B;
+    - test_export.py: its newest checkpoint exported, evaluated and embedded through the API.
     Returns {"root", "out" (the run folder), "shards" (absolute), "stdout", "stderr"}."""
     root = tmp_path_factory.mktemp("one_rank_run")
     shards = prepared_dataset_40
@@ -84,3 +87,24 @@ def ray_cluster():
         ray.init(num_cpus=2, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def gloo_pair():
+    """Two gloo ranks started once (at the first job) for the session: `gloo_pair.run(job, *args)` ->
+    [rank 0's result, rank 1's] (test_distributed, test_model_distributed, test_grad_cache, test_evaluate)."""
+    pair = GlooPair()
+    yield pair
+    pair.close()
+
+
+@pytest.fixture(scope="session")
+def small_text_dir(tmp_path_factory):
+    """A 2-layer BERT of width 32 (config only: built with random weights, `model.text.pretrained=false`),
+    so the towers stay small (test_momentum.py, test_speed_levers.py)."""
+    from transformers import BertConfig
+
+    path = tmp_path_factory.mktemp("small_text")
+    BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64).save_pretrained(path)
+    return path

@@ -3,6 +3,7 @@
 - `encode_clip`: a small moving-square clip, encoded with PyAV.
 - `write_shards`: such clips as shards + manifest, through dataprep's writer of the shard contract.
 - `prepared_dataset`: the real path, `hiervl.dataprep` synth corpus + `prepare` (local distributor).
+- `assert_same_queues`: two runs' momentum queues agree (the 2-ranks-vs-1 comparisons).
 The session-scoped datasets most tests share are in conftest.py. Import as `from fixtures import ...`
 (conftest.py puts tests/ on sys.path).
 """
@@ -98,3 +99,18 @@ def prepared_dataset(root: Path, n: int, codec: str = "vp9", seed: int = 0) -> P
     cfg.prep.distributor = "local"
     driver.prepare(cfg, str(manifest), str(root / "shards"), progress=False)
     return root / "shards"
+
+
+def assert_same_queues(ref: dict, got: dict, atol: float, what: str = "") -> None:
+    """`got`'s queues {name: {buffer: tensor}} equal `ref`'s: float buffers (keys) within `atol`, the
+    others (video ids, fill mask, pointer: the order the keys went in) exactly."""
+    import torch
+
+    assert set(got) == set(ref), f"{what}: queues {sorted(got)} vs {sorted(ref)}"
+    for name, ref_q in ref.items():
+        for buf, ref_v in ref_q.items():
+            v = got[name][buf]
+            if ref_v.is_floating_point():
+                torch.testing.assert_close(v, ref_v, atol=atol, rtol=0, msg=f"{what} queue {name}.{buf}")
+            else:
+                assert torch.equal(v, ref_v), f"{what} queue {name}.{buf}: {v.tolist()} vs {ref_v.tolist()}"

@@ -8,7 +8,8 @@ namespace of its own (`<prefix>-hub`): nothing is added to the machine's own net
 started with `Cluster.popen(node, argv)` also gets its own hostname (UTS namespace: `hostname`
 says n1) and its own mount namespace, in which `/etc/hosts` names the nodes (the node's own name as 127.0.1.1, as
 Debian installs it: a launch that trusts its hostname to find its address gets loopback) and `Cluster.local`
-(one path) is that node's private folder: shared-nothing where a test wants it. `cut(node)` takes
+(one path) is that node's private folder: shared-nothing where a test wants it. The hub's bridge
+has the address HUB_ADDR (10.77.0.254), where a service every node reaches can run (`hub_argv`). `cut(node)` takes
 a node's link down (packets are dropped, no reset: a partition, not a crash); `heal(node)` brings
 it back. `close()` kills every process left in the namespaces and deletes them, also after a
 failure (the fixture calls it; so does `down`).
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 SUBNET = "10.77.0"  # a private /24 that only these namespaces have
+HUB_ADDR = f"{SUBNET}.254"  # the bridge's own address in the hub: a service every node reaches (an S3 server)
 IFNAMES = ("eno1", "ens5", "enp3s0", "eth1")  # one per node, different on purpose
 STATE = Path(tempfile.gettempdir()) / "hiervl-netns"  # <prefix>.json: what `down` must remove
 
@@ -98,6 +100,8 @@ class Cluster:
             _ip("netns", "add", self.hub)
             _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
             _ip("-n", self.hub, "link", "set", "br0", "up")
+            _ip("-n", self.hub, "addr", "add", f"{HUB_ADDR}/24", "dev", "br0")
+            _ip("-n", self.hub, "link", "set", "lo", "up")
             for node in self.names:  # as Debian writes it: a node's own name first maps to 127.0.1.1
                 hosts = f"127.0.0.1 localhost\n127.0.1.1 {node}\n" + "".join(
                     f"{a} {n}\n" for n, a in self.addr.items() if n != node)
@@ -165,6 +169,11 @@ class Cluster:
         p = subprocess.Popen(self.wrap(node, argv), start_new_session=True, **kw)
         self.procs.append(p)
         return p
+
+    def hub_argv(self, argv: list[str]) -> list[str]:
+        """argv run in the hub namespace (the machine's filesystem, the bridge's address HUB_ADDR):
+        where a service for every node runs, e.g. the S3 server of a shared-nothing test."""
+        return ["ip", "netns", "exec", self.hub, *map(str, argv)]
 
     def run(self, node: str, argv: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         p = self.popen(node, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)

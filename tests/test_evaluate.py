@@ -5,14 +5,11 @@ dropped, 2 gloo ranks == 1 rank, reports and exported embeddings, and the `hierv
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from fixtures import write_shards
 from hiervl.model.text_model import load_tokenizer
 
@@ -129,35 +126,21 @@ def test_failed_and_padded_slots_leave_with_their_captions(hit):
     assert emb.videos["semantic"].shape == (3, 32) and emb.texts["feature_mask"].shape == (6, 12)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_worker(rank, port, data, out):
-    from hiervl import distributed as D
+def _rank_job(rank, world, data):
+    """evaluate_model on one of the session's two gloo ranks (conftest.py `gloo_pair`)."""
     from hiervl.eval.evaluate import evaluate_model
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    D.init(backend="gloo")
     cfg = make_cfg(Path(data))
-    res = evaluate_model(make_model(cfg), cfg, split="test")
-    out[rank] = json.dumps(res)
-    D.destroy()
+    return json.dumps(evaluate_model(make_model(cfg), cfg, split="test"))
 
 
 @pytest.mark.integration
-def test_two_gloo_ranks_equal_one_rank(hit, data):
+def test_two_gloo_ranks_equal_one_rank(hit, data, gloo_pair):
     from hiervl.eval.evaluate import evaluate_model
 
     cfg, model = hit
     single = evaluate_model(model, cfg, split="test")
-    out = mp.Manager().dict()
-    mp.spawn(_rank_worker, args=(_free_port(), str(data), out), nprocs=2, join=True)
-    r0, r1 = json.loads(out[0]), json.loads(out[1])
+    r0, r1 = (json.loads(r) for r in gloo_pair.run(_rank_job, str(data)))
     assert r0 == r1  # every rank returns the same result
     assert r0["world_size"] == 2 and r0["num_videos"] == NUM_VIDEOS
     for direction in ("t2v", "v2t", "t2v_dsl", "v2t_dsl"):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hiervl.config import ConfigError, load_config
 from hiervl.data import decode_pool
+from hiervl.data.preprocess import Preprocessing
 from hiervl.errors import UserError
 from hiervl.train.preflight import check_training_run
 
@@ -42,8 +43,8 @@ def test_a_ring_larger_than_dev_shm_is_refused_before_it_is_allocated(monkeypatc
                         lambda p: Usage(64 << 20, 0, 64 << 20) if str(p) == decode_pool.SHM else real(p))
     allocated = []
     monkeypatch.setattr(torch.Tensor, "share_memory_", lambda self: allocated.append(self) or self)
-    spec = decode_pool.TransformSpec(num_frames=12, short_side=224, size=224)  # uint8 clips (issue 27)
-    pool = decode_pool.DecodePool(2, tmp_path, spec, slots=320)  # base.yaml: (prefetch 4 + 1) x batch 64
+    prep = Preprocessing(num_frames=12, size=224, short_side=224, mean=(0.5,) * 3, std=(0.5,) * 3, max_words=32)
+    pool = decode_pool.DecodePool(2, tmp_path, prep, slots=320)  # uint8 clips [12, 3, 224, 224]  # base.yaml: (prefetch 4 + 1) x batch 64
     with pytest.raises(UserError) as exc:
         pool.start()
     msg = str(exc.value)
@@ -73,3 +74,6 @@ def test_the_model_bench_runs_without_the_packaged_minilm(monkeypatch, tmp_path)
     # and a CUDA run asked for on a machine without one is one line, exit 2
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--device", "cuda", "--out", str(tmp_path / "m.json")]) == 2
+    # an override right after --presets is an override, not a preset (both gpu_visit stages that did this died)
+    assert bench.split_presets(["hit", "train.activation_checkpointing=true"], ["queue.size=8"]) == (
+        ["hit"], ["train.activation_checkpointing=true", "queue.size=8"])

@@ -13,13 +13,11 @@ Tolerance: float32, atol 2e-5 / rtol 1e-4 on gradients and losses (measured on 1
 Plain accumulation (each micro-batch its own loss) is checked to differ, so the test can fail.
 """
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from fixtures import assert_same_queues
 from hiervl import distributed as D
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -103,30 +101,16 @@ def run(preset: str, overrides: list, mode: str, rank: int = 0, world: int = 1) 
     return {"losses": losses, "grads": grads, "queues": queues}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _job(rank, world):
+    """Every variant, GradCache mode, on one of the session's two gloo ranks (conftest.py `gloo_pair`)."""
     torch.set_num_threads(1)
-    D.init(backend="gloo")
-    try:
-        for i, (preset, overrides) in enumerate(VARIANTS):
-            out[(rank, i)] = run(preset, overrides, "cache", rank, 2)
-    finally:
-        D.destroy()
+    return [run(preset, overrides, "cache", rank, world) for preset, overrides in VARIANTS]
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
-    return dict(out)
+def two_ranks(gloo_pair):
+    r0, r1 = gloo_pair.run(_job)
+    return {(rank, i): res for rank, results in enumerate((r0, r1)) for i, res in enumerate(results)}
 
 
 def _assert_same(ref: dict, got: dict, what: str) -> None:
@@ -135,13 +119,7 @@ def _assert_same(ref: dict, got: dict, what: str) -> None:
         assert set(a) == set(b), f"{what} step {step}: parameters with gradient differ"
         for name in a:
             torch.testing.assert_close(b[name], a[name], atol=ATOL, rtol=RTOL, msg=f"{what} step {step} grad {name}")
-    for name, ref_q in ref["queues"].items():
-        for buf, ref_v in ref_q.items():
-            v = got["queues"][name][buf]
-            if ref_v.is_floating_point():
-                torch.testing.assert_close(v, ref_v, atol=ATOL, rtol=0, msg=f"{what} queue {name}.{buf}")
-            else:
-                assert torch.equal(v, ref_v), f"{what} queue {name}.{buf}: {v.tolist()} vs {ref_v.tolist()}"
+    assert_same_queues(ref["queues"], got["queues"], atol=ATOL, what=what)
 
 
 @pytest.mark.parametrize("index", range(len(VARIANTS)), ids=["+".join([p] + o) for p, o in VARIANTS])

@@ -199,3 +199,78 @@ def test_hanet_default_loss_is_the_hinge_on_the_fused_score():
     assert default["loss"].item() == pytest.approx(loss(["model.loss=hinge", "model.loss_on=fused"])["loss"].item())
     assert default["loss"].item() != pytest.approx(loss(["model.loss=infonce", "model.loss_on=levels"])["loss"].item(),
                                                    rel=1e-2)
+
+
+def _after_caption():
+    """Caption "B after A" (words B, A: the reverse of time); video 0 shows A then B (its match), video 1 B then A."""
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    t = torch.stack([b, a])[None]  # [1 caption, 2 words, 2]
+    v = torch.stack([torch.stack([a, a, b, b]), torch.stack([b, b, a, a])])  # [2 videos, 4 frames, 2]
+    return t, torch.ones(1, 2, dtype=torch.bool), v
+
+
+def test_monotonic_ranks_the_wrong_video_for_a_backward_caption_and_directed_can_read_it_backward():
+    from hiervl.model.levels import directed_token_similarity
+
+    t, mask, v = _after_caption()
+    mono = monotonic_token_similarity(t, mask, v)
+    assert mono[0, 1] > mono[0, 0]  # the defect: "B after A" aligned forward prefers B -> A
+    backward = directed_token_similarity(t, mask, torch.tensor([-30.0]), v)
+    assert backward[0, 0] > backward[0, 1]  # read backward, the caption prefers its own video
+    assert torch.allclose(backward, monotonic_token_similarity(t, mask, v.flip(1)))
+    forward = directed_token_similarity(t, mask, torch.tensor([30.0]), v)
+    assert torch.allclose(forward, mono)
+    half = directed_token_similarity(t, mask, torch.tensor([0.0]), v)
+    assert torch.allclose(half, 0.5 * (forward + backward))
+    # the direction is the caption's, not the pair's: read forward, "A then B" still tells the videos apart
+    ab = directed_token_similarity(t.flip(1), mask, torch.tensor([2.0]), v)
+    assert ab[0, 0] > ab[0, 1]
+
+
+def test_directed_gate_is_trained_towards_the_direction_each_caption_reads():
+    # captions 0 "B after A" (of video 0, A -> B) and 1 "B then A" (of video 1, B -> A) have the same
+    # content words in the same order: only the direction tells them apart. Both start forward (the head's
+    # initial gate); the objective's gradient pushes caption 0 backward and caption 1 further forward.
+    cfg = _cfg(["model.token_align=directed", "model.embed_dim=2", "data.max_words=2", "data.num_frames=4",
+                "model.loss_weights={semantic: 0.0}"])
+    assert [lv.align for lv in model_levels(cfg)] == ["directed", "max"]
+    t, mask, v = _after_caption()
+    obj = HierarchicalContrastiveLoss(cfg)
+
+    def loss(direction):
+        q_t = {"feature": torch.cat([t, t]), "feature_mask": torch.ones(2, 2, dtype=torch.bool),
+               "feature_dir": direction, "semantic": F.normalize(torch.ones(2, 2), dim=-1)}
+        q_v = {"feature": v, "semantic": F.normalize(torch.ones(2, 2), dim=-1)}
+        k_t = {k: x.detach() for k, x in q_t.items()}
+        return obj(q_v, q_t, {k: x.detach() for k, x in q_v.items()}, k_t, torch.arange(2),
+                   torch.ones(2, dtype=torch.bool), torch.full((2,), math.log(1 / 0.07)), rank=0, world_size=1)["loss"]
+
+    direction = torch.tensor([2.0, 2.0], requires_grad=True)
+    start = loss(direction)
+    start.backward()
+    assert direction.grad[0] > 0 and direction.grad[1] < 0  # descent: caption 0 backward, caption 1 forward
+    assert loss(torch.tensor([-30.0, 30.0])).item() < start.item()
+
+
+@pytest.mark.parametrize("recipe", ["symmetric", "both", "momentum"])
+def test_directed_runs_through_the_model_the_queue_and_every_recipe(recipe):
+    from hiervl.model.hierarchical import build_model
+
+    torch.manual_seed(0)
+    cfg = _cfg(["model.token_align=directed", "model.vision.width=32", "model.vision.layers=1",
+                "model.vision.heads=2", f"queue.objective={recipe}", "queue.enabled=true", "queue.size=6"])
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    batch = {"video": torch.randn(4, 3, 3, 32, 32, generator=g), "attention_mask": mask,
+             "input_ids": torch.randint(1000, 3000, (4, 5), generator=g) * mask, "video_ids": torch.arange(4)}
+    for _ in range(2):  # the second step scores the queue filled by the first
+        out = model(batch)
+        out["loss"].backward()
+        model.momentum_update()
+        model.enqueue(out)
+    grads = [p.grad for n, p in model.named_parameters() if "gates" in n and p.requires_grad]  # query tower's
+    assert len(grads) == 2 and all(gr is not None and torch.count_nonzero(gr) > 0 for gr in grads)
+    assert model.queues["feature_text"].dir.shape == (6,) and torch.count_nonzero(model.queues["feature_text"].dir) > 0
+    t = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert t["feature_dir"].shape == (4,)

@@ -10,13 +10,11 @@ the single-rank queues. The batches contain a padded sample and repeated video i
 queue size does not divide the global batch, so wrap-around, padding and masking are exercised.
 """
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from fixtures import assert_same_queues
 from hiervl import distributed as D
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -37,6 +35,9 @@ VARIANTS = [
     ("hit", ["queue.objective=both"]), ("hcmi", ["queue.objective=both"]),
     # the query's siblings in the queue masked: group ids gathered with the keys, kept by the queue
     ("hit", ["queue.objective=both", "queue.mask_same_group=true"]),
+    # directed token alignment: the captions' direction logits gathered with gradient and queued
+    ("hit", ["queue.objective=both", "model.token_align=directed"]),
+    ("hcmi", ["queue.objective=symmetric", "model.token_align=directed"]),
 ]
 SMALL = ["data.num_frames=4", "data.max_words=12", "queue.enabled=true", "queue.size=10", "model.embed_dim=32",
          "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.text.num_layers=2",
@@ -91,30 +92,16 @@ def run_steps(preset: str, overrides: list, rank: int, world: int) -> dict:
     return {"losses": losses, "queues": queues}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _job(rank, world):
+    """Every variant on one of the session's two gloo ranks (conftest.py `gloo_pair`)."""
     torch.set_num_threads(1)
-    D.init(backend="gloo")
-    try:
-        for i, (preset, overrides) in enumerate(VARIANTS):
-            out[(rank, i)] = run_steps(preset, overrides, rank, WORLD)
-    finally:
-        D.destroy()
+    return [run_steps(preset, overrides, rank, world) for preset, overrides in VARIANTS]
 
 
 @pytest.fixture(scope="module")
-def two_rank_results():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    return dict(out)
+def two_rank_results(gloo_pair):
+    r0, r1 = gloo_pair.run(_job)
+    return {(rank, i): res for rank, results in enumerate((r0, r1)) for i, res in enumerate(results)}
 
 
 @pytest.mark.parametrize("index", range(len(VARIANTS)), ids=[f"{p}{'+' if o else ''}{'+'.join(o)}" for p, o in VARIANTS])
@@ -129,14 +116,8 @@ def test_two_ranks_equal_one_rank_of_double_batch(two_rank_results, index):
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), f"step {step} {key}: 1 rank {a[key]} vs 2 ranks {b[key]}"
     assert r0["losses"] == r1["losses"]
-    for name, ref_q in ref["queues"].items():
-        for buf, ref_v in ref_q.items():
-            v0, v1 = r0["queues"][name][buf], r1["queues"][name][buf]
-            assert torch.equal(v0, v1), f"{name}.{buf} differs between ranks"
-            if ref_v.is_floating_point():
-                torch.testing.assert_close(v0, ref_v, atol=1e-5, rtol=0)
-            else:
-                assert torch.equal(v0, ref_v), f"{name}.{buf}: {v0.tolist()} vs {ref_v.tolist()}"
+    assert_same_queues(r0["queues"], r1["queues"], atol=0.0, what="rank 1 vs rank 0")  # identical on both ranks
+    assert_same_queues(ref["queues"], r0["queues"], atol=1e-5, what="2 ranks vs 1 rank")
     # 3 steps x 7 valid keys into 10 slots: wrapped around, every slot filled
     some = next(iter(ref["queues"].values()))
     assert int(some["ptr"]) == (STEPS * (B_LOCAL * WORLD - 1)) % 10 and bool(some["valid"].all())

@@ -25,15 +25,9 @@ SMALL = ["data.num_frames=4", "data.size=32", "model.vision.width=32", "model.vi
          "queue.enabled=true", "queue.objective=both", "queue.size=8", "queue.momentum=0.995"]
 
 
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    """A 2-layer BERT of width 32 (config only: built with random weights), so the towers stay small."""
-    from transformers import BertConfig
-
-    path = tmp_path_factory.mktemp("text")
-    BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               max_position_embeddings=64).save_pretrained(path)
-    return path
+@pytest.fixture
+def text_dir(small_text_dir):
+    return small_text_dir  # conftest.py: the session's small random-init BERT config
 
 
 def _cfg(text_dir):

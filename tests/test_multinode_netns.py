@@ -98,6 +98,8 @@ def _launch(cluster, shards, out, *extra):
     """One `hiervl submit deepspeed --no-ssh --node-rank R` launcher in each node."""
     args = [*COMMON, "--hosts", "n1,n2", "--nodes", "2", "--no-ssh", f"data.path={shards}", f"train.out_dir={out}",
             "train.ranks=1", "data.batch_size=2", *extra]
+    if not any(e.startswith("checkpoint.dir=") for e in extra):  # /tmp is one folder for both namespaces here
+        args.append("launch.shared_fs=true")
     return [cluster.popen(node, [sys.executable, "-m", "hiervl.launch.cli", "submit", "deepspeed", *args,
                                  "--node-rank", str(r)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -143,7 +145,8 @@ def test_pdsh_ssh_launch_on_two_hosts_equals_one_process(cluster, sshd, shards, 
     out = tmp_path / "ssh"
     res = cluster.run("n1", [sys.executable, "-m", "hiervl.launch.cli", "submit", "deepspeed", *COMMON,
                              "--hosts", "n1,n2", "--nodes", "2", f"data.path={shards}", f"train.out_dir={out}",
-                             "train.ranks=1", "data.batch_size=2"], timeout=900, env=ENV, cwd=ROOT)
+                             "train.ranks=1", "data.batch_size=2", "launch.shared_fs=true"],  # /tmp: one folder here
+                      timeout=900, env=ENV, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-4000:]
     assert "pdsh -S -f 1024 -w n1,n2" in res.stdout, res.stdout[-4000:]  # DeepSpeed's runner chose pdsh
     lines = res.stdout.splitlines()
@@ -194,7 +197,9 @@ def test_cut_link_stops_both_nodes_within_the_timeout_then_n1_alone_resumes_exac
 
 def test_a_run_folder_local_to_each_node_is_refused_in_one_line(cluster, shards):
     """train.out_dir on each node's own disk (the same path, a different folder on each: a mount
-    namespace per node) is refused before any step: n2 cannot see what n1 wrote."""
+    namespace per node), declared shared by mistake (launch.shared_fs=true), is refused before any
+    step: n2 cannot see what n1 wrote. (Undeclared, it is refused before the ranks start:
+    tests/test_shared_checkpoints.py.)"""
     out = cluster.local / "run"  # n1 sees nodes/n1/run there, n2 sees nodes/n2/run
     procs = _launch(cluster, shards, out)
     outs = _wait(procs, 900)

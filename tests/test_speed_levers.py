@@ -20,14 +20,9 @@ SMALL = ["data.num_frames=4", "data.size=32", "data.max_words=8", "model.vision.
          "data.batch_size=4"]
 
 
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    from transformers import BertConfig
-
-    path = tmp_path_factory.mktemp("text")
-    BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               max_position_embeddings=64).save_pretrained(path)
-    return path
+@pytest.fixture
+def text_dir(small_text_dir):
+    return small_text_dir  # conftest.py: the session's small random-init BERT config
 
 
 def _cfg(text_dir, *extra):

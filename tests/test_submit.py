@@ -156,7 +156,7 @@ def test_sbatch_script_starts_one_launcher_per_node(tmp_path, fake_slurm):
     env, log = fake_slurm
     out = tmp_path / "run dir"
     res = hiervl("slurm", "--config", TINY, "--nodes", "2", f"train.out_dir={out}", "launch.master_port=29613",
-                 "train.ranks=1", env=env)
+                 "train.ranks=1", "launch.shared_fs=true", env=env)
     assert "submitted batch job 4242" in res.stdout
     calls = (log / "calls").read_text().splitlines()
     assert calls[0] == f"sbatch --parsable {out / 'submit.sbatch'}"
@@ -223,7 +223,7 @@ def test_shell_characters_in_values_stay_literal(tmp_path, fake_slurm):
     evil = f"$(touch {marker})"
     out = tmp_path / f"out {evil} 'q'"
     res = hiervl("slurm", "--config", TINY, "--nodes", "2", f"train.out_dir={out}", f"launch.job_name=j {evil}",
-                 "train.ranks=1", env=env)
+                 "train.ranks=1", "launch.shared_fs=true", env=env)
     assert "4242" in res.stdout
     assert (out / "hostfile-4242").exists() and (out / "config.yaml").exists()
     assert f"#SBATCH --job-name={shlex.quote('j ' + evil)}" in (out / "submit.sbatch").read_text()
@@ -255,3 +255,65 @@ def test_deepspeed_hostfile_given_or_missing(tmp_path):
     assert (argv[argv.index("--node_rank") + 1], argv[argv.index("--master_addr") + 1]) == ("1", "w1")
     bad = hiervl("deepspeed", "--config", TINY, "--hostfile", str(tmp_path / "nope"), "--dry-run", check=False)
     assert bad.returncode == 1 and "does not exist" in bad.stderr
+
+
+# ---- one run folder, one training: submissions and `hiervl train` refuse a busy folder in one line -------
+
+
+def _one_line(res) -> str:
+    lines = [line for line in res.stderr.strip().splitlines() if line]
+    assert res.returncode == 1 and len(lines) == 1, res.stdout + res.stderr
+    return lines[0]
+
+
+def test_a_submission_into_the_folder_of_a_queued_or_running_slurm_job_is_refused(tmp_path, fake_slurm):
+    """Issue 25: two `hiervl submit slurm` into one train.out_dir both trained there (each checkpoint save
+    deleting the other's folder for that step); the second is refused while squeue lists the first."""
+    from fixtures import write_shards
+
+    env, log = fake_slurm
+    (tmp_path / "bin" / "squeue").write_text('#!/bin/bash\necho "squeue $*" >> "$FAKE_LOG/calls"\n'
+                                             'cat "$FAKE_LOG/state" 2>/dev/null\n')
+    out = tmp_path / "run"
+    args = ["slurm", "--config", TINY, "--nodes", "1", f"train.out_dir={out}", "train.ranks=1"]
+    assert "submitted batch job 4242" in hiervl(*args, "train.steps=5", env=env).stdout
+    assert (out / ".hiervl-slurm-job").read_text().strip() == "4242"
+    first = (out / "config.yaml").read_text()
+    for state in ("PENDING", "RUNNING", "REQUEUED"):
+        (log / "state").write_text(state + "\n")
+        err = _one_line(hiervl(*args, "train.steps=9", env=env, check=False))
+        assert f"is being trained by SLURM job 4242 ({state})" in err and "hiervl submit cancel 4242" in err, err
+        assert (out / "config.yaml").read_text() == first  # the job's config.yaml is left as it was
+    assert "squeue -h -j 4242 -o %T" in (log / "calls").read_text()
+    # `hiervl train` and `hiervl submit local` into that folder: the same line
+    data = write_shards(tmp_path / "shards", 4, "vp9", split="train", per_shard=4)
+    res = subprocess.run([PY, "-m", "hiervl.launch.cli", "train", "--config", TINY, f"data.path={data}",
+                          f"train.out_dir={out}", "train.ranks=1", "train.steps=1", "data.batch_size=2"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "is being trained by SLURM job 4242 (REQUEUED)" in _one_line(res)
+    assert "SLURM job 4242" in _one_line(hiervl("local", "--config", TINY, f"train.out_dir={out}", env=env,
+                                                check=False))
+    assert (out / "config.yaml").read_text() == first
+    # the job left the queue (or squeue still shows it as completed): the folder is free again
+    for state in ("COMPLETED", ""):
+        (log / "state").write_text(state)
+        assert "submitted batch job 4242" in hiervl(*args, "train.steps=9", env=env).stdout
+    assert "steps: 9" in (out / "config.yaml").read_text()
+
+
+def test_a_submission_into_a_folder_a_live_train_holds_is_refused(tmp_path, fake_slurm):
+    from hiervl.dataprep.out_lock import train_lock
+
+    env, log = fake_slurm
+    out = tmp_path / "run"
+    out.mkdir()
+    with train_lock(out):  # this process: alive, on this host (a `hiervl train` running into the folder)
+        for action in (["local"], ["deepspeed", "--hosts", "a,b"], ["deepspeed", "--hosts", "a,b", "--no-ssh",
+                                                                   "--node-rank", "0"], ["slurm", "--nodes", "1"]):
+            err = _one_line(hiervl(*action, "--config", TINY, f"train.out_dir={out}", env=env, check=False))
+            assert f"{out} is locked by another `hiervl train` (pid {os.getpid()}" in err, (action, err)
+        assert not (out / "config.yaml").exists() and not (log / "calls").exists()  # nothing written, no sbatch
+    # released: a dry run never needed it, and a submission takes it and gives it back
+    assert "submitted batch job 4242" in hiervl("slurm", "--nodes", "1", "--config", TINY, f"train.out_dir={out}",
+                                                "train.ranks=1", env=env).stdout
+    assert not (out / ".hiervl-train.lock").exists()

@@ -1,17 +1,18 @@
 """PyAV decoding in worker *processes*: the loader's CPU decoders, one per core, beside DALI.
 
 Threads share one interpreter, so PyAV in threads does not scale with cores (bench/RESULTS.md
-"Issue #14"); processes do. `DecodePool(workers, root, spec)` starts `workers` processes (start
+"Issue #14"); processes do. `DecodePool(workers, root, prep)` starts `workers` processes (start
 method `forkserver`, else `spawn`: safe with torch and DALI threads in the parent, never `fork`).
 Each task names a sample by (shard, offset, size) plus its frame indices, crop and flip; the
 worker reads the bytes itself (nothing large goes down a pipe): it opens its own store for the
 dataset root (`open_store(data.path, storage)`, pipeline/storage.py: one `pread` on a local tar,
 a retried ranged GET on s3:// / gs:// / http(s)://, the shard cache of `storage.cache_dir` via
 pipeline/data/byte_source.py), never a store pickled from the parent; then it decodes with
-`decode_pyav`, resizes and crops once in uint8 (`resize_crop_uint8`) and writes the clip
+`decode_pyav`, resizes and crops once in uint8 (`prep.resize_crop`: `prep` is the loader's
+`Preprocessing`, pipeline/data/preprocess.py) and writes the clip
 [T, 3, S, S] uint8 (a quarter of float32's bytes) into its slot of a shared-memory ring (allocated once, `slots` clips; the result message carries
 only the slot number: no per-clip allocation, file descriptor or pickled pixels). The loader
-normalises each result straight into its batch slot (`normalize_clip`, the one copy), then releases
+normalises each result straight into its batch slot (`prep.normalize`, the one copy), then releases
 the ring slot. So the loader's,
 which worker decoded a sample, or when, never changes the batch: the sample order, positions
 and resume contract are the sampler's alone.
@@ -41,11 +42,11 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from hiervl.data.preprocess import Preprocessing
 from hiervl.errors import UserError
 
 _CANCELLED = "cancelled"
@@ -53,16 +54,6 @@ _CANCELLED = "cancelled"
 
 class DecodeWorkerError(RuntimeError):
     """A decode worker process died; the loader cannot go on without the samples it held."""
-
-
-@dataclass(frozen=True)
-class TransformSpec:
-    """What a worker makes of every clip: `resize_crop_uint8(frames, short_side, size, crop, flip)`,
-    uint8 [num_frames, 3, size, size] (the loader normalises it while assembling the batch)."""
-
-    num_frames: int
-    short_side: int
-    size: int
 
 
 MAX_AUTO_WORKERS = 8
@@ -146,10 +137,10 @@ def _injected_fault(key: str) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
 
 
-def decode_one(source, task: tuple, spec: TransformSpec):
+def decode_one(source, task: tuple, prep: Preprocessing):
     """One task -> (uint8 clip [T, 3, S, S] or None, reason or None). Same messages as the in-process
     path. `source`: what `open_source` returns."""
-    from hiervl.data.decode import decode_pyav, resize_crop_uint8
+    from hiervl.data.decode import decode_pyav
 
     _tid, shard, offset, size, frames, crop, flip = task[:7]
     _injected_fault(task[7] if len(task) > 7 else "")
@@ -159,12 +150,11 @@ def decode_one(source, task: tuple, spec: TransformSpec):
         return None, f"read failed: {exc}"
     try:
         clip = decode_pyav(data, frames)
-        if len(clip) != spec.num_frames:
-            raise ValueError(f"decoder returned {len(clip)} frames, wanted {spec.num_frames}")
+        prep.check_frames(clip)
     except Exception as exc:  # noqa: BLE001 - a corrupt video must not stop the run
         return None, f"PyAV failed: {type(exc).__name__}: {exc}"
     try:
-        return resize_crop_uint8(clip, spec.short_side, spec.size, crop, flip), None
+        return prep.resize_crop(clip, crop, flip), None
     except Exception as exc:  # noqa: BLE001
         return None, f"transform failed: {type(exc).__name__}: {exc}"
 
@@ -188,7 +178,7 @@ def check_shared_memory(need: int, slots: int, path: str = SHM) -> None:
                         "data.decode_workers=0")
 
 
-def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, tasks, results, current, floor,
+def _worker_main(wid: int, root: str, prep: Preprocessing, ring: torch.Tensor, tasks, results, current, floor,
                  parent_pid: int, storage: dict | None = None, env: dict | None = None, started=None) -> None:
     """A worker's loop: tasks (tid, slot, shard, offset, size, frames, crop, flip, key) -> (tid, ok, reason,
     seconds); a clip is written to ring[slot]. `started[wid]`: when (time.monotonic) the current task began."""
@@ -213,7 +203,7 @@ def _worker_main(wid: int, root: str, spec: TransformSpec, ring: torch.Tensor, t
             started[wid] = time.monotonic()
         current[wid] = tid
         t0 = time.perf_counter()
-        clip, reason = decode_one(source, (tid, *task[2:]), spec)
+        clip, reason = decode_one(source, (tid, *task[2:]), prep)
         if clip is not None:
             ring[slot].copy_(clip)
         results.put((tid, clip is not None, reason, time.perf_counter() - t0))
@@ -231,7 +221,7 @@ class DecodePool:
     `clips_per_s` estimates what the pool delivers when all workers are busy (the hybrid split).
     """
 
-    def __init__(self, workers: int, root: str | Path, spec: TransformSpec, slots: int, method: str | None = None,
+    def __init__(self, workers: int, root: str | Path, prep: Preprocessing, slots: int, method: str | None = None,
                  storage: dict | None = None, crash_ledger: bool = False, timeout_s: float = 0.0):
         """`root`: the dataset folder or URL; `storage`: the StorageConfig fields as a plain dict (each
         worker opens its own store from them). `crash_ledger`: a dead worker's sample fails and a new
@@ -239,7 +229,7 @@ class DecodePool:
         on one sample for longer is killed and the sample fails (see the module docstring)."""
         if workers < 1 or slots < 1:
             raise ValueError(f"workers={workers} and slots={slots} must be >= 1")
-        self.workers, self.root, self.spec, self.slots = workers, str(root), spec, slots
+        self.workers, self.root, self.prep, self.slots = workers, str(root), prep, slots
         self.storage = dict(storage) if storage is not None else None
         self.method = method or start_method()
         self._procs: list = []
@@ -264,7 +254,7 @@ class DecodePool:
         if self.method == "forkserver":
             # the fork server imports these once; each worker then starts in milliseconds
             ctx.set_forkserver_preload(["torch", "av", "hiervl.data.decode", "hiervl.data.decode_pool"])
-        shape = (self.slots, self.spec.num_frames, 3, self.spec.size, self.spec.size)
+        shape = (self.slots, self.prep.num_frames, 3, self.prep.size, self.prep.size)
         check_shared_memory(int(np.prod(shape)), self.slots)  # uint8: one byte a value
         try:
             self._ring = torch.empty(shape, dtype=torch.uint8).share_memory_()  # [slots, T, 3, S, S] uint8
@@ -286,7 +276,7 @@ class DecodePool:
 
     def _spawn(self, wid: int):
         p = self._ctx.Process(target=_worker_main, name=f"hiervl-decode-{wid}", daemon=True,
-                              args=(wid, self.root, self.spec, self._ring, self._tasks, self._results, self._current,
+                              args=(wid, self.root, self.prep, self._ring, self._tasks, self._results, self._current,
                                     self._floor, os.getpid(), self.storage, store_env(), self._started))
         p.start()
         return p

@@ -35,7 +35,9 @@ Must not touch: the manifest's schema (manifest.py) or the model.
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
+import signal
 import threading
 import time
 import weakref
@@ -45,20 +47,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hiervl import compat, faults
 from hiervl.data.byte_source import SampleByteSource
 from hiervl.data.cpu_meter import LoaderCpuMeter, process_tree_seconds, thread_ids
 from hiervl.data.crash_ledger import is_crash
-from hiervl.data.decode import (
-    DaliVideoDecoder,
-    choose_backend,
-    dali_available,
-    decode_pyav,
-    normalize_clip,
-    resize_crop_uint8,
-    transform_clip,
-)
-from hiervl.data.decode_pool import DecodePool, TransformSpec, resolve_decode_workers
-from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
+from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav
+from hiervl.data.decode_pool import DecodePool, resolve_decode_workers
+from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info, read_manifest
 from hiervl.data.preprocess import Preprocessing
 from hiervl.data.sampler import (
     PAD,
@@ -110,12 +105,11 @@ class DatasetIndex:
                             "`hiervl prep --out DIR` (it holds manifest.parquet and the tars)")
         read_dataset_info(root, self.store)  # refuses a dataset of another schema version, naming the fix
         manifest_bytes = pa.BufferReader(self.store.read(MANIFEST_FILE))
-        present = set(pq.read_schema(manifest_bytes).names)
         # `group` (hard-negative group, dataprep/sources.py) is optional: manifests prepared before it have none
-        table = pq.read_table(manifest_bytes, columns=READ_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in present])
-        table = table.to_pandas()
+        table = read_manifest(manifest_bytes, READ_COLUMNS, manifest, optional=OPTIONAL_COLUMNS).to_pandas()
         table = table[table["split"] == split].sort_values(["shard", "index_in_shard"], kind="stable")
         if len(table) == 0:
+            manifest_bytes.seek(0)
             splits = sorted(set(pq.read_table(manifest_bytes, columns=["split"]).column(0).to_pylist()))
             raise UserError(f"{manifest} has no samples of split '{split}' (it has: {', '.join(splits) or 'none'}); "
                             "set data.split / eval.split to one of those")
@@ -219,10 +213,9 @@ class VideoTextLoader:
         self._pool: DecodePool | None = None
         self.decode_workers = resolve_decode_workers(self.cfg.decode_workers, self.device, world_size)
         if self.decode_workers > 0:
-            spec = TransformSpec(self.cfg.num_frames, self.cfg.short_side, self.cfg.size)
             # ring slots: the samples of the batches in flight (data.prefetch ahead + the one being assembled)
             storage = getattr(cfg, "storage", None)  # storage hook: each worker opens its own store
-            self._pool = DecodePool(self.decode_workers, self.index.root, spec,
+            self._pool = DecodePool(self.decode_workers, self.index.root, self.prep,
                                     slots=(self.cfg.prefetch + 1) * self.batch_size,
                                     storage=dataclasses.asdict(storage) if dataclasses.is_dataclass(storage) else storage,
                                     crash_ledger=ledger is not None, timeout_s=self.cfg.decode_timeout_s)
@@ -274,8 +267,7 @@ class VideoTextLoader:
         if state["order"] == "grouped" and state.get("group_fingerprint") != self.index.group_fingerprint:
             raise UserError("the checkpoint's loader state is for other `group`s than data.path's manifest has, and "
                             "data.order=grouped depends on them; point data.path at the dataset the run was started with")
-        # older states lack the order parameters: they default to the config's (what those runs used)
-        state = {"block_window": self.block_window, "group_chunk": self.group_chunk, **state}
+        state = compat.loader_state(state, self.block_window, self.group_chunk)  # older states lack the order parameters
         used = {"block": "block_window", "grouped": "group_chunk"}.get(state["order"])  # the mode's parameter
         for name, mine in (("seed", self.seed), ("order", self.order_mode), ("block_window", self.block_window),
                            ("group_chunk", self.group_chunk)):
@@ -422,7 +414,26 @@ class VideoTextLoader:
         return {"idx": idx, "position": position, "epoch": epoch, "real": real, "plans": plans, "backend": backend,
                 "tids": tids, "ledgered": ledgered}
 
-    def _decode_local(self, slots: list[int], plans: dict, backend: dict) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    def _decode_dali(self, slots: list[int], blobs: dict, plans: dict, epoch: int, position: int) -> list:
+        """DALI's results for `slots` (a clip or an Exception each). With the crash ledger each call is
+        journaled while it runs, and a suspect (in a call that never returned) gets a call of its own."""
+        if self.ledger is None:
+            return self._dali.decode([blobs[i] for i in slots], [plans[i][0] for i in slots])
+        keys = self.index.keys
+        alone = [i for i in slots if self.ledger.is_suspect(keys[i])]
+        calls = [[i] for i in alone] + ([rest] if (rest := [i for i in slots if i not in alone]) else [])
+        results = {}
+        match = os.environ.get("HIERVL_FAULT_MATCH")
+        for call in calls:
+            with self.ledger.inflight([(keys[i], self.index.shards[i]) for i in call], f"DALI {self.device}", epoch,
+                                      position):
+                if faults.injected("dali-crash") and match and any(match in keys[i] for i in call):
+                    os.kill(os.getpid(), signal.SIGSEGV)  # tests: DALI dies of this sample (in this process)
+                results.update(zip(call, self._dali.decode([blobs[i] for i in call], [plans[i][0] for i in call])))
+        return [results[i] for i in slots]
+
+    def _decode_local(self, slots: list[int], plans: dict, backend: dict, epoch: int = 0,
+                      position: int = -1) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
         """Decode and transform `slots` in this process (DALI, PyAV in threads); slot -> [T, 3, S, S], slot -> reason."""
         out: dict[int, torch.Tensor] = {}
         errors: dict[int, str] = {}
@@ -439,7 +450,7 @@ class VideoTextLoader:
             if first:
                 self._dali = DaliVideoDecoder(self.batch_size, self.cfg.num_threads, self.device, self.device_id)
                 before = thread_ids()
-            decoded = self._dali.decode([blobs[i] for i in dali_slots], [plans[i][0] for i in dali_slots])
+            decoded = self._decode_dali(dali_slots, blobs, plans, epoch, position)
             if first:
                 self.cpu.watch_threads(thread_ids() - before)  # DALI's native worker threads
             for i, res in zip(dali_slots, decoded):
@@ -456,13 +467,10 @@ class VideoTextLoader:
         def _work(i: int):
             try:
                 clip = frames[i] if i in frames else decode_pyav(blobs[i], plans[i][0])
-                if len(clip) != self.cfg.num_frames:
-                    raise ValueError(f"decoder returned {len(clip)} frames, wanted {self.cfg.num_frames}")
                 if isinstance(clip, torch.Tensor) and clip.is_cuda:  # DALI mixed: the float transform on the GPU
-                    return i, transform_clip(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2],
-                                             self.cfg.mean, self.cfg.std, dtype), None
+                    return i, self.prep.clip(clip, plans[i][1], plans[i][2], dtype), None
                 # CPU frames: resized once in uint8 here, normalised straight into the batch slot
-                return i, resize_crop_uint8(clip, self.cfg.short_side, self.cfg.size, plans[i][1], plans[i][2]), None
+                return i, self.prep.resize_crop(clip, plans[i][1], plans[i][2]), None
             except Exception as exc:  # noqa: BLE001 - a corrupt video must not stop the run
                 return i, None, f"{'PyAV' if i not in frames else 'transform'} failed: {type(exc).__name__}: {exc}"
 
@@ -483,7 +491,7 @@ class VideoTextLoader:
         b, t = len(idx), cfg.num_frames
         local = [i for i in work["real"] if i not in tids]
         t0 = time.perf_counter()
-        clips, errors = self._decode_local(local, work["plans"], work["backend"])
+        clips, errors = self._decode_local(local, work["plans"], work["backend"], epoch, work["position"])
         for i, reason in work.get("ledgered", {}).items():
             errors[i] = f"in the crash ledger, not decoded ({reason})"
         if self.hybrid and local:
@@ -532,7 +540,7 @@ class VideoTextLoader:
                     host_slots.append(slot)
                     host_clips.append(clip)
                 elif clip.dtype == torch.uint8:
-                    normalize_clip(clip, cfg.mean, cfg.std, self.dtype, out=video[slot])  # the one copy
+                    self.prep.normalize(clip, self.dtype, out=video[slot])  # the one copy
                 else:
                     video[slot] = clip
                 valid[slot] = True
@@ -544,7 +552,7 @@ class VideoTextLoader:
             staged = torch.empty((len(host_clips), *host_clips[0].shape), dtype=torch.uint8, pin_memory=True)
             torch.stack(host_clips, out=staged)  # [n, T, 3, S, S] uint8 in page-locked memory (a quarter of float32)
             where = torch.tensor(host_slots, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
-            video.index_copy_(0, where, normalize_clip(staged.to(dev, non_blocking=True), cfg.mean, cfg.std, self.dtype))
+            video.index_copy_(0, where, self.prep.normalize(staged.to(dev, non_blocking=True), self.dtype))
         if tids:
             self._pool.release(tids.values())  # every pool clip has been copied out of its ring slot
         tok = self.prep.tokenize(self.tokenizer, texts)  # [B, L] each

@@ -4,6 +4,8 @@
     frames, crop, flip = prep.plan(total_frames)             # eval: centres, centre crop, no flip
     frames, crop, flip = prep.plan(total_frames, rng, flip=True)   # training: random (rng: sample_rng)
     clip = prep.clip(uint8_frames, crop, flip)                # [T, H, W, 3] uint8 -> [T, 3, S, S] float
+    u8 = prep.resize_crop(uint8_frames, crop, flip)           # the CPU half: [T, 3, S, S] uint8 (decode workers)
+    prep.normalize(u8, out=batch_slot)                        # the other half: -> float, into a batch slot
     clip = prep.clip_from_bytes(encoded, "a.webm")            # probe + eval plan + PyAV decode + clip
     tok = prep.tokenize(tokenizer, ["a caption"])            # input_ids, attention_mask [N, L] int64
 
@@ -13,11 +15,15 @@ many equal segments of the whole clip (`sampler.frame_indices`). Clip: the short
 (`decode.transform_clip`). Caption: the model's tokenizer (passed in: data/ does not import the
 model), padded to and truncated at `max_words`.
 
+The clip transform comes whole (`clip`) or in its two halves (`resize_crop` in the decode worker
+processes, whose uint8 clips are a quarter of float32's bytes, then `normalize` while the loader
+assembles the batch): the same arithmetic either way (decode.py).
+
 The eval loader, the decode worker processes, `hiervl.load(...).encode_video`, `hiervl search
 index` and the export all call this module, so their tensors for one clip are identical; the
 model fingerprint (eval/fingerprint.py) hashes the same fields.
 
-Owns: `Preprocessing` (its fields, the frame plan, the clip transform, tokenising) and `probe_video`.
+Owns: `Preprocessing` (its fields, the frame plan, the clip transform and its two halves, tokenising) and `probe_video`.
 Must not touch: decoding backends (decode.py), sample order (sampler.py) or the model.
 """
 
@@ -28,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from hiervl.data.decode import transform_clip
+from hiervl.data.decode import normalize_clip, resize_crop_uint8, transform_clip
 from hiervl.data.sampler import frame_indices
 
 CENTRE = (0.5, 0.5)
@@ -75,12 +81,29 @@ class Preprocessing:
         crop = (float(rng.random()), float(rng.random()))
         return frames, crop, bool(flip and rng.random() < 0.5)
 
-    def clip(self, frames, crop: tuple[float, float] = CENTRE, flip: bool = False,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The planned frames, uint8 [T, H, W, 3] -> the model's input [T, 3, size, size] in `dtype`."""
+    def check_frames(self, frames) -> None:
+        """A ValueError unless the decoder returned the planned `num_frames` frames."""
         if len(frames) != self.num_frames:
             raise ValueError(f"decoder returned {len(frames)} frames, wanted {self.num_frames}")
+
+    def clip(self, frames, crop: tuple[float, float] = CENTRE, flip: bool = False,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The planned frames, uint8 [T, H, W, 3] (CPU, or GPU from DALI mixed) -> the model's input
+        [T, 3, size, size] in `dtype`."""
+        self.check_frames(frames)
         return transform_clip(frames, self.short_side, self.size, crop, flip, self.mean, self.std, dtype)
+
+    def resize_crop(self, frames, crop: tuple[float, float] = CENTRE, flip: bool = False) -> torch.Tensor:
+        """The CPU half of `clip`: uint8 CPU frames [T, H, W, 3] -> uint8 [T, 3, size, size] (resized,
+        cropped, flipped; not normalised)."""
+        self.check_frames(frames)
+        return resize_crop_uint8(frames, self.short_side, self.size, crop, flip)
+
+    def normalize(self, clip: torch.Tensor, dtype: torch.dtype = torch.float32,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """The other half: uint8 [..., 3, S, S] (`resize_crop`'s) -> (x / 255 - mean) / std in `dtype`,
+        written into `out` when given (a batch slot)."""
+        return normalize_clip(clip, self.mean, self.std, dtype, out=out)
 
     def clip_from_frames(self, frames) -> torch.Tensor:
         """A whole clip given as frames, uint8 [N, H, W, 3] (numpy or torch) -> [T, 3, S, S] (eval plan)."""

@@ -15,6 +15,11 @@ A file whose header is lost as well (an MP4 with its index at the end, cut) does
 is "truncated or corrupt". Decoding a wanted frame that the stream does not give is refused the
 same way (the loader, for prepared shards, takes the nearest frame instead: `decode_pyav`).
 
+Frame size: decoding outside prep holds each wanted frame whole as RGB (data.num_frames of them,
+3 bytes a pixel, plus the decoder's own buffers), so a frame above MAX_PIXELS (8K UHD, 7680 x 4320:
+about 100 MB of RGB) is refused from its header, before any frame is decoded (a 16384 x 16384
+stream would need 0.8 GB a frame). `hiervl prep` streams and scales frames one at a time: it takes them.
+
 Owns: what a user's video file must be to be used, and the wording of why not.
 Must not touch: prepared shards (the loader), the frame plan (sampler), resizing (transform_clip).
 """
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from hiervl.errors import UserError
 
 TRUNCATED = "truncated"  # the word every refusal of a cut-short file starts with
+MAX_PIXELS = 7680 * 4320  # the largest frame (width x height) decoded whole outside prep: 8K UHD
 # container magic numbers: a file that starts like a video but will not open is truncated/corrupt
 _MAGIC = (b"\x1a\x45\xdf\xa3", b"RIFF", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"\x30\x26\xb2\x75", b"FLV")
 
@@ -72,6 +78,14 @@ def truncation(container, stream, packets: list | None = None) -> str | None:
     return None
 
 
+def check_frame_size(width: int, height: int, name: str) -> None:
+    """A UserError when a `width` x `height` frame is above MAX_PIXELS (0 x 0: not known yet, passes)."""
+    if int(width or 0) * int(height or 0) > MAX_PIXELS:
+        raise UserError(f"{name} has {width}x{height} frames ({width * height / 1e6:.0f} Mpx), above the "
+                        f"{MAX_PIXELS / 1e6:.0f} Mpx (8K) decoded whole outside prep; scale it down first "
+                        "(ffmpeg -i IN -vf scale=-2:1080 OUT), or `hiervl prep` it (prep scales frames as it reads them)")
+
+
 def probe_video_file(data: bytes, name: str) -> VideoFileInfo:
     """Frame count, codec and display rotation of an encoded video; a UserError naming `name` when it
     is not a readable video, has no video stream or frames, or is truncated."""
@@ -83,6 +97,7 @@ def probe_video_file(data: bytes, name: str) -> VideoFileInfo:
                 raise UserError(f"{name} has no video stream")
             stream = container.streams.video[0]
             codec = stream.codec_context.name
+            check_frame_size(stream.codec_context.width, stream.codec_context.height, name)  # before decoding
             packets = list(container.demux(stream))
             cut = truncation(container, stream, packets)
             timed = [p for p in packets if p.size > 0 and p.pts is not None]

@@ -10,7 +10,13 @@ A level is either `global` (one L2-normalised vector per video / caption, cosine
 - `monotonic`: the same two halves, but the words' chosen frames must not go back in time as the
   caption goes on (and the frames' chosen words must not go back in the caption): the best
   monotone alignment, a hard DTW with one partner per token, found by dynamic programming. A
-  caption "A then B" then scores higher against the video where A happens before B.
+  caption "A then B" then scores higher against the video where A happens before B. It assumes
+  the words run in the order of time, which "B after A" does not.
+- `directed`: `monotonic` either way: g * forward + (1 - g) * backward (the words' frames going
+  back in time as the caption goes on), with g = sigmoid of a per-caption logit that the text
+  head reads off the caption's mean top-layer state (`<level>_dir` [N] in the text embeddings;
+  starts at g = 0.88). The gate is the caption's, not the pair's, so the level stays order-aware:
+  a caption that reads forward still scores "A then B" against A->B above B->A.
 `model.detach_token_levels` makes the token levels read detached encoder states: their losses then
 train only their own heads (projections, cluster pools), never the shared encoders.
 
@@ -127,6 +133,15 @@ class LevelHeads(nn.Module):
             if source == "clusters":
                 num = cfg.model.num_clips if modality == "video" else cfg.model.num_phrases
                 self.pools[lv.name] = ClusterPool(width, num)
+        # token_align=directed: per text token level, the caption's direction logit (forward = positive)
+        self.gates = nn.ModuleDict()
+        if modality == "text" and cfg.model.token_align == "directed":
+            for lv in self.levels:
+                if lv.kind == "token":
+                    gate = nn.Linear(width, 1)
+                    nn.init.zeros_(gate.weight)
+                    nn.init.constant_(gate.bias, 2.0)  # sigmoid(2) = 0.88: forward, the usual caption order
+                    self.gates[lv.name] = gate
         self.num_windows = cfg.model.num_clips
 
     def forward(self, states: list[torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -159,6 +174,8 @@ class LevelHeads(nn.Module):
                 if tok_mask is None:
                     tok_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
                 out[f"{lv.name}_mask"] = tok_mask.bool()  # [B, n]
+            if lv.name in self.gates:
+                out[f"{lv.name}_dir"] = self.gates[lv.name](masked_mean(top, mask)).squeeze(-1).float()  # [B]
         return out
 
 
@@ -170,13 +187,13 @@ def global_similarity(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return t @ v.transpose(0, 1)
 
 
-def token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tensor,
-                     max_elements: int = 1 << 25) -> torch.Tensor:
-    """Token-wise aggregation (WTI): t [Nt, L, D] with t_mask [Nt, L], v [Nv, T, D] -> [Nt, Nv].
+def _blocked_similarity(halves, t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tensor,
+                        max_elements: int) -> torch.Tensor:
+    """The token-wise scores' one driver: t [Nt, L, D] with t_mask [Nt, L], v [Nv, T, D] -> [Nt, Nv].
 
-    t2v half: every valid word takes its best frame, mean over valid words.
-    v2t half: every frame takes its best valid word, mean over frames. Result: the average.
-    Computed in blocks of videos so [Nt, block, L, T] stays under `max_elements`.
+    Videos go in blocks so the scores s [Nt, block, L, T] stay under `max_elements`;
+    `halves(s, t_mask, words)` -> (t2v, v2t) [Nt, Nb] each is the alignment; the result is their
+    average, with v2t 0 for a caption without a valid word (e.g. empty queue slots).
     """
     nt, nl = t.shape[:2]
     if t_mask is None:
@@ -186,15 +203,30 @@ def token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tens
     block = max(1, max_elements // max(1, nt * nl * v.shape[1]))
     parts = []
     for start in range(0, v.shape[0], block):
-        vb = v[start:start + block]
-        s = torch.einsum("ald,btd->ablt", t, vb)  # [Nt, Nb, L, T]
-        word_best = s.max(dim=3).values  # [Nt, Nb, L]
-        t2v = (word_best * t_mask[:, None, :].to(s.dtype)).sum(dim=2) / words[:, None]  # [Nt, Nb]
-        s = s.masked_fill(~t_mask[:, None, :, None], float("-inf"))
-        v2t = s.max(dim=2).values.mean(dim=2)  # [Nt, Nb]; -inf where a caption has no valid word
-        v2t = torch.where(t_mask.any(dim=1)[:, None], v2t, torch.zeros_like(v2t))  # e.g. empty queue slots
+        s = torch.einsum("ald,btd->ablt", t, v[start:start + block])  # [Nt, Nb, L, T]
+        t2v, v2t = halves(s, t_mask, words)  # [Nt, Nb] each; v2t -inf where a caption has no valid word
+        v2t = torch.where(t_mask.any(dim=1)[:, None], v2t, torch.zeros_like(v2t))
         parts.append(0.5 * (t2v + v2t))
     return torch.cat(parts, dim=1) if parts else t.new_zeros(nt, 0)
+
+
+def _max_halves(s: torch.Tensor, t_mask: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """WTI: every valid word's best frame, mean over valid words; every frame's best valid word, mean over frames."""
+    word_best = s.max(dim=3).values  # [Nt, Nb, L]
+    t2v = (word_best * t_mask[:, None, :].to(s.dtype)).sum(dim=2) / words[:, None]  # [Nt, Nb]
+    s = s.masked_fill(~t_mask[:, None, :, None], float("-inf"))
+    return t2v, s.max(dim=2).values.mean(dim=2)  # [Nt, Nb] each
+
+
+def token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tensor,
+                     max_elements: int = 1 << 25) -> torch.Tensor:
+    """Token-wise aggregation (WTI): t [Nt, L, D] with t_mask [Nt, L], v [Nv, T, D] -> [Nt, Nv].
+
+    t2v half: every valid word takes its best frame, mean over valid words.
+    v2t half: every frame takes its best valid word, mean over frames. Result: the average.
+    Computed in blocks of videos so [Nt, block, L, T] stays under `max_elements`.
+    """
+    return _blocked_similarity(_max_halves, t, t_mask, v, max_elements)
 
 
 def _monotone_best(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -211,6 +243,16 @@ def _monotone_best(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return best.max(dim=-1).values  # [...]
 
 
+def _monotone_halves(s: torch.Tensor, t_mask: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order-aware: the best monotone word->frame alignment over the valid words, and frame->word over the frames."""
+    nt, nb, nl, nf = s.shape
+    word_valid = t_mask[:, None, :].expand(nt, nb, nl)  # [Nt, Nb, L]
+    t2v = _monotone_best(s, word_valid) / words[:, None]  # [Nt, Nb]
+    st = s.masked_fill(~t_mask[:, None, :, None], float("-inf")).transpose(2, 3)  # [Nt, Nb, T, L]
+    frame_valid = torch.ones(nt, nb, nf, dtype=torch.bool, device=s.device)
+    return t2v, _monotone_best(st, frame_valid) / nf  # [Nt, Nb] each
+
+
 def monotonic_token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: torch.Tensor,
                                max_elements: int = 1 << 24) -> torch.Tensor:
     """Order-aware token similarity: t [Nt, L, D] with t_mask [Nt, L], v [Nv, T, D] -> [Nt, Nv].
@@ -220,33 +262,35 @@ def monotonic_token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, v: 
     each take a valid word, word positions non-decreasing; the best sum over the frames. The two
     halves are averaged. Without the order constraint this is `token_similarity` (the `max` align).
     """
-    nt, nl = t.shape[:2]
-    if t_mask is None:
-        t_mask = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
-    t_mask = t_mask.bool()
-    words = t_mask.to(t.dtype).sum(dim=1).clamp(min=1.0)  # [Nt]
-    block = max(1, max_elements // max(1, nt * nl * v.shape[1]))
-    parts = []
-    for start in range(0, v.shape[0], block):
-        vb = v[start:start + block]
-        nb, nf = vb.shape[:2]
-        s = torch.einsum("ald,btd->ablt", t, vb)  # [Nt, Nb, L, T]
-        word_valid = t_mask[:, None, :].expand(nt, nb, nl)  # [Nt, Nb, L]
-        t2v = _monotone_best(s, word_valid) / words[:, None]  # [Nt, Nb]
-        st = s.masked_fill(~t_mask[:, None, :, None], float("-inf")).transpose(2, 3)  # [Nt, Nb, T, L]
-        frame_valid = torch.ones(nt, nb, nf, dtype=torch.bool, device=t.device)
-        v2t = _monotone_best(st, frame_valid) / nf  # [Nt, Nb]; -inf where a caption has no valid word
-        v2t = torch.where(t_mask.any(dim=1)[:, None], v2t, torch.zeros_like(v2t))
-        parts.append(0.5 * (t2v + v2t))
-    return torch.cat(parts, dim=1) if parts else t.new_zeros(nt, 0)
+    return _blocked_similarity(_monotone_halves, t, t_mask, v, max_elements)
+
+
+def directed_token_similarity(t: torch.Tensor, t_mask: torch.Tensor | None, direction: torch.Tensor,
+                              v: torch.Tensor) -> torch.Tensor:
+    """`token_align=directed`: t [Nt, L, D], t_mask [Nt, L], direction [Nt] logits, v [Nv, T, D] -> [Nt, Nv].
+
+    g * monotonic(forward) + (1 - g) * monotonic(frames reversed), g = sigmoid(direction): a caption
+    whose words run backward in time ("B after A") can align backward; the caption decides, not the pair.
+    """
+    g = torch.sigmoid(direction.float()).to(t.dtype)[:, None]  # [Nt, 1]
+    forward = monotonic_token_similarity(t, t_mask, v)
+    backward = monotonic_token_similarity(t, t_mask, v.flip(1))
+    return g * forward + (1 - g) * backward
 
 
 def level_similarity(level: Level, t_emb: dict, v_emb: dict) -> torch.Tensor:
     """[Nt, Nv] similarity of one level from text and video embedding dicts (see module doc)."""
     if level.kind == "global":
         return global_similarity(t_emb[level.name], v_emb[level.name])
+    t, t_mask = t_emb[level.name], t_emb.get(f"{level.name}_mask")
+    if level.align == "directed":
+        direction = t_emb.get(f"{level.name}_dir")
+        if direction is None:
+            raise ValueError(f"level {level.name!r} aligns `directed` but the text embeddings have no "
+                             f"'{level.name}_dir' (the text head of model.token_align=directed makes it)")
+        return directed_token_similarity(t, t_mask, direction, v_emb[level.name])
     score = monotonic_token_similarity if level.align == "monotonic" else token_similarity
-    return score(t_emb[level.name], t_emb.get(f"{level.name}_mask"), v_emb[level.name])
+    return score(t, t_mask, v_emb[level.name])
 
 
 def level_weights(cfg: Config) -> dict[str, float]:

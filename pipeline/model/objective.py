@@ -18,10 +18,9 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   steps. The positive is a detached key, so a tower gets gradient only as the query side of one
   direction. `queue.gather_batch_with_grad` adds (d) the global batch's *query* embeddings with
   gradient: then the row is the symmetric one below (balanced, the own query column is the
-  positive) with the batch's momentum keys as extra negatives, the own key masked. (Scoring the
-  in-batch queries only as negatives, against a key positive, pushed every video away from every
-  caption with no matching pull: both towers went to two antipodal points, all similarities -1,
-  the loss stuck at log(2G-1); tests/test_model.py trains that configuration now.)
+  positive) with the batch's momentum keys as extra negatives, the own key masked (queries scored
+  only as negatives, against a key positive, would push every video from every caption with no
+  matching pull).
 - `symmetric` (CLIP's in-batch InfoNCE over the global batch, plus the queue as in ALBEF/BLIP's
   ITC): the positive and the in-batch negatives are the global batch's *query* embeddings,
   all-gathered with gradient (`dist.all_gather_with_grad`), so both towers get gradient from both
@@ -30,8 +29,7 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   only the queue is momentum-encoded.) Balanced: a row's query gets its gradient from the softmax
   over batch and queue, the batch columns theirs from the softmax over the batch alone (as in
   CLIP), because through the full row a column gets its positive's pull but only the batch's
-  share of the push, a net pull of every video towards every caption (on a fixed batch whose queue
-  holds its own keys, both towers collapsed to one point within 20 steps). The loss value is the
+  share of the push, a net pull of every video towards every caption. The loss value is the
   full row's; without a queue it is exactly CLIP's symmetric InfoNCE, value and gradient
   (tests/test_losses.py). `queue.batch_negatives=false` keeps only the queue's negatives.
 
@@ -40,8 +38,10 @@ Two recipes (`queue.objective`), for every level and both directions (text->vide
   then sit only in rows whose positive is a momentum key too, so they are consistent with it. In
   `symmetric` a row's positive is a query and its queue negatives are momentum keys: the towers
   can lower that loss by moving away from where the (lagging) keys were rather than by telling
-  samples apart (measured on the demo corpus: the queue cost 11 points of R@1 at momentum 0.99,
-  and at momentum 0.5 training collapsed to chance; bench/RESULTS.md).
+  samples apart.
+
+What each of these guards against was seen in training runs: pipeline/model/FIDELITY.md, "The
+objective: what was seen without each guard".
 
 How the levels combine (`model.loss_on`): `levels` (default) trains one loss per level and sums
 them with `model.loss_weights` (HiT/HCMI's per-level contrast; missing levels weigh 1); `fused`
@@ -78,6 +78,11 @@ from hiervl.model.queue import MomentumQueue
 from torch import nn
 
 
+def _text(name: str, fields: dict) -> dict:
+    """A bank's or queue's text fields {emb, mask?, dir?} as a level's text embedding dict."""
+    return {name: fields["emb"], f"{name}_mask": fields.get("mask"), f"{name}_dir": fields.get("dir")}
+
+
 class HierarchicalContrastiveLoss(nn.Module):
     """See the module docstring. `queues` maps "<level>_<modality>" to its MomentumQueue."""
 
@@ -98,6 +103,8 @@ class HierarchicalContrastiveLoss(nn.Module):
                     fields = {"emb": (shape, torch.float32)}
                     if n is not None and modality == "text":
                         fields["mask"] = ((n,), torch.bool)
+                        if lv.align == "directed":
+                            fields["dir"] = ((), torch.float32)  # the caption's direction logit
                     self.queues[f"{lv.name}_{modality}"] = MomentumQueue(qc.size, fields, groups=qc.mask_same_group)
 
     # ------------------------------------------------------------------ banks
@@ -130,6 +137,8 @@ class HierarchicalContrastiveLoss(nn.Module):
                 fields = {"emb": keys[lv.name]}
                 if f"{lv.name}_mask" in keys:
                     fields["mask"] = keys[f"{lv.name}_mask"]
+                if f"{lv.name}_dir" in keys:
+                    fields["dir"] = keys[f"{lv.name}_dir"]  # [B]
                 for field, x in fields.items():
                     layout.append((f"{lv.name}_{modality}", field, tuple(x.shape[1:]), x.dtype))
                     parts.append(x.reshape(b, -1).float())
@@ -197,7 +206,7 @@ class HierarchicalContrastiveLoss(nn.Module):
         n_batch = gathered["video_ids"].shape[0]
         bt_fields, bt_ids, bt_valid = self._bank(f"{name}_text", gathered, qc.enabled)
         bv_fields, bv_ids, bv_valid = self._bank(f"{name}_video", gathered, qc.enabled)
-        bank_t = {name: bt_fields["emb"], f"{name}_mask": bt_fields.get("mask")}
+        bank_t = _text(name, bt_fields)
         bank_v = {name: bv_fields["emb"]}
         sim_v2t = level_similarity(lv, bank_t, qv).transpose(0, 1)  # [B, G+K]
         sim_t2v = level_similarity(lv, qt, bank_v)  # [B, G+K]
@@ -221,6 +230,8 @@ class HierarchicalContrastiveLoss(nn.Module):
         all_t = {name: dist.all_gather_with_grad(qt[name])}  # [G, ...], gradient back to each rank's slice
         if lv.kind == "token":
             all_t[f"{name}_mask"] = dist.all_gather(qt[f"{name}_mask"].long()).bool()
+        if qt.get(f"{name}_dir") is not None:  # token_align=directed: the captions' direction, with gradient
+            all_t[f"{name}_dir"] = dist.all_gather_with_grad(qt[f"{name}_dir"])
         all_v = {name: dist.all_gather_with_grad(qv[name])}
         # in-batch query negatives: switched by batch_negatives in symmetric; with_keys (momentum +
         # gather_batch_with_grad) they are always on and batch_negatives switches the key negatives
@@ -239,7 +250,7 @@ class HierarchicalContrastiveLoss(nn.Module):
                 keys = gathered["banks"][f"{name}_{modality}"]
                 key_neg = allowed(qc.batch_negatives)
                 key_neg[torch.arange(local.shape[0], device=local.device), local] = False
-                sims.append(sim(query, {name: keys["emb"], f"{name}_mask": keys.get("mask")}))
+                sims.append(sim(query, _text(name, keys)))
                 negs.append(key_neg)
                 target = n_batch + local
             sims.append(sim(query, sg(columns)))  # [B, G]: gradient to the queries only
@@ -247,7 +258,7 @@ class HierarchicalContrastiveLoss(nn.Module):
             bank = self._queue_bank(f"{name}_{modality}", qv[name].device) if with_queue else None
             if bank is not None:
                 fields, ids, q_valid = bank
-                sims.append(sim(query, {name: fields["emb"], f"{name}_mask": fields.get("mask")}))  # [B, K]
+                sims.append(sim(query, _text(name, fields)))  # [B, K]
                 negs.append(self._neg_mask(video_ids, ids, q_valid, 0, True, group_ids,
                                            self._queue_groups(f"{name}_{modality}")))
             out.append({"sim": torch.cat(sims, dim=1), "target": target, "neg": torch.cat(negs, dim=1),
@@ -334,7 +345,7 @@ class HierarchicalContrastiveLoss(nn.Module):
         for lv in self.level_specs:
             name = lv.name
             qv = {name: q_v[name].float()}
-            qt = {name: q_t[name].float(), f"{name}_mask": q_t.get(f"{name}_mask")}
+            qt = {name: q_t[name].float(), f"{name}_mask": q_t.get(f"{name}_mask"), f"{name}_dir": q_t.get(f"{name}_dir")}
             rows[name] = {}
             if with_grad:  # "both": CLIP's in-batch rows alone; the queue serves the key term below
                 rows[name]["symmetric"] = self._symmetric_rows(lv, qt, qv, gathered, video_ids, local,

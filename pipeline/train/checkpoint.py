@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hiervl import compat, faults, safe_load
 from hiervl import distributed as dist
-from hiervl import faults, safe_load
 from hiervl.atomic_write import write_atomic
 from hiervl.config import ConfigError
 from hiervl.errors import UserError
@@ -95,9 +95,7 @@ def load_queue_state(model, state: dict) -> None:
     from hiervl.model.queue import MomentumQueue
 
     queues = {name: m for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
-    # checkpoints written before the objective became its own module name the queues `queues.*`
-    state = {name if name in queues or f"objective.{name}" not in queues else f"objective.{name}": value
-             for name, value in state.items()}
+    state = compat.queue_state_names(state, queues)  # older checkpoints name them `queues.*`
     if set(queues) != set(state):
         raise RuntimeError(f"checkpoint queues {sorted(state)} do not match the model's {sorted(queues)}")
     for name, module in queues.items():
@@ -119,9 +117,7 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
-        if isinstance(cuda, (list, tuple)):  # written before: every visible device's state; take our own
-            device = torch.cuda.current_device()
-            cuda = cuda[device] if device < len(cuda) else None
+        cuda = compat.own_cuda_rng_state(cuda, torch.cuda.current_device())  # older: every device's, a list
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)  # the current device: this rank's own
 
@@ -193,15 +189,28 @@ def _write_error(exc: BaseException, path: Path, ckpt_dir: Path) -> str | None:
 
 
 def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state: dict, meta: dict,
-         keep: int, protect: tuple = ()) -> str:
-    """Save on every rank; returns the tag. `latest` moves only after all ranks finished and rank 0
-    wrote the manifest (meta.json, sizes and sha256 of every file).
+         keep: int, protect: tuple = (), background: bool = False, wait_s: float = 1800.0, remote=None):
+    """Save on every rank; returns the tag, or with `background` the AsyncSave writing it. `latest`
+    moves only after all ranks finished and rank 0 wrote the manifest (meta.json, sizes and sha256 of
+    every file). With `remote` (a checkpoint_remote.RemoteCheckpoints: checkpoint.dir=s3://...) the same
+    contract in the object store (written in the foreground).
 
     Three phases, each ending in a collective in this function, so a write error on one rank
     never leaves the others waiting: rank 0 prepares the directory; every rank writes (a rank
     whose DeepSpeed save raised still joins DeepSpeed's closing barrier); rank 0 hashes and commits.
     A failure in any phase removes the partial directory and raises CheckpointWriteError on every rank.
+
+    With `background` (checkpoint.async_save) the second phase only copies this rank's state to host
+    memory; the files are written, fsync'd and committed by a background thread (train/async_save.py)
+    whose outcome `finish` collects on every rank. `wait_s`: how long rank 0's thread waits for the
+    other ranks' files before it gives the checkpoint up.
     """
+    if remote is not None:
+        from hiervl.train.checkpoint_remote import save_remote
+
+        return save_remote(engine, remote, out_dir, step, client_state, rank_state, meta, keep, protect)
+    from hiervl.train.async_save import AsyncSave, DeferredRecorder, pending_dir
+
     ckpt_dir = checkpoint_dir(out_dir)
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -220,10 +229,11 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             # A folder of this step is stale: half-written by a killed run, or damaged and skipped at
             # resume. Its files (another world size's rank and optimizer files) must not outlive it,
-            # nor its universal conversion.
+            # nor its universal conversion, nor the marks of a killed run's background write.
             if tag_dir.exists():
                 shutil.rmtree(tag_dir)
             shutil.rmtree(ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+            shutil.rmtree(pending_dir(ckpt_dir, tag), ignore_errors=True)
             tag_dir.mkdir()
         except Exception as exc:  # noqa: BLE001 - classified below; anything else re-raised
             problem = _write_error(exc, tag_dir, ckpt_dir)
@@ -233,13 +243,14 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
 
     t0 = time.time()
     problem, deepspeed_done = None, False
-    written = WriteRecorder(tag_dir)  # each file's sha256, computed as it is written (no re-read)
+    # each file's sha256, computed as it is written (no re-read); deferred: copied now, written later
+    written = DeferredRecorder(tag_dir) if background else WriteRecorder(tag_dir)
+    rank_file = tag_dir / f"rank{dist.get_rank()}.pt"
     try:
         with written.deepspeed(engine):
             engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         deepspeed_done = True
-        rank_file = tag_dir / f"rank{dist.get_rank()}.pt"
-        if faults.injected("disk-full-during-checkpoint", step):
+        if faults.injected("disk-full-during-checkpoint", step) and not background:  # background: in its thread
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rank_file))
         written.save(rank_state, rank_file)
     except Exception as exc:  # noqa: BLE001
@@ -248,6 +259,21 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
             raise
         if not deepspeed_done:
             dist.barrier()  # DeepSpeed's save ends in a barrier the other ranks are waiting in
+
+    def commit(known: dict) -> None:  # rank 0, once every rank's files are written
+        files = file_manifest(tag_dir, known=known)
+        _write_json_atomic(tag_dir / META, {**meta, "tag": tag, "step": step, "saved_at": time.time(),
+                                            "save_seconds": round(time.time() - t0, 3), "files": files,
+                                            "async": background})
+        _write_json_atomic(ckpt_dir / LATEST, tag)
+        prune(ckpt_dir, keep, protect=protect + (tag,))
+
+    if background:
+        # every rank has its copy in host memory (or said why not); from here training may change the engine
+        fail_on_every_rank(next((p for p in dist.all_gather_object(problem) if p), None))
+        return AsyncSave(tag, step, tag_dir, ckpt_dir, dist.get_rank(), dist.get_world_size(), written, commit,
+                         classify=lambda exc: _write_error(exc, tag_dir, ckpt_dir), wait_s=wait_s)
+
     if faults.injected("kill-during-checkpoint", step):
         os._exit(9)  # die after writing files, before the commit
     gathered = dist.all_gather_object((problem, written.files))  # every rank has written its part (or said why not)
@@ -256,18 +282,30 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, rank_state:
     problem = None
     if dist.is_main():
         try:
-            files = file_manifest(tag_dir, known={k: v for _, files in gathered for k, v in files.items()})
-            _write_json_atomic(tag_dir / META, {**meta, "tag": tag, "step": step, "saved_at": time.time(),
-                                                "save_seconds": round(time.time() - t0, 3), "files": files})
-            _write_json_atomic(ckpt_dir / LATEST, tag)
+            commit({k: v for _, files in gathered for k, v in files.items()})
         except Exception as exc:  # noqa: BLE001
             problem = _write_error(exc, tag_dir, ckpt_dir)
             if problem is None:
                 raise
-        else:
-            prune(ckpt_dir, keep, protect=protect + (tag,))
     fail_on_every_rank(dist.broadcast_object(problem))
     return tag
+
+
+def finish(job) -> str | None:
+    """Wait for a background save (`save(background=True)`) on every rank; returns its tag once
+    committed. A collective: every rank calls it at the same point (the next save, the end of the run).
+    A write or commit that failed on any rank is one CheckpointWriteError on every rank (a bug's
+    exception is re-raised on the rank where it happened)."""
+    if job is None:
+        return None
+    job.join()
+    problems = dist.all_gather_object(job.problem)  # rank 0's includes the commit
+    if job.error is not None:
+        raise job.error
+    problem = next((p for p in problems if p), None)
+    if problem is not None:
+        raise CheckpointWriteError(problem)
+    return job.tag
 
 
 def prune(ckpt_dir: Path, keep: int, protect: tuple = ()) -> None:
@@ -282,14 +320,23 @@ def prune(ckpt_dir: Path, keep: int, protect: tuple = ()) -> None:
 # ------------------------------------------------------------------------------ resume
 
 
-def plan_resume(resume: str, out_dir: str | Path, world_size: int, zero_stage: int) -> dict | None:
+def plan_resume(resume: str, out_dir: str | Path, world_size: int, zero_stage: int, remote=None) -> dict | None:
     """Decide what to load before the engine is built (the DeepSpeed config depends on it).
 
-    Returns None (fresh start) or {"dir", "tag", "load_tag", "universal", "meta"}.
+    Returns None (fresh start) or {"dir", "tag", "load_tag", "universal", "meta"} (+ "remote": the URL,
+    when `remote` is set: the checkpoint was downloaded into this node's cache, see checkpoint_remote.py).
     """
     if resume == "never":
         return None
-    if resume == "auto":
+    remote_url = None
+    if resume == "auto" and remote is not None:
+        from hiervl.train.checkpoint_remote import cache_dir, plan_remote
+
+        found = plan_remote(remote, out_dir)
+        if found is None:
+            return None
+        ckpt_dir, tag, remote_url = cache_dir(out_dir), found["tag"], found["remote"]
+    elif resume == "auto":
         ckpt_dir = checkpoint_dir(out_dir)
         tag = find_latest(ckpt_dir) if ckpt_dir.is_dir() else None
         if tag is None:
@@ -308,17 +355,19 @@ def plan_resume(resume: str, out_dir: str | Path, world_size: int, zero_stage: i
     # Plain DeepSpeed loading works when the partitioning is unchanged: the same world size and stage,
     # or stage 0 (nothing partitioned). Anything else goes through a universal checkpoint.
     universal = (saved_ws != world_size or saved_stage != zero_stage) and not (saved_stage == 0 and zero_stage == 0)
-    return {"dir": str(ckpt_dir), "tag": tag, "load_tag": f"{tag}{UNIVERSAL_SUFFIX}" if universal else tag,
+    plan = {"dir": str(ckpt_dir), "tag": tag, "load_tag": f"{tag}{UNIVERSAL_SUFFIX}" if universal else tag,
             "universal": universal, "meta": meta}
+    return {**plan, "remote": remote_url} if remote_url else plan
 
 
-def plan_resume_on_main(resume: str, out_dir: str | Path, world_size: int, zero_stage: int) -> dict | None:
+def plan_resume_on_main(resume: str, out_dir: str | Path, world_size: int, zero_stage: int,
+                        remote=None) -> dict | None:
     """`plan_resume` on rank 0 only (it hashes the candidates and logs what it skipped, once), its
     plan, or its UserError, sent to every rank."""
     result = None
     if dist.is_main():
         try:
-            result = plan_resume(resume, out_dir, world_size, zero_stage)
+            result = plan_resume(resume, out_dir, world_size, zero_stage, remote=remote)
         except UserError as exc:
             result = exc
     result = dist.broadcast_object(result)
@@ -328,13 +377,14 @@ def plan_resume_on_main(resume: str, out_dir: str | Path, world_size: int, zero_
     return result
 
 
-def ensure_universal(plan: dict) -> None:
-    """Convert the planned checkpoint to DeepSpeed's universal format (rank 0), once."""
+def ensure_universal(plan: dict, converter: bool | None = None) -> None:
+    """Convert the planned checkpoint to DeepSpeed's universal format, once: by rank 0 (a shared run
+    folder), or by every rank given `converter=True` (the first rank of each node, in its own cache)."""
     if not plan or not plan["universal"]:
         return
     src = Path(plan["dir"]) / plan["tag"]
     dst = Path(plan["dir"]) / plan["load_tag"]
-    if dist.is_main() and not (dst / "done").is_file():
+    if (dist.is_main() if converter is None else converter) and not (dst / "done").is_file():
         safe_load.check_files(src)  # the converter loads them with weights_only=False in a subprocess
         shutil.rmtree(dst, ignore_errors=True)
         log.info("world size or ZeRO stage changed (%s ranks/stage %s -> now); converting %s to a universal checkpoint",

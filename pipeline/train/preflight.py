@@ -66,22 +66,29 @@ def resume_checkpoint(cfg: Config) -> Path | None:
     return ckpt_dir / tag
 
 
+def resumed_config(tag_dir: Path | None) -> dict | None:
+    """The config a checkpoint folder was written with (its meta.json's), or None (no folder, unreadable)."""
+    import json
+
+    if tag_dir is None:
+        return None
+    try:
+        return json.loads((tag_dir / META).read_text()).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def check_resume_checkpoint(cfg: Config) -> None:
     """The checkpoint a run would resume holds only tensors (no pickled code: pipeline/safe_load.py)
     and was written for this run's model (same preset and shapes): else one line, before any rank
-    starts and before config.yaml is rewritten."""
-    import json
-
+    starts and before config.yaml is written."""
     from hiervl import safe_load
     from hiervl.config import to_dict
 
     tag_dir = resume_checkpoint(cfg)
-    if tag_dir is None:
-        return
-    try:
-        saved = json.loads((tag_dir / META).read_text()).get("config") or {}
-    except (OSError, ValueError):
-        return  # the ranks' plan skips an unreadable meta.json
+    saved = resumed_config(tag_dir)
+    if saved is None:
+        return  # nothing to resume, or an unreadable meta.json the ranks' plan skips
     mine = to_dict(cfg)
     differ = [f"{k}={_dotted(saved, k)!r} there, {_dotted(mine, k)!r} here" for k in ARCHITECTURE_KEYS
               if _dotted(saved, k) is not _ABSENT and _dotted(saved, k) != _dotted(mine, k)]
@@ -93,11 +100,10 @@ def check_resume_checkpoint(cfg: Config) -> None:
 
 
 def _split_counts(root: Path) -> dict[str, int]:
-    import pyarrow.parquet as pq
-    from hiervl.data.manifest import MANIFEST_FILE
+    from hiervl.data.manifest import MANIFEST_FILE, read_manifest
 
     counts: dict[str, int] = {}
-    for split in pq.read_table(root / MANIFEST_FILE, columns=["split"]).column(0).to_pylist():
+    for split in read_manifest(root / MANIFEST_FILE, ["split"]).column(0).to_pylist():
         counts[split] = counts.get(split, 0) + 1
     return counts
 
@@ -156,11 +162,12 @@ def check_gpus(ranks: int) -> None:
                           f"(one rank per GPU); set train.ranks={n} or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
 
 
-def check_training_run(cfg: Config, world_size: int) -> None:
-    """Everything a training run of `world_size` ranks can be refused for before a rank starts."""
+def check_training_run(cfg: Config, world_size: int, held_from: str | None = None) -> None:
+    """Everything a training run of `world_size` ranks can be refused for before a rank starts.
+    `held_from`: the checkpoint whose train.global_batch a resume keeps (named in the refusal)."""
     from hiervl.train.global_batch import for_world
 
-    cfg = for_world(cfg, world_size)  # train.global_batch that the ranks cannot split is refused here
+    cfg = for_world(cfg, world_size, held_from)  # train.global_batch that the ranks cannot split is refused here
     check_gpus(cfg.train.ranks)
     check_out_dir(cfg.train.out_dir)
     check_resume(cfg.train.resume)

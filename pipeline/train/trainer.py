@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from hiervl import distributed as dist
 from hiervl import faults, run_dir
+from hiervl.atomic_write import write_atomic
 from hiervl.config import Config, to_dict, to_yaml
 from hiervl.errors import UserError
 from hiervl.log import get_logger, setup_logging
@@ -47,8 +48,9 @@ from hiervl.train.checkpoint import (
     STEP,
     WORLD_SIZE,
 )
+from hiervl.train.checkpoint_remote import RemoteCheckpoints, converts_here, fetch_on_every_node
 from hiervl.train.deepspeed_config import build_deepspeed_config, build_optimizer, use_bf16, write_deepspeed_config
-from hiervl.train.global_batch import for_world
+from hiervl.train.global_batch import for_world, hold_global_batch
 
 log = get_logger(__name__)
 
@@ -66,26 +68,6 @@ class TooManyBadSteps(RuntimeError):
 class PeerLost(UserError):
     """A collective failed or timed out mid-run: a node or the network to it is gone. The process
     group is broken, so the rank exits without tearing it down (that would wait on the lost peer)."""
-
-
-def _hold_global_batch(cfg: Config, plan: dict | None) -> Config:
-    """The run keeps the global batch it was started with: a resume whose config leaves
-    train.global_batch unset takes the checkpoint's; one that sets another value is refused."""
-    saved = int(((plan or {}).get("meta", {}).get("config") or {}).get("train", {}).get("global_batch", 0) or 0)
-    if not saved or cfg.train.global_batch == saved:
-        return cfg
-    if cfg.train.global_batch:
-        from hiervl.errors import UserError
-
-        raise UserError(f"the checkpoint in {cfg.train.out_dir} was trained with train.global_batch={saved}, the config "
-                        f"says {cfg.train.global_batch}; set train.global_batch={saved} (or train.resume=never and a "
-                        "new train.out_dir)")
-    import copy
-
-    log.info("resuming with the checkpoint's train.global_batch=%d", saved)
-    cfg = copy.deepcopy(cfg)
-    cfg.train.global_batch = saved
-    return cfg
 
 
 def seed_everything(seed: int) -> None:
@@ -106,6 +88,8 @@ class Trainer:
         from hiervl.model.text_model import load_tokenizer
 
         self.out = Path(cfg.train.out_dir)
+        # checkpoint.dir=s3://...: checkpoints in an object store, the run folder may be each node's own
+        self.remote = RemoteCheckpoints(cfg.checkpoint.dir, cfg.storage) if cfg.checkpoint.dir else None
         if cfg.eval.every_steps and evaluate is None:
             raise ValueError("eval.every_steps is set but the Trainer was given no evaluate function")
         self.evaluate_fn = evaluate
@@ -118,16 +102,18 @@ class Trainer:
         self.device = dist.resolve_device("auto", info.local_rank)
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
-        plan = ckpt.plan_resume_on_main(cfg.train.resume, self.out, self.world, cfg.train.zero_stage)
+        plan = ckpt.plan_resume_on_main(cfg.train.resume, self.out, self.world, cfg.train.zero_stage, remote=self.remote)
+        if plan and plan.get("remote"):  # every node downloads it into its own cache
+            plan = fetch_on_every_node(plan, self.remote, self.out, self.peers)
         # the run's config (written to config.yaml and checkpoints) and the one these ranks run: with
         # train.global_batch, data.batch_size and train.grad_accum derived for this world size
-        self.run_cfg = cfg = _hold_global_batch(cfg, plan)
+        self.run_cfg = cfg = hold_global_batch(cfg, ((plan or {}).get("meta") or {}).get("config"))
         self.cfg = cfg = for_world(cfg, self.world)
         if cfg.train.global_batch and self.rank == 0:
             log.info("train.global_batch=%d on %d ranks: %d micro-batches of %d per rank per step (%s accumulation)",
                      cfg.train.global_batch, self.world, cfg.train.grad_accum, cfg.data.batch_size, cfg.train.accum_mode)
         t0 = time.time()
-        ckpt.ensure_universal(plan)
+        ckpt.ensure_universal(plan, converter=converts_here(self.peers) if plan and plan.get("remote") else None)
         self.convert_seconds = round(time.time() - t0, 3) if plan and plan["universal"] else None
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank and every run
@@ -141,7 +127,7 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             write_deepspeed_config(ds_config, self.out / run_dir.DS_CONFIG)
-            (self.out / run_dir.CONFIG).write_text(to_yaml(self.run_cfg))  # the run's own (a resume may hold its global batch)
+            self._write_run_config()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg, self.device, ds_config)  # PyTorch AdamW: no JIT build
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=params,
@@ -169,6 +155,7 @@ class Trainer:
         self.engine_grad_norm = None  # does DeepSpeed's optimizer report the grad norm? (known after a step)
         self.resume_seconds, self.save_seconds = None, None  # for status.json (bench/train.py reads them)
         self.saved_step = None  # the step of the newest checkpoint on disk (so a finished run never rewrites it)
+        self.pending_save = None  # the background save in flight (checkpoint.async_save), finished by finish_save
         if plan:
             t0 = time.time()
             self._resume(plan)
@@ -177,6 +164,18 @@ class Trainer:
         else:
             self.loader.set_epoch(0)
         self._truncate_logs_after(self.step)
+
+    def _write_run_config(self) -> None:
+        """config.yaml is the launcher's (`hiervl train` writes it once, the global batch already held);
+        rank 0 writes it only where it is missing (a Trainer started in-process) or says otherwise (a
+        `hiervl submit` launcher could not see the checkpoint whose global batch this resume holds)."""
+        path, text = self.out / run_dir.CONFIG, to_yaml(self.run_cfg)
+        try:
+            if path.read_text() == text:
+                return
+        except OSError:
+            pass
+        write_atomic(path, text)
 
     def _meet_peers(self) -> list[dict]:
         """Every rank's host, address and socket interface (rank order), logged by each rank in its
@@ -203,7 +202,7 @@ class Trainer:
         written there by every rank and resumed from by any. A folder local to each node (not a
         shared filesystem) is refused here, before any step, in one line naming the hosts."""
         hosts = sorted({p["host"] for p in self.peers})
-        if len(hosts) < 2:
+        if len(hosts) < 2 or self.remote is not None:  # checkpoints in an object store: nothing shared here
             return
         probe = self.out / f".shared-check-{dist.broadcast_object(os.urandom(6).hex())}"
         if self.rank == 0:
@@ -217,8 +216,8 @@ class Trainer:
         blind = sorted({p["host"] for p, ok in zip(self.peers, seen) if not ok})
         if blind:
             err = UserError(f"train.out_dir {self.out} is not shared between the nodes: {', '.join(blind)} cannot see "
-                            f"the file {self.peers[0]['host']} wrote there; a multi-node run needs one run folder every "
-                            "node sees (a shared filesystem), since every rank writes its part of each checkpoint there")
+                            f"the file {self.peers[0]['host']} wrote there; every rank writes its part of each checkpoint "
+                            "there: set checkpoint.dir=s3://BUCKET/PREFIX, or use a folder every node sees")
             err.same_on_every_rank = True
             raise err
 
@@ -251,17 +250,36 @@ class Trainer:
                  self.step, self.epoch, client[LOADER].get("position", -1), self._lr(),
                  f" via universal checkpoint ({plan['meta']['world_size']} -> {self.world} ranks)" if plan["universal"] else "")
 
-    def save(self) -> str:
+    def save(self, sync: bool = False) -> str:
+        """Checkpoint this step. With checkpoint.async_save a periodic save returns once the state is
+        in host memory and its files are written in the background; the save in flight is finished
+        (a collective) before the next one and before the final one, which is synchronous (`sync`): a run
+        that stops (SIGTERM, its last step) leaves every checkpoint it started complete. The best
+        checkpoint's save is synchronous too, so best.json never names an uncommitted one."""
+        self.finish_save()
         meta = {"world_size": self.world, "zero_stage": self.cfg.train.zero_stage, "epoch": self.epoch,
                 "config": to_dict(self.run_cfg), "samples_seen": self.samples_seen}
         protect = (self.best["tag"],) if self.best else ()
         rank_state = {RNG: ckpt.rng_state(), LOADER: self.loader.state_dict()}
+        background = self.cfg.checkpoint.async_save and not sync
         t0 = time.time()
-        tag = ckpt.save(self.engine, self.out, self.step, self._client_state(), rank_state, meta,
-                        keep=self.cfg.checkpoint.keep, protect=protect)
+        result = ckpt.save(self.engine, self.out, self.step, self._client_state(), rank_state, meta,
+                           keep=self.cfg.checkpoint.keep, protect=protect, background=background,
+                           wait_s=self.cfg.train.dist_timeout_s, remote=self.remote)
         self.save_seconds, self.saved_step = round(time.time() - t0, 3), self.step
-        log.info("checkpoint %s written in %.1fs", tag, self.save_seconds)
-        return tag
+        if background:
+            self.pending_save = result
+            log.info("checkpoint %s copied to host memory in %.2fs; written in the background", result.tag,
+                     self.save_seconds)
+            return result.tag
+        log.info("checkpoint %s written in %.1fs", result, self.save_seconds)
+        return result
+
+    def finish_save(self) -> None:
+        """Wait for the background save in flight, if any, on every rank (raises if it failed)."""
+        job, self.pending_save = self.pending_save, None
+        if job is not None and ckpt.finish(job):
+            log.info("checkpoint %s written in the background in %.1fs", job.tag, job.write_seconds or 0.0)
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0]) if self.engine.get_lr() else self.cfg.train.lr
@@ -516,7 +534,8 @@ class Trainer:
         if exit_code == EXIT_NO_DATA and self.step == 0:
             tag = None  # nothing was learnt: no checkpoint of the initial weights
         else:
-            tag = self.save() if self.saved_step != self.step else ckpt.tag_for(self.step)
+            tag = self.save(sync=True) if self.saved_step != self.step else ckpt.tag_for(self.step)
+        self.finish_save()  # a background save of this very step (eval's or the last periodic one)
         if monitor is not None:
             monitor.close()
         self._write_status(reason, tag, exit_code)
@@ -586,7 +605,7 @@ class Trainer:
             log.info("eval step %d: t2v R@1 %.1f R@5 %.1f R@10 %.1f", self.step, t2v["R1"], t2v["R5"], t2v["R10"])
         if self.best is None or rsum > self.best["rsum"]:
             self.best = {"step": self.step, "rsum": rsum, "tag": ckpt.tag_for(self.step)}
-            self.save()
+            self.save(sync=True)
             if self.rank == 0:
                 (self.out / run_dir.BEST).write_text(json.dumps(self.best, indent=2) + "\n")
         return result
