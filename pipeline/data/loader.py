@@ -48,13 +48,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hiervl import faults
+from hiervl import compat, faults
 from hiervl.data.byte_source import SampleByteSource
 from hiervl.data.cpu_meter import LoaderCpuMeter, process_tree_seconds, thread_ids
 from hiervl.data.crash_ledger import is_crash
 from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav
 from hiervl.data.decode_pool import DecodePool, resolve_decode_workers
-from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
+from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info, read_manifest
 from hiervl.data.preprocess import Preprocessing
 from hiervl.data.sampler import (
     PAD,
@@ -106,12 +106,11 @@ class DatasetIndex:
                             "`hiervl prep --out DIR` (it holds manifest.parquet and the tars)")
         read_dataset_info(root, self.store)  # refuses a dataset of another schema version, naming the fix
         manifest_bytes = pa.BufferReader(self.store.read(MANIFEST_FILE))
-        present = set(pq.read_schema(manifest_bytes).names)
         # `group` (hard-negative group, dataprep/sources.py) is optional: manifests prepared before it have none
-        table = pq.read_table(manifest_bytes, columns=READ_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in present])
-        table = table.to_pandas()
+        table = read_manifest(manifest_bytes, READ_COLUMNS, manifest, optional=OPTIONAL_COLUMNS).to_pandas()
         table = table[table["split"] == split].sort_values(["shard", "index_in_shard"], kind="stable")
         if len(table) == 0:
+            manifest_bytes.seek(0)
             splits = sorted(set(pq.read_table(manifest_bytes, columns=["split"]).column(0).to_pylist()))
             raise UserError(f"{manifest} has no samples of split '{split}' (it has: {', '.join(splits) or 'none'}); "
                             "set data.split / eval.split to one of those")
@@ -269,8 +268,7 @@ class VideoTextLoader:
         if state["order"] == "grouped" and state.get("group_fingerprint") != self.index.group_fingerprint:
             raise UserError("the checkpoint's loader state is for other `group`s than data.path's manifest has, and "
                             "data.order=grouped depends on them; point data.path at the dataset the run was started with")
-        # older states lack the order parameters: they default to the config's (what those runs used)
-        state = {"block_window": self.block_window, "group_chunk": self.group_chunk, **state}
+        state = compat.loader_state(state, self.block_window, self.group_chunk)  # older states lack the order parameters
         used = {"block": "block_window", "grouped": "group_chunk"}.get(state["order"])  # the mode's parameter
         for name, mine in (("seed", self.seed), ("order", self.order_mode), ("block_window", self.block_window),
                            ("group_chunk", self.group_chunk)):
