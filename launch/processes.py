@@ -68,9 +68,16 @@ def host_rendezvous(port: int, *, any_free: bool, timeout_s: float = 600.0):
     return store, store.port, {"TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
+def runs_rank_module(cmdline: list[str]) -> bool:
+    """Whether a command line is a training rank: `python ... -m RANK_MODULE ...`. The launchers
+    above the ranks (DeepSpeed's runner and launcher, local_launch, pdsh_runner) name RANK_MODULE
+    too, as an argument, but run another module."""
+    return "-m" in cmdline and cmdline.index("-m") + 1 < len(cmdline) and cmdline[cmdline.index("-m") + 1] == RANK_MODULE
+
+
 def signal_ranks(proc: subprocess.Popen, signum: int) -> int:
-    """Send `signum` to the rank processes under `proc` (those running RANK_MODULE, not DeepSpeed's
-    launchers, whose command lines name it too); returns how many."""
+    """Send `signum` to the rank processes under `proc` (`runs_rank_module`, not the launchers);
+    returns how many."""
     import psutil
 
     try:
@@ -80,8 +87,7 @@ def signal_ranks(proc: subprocess.Popen, signum: int) -> int:
     sent = 0
     for child in children:
         try:
-            cmdline = child.cmdline()
-            if RANK_MODULE in cmdline and not any(a.startswith("deepspeed.launcher") for a in cmdline):
+            if runs_rank_module(child.cmdline()):
                 child.send_signal(signum)
                 sent += 1
         except psutil.Error:

@@ -40,8 +40,11 @@ def test_local_dry_run_prints_the_launcher_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     res = hiervl("local", "--config", TINY, "--dry-run", f"train.out_dir={out}", "train.ranks=3",
                  "launch.master_port=29611")
-    expected = _runner("--master_port", "29611", "--num_accelerators", "3", "--enable_each_rank_log",
-                       str(out / "logs" / "stdout"), "--module", "hiervl.launch.train", "--config", str(out / "config.yaml"))
+    # CPU ranks: DeepSpeed's per-node launcher directly, as its runner would start it (test_startup.py)
+    expected = [PY, "-u", "-m", "hiervl.launch.local_launch", "--world_info=eyJsb2NhbGhvc3QiOiBbMCwgMSwgMl19",
+                "--master_addr=127.0.0.1", "--master_port=29611", "--module",
+                f"--enable_each_rank_log={out / 'logs' / 'stdout'}", "--log_level=info", "hiervl.launch.train",
+                "--config", str(out / "config.yaml")]
     assert shlex.split(res.stdout.strip()) == expected
     assert not out.exists()
 

@@ -64,8 +64,10 @@ def manifest_row(sample: dict, tar_name: str, shard_index: int, index_in_shard: 
 
 def quarantine_row(source: str, key: str, stage: str, reason: str) -> dict:
     """One refused input: where it came from, at which stage (input | probe | validate | decode |
-    transcode | internal) and why."""
-    return {"source": source, "key": key, "stage": stage, "reason": reason}
+    transcode | internal) and why. A credential in a source URL is not written (pipeline/redact.py)."""
+    from hiervl.redact import redact
+
+    return {"source": redact(source), "key": key, "stage": stage, "reason": redact(reason)}
 
 
 def table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
