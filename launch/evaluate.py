@@ -88,12 +88,10 @@ def check_split(data: str | None, split: str) -> None:
     if not manifest.is_file():
         raise UserError(f"--data {data} is not a prepared dataset (no manifest.parquet); make one with "
                         "`hiervl prep --input MANIFEST --out DIR`")
-    import pyarrow.parquet as pq
+    from hiervl.data.manifest import read_dataset_info, read_manifest
 
-    try:
-        splits = set(pq.read_table(manifest, columns=["split"]).column(0).to_pylist())
-    except Exception as exc:  # noqa: BLE001 - a damaged manifest: one line naming it
-        raise UserError(f"{manifest} is unreadable ({type(exc).__name__}); prepare the dataset again") from None
+    read_dataset_info(data)  # damaged, foreign or of another schema version: one line naming it
+    splits = set(read_manifest(manifest, ["split"]).column(0).to_pylist())  # the same for the manifest
     if split not in splits:
         raise UserError(f"{data} has no samples of split '{split}' (it has: {', '.join(sorted(map(str, splits))) or 'none'})")
 

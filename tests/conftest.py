@@ -46,12 +46,13 @@ def prepared_dataset_16(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def one_rank_run(tmp_path_factory, prepared_dataset_40):
-    """One real `hiervl train` (DeepSpeed launcher, 1 CPU rank, hit preset, 7 steps) that serves two
-    modules, each checking other things of it:
+    """One real `hiervl train` (DeepSpeed launcher, 1 CPU rank, hit preset, 7 steps) that serves three
+    modules, each checking other things of it (none writes into it):
     - test_train_validation.py: started from folder A with a relative data.path and train.out_dir
       and a user DeepSpeed JSON without "optimizer"; eval and checkpoint on the same steps (3, 6);
     - test_monitoring.py: log every 2 steps, eval at 3 and 6, the last step 7 off both cadences,
-      W&B offline: the figures in metrics.jsonl, TensorBoard and W&B.
+      W&B offline: the figures in metrics.jsonl, TensorBoard and W&B;
+    - test_export.py: its newest checkpoint exported, evaluated and embedded through the API.
     Returns {"root", "out" (the run folder), "shards" (absolute), "stdout", "stderr"}."""
     root = tmp_path_factory.mktemp("one_rank_run")
     shards = prepared_dataset_40

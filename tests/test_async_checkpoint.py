@@ -6,8 +6,8 @@ with the background write slowed to outlast a step (the `slow-checkpoint-write` 
 - training goes on during the write (step 3 is logged before step 2's checkpoint is committed), every
   checkpoint is complete and intact, and resuming the step-4 one gives the async run's steps 5-6
   exactly (the copy is the step's state, not a later one);
-- a kill during the background write leaves the previous checkpoint as `latest`; the same command
-  resumes from it and ends with the uninterrupted run's losses;
+- a kill during the background write (files written, not committed) leaves the previous checkpoint
+  as `latest`;
 - SIGTERM while a write is in flight waits for it: both it and the stop's own checkpoint are complete.
 """
 
@@ -129,8 +129,7 @@ def test_training_goes_on_during_the_write_and_the_copy_is_the_steps_state(prepa
 
 
 @pytest.mark.integration
-def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint_latest(prepared_dataset_40, async_run,
-                                                                                   tmp_path):
+def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint_latest(prepared_dataset_40, tmp_path):
     out = tmp_path / "killed"
     # both ranks die in the background thread of the step-4 save, files written, nothing committed
     res = _train(prepared_dataset_40, out, env=_env(HIERVL_FAULT="kill-during-checkpoint", HIERVL_FAULT_AFTER="2"))
@@ -139,15 +138,7 @@ def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint_lates
     assert (ckpts / "latest").read_text().strip() == "step00000002"
     assert (ckpts / "step00000004").is_dir() and not (ckpts / "step00000004" / "meta.json").exists()
     assert find_latest(ckpts) == "step00000002"
-
-    res = _train(prepared_dataset_40, out)  # the same command again: resumes from step 2
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert "at step 2 (epoch" in res.stdout + res.stderr
-    ref, got = _metrics(async_run[0]), _metrics(out)
-    assert sorted(got) == [1, 2, 3, 4, 5, 6]
-    for step in range(1, 7):
-        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-6), step
-    assert find_latest(ckpts) == "step00000006" and verify(ckpts, "step00000004") is None
+    # (resuming such a run equals the uninterrupted one: tests/test_train.py, the same commit order)
 
 
 @pytest.mark.integration

@@ -1,43 +1,28 @@
-"""The issue's "done when", end to end: shards to the dataset contract (real VP9 clips), a short
-`hiervl train` under DeepSpeed's launcher, `hiervl export`, `hiervl eval` on the checkpoint; then
+"""The issue's "done when", end to end: a prepared dataset (real VP9 clips), a short `hiervl train`
+under DeepSpeed's launcher (the session's run, conftest.py), `hiervl export`, `hiervl eval` on the checkpoint; then
 the public API, loaded from the export alone, embeds the held-out captions and video files and gets
 eval's embeddings, eval's similarities and, ranked by eval's own code, eval.json's metrics."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_api import extract_videos
-from test_evaluate import SMALL, TINY
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from fixtures import write_shards
-
-    root = tmp_path_factory.mktemp("export")
-    shards = write_shards(root / "shards", 8, "vp9", split="train", per_shard=4)
-    write_shards(shards, 5, "vp9", split="test", per_shard=4)
-    run = root / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu")
-    small = [o for o in SMALL if not o.startswith(("data.size", "data.short_side"))]
-    cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", TINY, *small, "data.size=32",
-           "data.short_side=36", "data.batch_size=4", f"data.path={shards}", f"train.out_dir={run}",
-           "train.ranks=1", "train.steps=3", "checkpoint.every_steps=0", "train.log_every=1"]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert (run / "checkpoints" / "latest").is_file()
-    return shards, run, root
+def trained(one_rank_run, tmp_path_factory):
+    """The session's real `hiervl train` run (conftest.py `one_rank_run`: DeepSpeed's launcher, 1 CPU
+    rank, hit, 7 steps on the 40-sample dataset, checkpoints at 3 and 6 and the end), read only;
+    (dataset, run folder, a folder of this module's own for the export and the eval)."""
+    assert (one_rank_run["out"] / "checkpoints" / "latest").is_file()
+    return one_rank_run["shards"], one_rank_run["out"], tmp_path_factory.mktemp("export")
 
 
 def test_export_embeds_and_scores_exactly_as_eval_on_the_checkpoint(trained, capsys):
@@ -47,14 +32,14 @@ def test_export_embeds_and_scores_exactly_as_eval_on_the_checkpoint(trained, cap
     from hiervl.eval.evaluate import EmbeddedSplit, rank_split
     from hiervl.eval.search import SearchIndex
     from hiervl.launch.cli import main
-    from hiervl.run_dir import load_model_for_inference
+    from hiervl.run_dir import checkpoint_step, load_model_for_inference
 
     shards, run, root = trained
     model_dir, eval_dir = root / "model", root / "eval"
     assert main(["export", str(run), "--out", str(model_dir)]) == 0
     assert "verified: the export's text and video embeddings equal the checkpoint's" in capsys.readouterr().out
     info = json.loads((model_dir / "hiervl-export.json").read_text())
-    assert info["source"]["step"] == 3 and info["levels"] == ["feature", "semantic"]
+    assert info["source"]["step"] == checkpoint_step(run) == 7 and info["levels"] == ["feature", "semantic"]
     assert main(["eval", "--checkpoint", str(run), "--data", str(shards), "--split", "test", "--out", str(eval_dir),
                  "--no-diagnostics"]) == 0
     report = json.loads((eval_dir / "eval.json").read_text())

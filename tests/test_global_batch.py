@@ -87,3 +87,38 @@ def test_a_resume_holds_the_checkpoints_global_batch_and_config_yaml_is_written_
     assert path.stat().st_mtime == 1  # the same config: not written again
     Trainer._write_run_config(SimpleNamespace(out=tmp_path, run_cfg=cfg))  # a launcher that could not hold it
     assert "global_batch: 0" in path.read_text() and path.stat().st_mtime > 1
+
+
+def test_hiervl_train_refuses_a_global_batch_the_ranks_cannot_split_in_one_line_also_when_resumed(tmp_path):
+    """G must be a multiple of the world size (each rank's micro-batches have one shape for the
+    collectives; uneven shares are not built). `hiervl train` refuses it before any rank starts: exit
+    2, one line, no traceback; on a resume the G is the checkpoint's, so the fix offered is only the
+    rank counts that split it (setting another G would be refused by the resume)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from hiervl import run_dir
+
+    def train(out, *over):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu")
+        res = subprocess.run([sys.executable, "-m", "hiervl.launch.cli", "train", "--config", "tiny", f"train.out_dir={out}",
+                              f"data.path={tmp_path / 'no-data'}", *over], env=env, capture_output=True, text=True,
+                             timeout=300)
+        lines = [line for line in (res.stdout + res.stderr).splitlines() if "config error" in line]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        return lines[0]
+
+    line = train(tmp_path / "fresh", "train.global_batch=10", "train.ranks=4")
+    assert "train.global_batch=10 cannot be split over 4 ranks" in line and "run on 1, 2, 5, 10 ranks" in line
+    assert "a multiple of 4" in line
+
+    out = tmp_path / "resumed"
+    tag_dir = run_dir.checkpoint_dir(out) / run_dir.tag_for(2)
+    tag_dir.mkdir(parents=True)
+    meta = {"step": 2, "world_size": 2, "zero_stage": 0, "files": {}, "config": {"train": {"global_batch": 12}}}
+    (tag_dir / run_dir.META).write_text(json.dumps(meta))
+    line = train(out, "train.ranks=5")  # G unset: the checkpoint's 12 is held, and 5 ranks cannot split it
+    assert f"train.global_batch=12 (the checkpoint's, {tag_dir})" in line and "resume on 1, 2, 3, 4, 6, 12 ranks" in line
+    assert "multiple of" not in line

@@ -23,6 +23,7 @@ import copy
 import math
 
 import torch
+from hiervl import compat
 from hiervl import distributed as dist
 from hiervl.config import Config
 from hiervl.model.encoders import TextEncoder, VideoEncoder
@@ -119,7 +120,7 @@ class HierarchicalModel(QueryTowers):
             self.register_buffer("logit_scale", init, persistent=False)
 
         self.objective = HierarchicalContrastiveLoss(cfg)  # owns the queues: objective.queues.<level>_<modality>
-        self.register_load_state_dict_pre_hook(_rename_old_queue_keys)
+        self.register_load_state_dict_pre_hook(compat.rename_old_queue_keys)  # old checkpoints' queue names
         self.register_load_state_dict_pre_hook(_match_key_encoders)
 
     @property
@@ -247,13 +248,6 @@ class HierarchicalModel(QueryTowers):
     def enqueue(self, out: dict) -> None:
         """Push the step's all-gathered keys (padded samples dropped) into every queue, in rank order."""
         self.objective.enqueue(out["keys"])
-
-
-def _rename_old_queue_keys(module, state_dict, prefix, *args) -> None:
-    """Checkpoints written before the objective module held the queues as `queues.<name>.*`."""
-    old = prefix + "queues."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[prefix + "objective." + key[len(prefix):]] = state_dict.pop(key)
 
 
 KEY_PREFIXES = {"video_key.": "video.", "text_key.": "text."}  # momentum copy -> the query tower it copies

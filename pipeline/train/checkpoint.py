@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hiervl import compat, faults, safe_load
 from hiervl import distributed as dist
-from hiervl import faults, safe_load
 from hiervl.atomic_write import write_atomic
 from hiervl.config import ConfigError
 from hiervl.errors import UserError
@@ -95,9 +95,7 @@ def load_queue_state(model, state: dict) -> None:
     from hiervl.model.queue import MomentumQueue
 
     queues = {name: m for name, m in model.named_modules() if isinstance(m, MomentumQueue)}
-    # checkpoints written before the objective became its own module name the queues `queues.*`
-    state = {name if name in queues or f"objective.{name}" not in queues else f"objective.{name}": value
-             for name, value in state.items()}
+    state = compat.queue_state_names(state, queues)  # older checkpoints name them `queues.*`
     if set(queues) != set(state):
         raise RuntimeError(f"checkpoint queues {sorted(state)} do not match the model's {sorted(queues)}")
     for name, module in queues.items():
@@ -119,9 +117,7 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
-        if isinstance(cuda, (list, tuple)):  # written before: every visible device's state; take our own
-            device = torch.cuda.current_device()
-            cuda = cuda[device] if device < len(cuda) else None
+        cuda = compat.own_cuda_rng_state(cuda, torch.cuda.current_device())  # older: every device's, a list
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)  # the current device: this rank's own
 

@@ -33,27 +33,32 @@ from hiervl.log import get_logger
 log = get_logger(__name__)
 
 
-def split_global_batch(global_batch: int, world_size: int, max_micro: int) -> tuple[int, int]:
+def split_global_batch(global_batch: int, world_size: int, max_micro: int, held_from: str | None = None) -> tuple[int, int]:
     """(per-rank micro-batch b, accumulation steps k) with b * k * world_size == global_batch,
-    b <= max_micro and k smallest; ConfigError (one line) when global_batch is not a multiple of world_size."""
+    b <= max_micro and k smallest; ConfigError (one line) when global_batch is not a multiple of world_size.
+    `held_from`: the checkpoint a resume took global_batch from (its fix is another rank count only)."""
     if global_batch < world_size or global_batch % world_size:
-        ok = [w for w in range(1, min(global_batch, 64) + 1) if global_batch % w == 0]
+        ok = ", ".join(str(w) for w in range(1, min(global_batch, 64) + 1) if global_batch % w == 0)
+        if held_from:
+            raise ConfigError(f"train.global_batch={global_batch} (the checkpoint's, {held_from}) cannot be split over "
+                              f"{world_size} ranks (each rank's micro-batches must be equal); resume on {ok} ranks "
+                              "(a resume keeps its global batch; train.resume=never and a new train.out_dir start over)")
         raise ConfigError(f"train.global_batch={global_batch} cannot be split over {world_size} ranks (each rank's "
-                          f"micro-batches must be equal); run on {', '.join(map(str, ok))} ranks or set "
+                          f"micro-batches must be equal); run on {ok} ranks or set "
                           f"train.global_batch to a multiple of {world_size}")
     per_rank = global_batch // world_size
     k = next(k for k in range(1, per_rank + 1) if per_rank % k == 0 and per_rank // k <= max_micro)
     return per_rank // k, k
 
 
-def for_world(cfg: Config, world_size: int) -> Config:
+def for_world(cfg: Config, world_size: int, held_from: str | None = None) -> Config:
     """`cfg` as it runs on `world_size` ranks: with train.global_batch set, data.batch_size and
     train.grad_accum replaced by the derived split (a copy; the dataclasses are not re-validated,
     since global_batch together with grad_accum > 1 is refused for user configs only)."""
     g = cfg.train.global_batch
     if not g:
         return cfg
-    b, k = split_global_batch(g, world_size, cfg.data.batch_size)
+    b, k = split_global_batch(g, world_size, cfg.data.batch_size, held_from)
     out = copy.deepcopy(cfg)
     out.data.batch_size, out.train.grad_accum = b, k
     return out

@@ -100,11 +100,10 @@ def check_resume_checkpoint(cfg: Config) -> None:
 
 
 def _split_counts(root: Path) -> dict[str, int]:
-    import pyarrow.parquet as pq
-    from hiervl.data.manifest import MANIFEST_FILE
+    from hiervl.data.manifest import MANIFEST_FILE, read_manifest
 
     counts: dict[str, int] = {}
-    for split in pq.read_table(root / MANIFEST_FILE, columns=["split"]).column(0).to_pylist():
+    for split in read_manifest(root / MANIFEST_FILE, ["split"]).column(0).to_pylist():
         counts[split] = counts.get(split, 0) + 1
     return counts
 
@@ -163,11 +162,12 @@ def check_gpus(ranks: int) -> None:
                           f"(one rank per GPU); set train.ranks={n} or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
 
 
-def check_training_run(cfg: Config, world_size: int) -> None:
-    """Everything a training run of `world_size` ranks can be refused for before a rank starts."""
+def check_training_run(cfg: Config, world_size: int, held_from: str | None = None) -> None:
+    """Everything a training run of `world_size` ranks can be refused for before a rank starts.
+    `held_from`: the checkpoint whose train.global_batch a resume keeps (named in the refusal)."""
     from hiervl.train.global_batch import for_world
 
-    cfg = for_world(cfg, world_size)  # train.global_batch that the ranks cannot split is refused here
+    cfg = for_world(cfg, world_size, held_from)  # train.global_batch that the ranks cannot split is refused here
     check_gpus(cfg.train.ranks)
     check_out_dir(cfg.train.out_dir)
     check_resume(cfg.train.resume)
