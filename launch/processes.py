@@ -96,8 +96,18 @@ def signal_ranks(proc: subprocess.Popen, signum: int) -> int:
 
 
 def run_forwarding_signals(cmd: list[str], env: dict | None = None) -> int:
-    """Run a launcher; SIGTERM/SIGUSR1 go to its ranks so they checkpoint and exit 0."""
-    proc = subprocess.Popen(cmd, env=env)
+    """Run a launcher; SIGTERM/SIGUSR1 go to its ranks so they checkpoint and exit 0.
+
+    The launcher starts with SIGUSR1 ignored (an ignored signal stays ignored across exec; the ranks
+    install their own handler when training starts): SLURM delivers a signal to every process of a
+    job step (srun forwards SIGUSR1 so, `--signal=USR1@T` too), and DeepSpeed's two launcher processes,
+    which handle only SIGINT/SIGTERM, would die of it, failing the node's task while its ranks write
+    their checkpoint."""
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: signal_ranks(proc, signum))
     return proc.wait()

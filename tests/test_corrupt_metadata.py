@@ -69,3 +69,27 @@ def test_damaged_metadata_is_one_line_naming_the_file(dataset_and_model, tmp_pat
         assert "prep" in line, (command, line)  # the fix: prepare the dataset again
         if command != "verify":
             assert len(out.err.strip().splitlines()) == 1, (command, out.err)
+
+
+def test_absurd_manifest_values_skip_their_sample_without_allocating_them(dataset_and_model, tmp_path, capsys):
+    """Issue 25 (hidden class: loader handling of absurd manifest values): a row asking for 10^15
+    bytes made the decode worker allocate them (MemoryError: the whole eval died, two tracebacks);
+    a negative offset or size alike. Such a row is now one skipped sample with its reason."""
+    from hiervl.data.byte_source import SampleByteSource
+    from hiervl.launch.cli import main
+    from hiervl.storage import open_store
+
+    root, data, model = dataset_and_model
+    d = tmp_path / "shards"
+    shutil.copytree(data, d)
+    rows = pq.read_table(d / "manifest.parquet").to_pylist()
+    test = [r for r in rows if r["split"] == "test"]
+    test[0]["video_size"], test[1]["video_offset"] = 10 ** 15, -5
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(d / "manifest.parquet")), d / "manifest.parquet")
+    source = SampleByteSource(open_store(str(d)), [test[0]["shard"]], [0], [10 ** 15])
+    with pytest.raises(OSError, match=r"asks for 1000000000000000 bytes of .* not a sample's range"):
+        source.read(0)
+    assert main(["eval", "--checkpoint", str(model), "--data", str(d), "--split", "test", "--no-diagnostics",
+                 "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "2 videos, 4 captions, 2 skipped" in out.out, out.out[-2000:] + out.err[-2000:]

@@ -34,6 +34,7 @@ Must not touch: the manifest's schema (manifest.py) or the model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -423,12 +424,8 @@ class VideoTextLoader:
         alone = [i for i in slots if self.ledger.is_suspect(keys[i])]
         calls = [[i] for i in alone] + ([rest] if (rest := [i for i in slots if i not in alone]) else [])
         results = {}
-        match = os.environ.get("HIERVL_FAULT_MATCH")
         for call in calls:
-            with self.ledger.inflight([(keys[i], self.index.shards[i]) for i in call], f"DALI {self.device}", epoch,
-                                      position):
-                if faults.injected("dali-crash") and match and any(match in keys[i] for i in call):
-                    os.kill(os.getpid(), signal.SIGSEGV)  # tests: DALI dies of this sample (in this process)
+            with self._journal(call, f"DALI {self.device}", epoch, position):
                 results.update(zip(call, self._dali.decode([blobs[i] for i in call], [plans[i][0] for i in call])))
         return [results[i] for i in slots]
 
@@ -475,15 +472,33 @@ class VideoTextLoader:
                 return i, None, f"{'PyAV' if i not in frames else 'transform'} failed: {type(exc).__name__}: {exc}"
 
         todo = [i for i in blobs if i not in errors]
-        if todo:
-            with ThreadPoolExecutor(max_workers=self.cfg.num_threads) as pool:
-                for i, clip, err in pool.map(work, todo):
+        # PyAV in this process (no worker processes): journaled like DALI's calls, suspects decoded alone
+        pyav = [i for i in todo if i not in frames]
+        alone = [i for i in pyav if self.ledger is not None and self.ledger.is_suspect(self.index.keys[i])]
+        calls = [([i], [i]) for i in alone] + ([([i for i in todo if i not in alone], [i for i in pyav if i not in alone])]
+                                               if len(todo) > len(alone) else [])
+        for call, journaled in calls:
+            with self._journal(journaled, "PyAV in the trainer's process", epoch, position), \
+                    ThreadPoolExecutor(max_workers=self.cfg.num_threads) as pool:
+                for i, clip, err in pool.map(work, call):
                     if err is None:
                         out[i] = clip
                         self.stats["decode_path"][backend[i]] += 1
                     else:
                         errors[i] = err
         return out, errors
+
+    def _journal(self, slots: list[int], decoder: str, epoch: int, position: int):
+        """The crash ledger's journal of an in-process decode call of `slots` (nothing without a ledger);
+        the `inprocess-decode-crash` fault (tests) kills this process in a call holding HIERVL_FAULT_MATCH."""
+        if self.ledger is None or not slots:
+            return contextlib.nullcontext()
+        keys = [self.index.keys[i] for i in slots]
+        match = os.environ.get("HIERVL_FAULT_MATCH")
+        if faults.injected("inprocess-decode-crash") and match and any(match in k for k in keys):
+            self.ledger.inflight_write(list(zip(keys, (self.index.shards[i] for i in slots))), decoder, epoch, position)
+            os.kill(os.getpid(), signal.SIGSEGV)  # the decoder dies of this sample, in this process
+        return self.ledger.inflight(list(zip(keys, (self.index.shards[i] for i in slots))), decoder, epoch, position)
 
     def _finish_batch(self, work: dict, stop: threading.Event | None) -> dict | None:
         """Decode this batch's local share, collect the pool's, assemble; None if `stop` came first."""
