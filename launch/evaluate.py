@@ -14,9 +14,10 @@ import dataclasses
 from pathlib import Path
 
 HELP = "evaluate a checkpoint: t2v/v2t R@1/5/10, MdR, MnR per level and fused (+ search index)"
-DESCRIPTION = """Embed a split of a prepared dataset with a trained checkpoint and report retrieval
-metrics for text-to-video and video-to-text, per level and fused: R@1/5/10 (percent), median
-and mean rank, ties counted pessimistically (and reported), every caption a query. Dual-softmax
+DESCRIPTION = """Embed a split of a prepared dataset with a trained checkpoint (or its export: the same
+numbers) and report retrieval metrics for text-to-video and video-to-text, per level and fused:
+R@1/5/10 (percent), median and mean rank, ties counted pessimistically (and reported), every
+caption a query. Dual-softmax
 (DSL) numbers are extra rows marked (DSL), never in place of the plain ones (eval.dsl=false
 drops them). The similarity is computed in blocks of eval.block_size captions (at most
 eval.block_mb MiB at once), so large splits fit in memory.
