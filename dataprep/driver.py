@@ -94,7 +94,11 @@ def _check_sources(samples: list, storage) -> None:
     with one line before any shard is transcoded (instead of every video being quarantined)."""
     remote = next((s.video for s in samples if is_remote(s.video)), None)
     if remote is not None:
-        open_store(parent(remote), storage).size(remote.rsplit("/", 1)[1])
+        try:
+            open_store(parent(remote), storage).size(remote.rsplit("/", 1)[1])
+        except OSError as exc:  # unreachable past the retries: that row's (its worker quarantines it), not the run's
+            log.warning("the first remote video could not be reached (%s); rows whose videos stay unreachable are "
+                        "quarantined with the reason", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
 
 
 def _open_out(out_dir, storage) -> Store:

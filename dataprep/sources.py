@@ -292,6 +292,36 @@ def read_manifest(path: str | Path, videos_dir: str | Path | None = None, base: 
     return [_row_sample(row, n, i, base) for i, (n, row) in enumerate(rows)]
 
 
+# extreme cells: each would be copied into every shard's JSON and the manifest, or break a path
+MAX_CAPTION_CHARS = 20_000  # one caption (a paragraph-level dataset's longest are a few thousand)
+MAX_CAPTIONS = 1_000  # captions of one sample
+MAX_KEY_CHARS = 1_024  # an input key (kept as orig_key; the shard key is safe_key's, at most MAX_KEY)
+MAX_PATH_CHARS = 4_096  # a video path or URL (PATH_MAX)
+MAX_SECONDS = 1e7  # a clip time (115 days): beyond, frame arithmetic is meaningless
+
+
+def _absurd(s: Sample, key: str) -> str | None:
+    """Why a sample's cells are out of any sane range (NaN / infinite / huge times, huge or too many
+    captions, a huge key, a path with a NUL byte or longer than PATH_MAX), or None."""
+    for name in ("start", "end"):
+        t = getattr(s, name)
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t)):
+            return f"clip {name} {t!r} is not a finite number of seconds"
+        if t is not None and abs(t) > MAX_SECONDS:
+            return f"clip {name} {t:g} s is past any video (more than {MAX_SECONDS:g} s)"
+    if len(s.captions) > MAX_CAPTIONS:
+        return f"{len(s.captions)} captions, more than {MAX_CAPTIONS} for one video"
+    longest = max((len(c) for c in s.captions), default=0)
+    if longest > MAX_CAPTION_CHARS:
+        return f"a caption of {longest:,} characters, longer than {MAX_CAPTION_CHARS:,}"
+    if len(key) > MAX_KEY_CHARS:
+        return f"a key of {len(key):,} characters, longer than {MAX_KEY_CHARS:,}"
+    if "\x00" in s.video or len(s.video) > MAX_PATH_CHARS:
+        return ("video path holds a NUL byte" if "\x00" in s.video else
+                f"video path of {len(s.video):,} characters, longer than {MAX_PATH_CHARS:,}")
+    return None
+
+
 def check_samples(samples: list[Sample]) -> tuple[list[Sample], list[Refusal]]:
     """Input-stage checks: refuse empty / non-UTF-8 captions, empty paths and duplicate keys;
     make keys safe (original kept). Returns (accepted in input order, refused)."""
@@ -320,6 +350,10 @@ def check_samples(samples: list[Sample]) -> tuple[list[Sample], list[Refusal]]:
         s.video_id = safe_key(s.video_id) if s.video_id else s.key
         if s.key in seen:
             bad.append(Refusal(s.video, orig, "input", "duplicate key"))
+            continue
+        absurd = _absurd(s, orig)
+        if absurd:
+            bad.append(Refusal(_printable(s.video[:300]), _printable(orig[:300]), "input", absurd))
             continue
         if (s.start is not None and s.start < 0) or (s.end is not None and s.end < 0):
             bad.append(Refusal(s.video, orig, "input", f"negative clip time (start {s.start}, end {s.end}); "

@@ -18,8 +18,9 @@ import json
 import tarfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from hiervl.data.manifest import read_dataset_info, read_manifest
 from hiervl.dataprep.shard_writer import index_text
+from hiervl.errors import UserError
 
 
 def _sha(b) -> str:
@@ -108,6 +109,9 @@ def _check_dali(out: Path, by_shard: dict, problems: list) -> int:
     return len(got)
 
 
+VERIFY_COLUMNS = ["key", "split", "shard", "index_in_shard", "video_offset", "video_size", "content_hash"]
+
+
 def verify(out_dir: str | Path, dali: bool = True) -> dict:
     """Check a prepared dataset; {'problems': [...], 'samples': n, 'webdataset': n, 'dali': n}."""
     out = Path(out_dir)
@@ -115,8 +119,11 @@ def verify(out_dir: str | Path, dali: bool = True) -> dict:
     for name in ("manifest.parquet", "dataset.json"):
         if not (out / name).is_file():
             return {"problems": [f"{out / name}: missing (is {out} a prepared dataset?)"], "samples": 0}
-    rows = pq.read_table(out / "manifest.parquet").to_pylist()
-    dataset = json.loads((out / "dataset.json").read_text())
+    try:  # damaged metadata: one problem line naming the file and the fix, not a traceback
+        rows = read_manifest(out / "manifest.parquet", VERIFY_COLUMNS).to_pylist()
+        dataset = read_dataset_info(out)
+    except UserError as exc:
+        return {"problems": [str(exc)], "samples": 0}
     by_shard: dict[str, list] = {}
     for r in sorted(rows, key=lambda r: (r["shard"], r["index_in_shard"])):
         by_shard.setdefault(r["shard"], []).append(r)

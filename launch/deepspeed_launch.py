@@ -17,7 +17,9 @@ Must not touch: child environments and signals (launch/processes.py) or training
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -25,6 +27,8 @@ import sys
 from pathlib import Path
 
 from hiervl.launch.processes import RANK_MODULE, child_env, host_rendezvous, run_forwarding_signals
+
+LOCAL_LAUNCH_MODULE = "hiervl.launch.local_launch"  # DeepSpeed's per-node launcher, for local CPU runs
 
 # Variables the ranks need on every node; DeepSpeed's pdsh runner exports what .deepspeed_env lists.
 PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -62,9 +66,24 @@ def local_command(cfg, config_path, *, nranks: int, gpus: bool, log_dir=None, py
                   port: int | None = None) -> list[str]:
     """DeepSpeed's launcher on this machine with `nranks` ranks (GPUs when `gpus`, else CPU ranks);
     `hiervl train` and `hiervl submit local` both run it (`port`: the one `launch_local` holds;
-    default launch.master_port, for printing)."""
-    count = ["--num_gpus" if gpus else "--num_accelerators", str(nranks)]
-    return _base(python, cfg.launch.master_port if port is None else port) + count + _tail(config_path, log_dir)
+    default launch.master_port, for printing).
+
+    GPUs: DeepSpeed's runner (it also applies its CUDA_VISIBLE_DEVICES rules). CPU ranks: the
+    command that runner would start, DeepSpeed's per-node launcher (`local_launch.py`), directly:
+    one process less that imports torch and DeepSpeed (`runner_world_info` is what it computes)."""
+    port = cfg.launch.master_port if port is None else port
+    if gpus:
+        return _base(python, port) + ["--num_gpus", str(nranks)] + _tail(config_path, log_dir)
+    cmd = [python, "-u", "-m", LOCAL_LAUNCH_MODULE, f"--world_info={runner_world_info(nranks)}",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "--module",
+           f"--enable_each_rank_log={log_dir}"]  # "None": no per-rank files (DeepSpeed's own default string)
+    return cmd + ["--log_level=info", RANK_MODULE, "--config", str(config_path)]
+
+
+def runner_world_info(nranks: int) -> str:
+    """DeepSpeed's runner's `--world_info` for `nranks` local ranks (`--num_accelerators N`, no
+    hostfile): {"localhost": [0..N-1]} as urlsafe base64 JSON (its `encode_world_info`)."""
+    return base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nranks))}).encode()).decode()
 
 
 def run_local(cfg, config_path, *, nranks: int, gpus: bool, log_dir=None, echo: bool = False) -> int:

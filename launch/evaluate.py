@@ -14,9 +14,10 @@ import dataclasses
 from pathlib import Path
 
 HELP = "evaluate a checkpoint: t2v/v2t R@1/5/10, MdR, MnR per level and fused (+ search index)"
-DESCRIPTION = """Embed a split of a prepared dataset with a trained checkpoint and report retrieval
-metrics for text-to-video and video-to-text, per level and fused: R@1/5/10 (percent), median
-and mean rank, ties counted pessimistically (and reported), every caption a query. Dual-softmax
+DESCRIPTION = """Embed a split of a prepared dataset with a trained checkpoint (or its export: the same
+numbers) and report retrieval metrics for text-to-video and video-to-text, per level and fused:
+R@1/5/10 (percent), median and mean rank, ties counted pessimistically (and reported), every
+caption a query. Dual-softmax
 (DSL) numbers are extra rows marked (DSL), never in place of the plain ones (eval.dsl=false
 drops them). The similarity is computed in blocks of eval.block_size captions (at most
 eval.block_mb MiB at once), so large splits fit in memory.
@@ -88,12 +89,10 @@ def check_split(data: str | None, split: str) -> None:
     if not manifest.is_file():
         raise UserError(f"--data {data} is not a prepared dataset (no manifest.parquet); make one with "
                         "`hiervl prep --input MANIFEST --out DIR`")
-    import pyarrow.parquet as pq
+    from hiervl.data.manifest import read_dataset_info, read_manifest
 
-    try:
-        splits = set(pq.read_table(manifest, columns=["split"]).column(0).to_pylist())
-    except Exception as exc:  # noqa: BLE001 - a damaged manifest: one line naming it
-        raise UserError(f"{manifest} is unreadable ({type(exc).__name__}); prepare the dataset again") from None
+    read_dataset_info(data)  # damaged, foreign or of another schema version: one line naming it
+    splits = set(read_manifest(manifest, ["split"]).column(0).to_pylist())  # the same for the manifest
     if split not in splits:
         raise UserError(f"{data} has no samples of split '{split}' (it has: {', '.join(sorted(map(str, splits))) or 'none'})")
 

@@ -68,9 +68,16 @@ def host_rendezvous(port: int, *, any_free: bool, timeout_s: float = 600.0):
     return store, store.port, {"TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
+def runs_rank_module(cmdline: list[str]) -> bool:
+    """Whether a command line is a training rank: `python ... -m RANK_MODULE ...`. The launchers
+    above the ranks (DeepSpeed's runner and launcher, local_launch, pdsh_runner) name RANK_MODULE
+    too, as an argument, but run another module."""
+    return "-m" in cmdline and cmdline.index("-m") + 1 < len(cmdline) and cmdline[cmdline.index("-m") + 1] == RANK_MODULE
+
+
 def signal_ranks(proc: subprocess.Popen, signum: int) -> int:
-    """Send `signum` to the rank processes under `proc` (those running RANK_MODULE, not DeepSpeed's
-    launchers, whose command lines name it too); returns how many."""
+    """Send `signum` to the rank processes under `proc` (`runs_rank_module`, not the launchers);
+    returns how many."""
     import psutil
 
     try:
@@ -80,8 +87,7 @@ def signal_ranks(proc: subprocess.Popen, signum: int) -> int:
     sent = 0
     for child in children:
         try:
-            cmdline = child.cmdline()
-            if RANK_MODULE in cmdline and not any(a.startswith("deepspeed.launcher") for a in cmdline):
+            if runs_rank_module(child.cmdline()):
                 child.send_signal(signum)
                 sent += 1
         except psutil.Error:
@@ -90,8 +96,18 @@ def signal_ranks(proc: subprocess.Popen, signum: int) -> int:
 
 
 def run_forwarding_signals(cmd: list[str], env: dict | None = None) -> int:
-    """Run a launcher; SIGTERM/SIGUSR1 go to its ranks so they checkpoint and exit 0."""
-    proc = subprocess.Popen(cmd, env=env)
+    """Run a launcher; SIGTERM/SIGUSR1 go to its ranks so they checkpoint and exit 0.
+
+    The launcher starts with SIGUSR1 ignored (an ignored signal stays ignored across exec; the ranks
+    install their own handler when training starts): SLURM delivers a signal to every process of a
+    job step (srun forwards SIGUSR1 so, `--signal=USR1@T` too), and DeepSpeed's two launcher processes,
+    which handle only SIGINT/SIGTERM, would die of it, failing the node's task while its ranks write
+    their checkpoint."""
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: signal_ranks(proc, signum))
     return proc.wait()

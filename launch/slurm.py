@@ -3,9 +3,10 @@
 The script runs one DeepSpeed launcher per node (`srun --ntasks-per-node=1`, each a
 `python -m hiervl.launch.deepspeed_launch node` task taking its node rank from SLURM_NODEID), writes the
 hostfile from `scontrol show hostnames`, and takes the first node as the master. Preemption:
-`#SBATCH --signal=B:SIGTERM@120` signals the batch shell, whose trap passes SIGTERM to srun
-(srun forwards it to the node tasks, which forward it to the ranks: finish the step, checkpoint,
-exit 0) and then requeues the job with `scontrol requeue`; the requeued job resumes by itself
+`#SBATCH --signal=B:SIGTERM@120` signals the batch shell, whose trap sends SIGUSR1 to srun
+(srun forwards it to every process of the step: the ranks finish the step, checkpoint and exit 0;
+a SIGTERM srun would turn into SIGKILL, "forcing job termination") and then requeues the job with
+`scontrol requeue`; the requeued job resumes by itself
 because the ranks run with train.resume=auto. Every value from the config is `shlex.quote`d.
 
 One run folder, one training: `hiervl submit slurm` records the job id in the run folder
@@ -87,13 +88,14 @@ MASTER_ADDR=$(head -n 1 "$HOSTFILE" | cut -d' ' -f1)
 export MASTER_ADDR MASTER_PORT={int(L.master_port)}
 echo "hiervl: job $SLURM_JOB_ID on $(wc -l < "$HOSTFILE") nodes, master $MASTER_ADDR"
 
-# Preemption / time limit: SIGTERM reaches this shell 120 s early; pass it to the ranks
-# (they checkpoint and exit 0), then requeue so the job resumes from that checkpoint.
+# Preemption / time limit: SIGTERM reaches this shell 120 s early; pass it to the ranks as SIGUSR1
+# (srun forwards USR1 to every process of the step; a SIGTERM would make srun kill the step), they
+# checkpoint and exit 0, then requeue so the job resumes from that checkpoint.
 PREEMPTED=0
 on_term() {{
   PREEMPTED=1
-  echo "hiervl: SIGTERM, asking the ranks to checkpoint"
-  kill -TERM "$SRUN_PID" 2>/dev/null
+  echo "hiervl: preempted, asking the ranks to checkpoint"
+  kill -USR1 "$SRUN_PID" 2>/dev/null
 }}
 trap on_term TERM USR1
 

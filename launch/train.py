@@ -22,6 +22,7 @@ from pathlib import Path
 from hiervl.atomic_write import write_atomic
 from hiervl.config import load_config, to_yaml
 from hiervl.launch import deepspeed_launch as ds
+from hiervl.launch import quiet_gc
 from hiervl.storage import is_remote, open_store
 
 HELP = "train a model with DeepSpeed (local ranks; resumes automatically)"
@@ -45,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args, cfg) -> int:
     """Check the run here (one line, exit 2, before any rank starts), write the resolved config
     with absolute paths, then start the ranks; --dry-run prints the command and creates nothing."""
+    was_on = quiet_gc.off()  # this process imports torch, then only waits for the ranks (launch/quiet_gc.py)
+    try:
+        return _start(args, cfg)
+    finally:
+        quiet_gc.restore(was_on)  # for a caller in-process (tests)
+
+
+def _start(args, cfg) -> int:
     import torch
     from hiervl.run_dir import CONFIG, absolute_paths
     from hiervl.train.global_batch import hold_global_batch
@@ -75,11 +84,13 @@ def main(args, cfg) -> int:
     with train_lock(cfg.train.out_dir):  # a second `hiervl train` into this out_dir is refused in one line
         refuse_active_job(cfg.train.out_dir)  # and so is one into the folder of a queued or running SLURM job
         write_atomic(config_path, to_yaml(cfg))
+        quiet_gc.started(collect=False)  # its exit then skips torch's objects
         return ds.run_local(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
 
 
-def rank_main(argv: list[str] | None = None) -> int:
-    """One rank: `python -m hiervl.launch.train --config FILE [overrides]`."""
+def rank_main(argv: list[str] | None = None, started=None) -> int:
+    """One rank: `python -m hiervl.launch.train --config FILE [overrides]`. `started`: called once
+    the trainer is built, before the first step (see `run`)."""
     parser = argparse.ArgumentParser(prog="python -m hiervl.launch.train", description="run one training rank")
     parser.add_argument("--config", required=True)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -93,7 +104,7 @@ def rank_main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = absolute_paths(load_config(args.config, args.overrides))  # as `hiervl train` stores it
-        return run(cfg, evaluate=evaluate_model)  # the periodic eval, handed in: train/ does not import eval/
+        return run(cfg, evaluate=evaluate_model, started=started)  # the periodic eval, handed in: train/ does not import eval/
     except (ConfigError, UserError) as exc:
         # an error every rank raised alike (a checkpoint write, a resume plan) is reported by rank 0 alone
         if not getattr(exc, "same_on_every_rank", False) or os.environ.get("RANK", "0") == "0":
@@ -105,7 +116,10 @@ def rank_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    quiet_gc.off()  # imports and the model build run without collections; the trainer, built, turns it on
     from hiervl.redact import RedactingStream
 
     sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)  # a rank's tracebacks too
-    sys.exit(rank_main())
+    code = rank_main(started=quiet_gc.started)
+    quiet_gc.before_exit()  # exit skips the full collection over everything the rank holds
+    sys.exit(code)

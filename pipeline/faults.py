@@ -12,8 +12,8 @@ prep decoder of a matching file blocks forever in a read, or dies of SIGSEGV: da
 tests/test_async_checkpoint.py sets `slow-checkpoint-write` (a background checkpoint write of step s
 is held until step s+1 is in metrics.jsonl, at most HIERVL_FAULT_SLOW_S seconds: a disk slower than
 a training step), alone or with another fault.
-tests/test_crash_ledger.py sets `dali-crash` (the trainer's process dies of SIGSEGV in an in-process DALI
-call that holds a sample matching HIERVL_FAULT_MATCH: pipeline/data/loader.py).
+tests/test_crash_ledger.py sets `inprocess-decode-crash` (the trainer's process dies of SIGSEGV in an
+in-process DALI or PyAV decode call that holds a sample matching HIERVL_FAULT_MATCH: pipeline/data/loader.py).
 HIERVL_FAULT may name several faults, comma-separated. Unset, every call is false.
 Must not touch: anything else; the caller decides what the fault does.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 
 FAULTS = ("kill-during-checkpoint", "nan-loss", "disk-full-during-checkpoint", "stop-after-step", "decode-hang",
-          "decode-crash", "slow-checkpoint-write", "dali-crash")
+          "decode-crash", "slow-checkpoint-write", "inprocess-decode-crash")
 
 
 def injected(name: str, step: int | None = None) -> bool:

@@ -1,7 +1,8 @@
 """Shard prep on a two-node Ray cluster: a real `ray start --head` in network namespace n1 and a real
 `ray start --address` worker in n2 (tests/netns.py: each its own address and hostname), then
-`hiervl prep --ray-address` from n1. Every process of n2 (raylet, workers) is killed once the first
-shards are written: the job finishes on n1 (Ray retries the lost tasks) or, if it fails, a rerun
+`hiervl prep --ray-address` from n1. n2's workers hang on the first video they decode (the
+`decode-hang` fault, set in n2's environment only), so n2 holds one shard's task; once n1 has
+written the 39 others, every process of n2 (raylet, workers) is killed: the job finishes on n1 (Ray retries the lost tasks) or, if it fails, a rerun
 completes; either way the shards are byte-identical to a one-node prep of the same input.
 
 The output folder is the machine's (both nodes see it, as a cluster's shared output filesystem or
@@ -9,6 +10,7 @@ bucket would be). Marked slow; skips with one line where namespaces cannot be ma
 """
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,8 +29,11 @@ PORT = 6379
 PREP = ["prep.short_side=32", "prep.fps=4.0", "prep.shard_max_samples=2", "prep.num_workers=1"]
 
 
-def _env() -> dict:
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
+TOKEN = secrets.token_hex(32)  # a throwaway cluster token (Ray's token auth), for head, worker and driver
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, **extra, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN,
                # a lost node is noticed within seconds, not Ray's default ~30 s
                RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
                RAY_health_check_initial_delay_ms="1000")
@@ -57,10 +62,10 @@ def cluster():
         shutil.rmtree(c.root, ignore_errors=True)
 
 
-def _ray_start(cluster, node, *args):
+def _ray_start(cluster, node, *args, **env):
     temp = cluster.local / "ray"  # each node's own session folder
     return cluster.popen(node, [RAY, "start", "--block", "--disable-usage-stats", f"--node-ip-address={cluster.addr[node]}",
-                                "--num-cpus=1", f"--temp-dir={temp}", *args], env=_env(),
+                                "--num-cpus=1", f"--temp-dir={temp}", *args], env=_env(**env),
                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -91,18 +96,24 @@ def _kill_node(cluster, node: str) -> int:
 def test_two_node_ray_prep_with_n2_killed_gives_one_node_bytes(cluster, tmp_path):
     from hiervl.dataprep.synth import make_corpus
 
-    manifest = make_corpus(tmp_path / "corpus", 24, seed=5)
+    # enough shards that n1 is still busy when n2's first worker is up (else the driver hands every task to
+    # n1's already-leased worker and n2 runs none)
+    manifest = make_corpus(tmp_path / "corpus", 80, seed=5)
     one = tmp_path / "one-node"
     res = subprocess.run([sys.executable, "-m", "hiervl.launch.cli", "prep", "--input", str(manifest), "--out", str(one),
                           *PREP, "prep.distributor=local"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert len([n for n in _files(one) if n.endswith(".tar")]) == 12
+    total = len([n for n in _files(one) if n.endswith(".tar")])
+    assert total == 40
 
     t0 = time.time()
     _ray_start(cluster, "n1", "--head", f"--port={PORT}", "--include-dashboard=false")
     _wait_nodes(cluster, 1)
-    _ray_start(cluster, "n2", f"--address={cluster.addr['n1']}:{PORT}")
+    # n2's workers hang in the first video they decode (pipeline/faults.py `decode-hang`): n2 holds one task
+    # that only a retry elsewhere finishes, so the job cannot end unless Ray reruns n2's lost task on n1
+    _ray_start(cluster, "n2", f"--address={cluster.addr['n1']}:{PORT}", HIERVL_FAULT="decode-hang",
+               HIERVL_FAULT_MATCH="synth")  # every video of the corpus (videos/synthNNNNNN.webm)
     _wait_nodes(cluster, 2)
     print(f"Ray head on n1 and worker on n2 up in {time.time() - t0:.0f} s")
 
@@ -111,11 +122,13 @@ def test_two_node_ray_prep_with_n2_killed_gives_one_node_bytes(cluster, tmp_path
            "--ray-address", f"{cluster.addr['n1']}:{PORT}", *PREP]
     t0 = time.time()
     driver = cluster.popen("n1", cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while time.time() - t0 < 300 and driver.poll() is None:  # the first shards are written
-        if out.is_dir() and len(list(out.glob("*.tar"))) >= 2:
+    while time.time() - t0 < 300 and driver.poll() is None:  # n1 wrote all shards but the one stuck on n2
+        if out.is_dir() and len(list(out.glob("*.tar"))) >= total - 1:
             break
         time.sleep(0.1)
-    assert driver.poll() is None, "prep finished before n2 could be killed:\n" + driver.communicate()[0][-3000:]
+    assert driver.poll() is None, "prep finished with n2 alive (n2 ran no task):\n" + driver.communicate()[0][-3000:]
+    time.sleep(2)
+    assert len(list(out.glob("*.tar"))) == total - 1 and driver.poll() is None  # the last one is n2's, hanging
     killed = _kill_node(cluster, "n2")
     print(f"killed {killed} processes in n2 after {time.time() - t0:.0f} s, {len(list(out.glob('*.tar')))} shards")
     text = driver.communicate(timeout=600)[0]

@@ -40,8 +40,11 @@ def test_local_dry_run_prints_the_launcher_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     res = hiervl("local", "--config", TINY, "--dry-run", f"train.out_dir={out}", "train.ranks=3",
                  "launch.master_port=29611")
-    expected = _runner("--master_port", "29611", "--num_accelerators", "3", "--enable_each_rank_log",
-                       str(out / "logs" / "stdout"), "--module", "hiervl.launch.train", "--config", str(out / "config.yaml"))
+    # CPU ranks: DeepSpeed's per-node launcher directly, as its runner would start it (test_startup.py)
+    expected = [PY, "-u", "-m", "hiervl.launch.local_launch", "--world_info=eyJsb2NhbGhvc3QiOiBbMCwgMSwgMl19",
+                "--master_addr=127.0.0.1", "--master_port=29611", "--module",
+                f"--enable_each_rank_log={out / 'logs' / 'stdout'}", "--log_level=info", "hiervl.launch.train",
+                "--config", str(out / "config.yaml")]
     assert shlex.split(res.stdout.strip()) == expected
     assert not out.exists()
 
@@ -121,7 +124,9 @@ echo "srun $*" >> "$FAKE_LOG/calls"
 nodes=1
 while [ "${1#--}" != "$1" ]; do case "$1" in --nodes=*) nodes="${1#--nodes=}";; esac; shift; done
 if [ -n "${FAKE_SRUN_SLEEP:-}" ]; then
-  trap 'echo "srun got TERM" >> "$FAKE_LOG/calls"; kill %1; exit 0' TERM
+  # as the real srun: SIGTERM -> "forcing job termination" (SIGKILL to the tasks); SIGUSR1 -> forwarded
+  trap 'echo "srun got TERM: forcing job termination" >> "$FAKE_LOG/calls"; kill -9 %1; exit 137' TERM
+  trap 'echo "srun got USR1: forwarded to the tasks" >> "$FAKE_LOG/calls"; kill %1; exit 0' USR1
   touch "$FAKE_LOG/srun.started"; sleep 30 & wait; exit 1
 fi
 for ((i = 0; i < nodes; i++)); do
@@ -186,7 +191,23 @@ def test_sbatch_script_preempted_signals_and_requeues(tmp_path, fake_slurm):
     output, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, output
     calls = (log / "calls").read_text().splitlines()
-    assert "srun got TERM" in calls and calls[-1] == "scontrol requeue 77", calls
+    # the ranks must get a signal they checkpoint on: srun forwards SIGUSR1, but turns SIGTERM into SIGKILL
+    assert "srun got USR1: forwarded to the tasks" in calls and calls[-1] == "scontrol requeue 77", calls
+    assert not any(c.startswith("srun got TERM") for c in calls), calls
+
+
+def test_launcher_starts_with_sigusr1_ignored_and_the_caller_keeps_its_handler(capfd):
+    """SLURM signals every process of a step: DeepSpeed's launchers (no SIGUSR1 handler) must not
+    die of the SIGUSR1 meant for the ranks, so they start with it ignored; the caller still forwards."""
+    from hiervl.launch.processes import run_forwarding_signals
+
+    before = signal.getsignal(signal.SIGUSR1)
+    code = run_forwarding_signals([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN)"])
+    assert code == 0
+    assert capfd.readouterr().out.strip() == "True"  # the launcher ignores it
+    assert callable(signal.getsignal(signal.SIGUSR1))  # the forwarding handler, not SIG_IGN
+    signal.signal(signal.SIGUSR1, before)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_status_and_cancel_call_squeue_and_scancel(fake_slurm):

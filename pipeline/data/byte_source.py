@@ -31,6 +31,7 @@ from hiervl.atomic_write import atomic_output
 from hiervl.storage import Store
 
 CHUNK = 8 * 1024 * 1024  # cache downloads in ranged reads of this size (each retried on its own)
+MAX_SAMPLE_BYTES = 2 << 30  # one sample's video: prep writes short clips; more is a damaged manifest row
 
 
 class SampleByteSource:
@@ -64,6 +65,10 @@ class SampleByteSource:
         """`size` bytes of `shard` at `offset` (the shard cache, else one pread / ranged read); OSError
         when they cannot be read whole. Also what a decode worker process reads through
         (pipeline/data/decode_pool.py: each worker opens its own store and source)."""
+        if offset < 0 or size <= 0 or size > MAX_SAMPLE_BYTES:  # a damaged manifest row: never allocate it
+            raise OSError(f"manifest row asks for {size} bytes of {shard} at offset {offset}, not a sample's range "
+                          f"(0 < size <= {MAX_SAMPLE_BYTES >> 20} MiB, offset >= 0): a damaged manifest; prepare the "
+                          "dataset again")
         local = self._cached_shard(shard) if self.cache is not None else None
         if local is not None:
             with open(local, "rb") as f:

@@ -12,12 +12,13 @@ a ledgered sample is never decoded again: its slot is flagged invalid at once, i
 next ones, at any world size (so the result no longer depends on whether a time-out fired).
 `status.json` reports the skipped samples by key (`crash_ledger`).
 
-In-process decoders (DALI's CPU or mixed backend, which cannot be killed apart from the trainer) are
-covered by a journal instead: before each in-process DALI call the rank writes (fsync'd, atomically)
+In-process decoders (DALI's CPU or mixed backend, and PyAV in threads when data.decode_workers=0: they
+cannot be killed apart from the trainer) are covered by a journal instead: before each in-process
+decode call the rank writes (fsync'd, atomically)
 `inflight-rank{R}.json` with the call's samples and removes it after. A process that dies in the call
 (a segfault, or a hang ended by the launcher, the other ranks' collective timeout or the scheduler)
 leaves the file; the next run reads it: a single sample is ledgered like a worker crash; several are
-*suspects*, decoded one per DALI call from then on, so a second death names the one sample and a
+*suspects*, decoded one per call from then on, so a second death names the one sample and a
 third run skips it. At most two restarts per crashing sample instead of a crash loop.
 
 Owns: the ledger files and the lookup. Must not touch: decoding or batch assembly (loader.py).
@@ -25,6 +26,7 @@ Owns: the ledger files and the lookup. Must not touch: decoding or batch assembl
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import uuid
@@ -72,6 +74,9 @@ class CrashLedger:
                         continue  # a line cut by a kill mid-write: that sample is met and recorded again
                     self.entries.setdefault(row["key"], row)
         self._convert_own_journal()
+        # a process that exits normally did not die in a decode call (a call a daemon thread was still
+        # in when the run stopped or finished is no crash): its journal goes; a SIGSEGV or SIGKILL keeps it
+        atexit.register(self.inflight_path.unlink, missing_ok=True)
 
     def _read_journal(self, path: Path) -> None:
         call = _read_json(path)
@@ -98,12 +103,16 @@ class CrashLedger:
         else:
             os.replace(self.inflight_path, self.folder / SUSPECTS.format(self.rank, uuid.uuid4().hex[:8]))
 
-    @contextmanager
-    def inflight(self, samples: list[tuple[str, str]], decoder: str, epoch: int, position: int) -> Iterator[None]:
-        """Journal an in-process decode call of `samples` [(key, shard)] while it runs (see the module docstring)."""
+    def inflight_write(self, samples: list[tuple[str, str]], decoder: str, epoch: int, position: int) -> None:
+        """Write the journal of an in-process decode call of `samples` [(key, shard)] (fsync'd, atomically)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(self.inflight_path, json.dumps({"samples": [list(s) for s in samples], "decoder": decoder,
                                                      "epoch": int(epoch), "position": int(position)}))
+
+    @contextmanager
+    def inflight(self, samples: list[tuple[str, str]], decoder: str, epoch: int, position: int) -> Iterator[None]:
+        """Journal an in-process decode call of `samples` while it runs (see the module docstring)."""
+        self.inflight_write(samples, decoder, epoch, position)
         yield
         self.inflight_path.unlink(missing_ok=True)
 

@@ -146,8 +146,8 @@ def decode_one(source, task: tuple, prep: Preprocessing):
     _injected_fault(task[7] if len(task) > 7 else "")
     try:
         data = source.read_at(shard, int(offset), int(size))
-    except OSError as exc:
-        return None, f"read failed: {exc}"
+    except (OSError, MemoryError) as exc:
+        return None, f"read failed: {exc or type(exc).__name__}"
     try:
         clip = decode_pyav(data, frames)
         prep.check_frames(clip)

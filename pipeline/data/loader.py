@@ -34,6 +34,7 @@ Must not touch: the manifest's schema (manifest.py) or the model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -53,7 +54,7 @@ from hiervl.data.cpu_meter import LoaderCpuMeter, process_tree_seconds, thread_i
 from hiervl.data.crash_ledger import is_crash
 from hiervl.data.decode import DaliVideoDecoder, choose_backend, dali_available, decode_pyav
 from hiervl.data.decode_pool import DecodePool, resolve_decode_workers
-from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info
+from hiervl.data.manifest import MANIFEST_FILE, OPTIONAL_COLUMNS, READ_COLUMNS, read_dataset_info, read_manifest
 from hiervl.data.preprocess import Preprocessing
 from hiervl.data.sampler import (
     PAD,
@@ -105,12 +106,11 @@ class DatasetIndex:
                             "`hiervl prep --out DIR` (it holds manifest.parquet and the tars)")
         read_dataset_info(root, self.store)  # refuses a dataset of another schema version, naming the fix
         manifest_bytes = pa.BufferReader(self.store.read(MANIFEST_FILE))
-        present = set(pq.read_schema(manifest_bytes).names)
         # `group` (hard-negative group, dataprep/sources.py) is optional: manifests prepared before it have none
-        table = pq.read_table(manifest_bytes, columns=READ_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in present])
-        table = table.to_pandas()
+        table = read_manifest(manifest_bytes, READ_COLUMNS, manifest, optional=OPTIONAL_COLUMNS).to_pandas()
         table = table[table["split"] == split].sort_values(["shard", "index_in_shard"], kind="stable")
         if len(table) == 0:
+            manifest_bytes.seek(0)
             splits = sorted(set(pq.read_table(manifest_bytes, columns=["split"]).column(0).to_pylist()))
             raise UserError(f"{manifest} has no samples of split '{split}' (it has: {', '.join(splits) or 'none'}); "
                             "set data.split / eval.split to one of those")
@@ -424,12 +424,8 @@ class VideoTextLoader:
         alone = [i for i in slots if self.ledger.is_suspect(keys[i])]
         calls = [[i] for i in alone] + ([rest] if (rest := [i for i in slots if i not in alone]) else [])
         results = {}
-        match = os.environ.get("HIERVL_FAULT_MATCH")
         for call in calls:
-            with self.ledger.inflight([(keys[i], self.index.shards[i]) for i in call], f"DALI {self.device}", epoch,
-                                      position):
-                if faults.injected("dali-crash") and match and any(match in keys[i] for i in call):
-                    os.kill(os.getpid(), signal.SIGSEGV)  # tests: DALI dies of this sample (in this process)
+            with self._journal(call, f"DALI {self.device}", epoch, position):
                 results.update(zip(call, self._dali.decode([blobs[i] for i in call], [plans[i][0] for i in call])))
         return [results[i] for i in slots]
 
@@ -476,15 +472,33 @@ class VideoTextLoader:
                 return i, None, f"{'PyAV' if i not in frames else 'transform'} failed: {type(exc).__name__}: {exc}"
 
         todo = [i for i in blobs if i not in errors]
-        if todo:
-            with ThreadPoolExecutor(max_workers=self.cfg.num_threads) as pool:
-                for i, clip, err in pool.map(work, todo):
+        # PyAV in this process (no worker processes): journaled like DALI's calls, suspects decoded alone
+        pyav = [i for i in todo if i not in frames]
+        alone = [i for i in pyav if self.ledger is not None and self.ledger.is_suspect(self.index.keys[i])]
+        calls = [([i], [i]) for i in alone] + ([([i for i in todo if i not in alone], [i for i in pyav if i not in alone])]
+                                               if len(todo) > len(alone) else [])
+        for call, journaled in calls:
+            with self._journal(journaled, "PyAV in the trainer's process", epoch, position), \
+                    ThreadPoolExecutor(max_workers=self.cfg.num_threads) as pool:
+                for i, clip, err in pool.map(work, call):
                     if err is None:
                         out[i] = clip
                         self.stats["decode_path"][backend[i]] += 1
                     else:
                         errors[i] = err
         return out, errors
+
+    def _journal(self, slots: list[int], decoder: str, epoch: int, position: int):
+        """The crash ledger's journal of an in-process decode call of `slots` (nothing without a ledger);
+        the `inprocess-decode-crash` fault (tests) kills this process in a call holding HIERVL_FAULT_MATCH."""
+        if self.ledger is None or not slots:
+            return contextlib.nullcontext()
+        keys = [self.index.keys[i] for i in slots]
+        match = os.environ.get("HIERVL_FAULT_MATCH")
+        if faults.injected("inprocess-decode-crash") and match and any(match in k for k in keys):
+            self.ledger.inflight_write(list(zip(keys, (self.index.shards[i] for i in slots))), decoder, epoch, position)
+            os.kill(os.getpid(), signal.SIGSEGV)  # the decoder dies of this sample, in this process
+        return self.ledger.inflight(list(zip(keys, (self.index.shards[i] for i in slots))), decoder, epoch, position)
 
     def _finish_batch(self, work: dict, stop: threading.Event | None) -> dict | None:
         """Decode this batch's local share, collect the pool's, assemble; None if `stop` came first."""

@@ -2,7 +2,9 @@
 
 Owns: the schema version, the two parquet schemas, the one function that builds a manifest row
 (`manifest_row`) and a quarantine row (`quarantine_row`), the columns the loader reads, writing
-those tables, and reading `dataset.json` with its schema version checked (`read_dataset_info`).
+those tables, and reading them back: `read_dataset_info` (dataset.json, its schema version checked)
+and `read_manifest` (manifest.parquet, the columns asked for checked); a damaged or foreign file is
+one UserError naming it and the fix, never a pyarrow / json traceback (`--verify`, eval, `train --dry-run`).
 `dataprep/` writes through it, `hiervl.data.loader` reads through it, so both sides agree.
 Must not touch: shards' bytes, decoding, sampling; it imports nothing of the model or training.
 """
@@ -62,8 +64,10 @@ def manifest_row(sample: dict, tar_name: str, shard_index: int, index_in_shard: 
 
 def quarantine_row(source: str, key: str, stage: str, reason: str) -> dict:
     """One refused input: where it came from, at which stage (input | probe | validate | decode |
-    transcode | internal) and why."""
-    return {"source": source, "key": key, "stage": stage, "reason": reason}
+    transcode | internal) and why. A credential in a source URL is not written (pipeline/redact.py)."""
+    from hiervl.redact import redact
+
+    return {"source": redact(source), "key": key, "stage": stage, "reason": redact(reason)}
 
 
 def table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
@@ -90,9 +94,41 @@ def read_dataset_info(root: str | Path, store=None) -> dict | None:
     path = join(str(root), DATASET_FILE)
     if not store.exists(DATASET_FILE):
         return None
-    info = json.loads(store.read(DATASET_FILE))
+    try:
+        info = json.loads(store.read(DATASET_FILE))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path} is not valid JSON ({str(exc).splitlines()[0][:120]}); the dataset's metadata is "
+                        f"damaged: prepare it again (`hiervl prep --input MANIFEST --out {root}`)") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path} is a JSON {type(info).__name__}, not the dataset's summary object; prepare the "
+                        f"dataset again (`hiervl prep --input MANIFEST --out {root}`)")
     version = info.get("schema_version")
     if version != SCHEMA_VERSION:
         raise UserError(f"{path} has schema_version {version}, this hiervl reads {SCHEMA_VERSION}; "
                         f"prepare the dataset again with this version (`hiervl prep --out {root}`)")
     return info
+
+
+def read_manifest(source, columns: list[str] | None = None, name: str | None = None,
+                  optional: list[str] | None = None) -> pa.Table:
+    """`manifest.parquet` (a path, or a pyarrow buffer / file read from a store) as a table of
+    `columns` (all when None) plus those of `optional` it has; a file that is not parquet, or lacks a
+    column asked for, is one UserError naming it (`name`, default `source`) and the fix."""
+    import pyarrow.parquet as pq
+
+    name = str(name or source)
+    fix = "the dataset's manifest is damaged or not hiervl's: prepare the dataset again (`hiervl prep`)"
+    try:
+        present = set(pq.read_schema(source).names)
+        if hasattr(source, "seek"):
+            source.seek(0)
+        missing = [c for c in (columns or []) if c not in present]
+        if missing:
+            raise UserError(f"{name} has no column {', '.join(missing)} (it has: {', '.join(sorted(present))}); {fix}")
+        want = None if columns is None else list(columns) + [c for c in optional or [] if c in present]
+        return pq.read_table(source, columns=want)
+    except UserError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise UserError(f"{name} is not a readable parquet table ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120]}); {fix}") from None

@@ -100,11 +100,10 @@ def check_resume_checkpoint(cfg: Config) -> None:
 
 
 def _split_counts(root: Path) -> dict[str, int]:
-    import pyarrow.parquet as pq
-    from hiervl.data.manifest import MANIFEST_FILE
+    from hiervl.data.manifest import MANIFEST_FILE, read_manifest
 
     counts: dict[str, int] = {}
-    for split in pq.read_table(root / MANIFEST_FILE, columns=["split"]).column(0).to_pylist():
+    for split in read_manifest(root / MANIFEST_FILE, ["split"]).column(0).to_pylist():
         counts[split] = counts.get(split, 0) + 1
     return counts
 

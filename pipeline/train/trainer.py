@@ -629,9 +629,11 @@ class Trainer:
                      tag, status["skipped_samples"], self.bad_total)
 
 
-def run(cfg: Config, evaluate: Callable | None = None) -> int:
+def run(cfg: Config, evaluate: Callable | None = None, started: Callable[[], None] | None = None) -> int:
     """Train with `cfg` in this process (one rank); the entry point of `python -m hiervl.launch.train`.
-    `evaluate`: the periodic evaluation (`hiervl.eval.evaluate.evaluate_model`), see `Trainer`."""
+    `evaluate`: the periodic evaluation (`hiervl.eval.evaluate.evaluate_model`), see `Trainer`.
+    `started`: called once the trainer is built (model, DeepSpeed engine, loader), before the first
+    step: the rank's entry point turns its garbage collector back on there (launch/quiet_gc.py)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)))
@@ -643,6 +645,8 @@ def run(cfg: Config, evaluate: Callable | None = None) -> int:
             sock.bind(("127.0.0.1", 0))
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
     trainer = Trainer(cfg, evaluate)
+    if started is not None:
+        started()
     try:
         code = trainer.fit()
     except PeerLost:
