@@ -85,3 +85,13 @@ def test_readme_and_scripts_need_no_shared_folder(tmp_path):
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     res = subprocess.run(["bash", "bench/gpu_prepare.sh"], cwd=repo, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "make install" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_the_demo_report_names_its_preset_beside_the_measured_winner():
+    from hiervl.launch.demo import preset_note
+
+    hit = preset_note("hit", False)
+    assert hit.startswith("## Which preset, as measured") and "This demo trains `hit` with the momentum queue off." in hit
+    assert "`flat` is the measured winner" in hit and "`flat` 77.8" in hit
+    flat = preset_note("flat", True)  # what a user chose is what it names; no excuse for the winner
+    assert "This demo trains `flat` with the momentum queue on." in flat and "measured winner:" not in flat

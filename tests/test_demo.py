@@ -53,6 +53,7 @@ def test_demo_end_to_end(tmp_path):
     assert f"**{result['t2v']['fused']['R1']:.1f}%** vs chance" in report
     assert "samples: **48**" in report
     assert "preset: hit" in report and "ranks: 2" in report
+    assert "## Which preset, as measured" in report and "This demo trains `hit`" in report
     for png in ("figures/loss.png", "figures/throughput.png"):
         assert (out / png).stat().st_size > 2000 and f"]({png})" in report
     sheets = sorted((out / "searches").glob("search-*.png"))

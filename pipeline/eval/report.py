@@ -270,9 +270,11 @@ def _search_section(searches: list[SearchResult], rel) -> str:
 def write_report(out_dir: str | Path, *, eval_json: str | Path, dataset_json: str | Path | None = None,
                  metrics_jsonl: str | Path | None = None, config_yaml: str | Path | None = None,
                  status_json: str | Path | None = None, searches: list[SearchResult] | None = None,
-                 timings: dict | None = None, title: str = "hiervl demo report") -> Path:
+                 timings: dict | None = None, title: str = "hiervl demo report",
+                 notes: list[str] | None = None) -> Path:
     """Write `<out_dir>/report.md` (and figures/ PNGs); returns the report path.
 
+    `notes`: Markdown sections the caller adds after the searches (the demo: which preset, as measured).
     Paths in the report are relative to `out_dir`, so the folder can be moved or browsed.
     Missing optional inputs become a line saying so; eval.json is required.
     """
@@ -321,6 +323,7 @@ def write_report(out_dir: str | Path, *, eval_json: str | Path, dataset_json: st
                         + ".\n")
     text.append("\n## Searches\n")
     text.append(_search_section(searches or [], rel))
+    text.extend(n.rstrip() + "\n" for n in notes or [])
     if config_yaml and Path(config_yaml).is_file():
         text.append("## Configuration\n\n```yaml\n" + Path(config_yaml).read_text().rstrip() + "\n```\n")
     path = out / "report.md"
