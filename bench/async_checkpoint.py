@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from checkpoint import build  # noqa: E402  (bench/checkpoint.py: the demo model in a 1-rank engine)
+from checkpoint import build, init_one_rank  # noqa: E402  (bench/checkpoint.py: the demo model in a 1-rank engine)
 
 
 def batch(cfg, b: int = 4) -> dict:
@@ -96,11 +95,7 @@ def main() -> int:
     args = ap.parse_args()
     from hiervl.config import load_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    init_one_rank()
     cfg = load_config(args.config, [])
     engine = build(cfg, False)
     work = Path(args.work or tempfile.mkdtemp(prefix="hiervl-bench-async-ckpt-"))

@@ -102,6 +102,15 @@ def spread(v):
     return [min(v), statistics.median(v), max(v)]
 
 
+def init_one_rank() -> None:
+    """A 1-rank gloo process group on a free local port (what DeepSpeed's engine needs to save)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="demo")
@@ -111,11 +120,7 @@ def main() -> int:
     args = ap.parse_args()
     from hiervl.config import load_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    init_one_rank()
     cfg = load_config(args.config, [])
     print(f"config {args.config}: queue.objective={cfg.queue.objective} queue.enabled={cfg.queue.enabled}", flush=True)
     engines = {"before": build(cfg, True), "after": build(cfg, False)}

@@ -22,7 +22,8 @@ def temp_path(final: str | Path, suffix: str = ".tmp") -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush one file's bytes to disk (open read-only, fsync, close)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -38,7 +39,7 @@ def atomic_output(final: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     tmp = temp_path(final, suffix)
     try:
         yield tmp
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from hiervl import faults
-from hiervl.atomic_write import write_atomic
+from hiervl.atomic_write import fsync_path, write_atomic
 from hiervl.log import get_logger
 from hiervl.train.checkpoint_hash import WriteRecorder
 
@@ -133,7 +133,7 @@ class AsyncSave:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.tag_dir / f"rank{self.rank}.pt"))
             self.recorder.write_all()
             for rel in self.recorder.files:  # durable before the marker says so
-                _fsync(self.tag_dir / rel)
+                fsync_path(self.tag_dir / rel)
             if faults.injected("slow-checkpoint-write"):  # a slow disk (tests): the write outlasts a step
                 _wait_for_logged_step(self.ckpt_dir.parent / "metrics.jsonl", self.step + 1,
                                       float(os.environ.get("HIERVL_FAULT_SLOW_S", "120")))
@@ -195,10 +195,3 @@ def _wait_for_logged_step(metrics: Path, step: int, limit_s: float) -> None:
             return
         time.sleep(POLL_S)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
