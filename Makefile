@@ -7,6 +7,10 @@ BIN     := $(VENV)/bin
 DEPS_HASH := $(shell cat requirements.txt requirements-dev.txt pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
 STAMP   := $(VENV)/.installed-$(DEPS_HASH)
 PYTEST_ARGS ?=
+# `make test` runs the suite in TEST_WORKERS pytest-xdist processes, each test module whole on one
+# worker (tests/conftest.py); TEST_WORKERS=0 runs it in one process. PYTEST_ARGS comes last and wins.
+TEST_WORKERS ?= 2
+XDIST   := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
@@ -17,7 +21,7 @@ export TOKENIZERS_PARALLELISM := false
 
 help:
 	@echo "make demo      install, then run the whole pipeline on the embedded synthetic corpus"
-	@echo "make test      install, then run the tests (unit + integration, no slow ones)"
+	@echo "make test      install, then run the tests (unit + integration, no slow ones; TEST_WORKERS=2 processes)"
 	@echo "make test-all  also the slow end-to-end tests"
 	@echo "make install   create .venv with pinned dependencies (idempotent, stamped)"
 	@echo "make lint      ruff"
@@ -36,13 +40,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@echo "hiervl installed in $(VENV) (stamp $(DEPS_HASH))"
 
 test: install
-	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(XDIST) $(PYTEST_ARGS)
 
 test-all: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-unit: install
-	$(BIN)/python -m pytest -m "not slow and not gpu and not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not integration" $(XDIST) $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/hiervl demo

@@ -7,12 +7,23 @@ start), and only when a test asks for it; tests read these folders and never wri
 (copy one first, as test_loader.py does). Ray starts once per session, only for the tests that
 check Ray itself. pytest puts this folder on sys.path (rootdir conftest, no __init__.py), so test
 modules import the builders as `from fixtures import ...`.
+
+`make test` runs the suite in 2 pytest-xdist worker processes (`-n 2 --dist loadgroup`). There:
+- each test module runs whole on one worker (`pytest_collection_modifyitems` below gives it the
+  module's `xdist_group`; a module that names its own group keeps it), so a module-scoped fixture is
+  built once;
+- the datasets and `one_rank_run` are built once for the whole run, by the first worker that asks,
+  in a folder every worker reads, behind a file lock (`_once_per_run`); the others wait for it;
+- Ray and the gloo pair are processes of their own: one per worker that needs them.
+Alone (`pytest tests/test_x.py`, no `-n`) everything is built in this session's tmp folder, as before.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,56 +36,100 @@ from gloo_pair import GlooPair
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under xdist: every test without an `xdist_group` of its own joins its module's group, so
+    `--dist loadgroup` hands a module to one worker whole (its module-scoped fixtures built once)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
+# tryfirst: xdist's own hook (which appends the group to each test id) must see the marks added above
+pytest_collection_modifyitems = pytest.hookimpl(tryfirst=True)(pytest_collection_modifyitems)
+
+
+def _once_per_run(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, filled by `build(folder)` once for this pytest run.
+
+    Under xdist the workers share it: it lives in the run's own temp folder (pytest-N/, the parent
+    of every worker's basetemp), and a file lock makes the first worker that asks build it while the
+    others wait, then read it; a build that failed leaves no `.done` mark, so the next one retries.
+    Alone, it is a fresh folder of this session, as `tmp_path_factory.mktemp` gives."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent / "shared"
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if build raises
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def prepared_dataset_40(tmp_path_factory):
     """40 synthetic VP9 samples (seed 0), 8 per shard: the training runs' data (test_train.py,
     test_monitoring.py, test_checkpoint_integrity.py, test_train_validation.py, test_decode_pool.py)."""
-    return prepared_dataset(tmp_path_factory.mktemp("dataset40"), 40)
+    return _once_per_run(tmp_path_factory, "dataset40", lambda root: prepared_dataset(root, 40)) / "shards"
 
 
 @pytest.fixture(scope="session")
 def prepared_dataset_30(tmp_path_factory):
     """30 synthetic VP9 samples (seed 0): the loader's data (test_loader.py, test_decode_pool.py)."""
-    return prepared_dataset(tmp_path_factory.mktemp("dataset30"), 30)
+    return _once_per_run(tmp_path_factory, "dataset30", lambda root: prepared_dataset(root, 30)) / "shards"
 
 
 @pytest.fixture(scope="session")
 def prepared_dataset_16(tmp_path_factory):
     """16 synthetic VP9 samples (seed 0): the multi-node launch tests (test_submit_deepspeed.py)."""
-    return prepared_dataset(tmp_path_factory.mktemp("dataset16"), 16)
+    return _once_per_run(tmp_path_factory, "dataset16", lambda root: prepared_dataset(root, 16)) / "shards"
 
 
 @pytest.fixture(scope="session")
 def one_rank_run(tmp_path_factory, prepared_dataset_40):
     """One real `hiervl train` (DeepSpeed launcher, 1 CPU rank, hit preset, 7 steps) that serves three
-    modules, each checking other things of it (none writes into it):
+    modules, each checking other things of it (none rewrites it; test_train_validation adds its eval
+    of it, eval-test/, and the folders b and c beside a):
     - test_train_validation.py: started from folder A with a relative data.path and train.out_dir
       and a user DeepSpeed JSON without "optimizer"; eval and checkpoint on the same steps (3, 6);
     - test_monitoring.py: log every 2 steps, eval at 3 and 6, the last step 7 off both cadences,
       W&B offline: the figures in metrics.jsonl, TensorBoard and W&B;
     - test_export.py: its newest checkpoint exported, evaluated and embedded through the API.
     Returns {"root", "out" (the run folder), "shards" (absolute), "stdout", "stderr"}."""
-    root = tmp_path_factory.mktemp("one_rank_run")
     shards = prepared_dataset_40
-    a = root / "a"
-    a.mkdir()
-    (a / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 0}, "steps_per_print": 1000}))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("WANDB_MODE", None)
-    cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           f"data.path={os.path.relpath(shards, a)}", "train.out_dir=runs/r", "train.deepspeed_config=ds.json",
-           "train.ranks=1", "model.preset=hit", "model.text.num_layers=1", "data.batch_size=4", "train.steps=7",
-           "train.log_every=2", "optimizer.warmup_steps=4", "eval.every_steps=3", "checkpoint.every_steps=3",
-           "eval.split=test", "eval.batch_size=8", "train.wandb=hiervl-test", "train.wandb_mode=offline",
-           f"launch.master_port={port}"]
-    res = subprocess.run(cmd, cwd=a, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    return {"root": root, "out": a / "runs/r", "shards": shards.resolve(), "stdout": res.stdout,
-            "stderr": res.stderr}
+
+    def train(root: Path) -> None:
+        a = root / "a"
+        a.mkdir()
+        (a / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 0}, "steps_per_print": 1000}))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0")
+        env.pop("WANDB_MODE", None)
+        cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+               f"data.path={os.path.relpath(shards, a)}", "train.out_dir=runs/r", "train.deepspeed_config=ds.json",
+               "train.ranks=1", "model.preset=hit", "model.text.num_layers=1", "data.batch_size=4", "train.steps=7",
+               "train.log_every=2", "optimizer.warmup_steps=4", "eval.every_steps=3", "checkpoint.every_steps=3",
+               "eval.split=test", "eval.batch_size=8", "train.wandb=hiervl-test", "train.wandb_mode=offline",
+               f"launch.master_port={port}"]
+        res = subprocess.run(cmd, cwd=a, env=env, capture_output=True, text=True, timeout=900)
+        (root / "stdout.txt").write_text(res.stdout)
+        (root / "stderr.txt").write_text(res.stderr)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+    root = _once_per_run(tmp_path_factory, "one_rank_run", train)
+    return {"root": root, "out": root / "a/runs/r", "shards": shards.resolve(),
+            "stdout": (root / "stdout.txt").read_text(), "stderr": (root / "stderr.txt").read_text()}
 
 
 @pytest.fixture(scope="session")
