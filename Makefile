@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # `make test` runs the suite in TEST_WORKERS pytest-xdist processes, each test module whole on one
 # worker (tests/conftest.py); TEST_WORKERS=0 runs it in one process. PYTEST_ARGS comes last and wins.
 TEST_WORKERS ?= 2
-XDIST   := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST   := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1

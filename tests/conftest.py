@@ -8,10 +8,9 @@ start), and only when a test asks for it; tests read these folders and never wri
 check Ray itself. pytest puts this folder on sys.path (rootdir conftest, no __init__.py), so test
 modules import the builders as `from fixtures import ...`.
 
-`make test` runs the suite in 2 pytest-xdist worker processes (`-n 2 --dist loadgroup`). There:
-- each test module runs whole on one worker (`pytest_collection_modifyitems` below gives it the
-  module's `xdist_group`; a module that names its own group keeps it), so a module-scoped fixture is
-  built once;
+`make test` runs the suite in 2 pytest-xdist worker processes (`-n 2 --dist loadfile`). There:
+- each test module runs whole on one worker (the multi-node modules all on one, `ONE_WORKER`), so a
+  module-scoped fixture is built once; the longest modules start first (`LONGEST_FIRST`);
 - the datasets and `one_rank_run` are built once for the whole run, by the first worker that asks,
   in a folder every worker reads, behind a file lock (`_once_per_run`); the others wait for it;
 - Ray and the gloo pair are processes of their own: one per worker that needs them.
@@ -36,18 +35,42 @@ from gloo_pair import GlooPair
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Under pytest-xdist (`make test`: -n 2 --dist loadfile) a worker runs a module whole: its module-scoped
+# fixtures are built once. These modules also share one worker with each other, one after another:
+# each makes network namespaces and runs multi-node daemons and trainings (tests/netns.py).
+ONE_WORKER = {"test_multinode_netns.py": "netns", "test_multinode_s3.py": "netns", "test_slurm_netns.py": "netns",
+              "test_prep_ray_netns.py": "netns"}
+# The longest modules (--durations of 2026-12-04, 75-325 s each of a 23-min serial run), handed out first
+# so that no worker is left running one of them alone at the end; a stale list only costs time.
+LONGEST_FIRST = ("test_train.py", "test_multinode_netns.py", "test_checkpoint_hash.py", "test_crash_ledger.py",
+                 "test_launch_ports.py", "test_async_checkpoint.py", "test_checkpoint_s3.py", "test_decode_pool.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under xdist: every test without an `xdist_group` of its own joins its module's group, so
-    `--dist loadgroup` hands a module to one worker whole (its module-scoped fixtures built once)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        return
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+    """Under xdist, the LONGEST_FIRST modules first (xdist hands modules out in collection order)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
-# tryfirst: xdist's own hook (which appends the group to each test id) must see the marks added above
-pytest_collection_modifyitems = pytest.hookimpl(tryfirst=True)(pytest_collection_modifyitems)
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist is not installed: the suite runs in one process
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+    class _ModuleScheduling(LoadScopeScheduling):
+        """--dist loadfile, with the ONE_WORKER modules as one unit and the collection order kept."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return ONE_WORKER.get(Path(path).name, path)
+
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") != "loadfile":
+            return None
+        config.option.loadscopereorder = False  # (xdist would sort modules by their number of tests)
+        return _ModuleScheduling(config, log)
 
 
 def _once_per_run(tmp_path_factory, name: str, build) -> Path:

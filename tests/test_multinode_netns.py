@@ -26,7 +26,7 @@ import netns
 import netns_ssh
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("netns")]  # one worker makes namespaces at a time
+pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 COMMON = ["--config", str(ROOT / "configs/tiny.yaml"), "train.log_every=1", "train.log_samples=true",

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3_server
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("netns")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, BUCKET = 8, 2, "hvrun"
 COMMON = ["--config", str(ROOT / "configs/tiny.yaml"), "train.log_every=1", "train.log_samples=true",
