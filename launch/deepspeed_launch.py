@@ -31,8 +31,8 @@ from hiervl.launch.processes import RANK_MODULE, child_env, host_rendezvous, run
 LOCAL_LAUNCH_MODULE = "hiervl.launch.local_launch"  # DeepSpeed's per-node launcher, for local CPU runs
 
 # Variables the ranks need on every node; DeepSpeed's pdsh runner exports what .deepspeed_env lists.
-PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                  "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED", "TORCH_EXTENSIONS_DIR",
+PROPAGATED_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "HF_HUB_OFFLINE",
+                  "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED", "TORCH_EXTENSIONS_DIR",
                   # not NCCL/GLOO_SOCKET_IFNAME: one value for every node breaks nodes whose interfaces are
                   # named differently; each rank finds its node's own (launch.socket_ifname, distributed.py)
                   # object storage (pipeline/storage.py): where, never the keys (a file must not hold a secret;
@@ -238,9 +238,19 @@ def deepspeed_env_text(env: dict | None = None) -> str:
 
 
 def rank_env(env: dict | None = None, gpus: bool = False) -> dict:
-    """The environment for the launcher: `child_env` plus DS_ACCELERATOR (cuda or cpu) where unset."""
+    """The environment for the launcher: `child_env` plus DS_ACCELERATOR (cuda or cpu) where unset, and on
+    CPU ranks OMP_WAIT_POLICY=PASSIVE where unset.
+
+    Why passive: CPU ranks share their cores with the decode workers (and, on a shared machine, with
+    anyone). With OpenMP's default, a thread that reaches a parallel region's barrier spins while its
+    partner waits for a core, and a step runs ~1,000 regions: one flat rank of 2 threads on 2 busy cores
+    spent 0.10-0.20 CPU-s per sample against 0.021 with passive waits and 0.018 with one thread
+    (bench/RESULTS.md "Issue #28: the demo trains flat"). libgomp reads it when torch loads, so it is set
+    here, before any rank starts (and sent to other nodes' ranks with PROPAGATED_ENV)."""
     env = child_env(env)
     env.setdefault("DS_ACCELERATOR", "cuda" if gpus else "cpu")
+    if not gpus:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

@@ -53,11 +53,7 @@ def preset_note(preset: str, queue_on: bool) -> str:
     """The report's "Which preset" section: what this run trains, beside what the ablations measured."""
     head = f"This demo trains `{preset}` with the momentum queue {'on' if queue_on else 'off'}."
     if preset != "flat":
-        head += (" On this corpus `flat` is the measured winner: `hiervl demo model.preset=flat` reached 73.6% "
-                 "held-out text-to-video R@1 (sibling R@1 91.5%) in a full demo run on 2026-12-04, against `hit`'s "
-                 "53.8%. The demo keeps `hit` because on a CPU flat's steps cost about 5x more CPU after the first "
-                 "dozen (0.12 against 0.024 CPU-s per sample; cause not found yet), which takes `make demo` past "
-                 "its time.")
+        head += (" On this corpus `flat` is the measured winner (the demo's default); this run overrides it.")
     return "## Which preset, as measured\n\n" + head + " " + PRESET_EVIDENCE
 
 

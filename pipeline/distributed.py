@@ -48,6 +48,39 @@ def world_info(env: dict | None = None) -> WorldInfo:
     return WorldInfo()
 
 
+# how many ranks share this node, by launcher: torchrun, DeepSpeed's per-node launcher, Open MPI, MPICH,
+# SLURM (srun); the first one set wins
+_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                    "SLURM_NTASKS_PER_NODE")
+
+
+def local_world_size(env: dict | None = None) -> int:
+    """The number of ranks on this node, from the launcher's environment (1 without a launcher)."""
+    env = os.environ if env is None else env
+    for var in _LOCAL_SIZE_VARS:
+        value = str(env.get(var, "")).strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def cpu_threads_per_rank(env: dict | None = None, cores: int | None = None) -> int:
+    """Torch's intra-op threads for one CPU rank: OMP_NUM_THREADS when it is set (the user's choice, or
+    DeepSpeed's --bind_cores_to_rank), else this process's usable cores split evenly over the node's ranks.
+
+    Why it matters: more compute threads than cores is not just slower. OpenMP's workers spin at each
+    parallel region's barrier while their partner waits for a core, and a CPU step runs ~1,000 regions:
+    two ranks of two threads each on two cores spent 4-9x the CPU per sample of one thread each
+    (bench/RESULTS.md, "Issue #28: the demo trains flat")."""
+    env = os.environ if env is None else env
+    value = str(env.get("OMP_NUM_THREADS", "")).strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_world_size(env))
+
+
 def export_env(info: WorldInfo, master_addr: str | None = None, master_port: int | None = None) -> None:
     """Set RANK/WORLD_SIZE/LOCAL_RANK (and master) so torch/DeepSpeed find them (SLURM, MPI)."""
     os.environ["RANK"] = str(info.rank)

@@ -42,7 +42,7 @@ def test_demo_end_to_end(tmp_path):
     assert float(m.group(1)) == pytest.approx(result["t2v"]["fused"]["R1"], abs=0.05)
     assert float(m.group(2)) == pytest.approx(100.0 / result["num_videos"], abs=0.005)
 
-    # the trained run: 12 steps, 2 ranks, the hit preset
+    # the trained run: 12 steps, 2 ranks, the flat preset (configs/demo.yaml: the measured winner)
     status = json.loads((out / "train" / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 12
     metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -52,8 +52,8 @@ def test_demo_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert f"**{result['t2v']['fused']['R1']:.1f}%** vs chance" in report
     assert "samples: **48**" in report
-    assert "preset: hit" in report and "ranks: 2" in report
-    assert "## Which preset, as measured" in report and "This demo trains `hit`" in report
+    assert "preset: flat" in report and "ranks: 2" in report
+    assert "## Which preset, as measured" in report and "This demo trains `flat` with the momentum queue off" in report
     for png in ("figures/loss.png", "figures/throughput.png"):
         assert (out / png).stat().st_size > 2000 and f"]({png})" in report
     sheets = sorted((out / "searches").glob("search-*.png"))

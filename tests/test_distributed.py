@@ -18,6 +18,19 @@ def test_world_info_reads_each_launcher(env, expect):
     assert (info.rank, info.world_size, info.local_rank, info.source) == expect
 
 
+@pytest.mark.parametrize("env, cores, expect", [
+    ({}, 2, 2),                                            # one process takes every core
+    ({"LOCAL_SIZE": "2"}, 2, 1),                           # DeepSpeed's launcher: two ranks on two cores
+    ({"LOCAL_WORLD_SIZE": "4"}, 16, 4),                    # torchrun
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 8, 2),          # Open MPI
+    ({"SLURM_NTASKS_PER_NODE": "8"}, 4, 1),                # more ranks than cores: still one thread each
+    ({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}, 2, 3),   # the user's (or --bind_cores_to_rank's) choice wins
+    ({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": ""}, 2, 1),    # an empty setting is no setting
+])
+def test_cpu_threads_per_rank_never_oversubscribes_the_node(env, cores, expect):
+    assert D.cpu_threads_per_rank(env, cores=cores) == expect
+
+
 def test_single_process_collectives_are_identity():
     x = torch.arange(6.0).reshape(3, 2)
     assert torch.equal(D.all_gather(x), x)

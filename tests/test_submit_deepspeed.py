@@ -24,6 +24,15 @@ def shards(prepared_dataset_16):
     return prepared_dataset_16
 
 
+def test_cpu_ranks_wait_passively_unless_told():
+    """OpenMP's spinning waits on shared CPU cores cost 5-10x the CPU per sample (launch/deepspeed_launch.rank_env)."""
+    from hiervl.launch import deepspeed_launch as ds
+
+    assert ds.rank_env({}, gpus=False)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert ds.rank_env({"OMP_WAIT_POLICY": "ACTIVE"}, gpus=False)["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's wins
+    assert "OMP_WAIT_POLICY" not in ds.rank_env({}, gpus=True)  # GPU ranks keep OpenMP's default
+
+
 def test_two_no_ssh_launchers_train_together(tmp_path, shards):
     from hiervl.run_dir import find_latest
 
@@ -48,7 +57,9 @@ def test_two_no_ssh_launchers_train_together(tmp_path, shards):
     for r, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"node {r}:\n{text[-4000:]}"
     assert (out / "hostfile").read_text() == "127.0.0.1 slots=1\nlocalhost slots=1\n"
-    assert "DS_ACCELERATOR=cpu" in (out / ".deepspeed_env").read_text().splitlines()
+    sent = (out / ".deepspeed_env").read_text().splitlines()  # what the other nodes' ranks get
+    assert "DS_ACCELERATOR=cpu" in sent
+    assert f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}" in sent  # CPU ranks never spin-wait
     stdio = sorted(p.name.rsplit("_", 1)[-1] for p in (out / "logs" / "stdout").glob("*.log"))  # DeepSpeed's
     assert stdio == ["rank0.log", "rank1.log"], stdio  # per-rank stdout/stderr, one from each launcher
     assert (out / "logs" / "rank0.log").exists() and (out / "logs" / "rank1.log").exists()  # the trainer's

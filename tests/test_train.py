@@ -199,6 +199,10 @@ def test_zero2_two_ranks_resume_on_one_rank_zero1_through_a_universal_checkpoint
     res = _train(shards, out, ranks=2, extra=["train.zero_stage=2", "train.steps=4", "checkpoint.every_steps=0"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert len(list((out / "checkpoints/step00000004").glob("*optim_states.pt"))) == 2  # one partition per rank
+    # two ranks on one node split its cores (DeepSpeed's launcher says LOCAL_SIZE): never more threads than cores
+    want = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, len(os.sched_getaffinity(0)) // 2)
+    for rank in (0, 1):
+        assert f"; {want} torch threads" in (out / "logs" / f"rank{rank}.log").read_text()
     saved = _module_state(out, "step00000004")
 
     one_rank = ["train.zero_stage=1", "train.steps=6", "checkpoint.every_steps=0"]

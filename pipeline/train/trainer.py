@@ -193,8 +193,9 @@ class Trainer:
             addr = dist.interface_addr(ifname) or addr if ifname else addr
         me = {"rank": self.rank, "host": socket.gethostname(), "addr": addr, "ifname": ifname}
         peers = dist.all_gather_object(me)
-        log.info("rank %d of %d on host %s (%s, interface %s); world: %s", self.rank, self.world, me["host"], addr,
-                 ifname or "-", " ".join(f"{p['rank']}@{p['host']}" for p in peers))
+        log.info("rank %d of %d on host %s (%s, interface %s); world: %s; %d torch threads", self.rank, self.world,
+                 me["host"], addr, ifname or "-", " ".join(f"{p['rank']}@{p['host']}" for p in peers),
+                 torch.get_num_threads())
         return peers
 
     def _check_shared_out_dir(self) -> None:
@@ -636,7 +637,7 @@ def run(cfg: Config, evaluate: Callable | None = None, started: Callable[[], Non
     step: the rank's entry point turns its garbage collector back on there (launch/quiet_gc.py)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)))
+        torch.set_num_threads(dist.cpu_threads_per_rank())  # never more compute threads than cores
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
         # a single process without a launcher: DeepSpeed still makes a 1-rank group; avoid port clashes
         import socket
