@@ -13,7 +13,8 @@ modules import the builders as `from fixtures import ...`.
   module-scoped fixture is built once; the longest modules start first (`LONGEST_FIRST`);
 - the datasets and `one_rank_run` are built once for the whole run, by the first worker that asks,
   in a folder every worker reads, behind a file lock (`_once_per_run`); the others wait for it;
-- Ray and the gloo pair are processes of their own: one per worker that needs them.
+- Ray and the gloo pair are processes of their own: one per worker that needs them;
+- torch runs one thread per worker (`pytest_configure`).
 Alone (`pytest tests/test_x.py`, no `-n`) everything is built in this session's tmp folder, as before.
 """
 
@@ -71,6 +72,18 @@ if LoadScopeScheduling is not None:
             return None
         config.option.loadscopereorder = False  # (xdist would sort modules by their number of tests)
         return _ModuleScheduling(config, log)
+
+
+def pytest_configure(config):
+    """Under xdist, one thread per worker process (unless OMP_NUM_THREADS says otherwise): torch's
+    default, a thread per core, has each worker's OpenMP threads spin for the cores the other worker
+    and its training subprocesses are using. The variable also reaches the subprocesses the tests
+    start (CLI runs; a training rank sets its own thread count)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _once_per_run(tmp_path_factory, name: str, build) -> Path:
