@@ -80,7 +80,8 @@ def pytest_configure(config):
     and its training subprocesses are using. The variable also reaches the subprocesses the tests
     start (CLI runs; a training rank sets its own thread count)."""
     if os.environ.get("PYTEST_XDIST_WORKER") is not None:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        if not os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            os.environ["OMP_NUM_THREADS"] = "1"
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
