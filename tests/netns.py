@@ -198,6 +198,41 @@ class Cluster:
         _ip("-n", self.hub, "link", "set", f"vh{self.names.index(node) + 1}", "up")
 
 
+def for_test(nodes: int = 2, prefix: str | None = None, root: str | Path | None = None) -> Cluster:
+    """A test fixture's cluster (use it in a `with`): skips the test with one line where namespaces
+    cannot be made here, and first tears down what a run killed hard (pytest-timeout) left."""
+    why = available()
+    if why:
+        import pytest
+
+        pytest.skip(why)
+    remove_stale()
+    return Cluster(nodes, prefix=prefix, root=root)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str | None]:
+    """Each process's output (stdout, one text) once it ends, or None for one still running when
+    `timeout` seconds (all of them together, from now) have passed; it is left running."""
+    outs, t0 = [], time.time()
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=max(1.0, timeout - (time.time() - t0)))[0])
+        except subprocess.TimeoutExpired:
+            outs.append(None)
+    return outs
+
+
+def one_process_reference(args: list[str], shards: str | Path, out: Path, env: dict) -> Path:
+    """The run a multi-node test compares its steps with: `hiervl train ARGS` on this machine (no
+    namespace), one process at global batch 4, into `out` (returned); a failed run fails the test
+    with the tails of its output."""
+    res = subprocess.run([sys.executable, "-m", "hiervl.launch.cli", "train", *args, f"data.path={shards}",
+                          f"train.out_dir={out}", "train.ranks=1", "data.batch_size=4"], env=env,
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return out
+
+
 def remove_stale() -> list[str]:
     """Tear down the clusters whose test process died without its teardown (a hard kill, pytest-timeout's
     os._exit); clusters of live processes and `up` from the command line (no pid) are left alone."""

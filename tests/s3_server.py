@@ -3,6 +3,7 @@
     server = s3_server.get()        # started on first use, killed by release() or at exit
     server.endpoint                 # "http://127.0.0.1:PORT"
     server.env()                    # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for that server
+    with s3_server.environ(server):  # ... in os.environ for the `with` body (a module fixture's yield)
     server.make_bucket("name")
     server.stop(); server.start()   # a restart (same data dir, same ports)
     SeaweedS3(ip="10.77.0.254", wrap=cluster.hub_argv)  # inside a network namespace (tests/netns.py):
@@ -17,6 +18,7 @@ key are refused, as on a real store. Free ports are picked per start; the data d
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -177,6 +179,23 @@ def _upload(client, local_dir, dest: str) -> None:
         if path.is_file():
             with client.open_output_stream(f"{dest}/{path.relative_to(local_dir).as_posix()}") as f:
                 f.write(path.read_bytes())
+
+
+@contextlib.contextmanager
+def environ(server: SeaweedS3, **extra):
+    """`server.env(**extra)` set in os.environ for the body, the old values (or their absence) back after:
+    the in-process readers (pyarrow, hiervl.storage) find the credentials where a user's shell puts them."""
+    new = server.env(**extra)
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def get() -> SeaweedS3:

@@ -33,16 +33,10 @@ def server():
 
 @pytest.fixture(scope="module")
 def env(server):
-    old = {k: os.environ.get(k) for k in server.env(AWS_ENDPOINT_URL=server.endpoint)}
-    os.environ.update(server.env(AWS_ENDPOINT_URL=server.endpoint))
-    server.make_bucket(BUCKET)
-    yield dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3_server.environ(server, AWS_ENDPOINT_URL=server.endpoint):
+        server.make_bucket(BUCKET)
+        yield dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 
 
 def _objects(server, prefix: str) -> dict[str, bytes]:

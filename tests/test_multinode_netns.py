@@ -38,12 +38,7 @@ ENV.pop("GLOO_SOCKET_IFNAME", None), ENV.pop("NCCL_SOCKET_IFNAME", None)  # each
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    why = netns.available()
-    if why:
-        pytest.skip(why)
-    netns.remove_stale()  # a run killed hard (pytest-timeout) left its namespaces
-    c = netns.Cluster(2, root=tmp_path_factory.mktemp("netns"))
-    with c:
+    with netns.for_test(root=tmp_path_factory.mktemp("netns")) as c:
         yield c
 
 
@@ -67,12 +62,7 @@ def shards(prepared_dataset_16):
 @pytest.fixture(scope="module")
 def reference(shards, tmp_path_factory):
     """One process, global batch 4, on this machine."""
-    out = tmp_path_factory.mktemp("netns_ref")
-    res = subprocess.run([sys.executable, "-m", "hiervl.launch.cli", "train", *COMMON, f"data.path={shards}",
-                          f"train.out_dir={out}", "train.ranks=1", "data.batch_size=4"], env=ENV, cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return _steps(out, ranks=1)
+    return _steps(netns.one_process_reference(COMMON, shards, tmp_path_factory.mktemp("netns_ref"), ENV), ranks=1)
 
 
 def _steps(out: Path, ranks: int) -> dict:
@@ -106,21 +96,11 @@ def _launch(cluster, shards, out, *extra):
             for r, node in enumerate(cluster.names)]
 
 
-def _wait(procs, timeout):
-    outs, t0 = [], time.time()
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=max(1.0, timeout - (time.time() - t0)))[0])
-        except subprocess.TimeoutExpired:
-            outs.append(None)
-    return outs
-
-
 @pytest.mark.timeout(1800)  # its fixtures: the 12-step reference run, then the pair (555 s at load 20 here)
 def test_no_ssh_launchers_on_two_hosts_equal_one_process(cluster, shards, reference, tmp_path):
     out = tmp_path / "pair"
     procs = _launch(cluster, shards, out)
-    outs = _wait(procs, 900)
+    outs = netns.wait_all(procs, 900)
     for node, p, text in zip(cluster.names, procs, outs):
         assert text is not None, f"{node} did not finish in 900 s"
         assert p.returncode == 0, f"{node}:\n{text[-4000:]}"
@@ -174,7 +154,7 @@ def test_cut_link_stops_both_nodes_within_the_timeout_then_n1_alone_resumes_exac
     cluster.cut("n2")
     t_cut = time.time()
     try:
-        outs = _wait(procs, timeout_s + 60)
+        outs = netns.wait_all(procs, timeout_s + 60)
     finally:
         cluster.heal("n2")
     took = time.time() - t_cut
@@ -202,7 +182,7 @@ def test_a_run_folder_local_to_each_node_is_refused_in_one_line(cluster, shards)
     tests/test_shared_checkpoints.py.)"""
     out = cluster.local / "run"  # n1 sees nodes/n1/run there, n2 sees nodes/n2/run
     procs = _launch(cluster, shards, out)
-    outs = _wait(procs, 900)
+    outs = netns.wait_all(procs, 900)
     assert all(text is not None for text in outs), "a node did not stop"
     assert all(p.returncode != 0 for p in procs), outs[0][-3000:]
     errors = [line for line in outs[0].splitlines() if line.startswith("hiervl train: error:")]

@@ -39,12 +39,7 @@ COMMON = ["--config", str(ROOT / "configs/tiny.yaml"), "train.log_every=1", "tra
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    why = netns.available()
-    if why:
-        pytest.skip(why)
-    netns.remove_stale()
-    c = netns.Cluster(2, prefix=f"hs{os.getpid() % 100000}", root=tmp_path_factory.mktemp("netns_s3"))
-    with c:
+    with netns.for_test(prefix=f"hs{os.getpid() % 100000}", root=tmp_path_factory.mktemp("netns_s3")) as c:
         yield c
 
 
@@ -81,16 +76,6 @@ def _launch(cluster, server, data, ckpt, out, fault_on=None):
     return procs
 
 
-def _wait(procs, timeout):
-    outs, t0 = [], time.time()
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=max(1.0, timeout - (time.time() - t0)))[0])
-        except subprocess.TimeoutExpired:
-            outs.append(None)
-    return outs
-
-
 def _listing(cluster, server, prefix) -> dict:
     """{relative name: bytes} of the objects under BUCKET/prefix, read from n1 (over its link)."""
     code = ("import json,sys; sys.path.insert(0, sys.argv[3]); import s3_server as s; from pyarrow import fs\n"
@@ -116,7 +101,7 @@ def test_no_shared_filesystem_s3_checkpoints_node_killed_mid_write_then_resume(c
     # 1. n2's rank dies while writing the step-4 checkpoint (one of its files uploaded)
     t0 = time.time()
     procs = _launch(cluster, server, data, ckpt, out, fault_on="n2")
-    outs = _wait(procs, 900)
+    outs = netns.wait_all(procs, 900)
     print(f"phase 1 (killed at the step-4 checkpoint): {time.time() - t0:.0f} s")
     for node, p, text in zip(cluster.names, procs, outs):
         assert text is not None, f"{node} still running after 900 s"
@@ -133,7 +118,7 @@ def test_no_shared_filesystem_s3_checkpoints_node_killed_mid_write_then_resume(c
     # 2. both nodes again, no fault: resume from step 2, each node from its own download
     t0 = time.time()
     procs = _launch(cluster, server, data, ckpt, out)
-    outs = _wait(procs, 900)
+    outs = netns.wait_all(procs, 900)
     print(f"phase 2 (resume from step 2 to {STEPS}): {time.time() - t0:.0f} s")
     for node, p, text in zip(cluster.names, procs, outs):
         assert text is not None, f"{node} still running after 900 s"

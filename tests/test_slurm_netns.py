@@ -17,7 +17,6 @@ them as root). Slow (465-533 s at load 16: 166-182 s the one-process reference, 
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,8 +41,7 @@ def slurm(tmp_path_factory):
     why = netns.available() or netns_slurm.available()
     if why:
         pytest.skip(why)
-    netns.remove_stale()
-    with netns.Cluster(2, root=tmp_path_factory.mktemp("slurmns")) as cluster:
+    with netns.for_test(root=tmp_path_factory.mktemp("slurmns")) as cluster:
         try:
             yield netns_slurm.start_slurm(cluster)
         finally:
@@ -53,12 +51,7 @@ def slurm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(prepared_dataset_16, tmp_path_factory):
     """One process, global batch 4, on this machine: step -> (loss, keys)."""
-    out = tmp_path_factory.mktemp("slurm_ref")
-    res = subprocess.run([sys.executable, "-m", "hiervl.launch.cli", "train", *COMMON, f"data.path={prepared_dataset_16}",
-                          f"train.out_dir={out}", "train.ranks=1", "data.batch_size=4"], env=ENV, cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return _steps(out)
+    return _steps(netns.one_process_reference(COMMON, prepared_dataset_16, tmp_path_factory.mktemp("slurm_ref"), ENV))
 
 
 def _steps(out: Path) -> dict:

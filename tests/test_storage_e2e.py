@@ -39,15 +39,9 @@ def server():
 
 @pytest.fixture(scope="module")
 def env(server):
-    old = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0")
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3_server.environ(server):
+        yield dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0")
 
 
 @pytest.fixture(scope="module")
