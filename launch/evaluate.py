@@ -33,7 +33,8 @@ Diagnostics, in a second table (and eval.json "order", "groups"):
 
 The model (preset, sizes, levels, frames, tokens) is the checkpoint's: `model.*` overrides are refused.
 Writes eval.json, eval.md and the video embeddings (embeddings.parquet + index.json, the
-index `hiervl search` reads) to --out (default: <checkpoint>/eval-<split>).
+index `hiervl search` reads) to --out (default: <run>/eval-<split>; for an export, <export>-eval-<split>
+beside it: eval never writes into an export).
 
 Example:
   hiervl eval --checkpoint runs/demo/train --data runs/demo/shards --split test

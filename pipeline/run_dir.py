@@ -73,8 +73,12 @@ MODEL_PATHS = f"{CHECKPOINT_PATHS}, or an export directory (hiervl export RUN --
 
 
 def eval_dir(run: str | Path, split: str) -> Path:
-    """Where `hiervl eval --checkpoint RUN` writes by default."""
-    return Path(run) / f"eval-{split}"
+    """Where `hiervl eval --checkpoint RUN` writes by default: inside a run folder, but beside an export
+    (`<export>-eval-<split>`): an export is an artifact to hand on, and eval never writes into it."""
+    run = Path(run)
+    if is_export(run):
+        return run.resolve().parent / f"{run.resolve().name}-eval-{split}"
+    return run / f"eval-{split}"
 
 
 def tag_for(step: int) -> str:
