@@ -100,6 +100,14 @@ def check_split(data: str | None, split: str) -> None:
 
 def main(args, cfg) -> int:
     check_split(args.data, args.split or cfg.eval.split)  # before the slow imports and the model
+    from hiervl.launch.model_path import local_model_path
+    from hiervl.storage import is_remote
+
+    if is_remote(str(args.checkpoint)) and not args.out:
+        from hiervl.errors import UserError
+
+        raise UserError(f"--checkpoint {args.checkpoint} is in an object store: give --out DIR for the results")
+    args.checkpoint = local_model_path(args.checkpoint, cfg.storage)  # a URL: fetched into the cache, verified
     from hiervl import distributed as dist
     from hiervl.eval.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
     from hiervl.log import setup_logging

@@ -68,7 +68,8 @@ SLURM_JOB = ".hiervl-slurm-job"  # the id of the SLURM job training into this fo
 HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a checkpoint file
 
 # what a model path may be, in every help text and error (eval, search, search index, export, hiervl.load)
-CHECKPOINT_PATHS = "a training run folder (train.out_dir), its checkpoints/ folder or one checkpoints/stepNNNNNNNN folder"
+CHECKPOINT_PATHS = ("a training run folder (train.out_dir), its checkpoints/ folder or one checkpoints/stepNNNNNNNN folder "
+                    "(or the s3:// / gs:// checkpoint.dir of a run, or one stepNNNNNNNN under it)")
 MODEL_PATHS = f"{CHECKPOINT_PATHS}, or an export directory (hiervl export RUN --out DIR)"
 
 
