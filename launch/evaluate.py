@@ -33,7 +33,8 @@ Diagnostics, in a second table (and eval.json "order", "groups"):
 
 The model (preset, sizes, levels, frames, tokens) is the checkpoint's: `model.*` overrides are refused.
 Writes eval.json, eval.md and the video embeddings (embeddings.parquet + index.json, the
-index `hiervl search` reads) to --out (default: <checkpoint>/eval-<split>).
+index `hiervl search` reads) to --out (default: <run>/eval-<split>; for an export, <export>-eval-<split>
+beside it: eval never writes into an export).
 
 Example:
   hiervl eval --checkpoint runs/demo/train --data runs/demo/shards --split test
@@ -99,6 +100,14 @@ def check_split(data: str | None, split: str) -> None:
 
 def main(args, cfg) -> int:
     check_split(args.data, args.split or cfg.eval.split)  # before the slow imports and the model
+    from hiervl.launch.model_path import local_model_path
+    from hiervl.storage import is_remote
+
+    if is_remote(str(args.checkpoint)) and not args.out:
+        from hiervl.errors import UserError
+
+        raise UserError(f"--checkpoint {args.checkpoint} is in an object store: give --out DIR for the results")
+    args.checkpoint = local_model_path(args.checkpoint, cfg.storage)  # a URL: fetched into the cache, verified
     from hiervl import distributed as dist
     from hiervl.eval.evaluate import diagnostics_note, evaluate_model, format_diagnostics, format_table
     from hiervl.log import setup_logging

@@ -72,7 +72,9 @@ def main(args, cfg) -> int:
     if args.overrides or args.config:
         raise UserError("export takes no --config or KEY=VALUE overrides: it writes the checkpoint's own config "
                         f"(got {' '.join(([f'--config {args.config}'] if args.config else []) + args.overrides)})")
-    run = Path(args.run)
+    from hiervl.launch.model_path import local_model_path
+
+    run = Path(local_model_path(args.run, cfg.storage))  # a URL: fetched into the cache, verified
     source = checkpoint_source(run)  # before the model loads: one line for a wrong RUN
     model, ckpt_cfg = load_model_for_inference(run, setting="RUN")
     out = write_export(model, ckpt_cfg, args.out, source=source, overwrite=args.force)

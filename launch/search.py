@@ -96,6 +96,9 @@ def build_index(args, cfg) -> int:
         raise UserError("`hiervl search index` needs --checkpoint RUN (the model) and --out DIR (the index)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    from hiervl.launch.model_path import local_model_path
+
+    args.checkpoint = local_model_path(args.checkpoint, cfg.storage)  # a URL: fetched into the cache, verified
     if not Path(args.checkpoint).exists():
         from hiervl.run_dir import MODEL_PATHS
 
@@ -184,7 +187,9 @@ def run_search(args) -> int:
     from hiervl.run_dir import checkpoint_step, load_model_for_inference
 
     index = SearchIndex.load(args.index)
-    checkpoint = args.checkpoint or index.meta.get("checkpoint")
+    from hiervl.launch.model_path import local_model_path
+
+    checkpoint = local_model_path(args.checkpoint or index.meta.get("checkpoint"))  # a URL: fetched, verified
     if not checkpoint:
         raise UserError(f"{args.index}/index.json names no checkpoint; pass --checkpoint DIR")
     model, _ = load_model_for_inference(checkpoint)

@@ -68,13 +68,18 @@ SLURM_JOB = ".hiervl-slurm-job"  # the id of the SLURM job training into this fo
 HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a checkpoint file
 
 # what a model path may be, in every help text and error (eval, search, search index, export, hiervl.load)
-CHECKPOINT_PATHS = "a training run folder (train.out_dir), its checkpoints/ folder or one checkpoints/stepNNNNNNNN folder"
+CHECKPOINT_PATHS = ("a training run folder (train.out_dir), its checkpoints/ folder or one checkpoints/stepNNNNNNNN folder "
+                    "(or the s3:// / gs:// checkpoint.dir of a run, or one stepNNNNNNNN under it)")
 MODEL_PATHS = f"{CHECKPOINT_PATHS}, or an export directory (hiervl export RUN --out DIR)"
 
 
 def eval_dir(run: str | Path, split: str) -> Path:
-    """Where `hiervl eval --checkpoint RUN` writes by default."""
-    return Path(run) / f"eval-{split}"
+    """Where `hiervl eval --checkpoint RUN` writes by default: inside a run folder, but beside an export
+    (`<export>-eval-<split>`): an export is an artifact to hand on, and eval never writes into it."""
+    run = Path(run)
+    if is_export(run):
+        return run.resolve().parent / f"{run.resolve().name}-eval-{split}"
+    return run / f"eval-{split}"
 
 
 def tag_for(step: int) -> str:

@@ -170,6 +170,21 @@ def test_two_ranks_write_s3_one_rank_elsewhere_resumes_and_equals_one_run(server
         in log, log[-3000:]
     assert json.loads(_objects(server, prefix)["step00000006/meta.json"])["world_size"] == 1
 
+    # eval and export read the run from the store itself (a fresh cache, no --out into the cache)
+    cli = [sys.executable, "-m", "hiervl.launch.cli"]
+    cached = dict(env, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    res = subprocess.run([*cli, "eval", "--checkpoint", url, "--data", str(shards), "--split", "test", "--no-diagnostics",
+                          "--out", str(tmp_path / "eval-s3")], env=cached, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert json.loads((tmp_path / "eval-s3" / "eval.json").read_text())["checkpoint_step"] == 6  # the newest
+    res = subprocess.run([*cli, "export", f"{url}/step00000004", "--out", str(tmp_path / "export")], env=cached, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert json.loads((tmp_path / "export" / "hiervl-export.json").read_text())["source"]["step"] == 4  # the one named
+    res = subprocess.run([*cli, "eval", "--checkpoint", f"{url}/step00000005", "--data", str(shards), "--out",
+                          str(tmp_path / "none")], env=cached, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1 and "no complete checkpoint there" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
     ref = tmp_path / "ref"
     _train(shards, ref, env, "train.ranks=1", "train.steps=6")
     reference = _steps(ref, 1)

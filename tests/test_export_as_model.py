@@ -49,6 +49,10 @@ def test_eval_and_search_index_take_an_export_and_give_the_checkpoints_numbers(r
     common = ["--data", str(data), "--split", "test", "--no-diagnostics"]
     assert main(["eval", "--checkpoint", str(run), *common, "--out", str(root / "eval-ckpt")]) == 0
     assert main(["eval", "--checkpoint", str(model), *common, "--out", str(root / "eval-export")]) == 0
+    before = sorted(p.relative_to(model) for p in model.rglob("*"))
+    assert main(["eval", "--checkpoint", str(model), *common]) == 0  # no --out: beside the export, never in it
+    assert sorted(p.relative_to(model) for p in model.rglob("*")) == before
+    assert (root / "model-eval-test" / "eval.json").is_file()
     a, b = (json.loads((root / d / "eval.json").read_text()) for d in ("eval-ckpt", "eval-export"))
     for direction in ("t2v", "v2t"):
         for level in a[direction]:

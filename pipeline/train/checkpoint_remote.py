@@ -20,12 +20,18 @@ Then the first rank of every other node downloads the same tag into its own node
 checks it alike). Loading, and a universal conversion on another world size (done by the first rank
 of each node, in its cache), read the cache as a local checkpoint folder.
 
-Owns: the object-store checkpoint layout, its upload, commit, prune, and download for resume.
+Reading for inference (`hiervl eval / export / search --checkpoint s3://...`): `fetch_for_inference` copies
+the newest complete, intact checkpoint under a checkpoint.dir URL (or the one tag a URL ends in) into
+this user's cache (`~/.cache/hiervl/checkpoints/<hash of the URL>/<tag>/`, verified the same way; a copy
+that matches the store's meta.json is not downloaded again), and the commands read that folder.
+
+Owns: the object-store checkpoint layout, its upload, commit, prune, and download for resume and inference.
 Must not touch: what a checkpoint holds (checkpoint.py) or the training loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -169,6 +175,40 @@ class RemoteCheckpoints:
                 continue
             if tag in complete or (newest is not None and tag < newest):
                 self.remove(tag)
+
+
+def inference_cache(url: str) -> Path:
+    """Where `fetch_for_inference` keeps the checkpoints of `url` on this machine ($XDG_CACHE_HOME or ~/.cache)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hiervl" / "checkpoints"
+    return root / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def fetch_for_inference(url: str, storage=None) -> Path:
+    """A local, verified copy of the checkpoint an object-store URL names: a checkpoint.dir URL (its newest
+    complete, intact checkpoint, as a resume picks it) or <checkpoint.dir>/stepNNNNNNNN (that one).
+    Returns the local checkpoint folder; one line naming the URL when there is none or it is damaged."""
+    url = url.rstrip("/")
+    dest = inference_cache(url)
+    base, last = url.rsplit("/", 1)
+    if TAG.fullmatch(last):
+        remote = RemoteCheckpoints(base, storage)
+        meta = remote.read_meta(last)
+        if meta is None:
+            raise UserError(f"--checkpoint {url}: no complete checkpoint there (no {META}); point it at the "
+                            "checkpoint.dir URL to take the newest complete one")
+        problem = remote.download(last, meta, dest)
+        if problem is not None:
+            raise UserError(f"--checkpoint {url} is damaged ({problem}); point it at another checkpoint, or at "
+                            "the checkpoint.dir URL to take the newest intact one")
+        tag = last
+    else:
+        got = RemoteCheckpoints(url, storage).fetch_newest_intact(dest)
+        if got is None:
+            raise UserError(f"--checkpoint {url}: no complete checkpoint there (no stepNNNNNNNN/{META}); give the "
+                            "checkpoint.dir URL the run was trained with")
+        tag = got[0]
+    log.info("checkpoint %s/%s is in %s", url if tag != last else base, tag, dest / tag)
+    return dest / tag
 
 
 def keep_only(dest: Path, tag: str) -> None:
