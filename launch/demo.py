@@ -42,8 +42,9 @@ clips, symmetric in-batch contrast), held-out text-to-video R@1 / sibling R@1 we
 flat wins here by 24 points. The hierarchy wins where a query is a whole paragraph: on the multi-event
 corpus (`hiervl synth --kind events`), all of a video's captions as one query, `hit` with
 `model.loss_on=fused model.token_align=monotonic` beat `flat` by +3.5 R@1 over 3 paired seeds, every seed
-favouring it (9.9 against 6.5 at 300 steps, chance 0.81; "Issue #28"); on that corpus's single sentences it
-was +1.6, not in every seed. The momentum queue lowered R@1 on this corpus (476 videos, batch 32): `flat` with
+favouring it (9.9 against 6.5 at 300 steps, chance 0.81; "Issue #28"); at 600 steps the lead was the same
+(+3.5: 15.3 against 11.8) but one seed of three favoured flat; on that corpus's single sentences it was
++1.6 and +0.9, not in every seed. The momentum queue lowered R@1 on this corpus (476 videos, batch 32): `flat` with
 it 61.1 against 73.6 without ("Issue #28"), `hit` in every form tried ("Issue #18"); where
 the batch is small beside the corpus (2,000 videos, batch 8, queue 1,024) `queue.objective=both` beat no
 queue by +3.1 R@1 at 600 steps over 3 paired seeds, every seed favouring it, at 1.4x the CPU, and by +1.6
