@@ -176,9 +176,18 @@ def ray_cluster():
     test_prep_distribute.py, the storage tests whose shard tasks run as Ray workers."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+        start_ray()
     yield ray
     ray.shutdown()
+
+
+def start_ray(restart: bool = False) -> None:
+    """The session's local Ray cluster; `restart`: a new one whose workers see this process's environment
+    now (Ray's workers keep the environment of `ray.init`, and a session fixture is made before a module's)."""
+    import ray
+    if restart and ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
 
 
 @pytest.fixture(scope="session")

@@ -47,9 +47,11 @@ def env(server):
 @pytest.fixture(scope="module")
 def datasets(server, env, ray_cluster, tmp_path_factory):
     """(local dir, s3 URL, summaries): the same corpus prepared to both with `hiervl prep`, in one Ray."""
+    from conftest import start_ray
     from hiervl.dataprep.synth import make_corpus
     from hiervl.launch.cli import main
 
+    start_ray(restart=True)  # the session's cluster predates `env`: its workers would have no S3 credentials
     root = tmp_path_factory.mktemp("e2e")
     manifest = make_corpus(root / "corpus", 20, seed=3)
     server.make_bucket("e2e")
