@@ -21,7 +21,7 @@ from hiervl.launch.processes import child_env
 
 HELP = "run the whole pipeline on the synthetic corpus (synth, prep, train, eval, search) and write a report"
 DESCRIPTION = """Synthetic corpus (hiervl synth) -> WebDataset shards (hiervl prep) -> training
-with DeepSpeed's launcher (train.ranks CPU ranks, or the GPUs when present; hit preset, symmetric
+with DeepSpeed's launcher (train.ranks CPU ranks, or the GPUs when present; flat preset, symmetric
 in-batch contrast over grouped batches, no queue; the report says which preset won where) -> evaluation on the held-out test split (hiervl eval) -> a few searches with
 contact sheets -> <out>/report.md. Defaults come from configs/demo.yaml (sized to finish in a few
 minutes on 2 CPU cores; `hiervl demo --print-config` prints them resolved); dotted overrides change them. A rerun reuses finished stages' outputs
