@@ -54,14 +54,16 @@ _LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZ
                     "SLURM_NTASKS_PER_NODE")
 
 
+def _count(env: dict, var: str) -> int | None:
+    """`env[var]` as a positive whole number; None when it is unset, empty or anything else."""
+    value = str(env.get(var, "")).strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def local_world_size(env: dict | None = None) -> int:
     """The number of ranks on this node, from the launcher's environment (1 without a launcher)."""
     env = os.environ if env is None else env
-    for var in _LOCAL_SIZE_VARS:
-        value = str(env.get(var, "")).strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
+    return next((n for var in _LOCAL_SIZE_VARS if (n := _count(env, var)) is not None), 1)
 
 
 def cpu_threads_per_rank(env: dict | None = None, cores: int | None = None) -> int:
@@ -73,9 +75,8 @@ def cpu_threads_per_rank(env: dict | None = None, cores: int | None = None) -> i
     two ranks of two threads each on two cores spent 4-9x the CPU per sample of one thread each
     (bench/RESULTS.md, "Issue #28: the demo trains flat")."""
     env = os.environ if env is None else env
-    value = str(env.get("OMP_NUM_THREADS", "")).strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
+    if (threads := _count(env, "OMP_NUM_THREADS")) is not None:
+        return threads
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // local_world_size(env))

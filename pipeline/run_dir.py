@@ -78,7 +78,8 @@ def eval_dir(run: str | Path, split: str) -> Path:
     (`<export>-eval-<split>`): an export is an artifact to hand on, and eval never writes into it."""
     run = Path(run)
     if is_export(run):
-        return run.resolve().parent / f"{run.resolve().name}-eval-{split}"
+        export = run.resolve()
+        return export.with_name(f"{export.name}-eval-{split}")
     return run / f"eval-{split}"
 
 
