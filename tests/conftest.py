@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures import prepared_dataset
+from fixtures import prepared_dataset, start_ray
 from gloo_pair import GlooPair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,15 +179,6 @@ def ray_cluster():
         start_ray()
     yield ray
     ray.shutdown()
-
-
-def start_ray(restart: bool = False) -> None:
-    """The session's local Ray cluster; `restart`: a new one whose workers see this process's environment
-    now (Ray's workers keep the environment of `ray.init`, and a session fixture is made before a module's)."""
-    import ray
-    if restart and ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
 
 
 @pytest.fixture(scope="session")

@@ -114,3 +114,13 @@ def assert_same_queues(ref: dict, got: dict, atol: float, what: str = "") -> Non
                 torch.testing.assert_close(v, ref_v, atol=atol, rtol=0, msg=f"{what} queue {name}.{buf}")
             else:
                 assert torch.equal(v, ref_v), f"{what} queue {name}.{buf}: {v.tolist()} vs {ref_v.tolist()}"
+
+
+def start_ray(restart: bool = False) -> None:
+    """The session's local Ray cluster (conftest.ray_cluster); `restart`: a new one whose workers see this
+    process's environment now (Ray's workers keep the environment of `ray.init`, and pytest makes a session
+    fixture before a module's, e.g. before a module's S3 credentials are set)."""
+    import ray
+    if restart and ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False)

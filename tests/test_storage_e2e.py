@@ -47,7 +47,7 @@ def env(server):
 @pytest.fixture(scope="module")
 def datasets(server, env, ray_cluster, tmp_path_factory):
     """(local dir, s3 URL, summaries): the same corpus prepared to both with `hiervl prep`, in one Ray."""
-    from conftest import start_ray
+    from fixtures import start_ray
     from hiervl.dataprep.synth import make_corpus
     from hiervl.launch.cli import main
 
