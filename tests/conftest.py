@@ -9,11 +9,12 @@ check Ray itself. pytest puts this folder on sys.path (rootdir conftest, no __in
 modules import the builders as `from fixtures import ...`.
 
 `make test` runs the suite in 2 pytest-xdist worker processes (`-n 2 --dist loadfile`). There:
-- each test module runs whole on one worker (the multi-node modules all on one, `ONE_WORKER`), so a
-  module-scoped fixture is built once; the longest modules start first (`LONGEST_FIRST`);
+- each test module runs whole on one worker, so a module-scoped fixture is built once; the modules of
+  a group in `ONE_WORKER` (the multi-node ones, the Ray ones, the gloo-pair ones) share one worker;
+  the longest modules start first (`LONGEST_FIRST`);
 - the datasets and `one_rank_run` are built once for the whole run, by the first worker that asks,
   in a folder every worker reads, behind a file lock (`_once_per_run`); the others wait for it;
-- Ray and the gloo pair are processes of their own: one per worker that needs them;
+- Ray and the gloo pair are processes of their own: one per worker that needs them (one worker, by the groups);
 - torch runs one thread per worker (`pytest_configure`).
 Alone (`pytest tests/test_x.py`, no `-n`) everything is built in this session's tmp folder, as before.
 """
@@ -37,10 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # Under pytest-xdist (`make test`: -n 2 --dist loadfile) a worker runs a module whole: its module-scoped
-# fixtures are built once. These modules also share one worker with each other, one after another:
-# each makes network namespaces and runs multi-node daemons and trainings (tests/netns.py).
+# fixtures are built once. The modules of a group here also share one worker, one after another:
+# netns: each makes network namespaces and runs multi-node daemons and trainings (tests/netns.py);
+# ray, gloo: they use the session's Ray cluster / gloo pair, which then starts once, not once per worker.
 ONE_WORKER = {"test_multinode_netns.py": "netns", "test_multinode_s3.py": "netns", "test_slurm_netns.py": "netns",
-              "test_prep_ray_netns.py": "netns"}
+              "test_prep_ray_netns.py": "netns",
+              "test_prep_ray.py": "ray", "test_prep_distribute.py": "ray", "test_storage_e2e.py": "ray",
+              "test_distributed.py": "gloo", "test_evaluate.py": "gloo", "test_grad_cache.py": "gloo",
+              "test_model_distributed.py": "gloo"}
 # The longest modules (--durations of 2026-12-04, 75-325 s each of a 23-min serial run), handed out first
 # so that no worker is left running one of them alone at the end; a stale list only costs time.
 LONGEST_FIRST = ("test_train.py", "test_multinode_netns.py", "test_checkpoint_hash.py", "test_crash_ledger.py",

@@ -4,8 +4,9 @@ One straight 12-step run is the reference. Against it:
 - a run killed while writing its step-9 checkpoint (the kill leaves `latest` on the complete step 6),
   whose step 6 is then damaged, resumed with the same command from step 3, gives identical per-step
   losses, sample keys, final weights and queues;
-- SIGTERM mid-run writes a checkpoint and exits 0; that 2-rank checkpoint resumed on 1 rank
-  continues at the exact data position (every key of the epoch exactly once) with the same LR.
+- SIGTERM mid-run (2 ranks, ZeRO-2) writes a checkpoint and exits 0; that checkpoint resumed on 1 rank
+  (ZeRO-1, through a universal checkpoint) continues at the exact data position (every key of the
+  epoch exactly once) with the same LR.
 """
 
 import json
@@ -139,16 +140,46 @@ def _train_keys(shards):
     return sorted(r["key"] for r in table if r["split"] == "train")
 
 
-def test_sigterm_checkpoints_and_resumes_on_one_rank_at_exact_position(shards, straight, tmp_path):
+def test_sigterm_at_zero2_then_one_rank_at_zero1_resumes_through_a_universal_checkpoint_at_exact_position(
+        shards, straight, tmp_path):
+    """A preemption and an elastic resume, in one run (each costs two launches).
+    2 ranks at ZeRO-2, SIGTERM once two steps are logged: a checkpoint of the step it stopped at (one
+    optimizer partition per rank), exit 0, status "preempted". The same command on 1 rank at ZeRO-1:
+    the checkpoint is converted to DeepSpeed's universal format by itself (the 2-rank run's fp32
+    weights bit for bit, Adam's step carried over), and training goes on at the exact data position
+    (every train key of epoch 0 exactly once) with the straight run's LR at each step. A rerun of the
+    finished run then leaves its checkpoint alone."""
     out = tmp_path / "preempted"
-    _sigterm_after_two_steps(_cmd(shards, out, extra=["checkpoint.every_steps=0"]), out)
+    _sigterm_after_two_steps(_cmd(shards, out, extra=["train.zero_stage=2", "checkpoint.every_steps=0"]), out)
     status = json.loads((out / "status.json").read_text())
     stopped = status["step"]
     assert status["state"] == "preempted" and 2 <= stopped < STEPS
-    assert find_latest(out / "checkpoints") == f"step{stopped:08d}"
+    tag = f"step{stopped:08d}"
+    assert find_latest(out / "checkpoints") == tag
+    assert len(list((out / "checkpoints" / tag).glob("*optim_states.pt"))) == 2  # one partition per rank
+    # two ranks on one node split its cores (DeepSpeed's launcher says LOCAL_SIZE): never more threads than cores
+    want = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, len(os.sched_getaffinity(0)) // 2)
+    for rank in (0, 1):
+        assert f"; {want} torch threads" in (out / "logs" / f"rank{rank}.log").read_text()
+    saved = _module_state(out, tag)
 
-    res = _train(shards, out, ranks=1)  # same out_dir, 1 rank: universal/elastic resume
+    one_rank = ["train.zero_stage=1", "checkpoint.every_steps=0"]
+    res = _train(shards, out, ranks=1, extra=one_rank)  # same out_dir, 1 rank: universal/elastic resume
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    log = res.stdout + res.stderr
+    assert f"at step {stopped} (epoch" in log and "via universal checkpoint (2 -> 1 ranks)" in log, log[-3000:]
+    universal = out / "checkpoints" / f"{tag}_universal"
+    assert (universal / "done").is_file()
+    trainable = [k for k in saved if ".queues." not in f".{k}" and "_key." not in k and (universal / "zero" / k).is_dir()]
+    optimized = 0
+    for key in trainable:  # the converted fp32 master weights are the 2-rank run's weights, bit for bit
+        converted = torch.load(universal / "zero" / key / "fp32.pt", weights_only=False)["param"]
+        assert torch.equal(converted.reshape(saved[key].shape), saved[key].float()), key
+        if (universal / "zero" / key / "exp_avg.pt").is_file():  # optimized (not frozen): Adam's step carried over
+            optimized += 1
+            assert int(torch.load(universal / "zero" / key / "step.pt", weights_only=False)) == stopped
+    assert optimized > 50
+
     got, ref = _metrics(out), _metrics(straight)
     assert sorted(got) == list(range(1, STEPS + 1))
     # the optimizer step and LR schedule continue: same LR as the uninterrupted run at each step
@@ -167,6 +198,18 @@ def test_sigterm_checkpoints_and_resumes_on_one_rank_at_exact_position(shards, s
     assert len(consumed) == len(set(consumed)), "a key was repeated within the epoch"
     assert set(consumed) <= set(keys) and len(consumed) >= usable - 4
 
+    final = out / f"checkpoints/step{STEPS:08d}"
+    assert torch.load(final / "mp_rank_00_model_states.pt", weights_only=False)["global_steps"] == STEPS
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["zero_stage"] == 1
+
+    # the same command again has nothing to train: it must not rewrite (and risk) its only checkpoint
+    before = {f.name: f.stat().st_mtime_ns for f in final.iterdir()}
+    res = _train(shards, out, ranks=1, extra=one_rank)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert {f.name: f.stat().st_mtime_ns for f in final.iterdir()} == before
+    assert json.loads((out / "status.json").read_text())["checkpoint"] == f"step{STEPS:08d}"
+
 
 def test_single_process_non_finite_losses_stop_with_checkpoint(shards, tmp_path):
     """`python -m hiervl.launch.train` runs one rank directly; N non-finite losses in a row stop the run."""
@@ -179,50 +222,6 @@ def test_single_process_non_finite_losses_stop_with_checkpoint(shards, tmp_path)
     assert status["state"] == "failed" and status["bad_steps"] == 2 and status["step"] == 0
     assert "non-finite" in status["reason"] and "train.lr" in status["reason"]
     assert find_latest(out / "checkpoints") == "step00000000"
-
-
-def test_zero2_two_ranks_resume_on_one_rank_zero1_through_a_universal_checkpoint(shards, tmp_path):
-    """A ZeRO-2 checkpoint of 2 ranks goes on training on 1 rank at ZeRO-1: converted to DeepSpeed's
-    universal format by itself (the same fp32 weights, the optimizer step carried over). A rerun of
-    the finished run then leaves its checkpoint alone."""
-    out = tmp_path / "zero2"
-    res = _train(shards, out, ranks=2, extra=["train.zero_stage=2", "train.steps=4", "checkpoint.every_steps=0"])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert len(list((out / "checkpoints/step00000004").glob("*optim_states.pt"))) == 2  # one partition per rank
-    # two ranks on one node split its cores (DeepSpeed's launcher says LOCAL_SIZE): never more threads than cores
-    want = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, len(os.sched_getaffinity(0)) // 2)
-    for rank in (0, 1):
-        assert f"; {want} torch threads" in (out / "logs" / f"rank{rank}.log").read_text()
-    saved = _module_state(out, "step00000004")
-
-    one_rank = ["train.zero_stage=1", "train.steps=6", "checkpoint.every_steps=0"]
-    res = _train(shards, out, ranks=1, extra=one_rank)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    log = res.stdout + res.stderr
-    assert "at step 4" in log and "via universal checkpoint (2 -> 1 ranks)" in log, log[-3000:]
-    universal = out / "checkpoints/step00000004_universal"
-    assert (universal / "done").is_file()
-    trainable = [k for k in saved if ".queues." not in f".{k}" and "_key." not in k and (universal / "zero" / k).is_dir()]
-    optimized = 0
-    for key in trainable:  # the converted fp32 master weights are the 2-rank run's weights, bit for bit
-        converted = torch.load(universal / "zero" / key / "fp32.pt", weights_only=False)["param"]
-        assert torch.equal(converted.reshape(saved[key].shape), saved[key].float()), key
-        if (universal / "zero" / key / "exp_avg.pt").is_file():  # optimized (not frozen): Adam's step carried over
-            optimized += 1
-            assert int(torch.load(universal / "zero" / key / "step.pt", weights_only=False)) == 4
-    assert optimized > 50
-    assert sorted(_metrics(out)) == [1, 2, 3, 4, 5, 6]
-    final = out / "checkpoints/step00000006"
-    assert torch.load(final / "mp_rank_00_model_states.pt", weights_only=False)["global_steps"] == 6
-    meta = json.loads((final / "meta.json").read_text())
-    assert meta["world_size"] == 1 and meta["zero_stage"] == 1
-
-    # the same command again has nothing to train: it must not rewrite (and risk) its only checkpoint
-    before = {f.name: f.stat().st_mtime_ns for f in final.iterdir()}
-    res = _train(shards, out, ranks=1, extra=one_rank)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert {f.name: f.stat().st_mtime_ns for f in final.iterdir()} == before
-    assert json.loads((out / "status.json").read_text())["checkpoint"] == "step00000006"
 
 
 @pytest.mark.parametrize("saved,now,ok", [(2, 1, True), (0, 2, True), (3, 3, True), (2, 3, False), (3, 1, False)])
