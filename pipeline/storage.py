@@ -21,7 +21,10 @@ local file under its final name; a local `put` is write-temp-then-rename (pipeli
 
 Retries: connection errors, timeouts and 5xx are retried `storage.retries` times with exponential
 backoff from `storage.backoff_s` (capped at 8 s); a wrong key, a denied request or a missing bucket
-is a `UserError` at once (retrying cannot fix it); a missing object is FileNotFoundError.
+is a `UserError` at once (retrying cannot fix it), unless this store has already been answered: then
+the same key worked a moment ago, and a denial or a missing bucket is a server restarting (SeaweedFS
+answers 403 until it has reloaded its identities) or IAM propagating, retried as a 5xx is, and the
+`UserError` comes after the last retry. A missing object is FileNotFoundError.
 
 Owns: URL parsing, the store classes, retries and the error classification.
 Must not touch: what is stored (shards, manifests: their owners), the loader's order or read-ahead
@@ -322,14 +325,17 @@ class _Retrying:
         delays = backoff_delays(int(self.opts["retries"]), float(self.opts["backoff_s"]))
         for attempt in range(len(delays) + 1):
             try:
-                return fn()
+                result = fn()
+                self._answered = True  # from now on a denial is not a wrong key (see the module docstring)
+                return result
             except FileNotFoundError:
                 raise
             except (OSError, urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 fatal = _fatal(self.url, exc, self.where)
                 if fatal is not None:
-                    raise fatal from None
-                if isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code not in (408, 429):
+                    if not getattr(self, "_answered", False) or attempt == len(delays):
+                        raise fatal from None
+                elif isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code not in (408, 429):
                     raise OSError(f"{self.url}: {what}: HTTP {exc.code} {exc.reason}") from None
                 if attempt == len(delays):
                     raise OSError(f"{self.url}: {what} failed after {attempt + 1} attempts: "

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import threading
 import time
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,47 @@ def test_decode_worker_processes_read_from_s3(creds, local_and_remote):
         loader.close()
     assert [(k, p) for k, _, p, _ in got] == [(k, p) for _, k, _, p in want] and all(v for *_, v in got)
     assert all(torch.equal(a, b) for (_, a, _, _), (_, _, b, _) in zip(got, want))
+
+
+class _Flaky(storage._Retrying):
+    """A store operation whose answers are scripted: each item is a value to return or an exception to raise."""
+
+    url, where = "s3://bucket/ds", "http://127.0.0.1:1"
+
+    def __init__(self, retries: int = 3):
+        self.opts = {"retries": retries, "backoff_s": 0.0}
+
+    def run(self, *answers):
+        answers = list(answers)
+
+        def fn():
+            answer = answers.pop(0)
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+        try:
+            return self._retry("read x", fn)
+        finally:
+            self.left = len(answers)
+
+
+def test_a_denial_is_fatal_at_once_unless_the_same_store_was_answered_before():
+    """A wrong key is one UserError at the first request. After an answer, a denial (SeaweedFS answers 403
+    for a moment after a restart) is retried as a 5xx is; still denied after the last retry, the same
+    UserError. Other 4xx stay errors at once."""
+    denied = OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
+    fresh = _Flaky()
+    with pytest.raises(UserError, match="access denied"):
+        fresh.run(denied, b"never read")
+    assert fresh.left == 1  # not retried
+    store = _Flaky()
+    assert store.run(b"ok") == b"ok"
+    before = storage.stats["retries"]
+    assert store.run(denied, denied, b"back") == b"back"  # a restarting server: retried, then answered
+    assert storage.stats["retries"] == before + 2
+    with pytest.raises(UserError, match="access denied"):
+        store.run(denied, denied, denied, denied)  # 1 + 3 retries, all denied: the key is wrong after all
+    assert store.left == 0
+    gone = urllib.error.HTTPError("http://x", 404, "Not Found", {}, None)
+    with pytest.raises(OSError, match="HTTP 404"):
+        store.run(gone, b"never read")
