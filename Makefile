@@ -9,7 +9,9 @@ STAMP   := $(VENV)/.installed-$(DEPS_HASH)
 PYTEST_ARGS ?=
 # `make test` runs the suite in TEST_WORKERS pytest-xdist processes, each test module whole on one
 # worker (tests/conftest.py); TEST_WORKERS=0 runs it in one process. PYTEST_ARGS comes last and wins.
-TEST_WORKERS ?= 2
+# 3 on 2 cores: a worker often waits (a launch starting up, a server, a hang timeout), and with 2 a core
+# sat idle a third of the time (bench/RESULTS.md "Issue #22: half the time").
+TEST_WORKERS ?= 3
 XDIST   := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 export RAY_USAGE_STATS_ENABLED := 0
@@ -21,7 +23,7 @@ export TOKENIZERS_PARALLELISM := false
 
 help:
 	@echo "make demo      install, then run the whole pipeline on the embedded synthetic corpus"
-	@echo "make test      install, then run the tests (unit + integration, no slow ones; TEST_WORKERS=2 processes)"
+	@echo "make test      install, then run the tests (unit + integration, no slow ones; TEST_WORKERS=3 processes)"
 	@echo "make test-all  also the slow end-to-end tests"
 	@echo "make install   create .venv with pinned dependencies (idempotent, stamped)"
 	@echo "make lint      ruff"

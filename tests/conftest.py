@@ -8,7 +8,7 @@ start), and only when a test asks for it; tests read these folders and never wri
 check Ray itself. pytest puts this folder on sys.path (rootdir conftest, no __init__.py), so test
 modules import the builders as `from fixtures import ...`.
 
-`make test` runs the suite in 2 pytest-xdist worker processes (`-n 2 --dist loadfile`). There:
+`make test` runs the suite in 3 pytest-xdist worker processes (`-n 3 --dist loadfile`). There:
 - each test module runs whole on one worker, so a module-scoped fixture is built once; the modules of
   a group in `ONE_WORKER` (the multi-node ones, the Ray ones, the gloo-pair ones) share one worker;
   the longest modules start first (`LONGEST_FIRST`);
@@ -37,7 +37,7 @@ from gloo_pair import GlooPair
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Under pytest-xdist (`make test`: -n 2 --dist loadfile) a worker runs a module whole: its module-scoped
+# Under pytest-xdist (`make test`: -n 3 --dist loadfile) a worker runs a module whole: its module-scoped
 # fixtures are built once. The modules of a group here also share one worker, one after another:
 # netns: each makes network namespaces and runs multi-node daemons and trainings (tests/netns.py);
 # ray, gloo: they use the session's Ray cluster / gloo pair, which then starts once, not once per worker.
@@ -46,10 +46,14 @@ ONE_WORKER = {"test_multinode_netns.py": "netns", "test_multinode_s3.py": "netns
               "test_prep_ray.py": "ray", "test_prep_distribute.py": "ray", "test_storage_e2e.py": "ray",
               "test_distributed.py": "gloo", "test_evaluate.py": "gloo", "test_grad_cache.py": "gloo",
               "test_model_distributed.py": "gloo"}
-# The longest modules (--durations of 2026-12-04, 75-325 s each of a 23-min serial run), handed out first
-# so that no worker is left running one of them alone at the end; a stale list only costs time.
-LONGEST_FIRST = ("test_train.py", "test_multinode_netns.py", "test_checkpoint_hash.py", "test_crash_ledger.py",
-                 "test_launch_ports.py", "test_async_checkpoint.py", "test_checkpoint_s3.py", "test_decode_pool.py")
+# The costliest modules first (CPU-seconds of each, training subprocesses and decode workers included,
+# sampled from /proc over a 3-worker run on 2026-12-05: 20-120 s each), so that no worker is left running
+# one of them alone at the end; test_crash_ledger also waits 30 s for a hung decoder, which the other
+# workers fill. A stale list only costs time.
+LONGEST_FIRST = ("test_train.py", "test_multinode_netns.py", "test_checkpoint_s3.py", "test_decode_pool.py",
+                 "test_model.py", "test_async_checkpoint.py", "test_crash_ledger.py", "test_launch_ports.py",
+                 "test_train_elastic.py", "test_model_distributed.py", "test_hostile_train.py",
+                 "test_checkpoint_integrity.py", "test_submit_deepspeed.py", "test_monitoring.py")
 
 
 def pytest_collection_modifyitems(config, items):
