@@ -46,14 +46,15 @@ ONE_WORKER = {"test_multinode_netns.py": "netns", "test_multinode_s3.py": "netns
               "test_prep_ray.py": "ray", "test_prep_distribute.py": "ray", "test_storage_e2e.py": "ray",
               "test_distributed.py": "gloo", "test_evaluate.py": "gloo", "test_grad_cache.py": "gloo",
               "test_model_distributed.py": "gloo"}
-# The costliest modules first (CPU-seconds of each, training subprocesses and decode workers included,
-# sampled from /proc over a 3-worker run on 2026-12-05: 20-120 s each), so that no worker is left running
-# one of them alone at the end; test_crash_ledger also waits 30 s for a hung decoder, which the other
-# workers fill. A stale list only costs time.
-LONGEST_FIRST = ("test_train.py", "test_multinode_netns.py", "test_checkpoint_s3.py", "test_decode_pool.py",
-                 "test_model.py", "test_async_checkpoint.py", "test_crash_ledger.py", "test_launch_ports.py",
-                 "test_train_elastic.py", "test_model_distributed.py", "test_hostile_train.py",
-                 "test_checkpoint_integrity.py", "test_submit_deepspeed.py", "test_monitoring.py")
+# The longest modules first (wall seconds of a 3-worker run on 2026-12-05, 15-210 s each; a group in
+# ONE_WORKER goes where its first module is), so that no worker is left running one of them alone at the
+# end. Several mostly wait (a hung decoder's 30 s timeout, gloo ranks, a Ray job, S3 restarts): early,
+# the other workers fill those waits. A stale list only costs time.
+LONGEST_FIRST = ("test_train.py", "test_checkpoint_s3.py", "test_multinode_netns.py", "test_model.py",
+                 "test_model_distributed.py", "test_crash_ledger.py", "test_decode_pool.py", "test_monitoring.py",
+                 "test_async_checkpoint.py", "test_launch_ports.py", "test_hostile_train.py", "test_train_elastic.py",
+                 "test_checkpoint_integrity.py", "test_storage.py", "test_submit_ray.py", "test_api.py",
+                 "test_submit_deepspeed.py", "test_prep_ray.py", "test_train_validation.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,10 +2,11 @@
 
 The pool path must give exactly what the in-process path gives (keys, positions, pixels), keep
 the exactly-once and resume contracts at any world size, turn a dead worker into a clear error,
-and leave no worker behind when its parent exits or is killed.
+and leave no worker behind when its parent exits or is killed. A real training run with the pool,
+SIGTERMed and resumed on one rank at the exact data position, is tests/test_train.py's SIGTERM test
+(a CPU rank decodes in the pool by default).
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -205,25 +206,3 @@ def test_decode_workers_is_validated():
     with pytest.raises(ConfigError, match="data.decode_workers"):
         Config().data.__class__(decode_workers=-1)
     assert Config().data.decode_workers == "auto"  # the cores left after the ranks (>= 1 on a CPU machine)
-
-
-def test_train_with_decode_workers_sigterm_then_resume_on_one_rank_sees_each_key_once(tmp_path, prepared_dataset_40):
-    """`hiervl train` (DeepSpeed launcher, 2 CPU ranks) with the pool: SIGTERM mid-run checkpoints and exits 0,
-    the 1-rank resume (pool again) continues at the exact data position: every key of epoch 0 once."""
-    from test_train import STEPS, _cmd, _samples, _sigterm_after_two_steps, _train, _train_keys
-
-    shards = prepared_dataset_40
-    out = tmp_path / "run"
-    pool = ["data.decode_workers=1", "checkpoint.every_steps=0"]
-    output = _sigterm_after_two_steps(_cmd(shards, out, extra=pool), out)
-    assert "worker processes" in output  # the ranks decoded with the pool (hybrid with DALI on VP9)
-    stopped = json.loads((out / "status.json").read_text())["step"]
-    res = _train(shards, out, ranks=1, extra=pool)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    consumed = []
-    for step in range(1, STEPS + 1):
-        parts = [_samples(out, r)[step] for r in range(2)] if step <= stopped else [_samples(out, 0)[step]]
-        consumed += [k for p in parts if p["epoch"] == 0 for k, v in zip(p["keys"], p["valid"]) if v]
-    keys = _train_keys(shards)
-    assert len(consumed) == len(set(consumed)), "a key was repeated within the epoch"
-    assert set(consumed) <= set(keys) and len(consumed) >= len(keys) - len(keys) % 8 - 4
