@@ -5,6 +5,7 @@
 #
 #   bash bench/suite_pair.sh [OLD_COMMIT]        # default d3cae72; ~20 min on 2 cores
 #   SUITE_PAIR_ARGS=tests/test_config.py bash bench/suite_pair.sh   # a subset on both sides (a quick check)
+#   SUITE_PAIR_KEEP=1 bash bench/suite_pair.sh   # keep the clones and both logs (old.log, new.log), to read a failure
 #
 # Both run as on a fresh machine: a clean clone (the old one in a temp folder, the new one this checkout's
 # HEAD) and an empty TORCH_EXTENSIONS_DIR each (a fresh machine has no compiled DeepSpeed ops; the old commit
@@ -16,7 +17,7 @@ set -euo pipefail
 OLD=${1:-d3cae72}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/hiervl-suite-pair.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+if [ -n "${SUITE_PAIR_KEEP:-}" ]; then echo "clones and logs kept in $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
 SITE=$("$HERE/.venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
 git clone -q "$HERE" "$WORK/old" && git -C "$WORK/old" checkout -q "$OLD"
