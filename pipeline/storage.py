@@ -320,20 +320,21 @@ class _Retrying:
     url: str
     opts: dict
     where: str  # the endpoint, for messages
+    _answered = False  # an operation of this store has succeeded: a denial is then retried (module docstring)
 
     def _retry(self, what: str, fn):
         delays = backoff_delays(int(self.opts["retries"]), float(self.opts["backoff_s"]))
         for attempt in range(len(delays) + 1):
             try:
                 result = fn()
-                self._answered = True  # from now on a denial is not a wrong key (see the module docstring)
+                self._answered = True
                 return result
             except FileNotFoundError:
                 raise
             except (OSError, urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 fatal = _fatal(self.url, exc, self.where)
                 if fatal is not None:
-                    if not getattr(self, "_answered", False) or attempt == len(delays):
+                    if not self._answered or attempt == len(delays):
                         raise fatal from None
                 elif isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code not in (408, 429):
                     raise OSError(f"{self.url}: {what}: HTTP {exc.code} {exc.reason}") from None
