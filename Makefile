@@ -9,8 +9,8 @@ STAMP   := $(VENV)/.installed-$(DEPS_HASH)
 PYTEST_ARGS ?=
 # `make test` runs the suite in TEST_WORKERS pytest-xdist processes, each test module whole on one
 # worker (tests/conftest.py); TEST_WORKERS=0 runs it in one process. PYTEST_ARGS comes last and wins.
-# 3 on 2 cores: a worker often waits (a launch starting up, a server, a hang timeout), and with 2 a core
-# sat idle a third of the time (bench/RESULTS.md "Issue #22: half the time").
+# 3 on 2 cores: a worker often waits (a launch starting up, a server, a hang timeout); with 2, pytest's
+# processes used 137% of the 200% (bench/RESULTS.md "Issue #22: the suite against the commit it was filed at").
 TEST_WORKERS ?= 3
 XDIST   := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
