@@ -22,5 +22,5 @@ if __name__ == "__main__":
     quiet_gc.off()
     from deepspeed.launcher import launch
 
-    quiet_gc.started(collect=False)  # only waits from here on: its few import leftovers are not worth a collection
+    quiet_gc.started()  # only waits from here on
     launch.main()

@@ -84,8 +84,19 @@ def _start(args, cfg) -> int:
     with train_lock(cfg.train.out_dir):  # a second `hiervl train` into this out_dir is refused in one line
         refuse_active_job(cfg.train.out_dir)  # and so is one into the folder of a queued or running SLURM job
         write_atomic(config_path, to_yaml(cfg))
-        quiet_gc.started(collect=False)  # its exit then skips torch's objects
+        quiet_gc.started()  # its exit then skips torch's objects
         return ds.run_local(cfg, config_path, nranks=cfg.train.ranks, gpus=gpus)
+
+
+def compiler_off() -> None:
+    """train.compile is off: TorchDynamo is off in this rank (TORCHDYNAMO_DISABLE=1, unless already set).
+
+    Why: with ZeRO on, `deepspeed.initialize` checks the optimizer against a list it completes by
+    importing DeepSpeed's Muon optimizer, whose `@torch.compile` decorators load the inductor at import:
+    ~0.6 s of CPU per rank (bench/RESULTS.md "Issue #22"), for kernels hiervl never runs. With dynamo off,
+    `torch.compile` returns the function as it is. A process entry point's choice (like launch/quiet_gc.py),
+    never library code's: a caller of `hiervl.train.trainer.run` keeps its own setting."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def rank_main(argv: list[str] | None = None, started=None) -> int:
@@ -104,6 +115,8 @@ def rank_main(argv: list[str] | None = None, started=None) -> int:
 
     try:
         cfg = absolute_paths(load_config(args.config, args.overrides))  # as `hiervl train` stores it
+        if not cfg.train.compile:
+            compiler_off()
         return run(cfg, evaluate=evaluate_model, started=started)  # the periodic eval, handed in: train/ does not import eval/
     except (ConfigError, UserError) as exc:
         # an error every rank raised alike (a checkpoint write, a resume plan) is reported by rank 0 alone

@@ -1,6 +1,7 @@
 """`hiervl train`'s start-up and exit: the local CPU launch skips DeepSpeed's runner without changing
 what it would start, only ranks get the preemption signals, and the collector is off during a
-rank's start-up and its start-up objects frozen (launch/local_launch.py, launch/quiet_gc.py)."""
+rank's start-up and its start-up objects frozen, and a rank that compiles nothing loads no compiler
+(launch/local_launch.py, launch/quiet_gc.py, launch/train.py)."""
 
 import os
 import subprocess
@@ -71,7 +72,7 @@ def test_only_the_rank_processes_count_as_ranks(tmp_path):
     assert not runs_rank_module([sys.executable, "-m"])
 
 
-def test_quiet_gc_start_up_collects_once_freezes_and_turns_the_collector_back_on():
+def test_quiet_gc_start_up_freezes_its_objects_and_turns_the_collector_back_on():
     script = textwrap.dedent("""
         import gc, weakref
         from hiervl.launch import quiet_gc
@@ -89,8 +90,10 @@ def test_quiet_gc_start_up_collects_once_freezes_and_turns_the_collector_back_on
         assert gone() is not None  # off: nothing collected it
         frozen_before = gc.get_freeze_count()
         quiet_gc.started()
-        assert gone() is None, "start-up's cyclic garbage is collected before the freeze"
         assert gc.isenabled() and gc.get_freeze_count() >= frozen_before + 1000
+        gc.collect()
+        assert gone() is not None, "frozen: later collections skip start-up's objects, its cycles too"
+
         quiet_gc.restore(False)
         assert gc.isenabled()  # restore after started: a no-op
         print("ok")
@@ -108,3 +111,25 @@ def test_a_cli_train_error_in_process_leaves_the_collector_on(tmp_path, capsys):
     code = main(["train", "--config", TINY, f"data.path={tmp_path / 'no-data'}", f"train.out_dir={tmp_path / 'run'}"])
     assert code == 2 and "data.path" in capsys.readouterr().err
     assert gc.isenabled()
+
+
+def test_a_rank_without_train_compile_loads_no_inductor_for_deepspeeds_zero_check():
+    """deepspeed.initialize with ZeRO on imports DeepSpeed's Muon optimizer (its check of the optimizer
+    type), whose @torch.compile decorators load torch's inductor (~0.6 s of CPU per rank). A rank with
+    train.compile off turns TorchDynamo off first; a value the user set is kept."""
+    script = textwrap.dedent("""
+        import os, sys
+        from hiervl.launch.train import compiler_off
+
+        os.environ.pop("TORCHDYNAMO_DISABLE", None)
+        compiler_off()
+        import deepspeed.runtime.zero.muon.muon_optimizer  # what the ZeRO check imports
+        assert "torch._inductor.compile_fx" not in sys.modules, "the inductor was loaded"
+        os.environ["TORCHDYNAMO_DISABLE"] = "0"
+        compiler_off()
+        assert os.environ["TORCHDYNAMO_DISABLE"] == "0"
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-3000:]
