@@ -98,7 +98,7 @@ def _launch(cluster, shards, out, *extra):
 
 @pytest.mark.timeout(1800)  # its fixtures: the 12-step reference run, then the pair (555 s at load 20 here)
 def test_no_ssh_launchers_on_two_hosts_equal_one_process(cluster, shards, reference, tmp_path):
-    out = tmp_path / "pair"
+    out = tmp_path / "pair run"  # a space in the run folder: every launcher's argv and file quote it
     procs = _launch(cluster, shards, out)
     outs = netns.wait_all(procs, 900)
     for node, p, text in zip(cluster.names, procs, outs):
@@ -107,6 +107,18 @@ def test_no_ssh_launchers_on_two_hosts_equal_one_process(cluster, shards, refere
     # each rank ran on its own host, on its node's own interface (not one value for every node)
     _assert_host_lines(out)
     _assert_same_steps(_steps(out, ranks=2), reference)
+    # what the launchers wrote: the hostfile, the environment the other nodes' ranks get, DeepSpeed's
+    # per-rank stdout/stderr (one from each launcher) and one world of 2 ranks in every checkpoint
+    assert (out / "hostfile").read_text() == "n1 slots=1\nn2 slots=1\n"
+    sent = (out / ".deepspeed_env").read_text().splitlines()
+    assert "DS_ACCELERATOR=cpu" in sent
+    assert f"OMP_WAIT_POLICY={ENV.get('OMP_WAIT_POLICY', 'PASSIVE')}" in sent  # CPU ranks never spin-wait
+    stdio = sorted(p.name.rsplit("_", 1)[-1] for p in (out / "logs" / "stdout").glob("*.log"))
+    assert stdio == ["rank0.log", "rank1.log"], stdio
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((latest / "meta.json").read_text())
+    assert (meta["world_size"], meta["step"]) == (2, STEPS), meta
+    assert (latest / "rank0.pt").exists() and (latest / "rank1.pt").exists()
 
 
 def _assert_host_lines(out: Path) -> None:

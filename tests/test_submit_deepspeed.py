@@ -1,5 +1,6 @@
 """`hiervl submit deepspeed --no-ssh`: two launchers on this machine (node ranks 0 and 1, master
-127.0.0.1, one CPU rank each) train the tiny config together and write one checkpoint."""
+127.0.0.1, one CPU rank each) train the tiny config together and write one checkpoint; run only where
+tests/test_multinode_netns.py cannot run the same launch on two hosts."""
 
 import os
 import socket
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import netns
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -33,7 +35,12 @@ def test_cpu_ranks_wait_passively_unless_told():
     assert "OMP_WAIT_POLICY" not in ds.rank_env({}, gpus=True)  # GPU ranks keep OpenMP's default
 
 
+@pytest.mark.skipif(netns.available() is None, reason="test_multinode_netns.py runs the same launch across two "
+                    "hosts and checks all of this there")
 def test_two_no_ssh_launchers_train_together(tmp_path, shards):
+    """Where network namespaces cannot be made (not root): the two launchers on one machine. Where they
+    can, tests/test_multinode_netns.py::test_no_ssh_launchers_on_two_hosts_equal_one_process runs the
+    same launch on two hosts and asserts the same files."""
     from hiervl.run_dir import find_latest
 
     out = tmp_path / "run 1"
