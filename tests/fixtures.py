@@ -4,6 +4,7 @@
 - `write_shards`: such clips as shards + manifest, through dataprep's writer of the shard contract.
 - `prepared_dataset`: the real path, `hiervl.dataprep` synth corpus + `prepare` (local distributor).
 - `assert_same_queues`: two runs' momentum queues agree (the 2-ranks-vs-1 comparisons).
+- `IN_PROCESS_DECODE`: the override for a training test whose subject is not decoding.
 The session-scoped datasets most tests share are in conftest.py. Import as `from fixtures import ...`
 (conftest.py puts tests/ on sys.path).
 """
@@ -19,6 +20,14 @@ import av
 import numpy as np
 from hiervl.data.manifest import MANIFEST_FILE, MANIFEST_SCHEMA, manifest_row, write_table
 from hiervl.dataprep.shard_writer import ShardWriter, index_text
+
+# A training launch whose test checks something other than decoding (ports, hosts, storage, checkpoint
+# writes, world-size changes, numerics) decodes in its ranks: no decode pool, whose fork server imports
+# torch once more per rank (~1.3 s of CPU per rank, bench/RESULTS.md "Issue #22"). What decodes does not
+# change a batch (test_decode_pool.py: the pool gives the in-process batches, exactly once across a stop
+# and a resume); real launches keep the pool in test_train.py (kill, SIGTERM and resume at exact
+# positions), test_crash_ledger.py, test_decode_pool.py and conftest's one_rank_run.
+IN_PROCESS_DECODE = "data.decode_workers=0"
 
 
 def encode_clip(num_frames: int, seed: int, codec: str = "vp9", width: int = 40, height: int = 32, fps: int = 8,

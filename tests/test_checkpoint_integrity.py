@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import IN_PROCESS_DECODE
 from hiervl import run_dir
 from hiervl.errors import UserError
 from hiervl.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.preset=hit", "data.batch_size=4", "train.log_every=1", "optimizer.warmup_steps=1",
-         "queue.enabled=false"]
+         "queue.enabled=false", IN_PROCESS_DECODE]
 
 
 def _fake_checkpoint(ckpt_dir: Path, step: int, payload: bytes) -> str:
