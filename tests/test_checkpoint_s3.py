@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import s3_server
-from fixtures import IN_PROCESS_DECODE
+from fixtures import LIGHT_LAUNCH
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ckpt"
@@ -114,7 +114,7 @@ def test_store_layer_follows_latest_skips_partial_and_damaged_and_prunes(server,
 TRAIN = ["--config", str(ROOT / "configs/tiny.yaml"), "train.log_every=1", "train.log_samples=true",
          "optimizer.warmup_steps=2", "train.global_batch=4", "checkpoint.every_steps=2", "checkpoint.keep=2",
          "train.zero_stage=1",  # ZeRO-1: another world size resumes through a universal conversion
-         IN_PROCESS_DECODE]
+         *LIGHT_LAUNCH]
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures import IN_PROCESS_DECODE, write_shards
+from fixtures import LIGHT_LAUNCH, write_shards
 from test_evaluate import SMALL, TINY, make_model, write_fake_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -118,7 +118,7 @@ def test_pdsh_command_quotes_out_dir(shards, tmp_path):
     out = tmp_path / f"my runs;touch {pwned};x"
     env = dict(ENV, PATH=f"{bin_dir}:{os.environ['PATH']}")
     res = subprocess.run([sys.executable, "-m", "hiervl.launch.cli", "submit", "deepspeed", "--config", TINY,
-                          "--hosts", "127.0.0.1,localhost", "--master-addr", "127.0.0.1", *RUN, IN_PROCESS_DECODE, f"data.path={shards}",
+                          "--hosts", "127.0.0.1,localhost", "--master-addr", "127.0.0.1", *RUN, *LIGHT_LAUNCH, f"data.path={shards}",
                           f"train.out_dir={out}", "train.steps=2", f"launch.master_port={_free_port()}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert not pwned.exists()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures import IN_PROCESS_DECODE
+from fixtures import LIGHT_LAUNCH
 from hiervl.launch.processes import PortInUse, host_rendezvous
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_two_runs_started_in_the_same_second_both_train(shards, tmp_path):
             cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"),
                    f"data.path={shards}", f"train.out_dir={out}", "train.ranks=1", "data.batch_size=4",
                    "train.steps=1", "queue.size=8", "optimizer.warmup_steps=1", f"launch.master_port={port}",
-                   IN_PROCESS_DECODE]
+                   *LIGHT_LAUNCH]
             procs.append((out, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                                 stderr=subprocess.STDOUT, text=True)))
         t0 = time.time()

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures import IN_PROCESS_DECODE
+from fixtures import LIGHT_LAUNCH
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -164,8 +164,8 @@ def test_training_logs_eval_temperature_grad_norm_to_all_three(one_rank_run):
 @pytest.mark.integration
 def test_grad_norm_ours_at_zero0_equals_deepspeeds_at_zero1(shards, tmp_path):
     # 2 steps (train.steps=1 has a 0-step warmup, which DeepSpeed's scheduler refuses); step 1 compared
-    ours = _train(shards, tmp_path / "z0", "train.steps=2", "train.log_every=1", "train.zero_stage=0", IN_PROCESS_DECODE)
-    theirs = _train(shards, tmp_path / "z1", "train.steps=2", "train.log_every=1", "train.zero_stage=1", IN_PROCESS_DECODE)
+    ours = _train(shards, tmp_path / "z0", "train.steps=2", "train.log_every=1", "train.zero_stage=0", *LIGHT_LAUNCH)
+    theirs = _train(shards, tmp_path / "z1", "train.steps=2", "train.log_every=1", "train.zero_stage=1", *LIGHT_LAUNCH)
     assert ours[0]["step"] == theirs[0]["step"] == 1
     assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], rel=1e-6)  # the same step on the same data
     assert ours[0]["grad_norm"] > 0

@@ -25,14 +25,14 @@ from pathlib import Path
 import netns
 import netns_ssh
 import pytest
-from fixtures import IN_PROCESS_DECODE
+from fixtures import LIGHT_LAUNCH
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 COMMON = ["--config", str(ROOT / "configs/tiny.yaml"), "train.log_every=1", "train.log_samples=true",
           f"train.steps={STEPS}", "optimizer.warmup_steps=2", "checkpoint.every_steps=2", "checkpoint.keep=3",
-          IN_PROCESS_DECODE]
+          *LIGHT_LAUNCH]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 ENV.pop("GLOO_SOCKET_IFNAME", None), ENV.pop("NCCL_SOCKET_IFNAME", None)  # each node must find its own

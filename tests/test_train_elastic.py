@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import IN_PROCESS_DECODE
+from fixtures import LIGHT_LAUNCH
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
-BASE = [IN_PROCESS_DECODE, "model.preset=hit", "data.batch_size=4", "train.global_batch=12", "train.accum_mode=contrastive",
+BASE = [*LIGHT_LAUNCH, "model.preset=hit", "data.batch_size=4", "train.global_batch=12", "train.accum_mode=contrastive",
         f"train.steps={STEPS}", "train.log_every=1", "train.log_samples=true", "checkpoint.every_steps=0",
         "optimizer.warmup_steps=2", "queue.enabled=true", "queue.size=20", "queue.objective=momentum",
         "model.vision.layers=1", "model.temporal_layers=1", "model.text.num_layers=1", "data.num_frames=4",
