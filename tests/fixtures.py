@@ -58,9 +58,10 @@ def small_text_model() -> Path:
 #   (test_decode_pool.py: the pool gives the in-process batches, exactly once across a stop and a resume);
 # - `SMALL_TEXT`: the small BERT above, not the packaged MiniLM: a checkpoint of the tiny config with the
 #   queue is 62 MB instead of 217, and a 1-rank, 6-step run with 3 checkpoints costs ~7.6 CPU-s instead of ~10.9.
-# `LIGHT_LAUNCH` is both. Real launches keep the pool and MiniLM in test_train.py (kill, SIGTERM and resume at
-# exact positions), test_crash_ledger.py, test_checkpoint_integrity.py's full disk (sized to MiniLM's
-# checkpoints) and conftest's one_rank_run (monitoring, validation, export).
+# `LIGHT_LAUNCH` is both. Real launches keep the pool in test_train.py (kill, SIGTERM and resume at exact
+# positions; with SMALL_TEXT), test_crash_ledger.py and conftest's one_rank_run, and MiniLM in
+# test_crash_ledger.py, test_checkpoint_integrity.py (its full disk is sized to MiniLM's checkpoints),
+# test_train_elastic.py (see there), test_hostile_train.py and one_rank_run (monitoring, validation, export).
 IN_PROCESS_DECODE = "data.decode_workers=0"
 SMALL_TEXT = (f"model.text.path={small_text_model()}", "model.text.pretrained=false")
 LIGHT_LAUNCH = (IN_PROCESS_DECODE, *SMALL_TEXT)

@@ -21,13 +21,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures import SMALL_TEXT
 from hiervl.run_dir import find_latest
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
+# the small BERT (fixtures.SMALL_TEXT): what these runs check does not depend on the text encoder, and
+# MiniLM's 217 MB checkpoints would be most of their CPU; the decode pool stays (default decode_workers)
 BASE = ["model.preset=hit", "data.batch_size=4", "train.steps=12", "train.log_every=1", "train.log_samples=true",
-        "checkpoint.every_steps=3", "checkpoint.keep=5", "optimizer.warmup_steps=4", "queue.enabled=true", "queue.size=20"]
+        "checkpoint.every_steps=3", "checkpoint.keep=5", "optimizer.warmup_steps=4", "queue.enabled=true", "queue.size=20",
+        *SMALL_TEXT]
 
 
 @pytest.fixture(scope="module")
