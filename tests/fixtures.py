@@ -53,18 +53,20 @@ def small_text_model() -> Path:
 
 # A training launch whose test checks something other than decoding or the text encoder (ports, hosts,
 # storage, checkpoint writes, world-size changes, numerics) runs with
-# - `IN_PROCESS_DECODE`: its ranks decode, no decode pool, whose fork server imports torch once more per rank
-#   (~1.3 s of CPU per rank, bench/RESULTS.md "Issue #22"). What decodes does not change a batch
-#   (test_decode_pool.py: the pool gives the in-process batches, exactly once across a stop and a resume);
+# - `IN_PROCESS_DECODE`: its ranks decode with PyAV themselves, no decode pool, whose fork server imports torch
+#   once more per rank (~1.3 s of CPU per rank, bench/RESULTS.md "Issue #22"). PyAV, as the pool does: left
+#   at `auto`, a rank without workers would decode with DALI's CPU backend. Where PyAV runs does not change a
+#   batch (test_decode_pool.py: the pool gives the in-process batches bit for bit, exactly once across a stop
+#   and a resume; test_train.py's kill test resumes without the pool to the pooled run's exact numbers);
 # - `SMALL_TEXT`: the small BERT above, not the packaged MiniLM: a checkpoint of the tiny config with the
 #   queue is 62 MB instead of 217, and a 1-rank, 6-step run with 3 checkpoints costs ~7.6 CPU-s instead of ~10.9.
 # `LIGHT_LAUNCH` is both. Real launches keep the pool in test_train.py (kill, SIGTERM and resume at exact
 # positions; with SMALL_TEXT), test_crash_ledger.py and conftest's one_rank_run, and MiniLM in
 # test_crash_ledger.py, test_checkpoint_integrity.py (its full disk is sized to MiniLM's checkpoints),
 # test_train_elastic.py (see there), test_hostile_train.py and one_rank_run (monitoring, validation, export).
-IN_PROCESS_DECODE = "data.decode_workers=0"
+IN_PROCESS_DECODE = ("data.decode_workers=0", "data.decoder=pyav")
 SMALL_TEXT = (f"model.text.path={small_text_model()}", "model.text.pretrained=false")
-LIGHT_LAUNCH = (IN_PROCESS_DECODE, *SMALL_TEXT)
+LIGHT_LAUNCH = (*IN_PROCESS_DECODE, *SMALL_TEXT)
 
 
 def encode_clip(num_frames: int, seed: int, codec: str = "vp9", width: int = 40, height: int = 32, fps: int = 8,

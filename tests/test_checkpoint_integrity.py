@@ -27,7 +27,7 @@ from hiervl.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.preset=hit", "data.batch_size=4", "train.log_every=1", "optimizer.warmup_steps=1",
-         "queue.enabled=false", IN_PROCESS_DECODE]
+         "queue.enabled=false", *IN_PROCESS_DECODE]
 
 
 def _fake_checkpoint(ckpt_dir: Path, step: int, payload: bytes) -> str:

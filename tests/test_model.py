@@ -48,7 +48,7 @@ def test_preset_trains_every_parameter_and_overfits_a_small_batch(preset, object
     model = build_model(cfg)
     batch = _batch()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True)  # CPU default: a loop over ~200 tensors
     losses = []
     hinge = cfg.model.loss == "hinge"  # hanet's default: VSE++'s hardest-negative hinge learns more slowly
     for step in range(60 if hinge else 25):
@@ -289,7 +289,7 @@ def test_no_queue_no_momentum_high_lr_trains_instead_of_collapsing(recipe):
     torch.manual_seed(0)
     model = build_model(_cfg("flat", ["queue.enabled=false", "queue.momentum=0", *recipe]))
     batch = _batch(8)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0, foreach=True)
     losses = []
     for _ in range(40):
         out = model(batch)

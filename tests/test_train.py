@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fixtures import SMALL_TEXT
+from fixtures import IN_PROCESS_DECODE, SMALL_TEXT
 from hiervl.run_dir import find_latest
 
 pytestmark = pytest.mark.integration
@@ -101,9 +101,11 @@ def test_a_kill_mid_checkpoint_keeps_the_previous_latest_and_a_damaged_one_resum
     meta.json. Step 6's model states are then truncated (a disk error, a bad copy). The same command
     warns once, naming the file, resumes from step 3 and ends exactly where the straight run does:
     per-step losses, LRs, every rank's sample keys, final weights and queues (no crash loop on requeue).
-    (One run checks both: a kill and a damaged checkpoint cost two launches each.)"""
+    (One run checks both: a kill and a damaged checkpoint cost two launches each.) Its ranks decode in-process
+    where the straight run used the decode pool: the same batches either way, which this checks too."""
     out = tmp_path / "killed"
-    res = _train(shards, out, env=_env(HIERVL_FAULT="kill-during-checkpoint", HIERVL_FAULT_AFTER="6"))
+    res = _train(shards, out, env=_env(HIERVL_FAULT="kill-during-checkpoint", HIERVL_FAULT_AFTER="6"),
+                 extra=IN_PROCESS_DECODE)
     assert res.returncode != 0
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step00000006"
@@ -113,7 +115,7 @@ def test_a_kill_mid_checkpoint_keeps_the_previous_latest_and_a_damaged_one_resum
     data = bad.read_bytes()
     bad.write_bytes(data[:len(data) // 2])
 
-    res = _train(shards, out)  # the same command again
+    res = _train(shards, out, extra=IN_PROCESS_DECODE)  # the same command again
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     log = res.stdout + res.stderr
     damaged = [line for line in log.splitlines() if "is damaged" in line]
@@ -223,7 +225,7 @@ def test_single_process_non_finite_losses_stop_with_checkpoint(shards, tmp_path)
     """`python -m hiervl.launch.train` runs one rank directly; N non-finite losses in a row stop the run."""
     out = tmp_path / "nan"
     cmd = [sys.executable, "-m", "hiervl.launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
-           f"data.path={shards}", f"train.out_dir={out}", "train.max_bad_steps=2"]
+           f"data.path={shards}", f"train.out_dir={out}", "train.max_bad_steps=2", *IN_PROCESS_DECODE]
     res = subprocess.run(cmd, env=_env(HIERVL_FAULT="nan-loss"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 3, res.stderr[-4000:]
     status = json.loads((out / "status.json").read_text())
@@ -256,7 +258,7 @@ def test_gradient_accumulation_counts_optimizer_steps(shards, tmp_path):
     encoders were updated 3 times, every micro-batch's keys were enqueued once (queue pointer at
     3 x 2 x 4 = 24), and each logged step consumed 8 samples."""
     out = tmp_path / "accum"
-    extra = ["train.steps=3", "train.grad_accum=2", "queue.size=100", "checkpoint.every_steps=0"]
+    extra = ["train.steps=3", "train.grad_accum=2", "queue.size=100", "checkpoint.every_steps=0", *IN_PROCESS_DECODE]
     cmd = [sys.executable, "-m", "hiervl.launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *BASE,
            f"data.path={shards}", f"train.out_dir={out}", *extra]
     res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)

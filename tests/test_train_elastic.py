@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 # MiniLM, not fixtures.SMALL_TEXT: the random small BERT turns the 1-rank world's rounding (2e-6 at step 4)
 # into 3e-4 at the next step, over the 2e-4 below; the pretrained tower does not
-BASE = [IN_PROCESS_DECODE, "model.preset=hit", "data.batch_size=4", "train.global_batch=12", "train.accum_mode=contrastive",
+BASE = [*IN_PROCESS_DECODE, "model.preset=hit", "data.batch_size=4", "train.global_batch=12", "train.accum_mode=contrastive",
         f"train.steps={STEPS}", "train.log_every=1", "train.log_samples=true", "checkpoint.every_steps=0",
         "optimizer.warmup_steps=2", "queue.enabled=true", "queue.size=20", "queue.objective=momentum",
         "model.vision.layers=1", "model.temporal_layers=1", "model.text.num_layers=1", "data.num_frames=4",
