@@ -126,7 +126,7 @@ def read_manifest(source, columns: list[str] | None = None, name: str | None = N
         if missing:
             raise UserError(f"{name} has no column {', '.join(missing)} (it has: {', '.join(sorted(present))}); {fix}")
         want = None if columns is None else list(columns) + [c for c in optional or [] if c in present]
-        return pq.read_table(source, columns=want)
+        return pq.ParquetFile(source).read(columns=want)  # one file: read_table's dataset layer imports pandas
     except UserError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
