@@ -63,7 +63,8 @@ def small_text_model() -> Path:
 # `LIGHT_LAUNCH` is both. Real launches keep the pool in test_train.py (kill, SIGTERM and resume at exact
 # positions; with SMALL_TEXT), test_crash_ledger.py and conftest's one_rank_run, and MiniLM in
 # test_crash_ledger.py, test_checkpoint_integrity.py (its full disk is sized to MiniLM's checkpoints),
-# test_train_elastic.py (see there), test_hostile_train.py and one_rank_run (monitoring, validation, export).
+# test_train_elastic.py (see there) and one_rank_run (monitoring, validation, export). SMALL_TEXT also serves
+# in-process tests: test_evaluate.py's SMALL (and the modules that import it), test_model_distributed.py.
 IN_PROCESS_DECODE = ("data.decode_workers=0", "data.decoder=pyav")
 SMALL_TEXT = (f"model.text.path={small_text_model()}", "model.text.pretrained=false")
 LIGHT_LAUNCH = (*IN_PROCESS_DECODE, *SMALL_TEXT)

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import write_shards
+from fixtures import SMALL_TEXT, write_shards
 from hiervl.model.text_model import load_tokenizer
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 SMALL = ["data.num_frames=4", "data.max_words=12", "data.size=16", "data.short_side=20", "data.num_threads=1",
          "queue.size=10", "model.embed_dim=32", "model.vision.width=32", "model.vision.layers=1",
-         "model.vision.heads=2", "model.text.num_layers=2", "model.text.pretrained=false", "model.num_clips=2",
-         "model.num_phrases=3", "eval.batch_size=4", "eval.block_size=3"]
+         "model.vision.heads=2", "model.text.num_layers=2", "model.num_clips=2", "model.num_phrases=3",
+         "eval.batch_size=4", "eval.block_size=3", *SMALL_TEXT]  # the small BERT (random weights): tests/fixtures.py
 NUM_VIDEOS = 10
 PLAIN = ("R1", "R5", "R10", "MdR", "MnR", "queries", "tied_queries")
 
