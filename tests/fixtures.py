@@ -60,10 +60,10 @@ def small_text_model() -> Path:
 #   and a resume; test_train.py's kill test resumes without the pool to the pooled run's exact numbers);
 # - `SMALL_TEXT`: the small BERT above, not the packaged MiniLM: a checkpoint of the tiny config with the
 #   queue is 62 MB instead of 217, and a 1-rank, 6-step run with 3 checkpoints costs ~7.6 CPU-s instead of ~10.9.
-# `LIGHT_LAUNCH` is both. Real launches keep the pool in test_train.py (kill, SIGTERM and resume at exact
-# positions; with SMALL_TEXT), test_crash_ledger.py and conftest's one_rank_run, and MiniLM in
-# test_crash_ledger.py, test_checkpoint_integrity.py (its full disk is sized to MiniLM's checkpoints),
-# test_train_elastic.py (see there) and one_rank_run (monitoring, validation, export). SMALL_TEXT also serves
+# `LIGHT_LAUNCH` is both. Real launches keep the pool in test_train.py (its straight and SIGTERM runs),
+# test_crash_ledger.py and conftest's one_rank_run, and the pretrained MiniLM in one_rank_run (monitoring,
+# validation, export), test_checkpoint_integrity.py's full disk (sized to MiniLM's checkpoints),
+# test_train_elastic.py (see there) and test_model.py (cut to 1 layer). SMALL_TEXT also serves
 # in-process tests: test_evaluate.py's SMALL (and the modules that import it), test_model_distributed.py.
 IN_PROCESS_DECODE = ("data.decode_workers=0", "data.decoder=pyav")
 SMALL_TEXT = (f"model.text.path={small_text_model()}", "model.text.pretrained=false")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import IN_PROCESS_DECODE
+from fixtures import IN_PROCESS_DECODE, SMALL_TEXT
 from hiervl import run_dir
 from hiervl.errors import UserError
 from hiervl.train import checkpoint as ckpt
@@ -218,7 +218,8 @@ def test_full_disk_during_a_two_rank_checkpoint_is_one_line_and_keeps_the_previo
 def test_injected_enospc_at_the_rank_write_is_one_line_and_keeps_the_previous(shards, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "hiervl.launch.train", "--config", str(ROOT / "configs/tiny.yaml"), *SMALL,
-           f"data.path={shards}", f"train.out_dir={out}", "train.steps=3", "checkpoint.every_steps=1"]
+           f"data.path={shards}", f"train.out_dir={out}", "train.steps=3", "checkpoint.every_steps=1",
+           *SMALL_TEXT]  # the disk fills by injection here, whatever the checkpoint's size
     res = subprocess.run(cmd, env=_env(HIERVL_FAULT="disk-full-during-checkpoint", HIERVL_FAULT_AFTER="1"),
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-5000:]

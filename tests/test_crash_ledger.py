@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from fixtures import SMALL_TEXT
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model.preset=hit", "data.batch_size=8", "train.log_every=1", "train.log_samples=true",
         "checkpoint.every_steps=0", "optimizer.warmup_steps=2", "data.decode_workers=1", "data.prefetch=1",
-        "data.decode_timeout_s=30", "data.decoder=pyav", "model.vision.layers=1", "model.text.num_layers=1", "data.num_frames=4"]
+        "data.decode_timeout_s=30", "data.decoder=pyav", "model.vision.layers=1", "model.text.num_layers=1", "data.num_frames=4",
+        *SMALL_TEXT]  # the pool is the subject here, not the text tower (tests/fixtures.py)
 
 
 @pytest.fixture(scope="module")

@@ -51,34 +51,30 @@ def shards(prepared_dataset_16):
 
 @pytest.mark.integration
 def test_two_runs_started_in_the_same_second_both_train(shards, tmp_path):
-    """2 rounds of two `hiervl train` runs started together on the same configured master port:
-    all 4 finish. Before, both found the port free, one rank 0 died with EADDRINUSE: the window
-    between a launcher's check and its rank 0's bind is a whole torch import (seconds), so two runs
-    started together met it in nearly every round; a round costs two full launches."""
+    """Two `hiervl train` runs started together on the same configured master port: both finish.
+    Before, both found the port free and one rank 0 died with EADDRINUSE: the window between a
+    launcher's check and its rank 0's bind is a whole torch import (seconds), so two runs started
+    together met it nearly every time (this ran 5, then 2 such pairs; one fails as surely)."""
     holder, port = _held_port()
     holder.close()  # free now: both runs find launch.master_port free, as two runs at 29500 did
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    finished = []
-    for round_ in range(2):
-        procs = []
-        for i in range(2):
-            out = tmp_path / f"r{round_}_{i}"
-            cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"),
-                   f"data.path={shards}", f"train.out_dir={out}", "train.ranks=1", "data.batch_size=4",
-                   "train.steps=1", "queue.size=8", "optimizer.warmup_steps=1", f"launch.master_port={port}",
-                   *LIGHT_LAUNCH]
-            procs.append((out, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                                stderr=subprocess.STDOUT, text=True)))
-        t0 = time.time()
-        for out, p in procs:
-            try:
-                text = p.communicate(timeout=max(10.0, 400 - (time.time() - t0)))[0]
-            finally:
-                if p.poll() is None:
-                    p.kill()
-            assert p.returncode == 0, f"round {round_} {out.name}:\n{text[-3000:]}"
-            status = json.loads((out / "status.json").read_text())
-            assert (status["state"], status["step"]) == ("finished", 1), status
-            finished.append(out.name)
-    assert len(finished) == 4
+    procs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        cmd = [sys.executable, "-m", "hiervl.launch.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"),
+               f"data.path={shards}", f"train.out_dir={out}", "train.ranks=1", "data.batch_size=4",
+               "train.steps=1", "queue.size=8", "optimizer.warmup_steps=1", f"launch.master_port={port}",
+               *LIGHT_LAUNCH]
+        procs.append((out, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True)))
+    t0 = time.time()
+    for out, p in procs:
+        try:
+            text = p.communicate(timeout=max(10.0, 400 - (time.time() - t0)))[0]
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 0, f"{out.name}:\n{text[-3000:]}"
+        status = json.loads((out / "status.json").read_text())
+        assert (status["state"], status["step"]) == ("finished", 1), status

@@ -15,7 +15,7 @@ from hiervl.model.hierarchical import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
-SMALL = ["data.num_frames=4", "data.max_words=12", "queue.size=64"]
+SMALL = ["data.num_frames=4", "data.max_words=12", "queue.size=64", "model.text.num_layers=1"]  # MiniLM cut to 1 layer
 PRESETS = ["hit", "hcmi", "hanet", "flat"]
 
 
